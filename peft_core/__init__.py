@@ -1,0 +1,33 @@
+"""peft_core: parameter-efficient fine-tuning methods, without Django.
+
+The public API is stable; tools and users rely on it:
+
+    model = peft_core.apply(model, LoraConfig(r=8, alpha=16))   # base frozen, adapter trainable
+    peft_core.trainable_parameters(model)                        # -> int
+    peft_core.merge(model); peft_core.unmerge(model)
+    with peft_core.disabled(model): ...                          # base behaviour
+    peft_core.save_adapter(model, "out/")                        # HF PEFT layout
+    model = peft_core.load_adapter(model, "out/")
+"""
+
+from peft_core.lora import LoraConfig
+from peft_core.model import (
+    apply,
+    disabled,
+    load_adapter,
+    merge,
+    save_adapter,
+    trainable_parameters,
+    unmerge,
+)
+
+__all__ = [
+    "LoraConfig",
+    "apply",
+    "disabled",
+    "load_adapter",
+    "merge",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
+]

@@ -1,0 +1,304 @@
+"""`peftlab`: train an adapter locally, list the model catalogue and sample datasets.
+
+    peftlab train --model tiny-llama --dataset sample-instructions --method lora \\
+                  --set r=8 --set alpha=16 --steps 30 --output out/
+    peftlab models
+    peftlab datasets
+
+`train` writes adapter_config.json + adapter_model.safetensors (HF PEFT layout)
+and metrics.jsonl (one JSON object per logged step and per evaluation; step 0 is
+the base model before training) into --output. Usage errors exit with code 2 and
+a one-line message, never a traceback.
+"""
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from peft_core import LoraConfig, apply, save_adapter, trainable_parameters
+from peft_core.catalogue import CATALOGUE, ModelSpec, get_spec, load_model
+from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
+from peft_core.samples import SAMPLES, sample_rows
+from peft_core.train import Callbacks, TrainConfig, TrainingError, evaluate, train
+
+# Method name -> its config class; a new method adds one entry.
+METHODS: dict[str, type] = {"lora": LoraConfig}
+METRICS_FILE = "metrics.jsonl"
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+class UsageError(Exception):
+    """A bad command line; reported as `peftlab: error: …` with exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, DatasetError) as error:
+        parser.error(str(error))  # exits 2
+    except TrainingError as error:
+        print(f"peftlab: training failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_command(commands)
+    models = commands.add_parser("models", help="list the model catalogue")
+    models.set_defaults(run=run_models)
+    datasets = commands.add_parser("datasets", help="list the built-in sample datasets")
+    datasets.set_defaults(run=run_datasets)
+    return parser
+
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    train_parser = commands.add_parser("train", help="train an adapter locally")
+    train_parser.add_argument("--model", required=True, help=f"one of: {', '.join(CATALOGUE)}")
+    source = train_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=sorted(SAMPLES), help="a built-in sample dataset")
+    source.add_argument("--data", type=Path, help="a .csv or .jsonl file (split 90/10)")
+    train_parser.add_argument(
+        "--task", choices=("causal-lm", "seq-cls"), help="default: the data's"
+    )
+    train_parser.add_argument("--method", choices=sorted(METHODS), default="lora")
+    train_parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a method config field"
+    )
+    train_parser.add_argument("--output", type=Path, required=True, help="adapter directory")
+    train_parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    train_parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    train_parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
+    train_parser.add_argument("--max-length", type=int, default=TrainConfig.max_length)
+    train_parser.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    train_parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    train_parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    train_parser.add_argument("--cache-dir", type=Path, help="model cache (~/.cache/peftlab)")
+    train_parser.set_defaults(run=run_train)
+
+
+# --- peftlab models / datasets ----------------------------------------------
+
+
+def run_models(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    for spec in CATALOGUE.values():
+        print(f"{spec.key:24} {','.join(spec.tasks):18} {spec.title}", file=out)
+    return 0
+
+
+def run_datasets(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    for spec in SAMPLES.values():
+        print(f"{spec.key:24} {spec.task:10} {spec.description}", file=out)
+    return 0
+
+
+# --- peftlab train ----------------------------------------------------------
+
+
+def run_train(args: argparse.Namespace) -> int:
+    method_config = parse_method_config(METHODS[args.method], args.set)
+    train_config = _train_config(args)
+    task, train_rows, val_rows = _load_rows(args)
+    labels = label_names(train_rows) if task == "seq-cls" else None
+    model, tokenizer = _load_base(args.model, task, labels, args.cache_dir)
+    base_metrics = evaluate(
+        model, tokenizer, task=task, rows=val_rows, config=train_config, label_names=labels
+    )
+    apply(model, method_config)
+    print(f"{args.model} + {args.method}: {trainable_parameters(model):,} trainable parameters")
+    args.output.mkdir(parents=True, exist_ok=True)
+    with open(args.output / METRICS_FILE, "w") as metrics_file:
+        callbacks = ProgressCallbacks(train_config.steps, metrics_file)
+        callbacks.on_eval(0, base_metrics)
+        result = train(
+            model, tokenizer, task=task, train_rows=train_rows, val_rows=val_rows,
+            config=train_config, callbacks=callbacks, label_names=labels,
+        )  # fmt: skip
+        callbacks.close()
+    save_adapter(model, args.output, base_model_name_or_path=args.model)
+    _print_summary(base_metrics, result.metrics, result.wall_s, args.output)
+    return 0
+
+
+def parse_method_config(config_cls: type, assignments: Sequence[str]) -> Any:
+    """`config_cls(**fields)` from "key=value" strings, converted to the fields' types."""
+    hints = typing.get_type_hints(config_cls)
+    fields = {field.name for field in dataclasses.fields(config_cls)}
+    values: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
+        if key not in fields:
+            raise UsageError(
+                f"unknown {config_cls.__name__} field {key!r}; known: {', '.join(sorted(fields))}"
+            )
+        values[key] = convert_value(raw.strip(), hints[key], key)
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+def convert_value(raw: str, annotation: Any, key: str) -> Any:
+    """`raw` as a value of `annotation`: int, float, bool, str, tuple[str, ...], or a union.
+
+    In a union, the most specific type that reads `raw` wins ("8" is an int before
+    a str). A tuple-or-str field (target_modules) reads comma-separated names as a
+    tuple and anything else ("all-linear", a regex) as the string.
+    """
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if type(None) in options and raw.lower() in ("none", "null", ""):
+        return None
+    kinds = sorted((o for o in options if o is not type(None)), key=_conversion_order)
+    for kind in kinds:
+        converted = _try_convert(raw, kind, tuple_needs_names=str in kinds)
+        if converted is not _FAILED:
+            return converted
+    raise UsageError(f"--set {key}: cannot read {raw!r} as {_type_name(annotation)}")
+
+
+_FAILED = object()
+_NAME_LIST = re.compile(r"[\w.]+(\s*,\s*[\w.]+)*")
+_CONVERSION_ORDER = (bool, int, float, tuple, str)
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _conversion_order(kind: Any) -> int:
+    origin = typing.get_origin(kind) or kind
+    return (
+        _CONVERSION_ORDER.index(origin) if origin in _CONVERSION_ORDER else len(_CONVERSION_ORDER)
+    )
+
+
+def _try_convert(raw: str, kind: Any, *, tuple_needs_names: bool) -> Any:
+    origin = typing.get_origin(kind) or kind
+    if origin is bool:
+        lowered = raw.lower()
+        return True if lowered in TRUE_WORDS else False if lowered in FALSE_WORDS else _FAILED
+    if origin is tuple:
+        if tuple_needs_names and not _NAME_LIST.fullmatch(raw):
+            return _FAILED
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    try:
+        return origin(raw) if origin in (int, float, str) else _FAILED
+    except ValueError:
+        return _FAILED
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    try:
+        return TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+            max_length=args.max_length, warmup_steps=args.warmup_steps,
+            eval_every=args.eval_every, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _load_rows(args: argparse.Namespace) -> tuple[str, list[dict], list[dict]]:
+    """(task, train rows, validation rows) from --dataset or --data."""
+    if args.dataset:
+        task = SAMPLES[args.dataset].task
+        if args.task and args.task != task:
+            raise UsageError(f"{args.dataset} is a {task} dataset, not {args.task}")
+        return (task, *sample_rows(args.dataset))
+    task = args.task or _default_task(args.model)
+    fmt = _file_format(args.data)
+    try:
+        content = args.data.read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read {args.data}: {error.strerror}") from None
+    rows = parse_dataset(content, fmt=fmt, task=task)
+    return (task, *split_rows(rows, val_fraction=0.1, seed=args.seed))
+
+
+def _default_task(model_key: str) -> str:
+    return _spec_or_usage_error(model_key).tasks[0]
+
+
+def _spec_or_usage_error(model_key: str) -> ModelSpec:
+    try:
+        return get_spec(model_key)
+    except KeyError as error:
+        raise UsageError(str(error)) from None
+
+
+def _file_format(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in ("csv", "jsonl"):
+        raise UsageError(f"--data must be a .csv or .jsonl file, got {path.name!r}")
+    return suffix
+
+
+def _load_base(model_key: str, task: str, labels: list[str] | None, cache_dir: Path | None):
+    spec = _spec_or_usage_error(model_key)
+    if task not in spec.tasks:
+        raise UsageError(f"model {model_key!r} supports {', '.join(spec.tasks)}, not {task}")
+    return load_model(model_key, task, num_labels=len(labels or ()) or 2, cache_dir=cache_dir)
+
+
+def _print_summary(
+    base: dict[str, float], final: dict[str, float], wall_s: float, output: Path
+) -> None:
+    print(
+        f"eval loss: base {base['eval_loss']:.4f} -> trained {final.get('eval_loss', float('nan')):.4f}"
+    )
+    if "eval_accuracy" in base:
+        print(
+            f"eval accuracy: base {base['eval_accuracy']:.3f} -> trained {final['eval_accuracy']:.3f}"
+        )
+    print(f"trained in {wall_s:.1f} s; adapter and {METRICS_FILE} written to {output}")
+
+
+class ProgressCallbacks(Callbacks):
+    """A tqdm bar with the live loss, and one metrics.jsonl line per step and evaluation."""
+
+    def __init__(self, steps: int, metrics_file: TextIO) -> None:
+        self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
+        self.metrics_file = metrics_file
+        self.done = 0
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._write(step, metrics)
+        self.bar.update(step - self.done)
+        self.done = step
+        self.bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._write(step, metrics)
+        self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def _write(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics_file.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Apply, merge, disable, save and load PEFT adapters: the method-independent part.
+
+    apply(model, config)     freeze W0, inject the method's modules, train modules_to_save
+    merge / unmerge          fold the adapter into W0 and back (mergeable methods only)
+    disabled(model)          base behaviour inside the `with` block
+    save_adapter / load_adapter
+                             HF PEFT's directory layout: adapter_config.json +
+                             adapter_model.safetensors, keys "base_model.model.<path>"
+
+modules_to_save (e.g. a classification head) are wrapped: `original_module`
+stays frozen, `trained_module` is a trainable copy saved with the adapter under
+the head's own path (HF PEFT writes `base_model.model.classifier.weight`, with
+neither "modules_to_save" nor the adapter name in the key). A
+*ForSequenceClassification model gets its head added to modules_to_save.
+"""
+
+import copy
+import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_core import lora
+from peft_core.methods import Method
+from peft_core.targets import classifier_head, matches_suffix, resolve_modules_to_save
+
+METHODS: tuple[Method, ...] = (lora.METHOD,)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+CONFIG_ATTR = "peft_core_config"
+
+
+class TrainedCopy(nn.Module):
+    """A modules_to_save wrapper: a frozen original and a trainable copy used in forward."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.trained_module = copy.deepcopy(module)
+        self.disabled = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.original_module if self.disabled else self.trained_module
+        return module(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- methods
+
+
+def method_for_config(config: Any) -> Method:
+    for method in METHODS:
+        if isinstance(config, method.config_cls):
+            return method
+    raise TypeError(f"{type(config).__name__} is not a peft_core method config")
+
+
+def method_for_peft_type(peft_type: Any) -> Method:
+    for method in METHODS:
+        if method.peft_type == peft_type:
+            return method
+    known = ", ".join(m.peft_type for m in METHODS)
+    raise ValueError(f"peft_type {peft_type!r} is not supported by peft_core (supported: {known})")
+
+
+def method_of(model: nn.Module) -> Method:
+    if not hasattr(model, CONFIG_ATTR):
+        raise ValueError("this model has no peft_core adapter; call peft_core.apply first")
+    return method_for_config(getattr(model, CONFIG_ATTR))
+
+
+# ---------------------------------------------------------------- apply
+
+
+def apply(model: nn.Module, config: Any) -> nn.Module:
+    """Freeze `model`, add the adapter `config` describes, return the same model object."""
+    if hasattr(model, CONFIG_ATTR):
+        raise ValueError("this model already has a peft_core adapter; apply to a fresh base model")
+    method = method_for_config(config)
+    config = _with_classifier_head(model, config)
+    heads = _modules_to_save_paths(model, config.modules_to_save)
+    model.requires_grad_(False)
+    method.inject(model, config)
+    for path in heads:
+        model.set_submodule(path, TrainedCopy(model.get_submodule(path)))
+    for name, param in model.named_parameters():
+        param.requires_grad_(_is_adapter_key(name, method))
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def _with_classifier_head(model: nn.Module, config: Any) -> Any:
+    head = classifier_head(model)
+    if head is None or head in config.modules_to_save:
+        return config
+    return dataclasses.replace(config, modules_to_save=(*config.modules_to_save, head))
+
+
+def _modules_to_save_paths(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    paths = resolve_modules_to_save(model, names)
+    missing = [name for name in names if not any(matches_suffix(p, [name]) for p in paths)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module of this model")
+    return paths
+
+
+def _is_adapter_key(key: str, method: Method) -> bool:
+    """A parameter/state key the adapter owns: the method's prefix or a modules_to_save copy."""
+    parts = key.split(".")
+    return "trained_module" in parts or any(p.startswith(method.prefix) for p in parts)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- merge / disable
+
+
+def _layers(model: nn.Module, method: Method) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, method.layer_types)]
+
+
+def _mergeable_layers(model: nn.Module) -> list[nn.Module]:
+    method = method_of(model)
+    if not method.mergeable:
+        raise ValueError(
+            f"{method.name} adapters cannot be merged into the base weights; "
+            "keep the adapter attached (or use peft_core.disabled for the base model)"
+        )
+    return _layers(model, method)
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter layer into its base weight; forward then costs what the base costs."""
+    for layer in _mergeable_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo `merge`: subtract the adapter from the base weights again."""
+    for layer in _mergeable_layers(model):
+        layer.unmerge()
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model behaves as its base model (adapters off, original heads)."""
+    method = method_of(model)
+    switches = _layers(model, method) + [m for m in model.modules() if isinstance(m, TrainedCopy)]
+    merged = [m for m in switches if getattr(m, "merged", False)]
+    before = [m.disabled for m in switches]
+    for m in merged:
+        m.unmerge()
+    for m in switches:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was_disabled in zip(switches, before, strict=True):
+            m.disabled = was_disabled
+        for m in merged:
+            m.merge()
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def _disk_key(key: str) -> str:
+    """In-memory key -> HF PEFT key: add the prefix, drop our modules_to_save infix."""
+    return KEY_PREFIX + key.replace(".trained_module.", ".")
+
+
+def adapter_key_map(model: nn.Module) -> dict[str, str]:
+    """On-disk key -> in-memory state_dict key, for every tensor the adapter owns."""
+    method = method_of(model)
+    keys = [k for k in model.state_dict() if _is_adapter_key(k, method)]
+    return {_disk_key(k): k for k in keys}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their HF PEFT keys (CPU, contiguous)."""
+    state = model.state_dict()
+    return {
+        disk: state[key].detach().to("cpu").contiguous()
+        for disk, key in adapter_key_map(model).items()
+    }
+
+
+def task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    return None
+
+
+def hf_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """The adapter_config.json content HF PEFT reads for this adapted model."""
+    method = method_of(model)
+    config = getattr(model, CONFIG_ATTR)
+    name = base_model_name_or_path or getattr(model, "name_or_path", None) or None
+    return {
+        "peft_type": method.peft_type,
+        "task_type": task_type(model),
+        "base_model_name_or_path": name,
+        "inference_mode": True,
+        "modules_to_save": list(config.modules_to_save) or None,
+        **method.to_hf_config(model, config),
+    }
+
+
+def save_adapter(
+    model: nn.Module, directory: str | Path, *, base_model_name_or_path: str | None = None
+) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (HF PEFT's layout) to `directory`."""
+    directory = Path(directory)
+    config = hf_config(model, base_model_name_or_path)
+    tensors = adapter_state_dict(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def read_hf_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return config
+
+
+def _config_from_hf(model: nn.Module, hf: dict[str, Any]) -> Any:
+    """Our config for `hf`, keeping only the modules_to_save names present in `model`.
+
+    HF PEFT lists both "classifier" and "score" for any SEQ_CLS adapter.
+    """
+    config = method_for_peft_type(hf.get("peft_type")).from_hf_config(hf)
+    present = {p for p, _ in model.named_modules() if p}
+    names = tuple(n for n in config.modules_to_save if any(matches_suffix(p, [n]) for p in present))
+    return dataclasses.replace(config, modules_to_save=names)
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Apply the adapter saved in `directory` (by peft_core or HF PEFT) to a fresh `model`.
+
+    Weights load strictly: a missing, unexpected or mis-shaped tensor is an error.
+    """
+    config = _config_from_hf(model, read_hf_config(directory))
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory} (pickled .bin is never loaded)")
+    tensors = load_file(weights)
+    apply(model, config)
+    load_adapter_tensors(model, tensors, source=str(weights))
+    return model
+
+
+def _check_keys(expected: dict[str, str], tensors: dict[str, torch.Tensor], source: str) -> None:
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter weights in {source} do not fit this model: "
+            f"missing {len(missing)} {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
+        )
+
+
+@torch.no_grad()
+def load_adapter_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict"
+) -> None:
+    """Copy HF-PEFT-keyed `tensors` into an adapted model, strictly."""
+    expected = adapter_key_map(model)
+    _check_keys(expected, tensors, source)
+    state = model.state_dict()
+    for disk, key in expected.items():
+        target, value = state[key], tensors[disk]
+        if target.shape != value.shape:
+            raise ValueError(
+                f"{disk} in {source} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(target.shape)} (was the adapter trained on another model size?)"
+            )
+        target.copy_(value)

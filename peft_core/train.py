@@ -1,0 +1,337 @@
+"""The training loop: AdamW on the trainable parameters, linear warmup and decay.
+
+    lr(s) = lr · (s + 1) / warmup                 for s < warmup
+    lr(s) = lr · (steps − s) / (steps − warmup)   afterwards     (s = 0 … steps − 1)
+
+so no step is spent at lr 0 and the last step still moves a little.
+
+Whatever is trainable is trained (`peft_core.apply` leaves only the adapter and a
+classification head trainable), so this loop knows no PEFT method. It reports
+through `Callbacks`: the web worker writes metrics and heartbeats to the database
+and turns a cancel request into `should_stop()`, which is checked before every
+step, so a cancelled run stops within one step.
+
+Losses: train_loss is the model's own mean over the batch's supervised tokens
+(causal LM) or rows (seq-cls); eval_loss is the mean over all supervised tokens
+(rows) of the evaluated batches, so batches of different sizes weigh fairly.
+"""
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peft_core import data
+from peft_core.data import IGNORE_INDEX, Example, eval_batches, tokenize_rows, train_batches
+
+MAX_STEPS = 1_000_000
+MAX_LEARNING_RATE = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 30
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    max_length: int = 128
+    warmup_steps: int = 0
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 8
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    seed: int = 0
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _require_int("steps", self.steps, 1, MAX_STEPS)
+        _require_int("batch_size", self.batch_size, 1, 1024)
+        _require_int("max_length", self.max_length, 2, 65_536)
+        _require_int("warmup_steps", self.warmup_steps, 0, self.steps)
+        _require_int("eval_every", self.eval_every, 0, MAX_STEPS)
+        _require_int("eval_batches", self.eval_batches, 1, 10_000)
+        _require_int("seed", self.seed, 0, 2**32 - 1)
+        _require_int("log_every", self.log_every, 1, MAX_STEPS)
+        if not _is_real(self.learning_rate) or not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ValueError(
+                f"learning_rate must be in (0, {MAX_LEARNING_RATE}], got {self.learning_rate!r}"
+            )
+        if not _is_real(self.grad_clip) or not 0 <= self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip must be a finite number >= 0, got {self.grad_clip!r}")
+
+
+def _require_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Callbacks:
+    """Hooks the loop calls; every method is a no-op here, override what you need."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Every `log_every` steps: train_loss, learning_rate, tokens, grad_norm, elapsed."""
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """After each evaluation: eval_loss (and eval_accuracy for seq-cls)."""
+
+    def on_log(self, line: str) -> None:
+        """A human-readable progress line."""
+
+    def should_stop(self) -> bool:
+        """Checked before every step; True ends training (cancel)."""
+        return False
+
+    def heartbeat(self) -> None:
+        """Called every step: proof that the loop is alive."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps_done: int
+    stopped: bool  # True when should_stop() ended training early
+    metrics: dict[str, float] = field(default_factory=dict)  # last train and eval metrics
+    wall_s: float = 0.0
+    tokens: int = 0  # non-padding tokens seen in training
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); the message says what to change."""
+
+
+def train(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    task: str,
+    train_rows: Sequence[dict],
+    val_rows: Sequence[dict],
+    config: TrainConfig,
+    callbacks: Callbacks | None = None,
+    label_names: Sequence[str] | None = None,
+) -> TrainResult:
+    """Train `model`'s trainable parameters on `train_rows`, evaluate on `val_rows`.
+
+    For seq-cls, class ids follow `label_names` (default: sorted labels of the
+    training rows). The model is left in eval mode.
+    """
+    callbacks = callbacks or Callbacks()
+    labels = _labels_for(model, task, train_rows, label_names)
+    max_length = effective_max_length(model, config)
+    train_examples = tokenize_rows(
+        train_rows, tokenizer, task=task, max_length=max_length, labels=labels
+    )
+    val_examples = tokenize_rows(
+        val_rows, tokenizer, task=task, max_length=max_length, labels=labels
+    )
+    torch.manual_seed(config.seed)
+    loop = _Loop(model, tokenizer, config, callbacks)
+    return loop.run(train_examples, val_examples)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    task: str,
+    rows: Sequence[dict],
+    config: TrainConfig,
+    label_names: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """eval_loss (and eval_accuracy for seq-cls) over the first config.eval_batches batches."""
+    labels = _labels_for(model, task, rows, label_names)
+    max_length = effective_max_length(model, config)
+    examples = tokenize_rows(rows, tokenizer, task=task, max_length=max_length, labels=labels)
+    return evaluate_examples(model, examples, config=config, pad_token_id=tokenizer.pad_token_id)
+
+
+def effective_max_length(model: nn.Module, config: TrainConfig) -> int:
+    """config.max_length, capped at the model's position limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(config.max_length, limit) if isinstance(limit, int) else config.max_length
+
+
+def _labels_for(
+    model: nn.Module, task: str, rows: Sequence[dict], label_names: Sequence[str] | None
+) -> list[str] | None:
+    if task != "seq-cls":
+        return None
+    labels = list(label_names) if label_names is not None else data.label_names(rows)
+    num_labels = getattr(getattr(model, "config", None), "num_labels", len(labels))
+    if num_labels != len(labels):
+        raise ValueError(
+            f"the model has {num_labels} classes but the data has {len(labels)}: {labels}"
+        )
+    return labels
+
+
+@torch.no_grad()
+def evaluate_examples(
+    model: nn.Module, examples: Sequence[Example], *, config: TrainConfig, pad_token_id: int
+) -> dict[str, float]:
+    """Token-weighted (causal LM) or row-weighted (seq-cls) loss, plus accuracy for seq-cls."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    device = _device_of(model)
+    batches = eval_batches(
+        examples,
+        batch_size=config.batch_size,
+        pad_token_id=pad_token_id,
+        max_batches=config.eval_batches,
+    )
+    for batch in batches:
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        logits = _forward(model, batch).logits
+        batch_loss, batch_count, batch_correct = _summed_loss(logits.float(), batch["labels"])
+        loss_sum, count, correct = (
+            loss_sum + batch_loss,
+            count + batch_count,
+            correct + batch_correct,
+        )
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no validation examples to evaluate")
+    metrics = {"eval_loss": loss_sum / count}
+    if examples and isinstance(examples[0].labels, int):
+        metrics["eval_accuracy"] = correct / count
+    return metrics
+
+
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """(summed loss, supervised count, correct predictions) for one batch."""
+    if labels.dim() == 1:  # seq-cls: logits (B, C), labels (B,)
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        return loss.item(), labels.numel(), (logits.argmax(-1) == labels).sum().item()
+    # causal LM: position t predicts token t+1
+    shifted_logits = logits[:, :-1].reshape(-1, logits.size(-1))  # (B·(T−1), V)
+    shifted_labels = labels[:, 1:].reshape(-1)  # (B·(T−1),)
+    loss = nn.functional.cross_entropy(
+        shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss.item(), (shifted_labels != IGNORE_INDEX).sum().item(), 0
+
+
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor]):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _Loop:
+    """One training run's state: optimizer, schedule, counters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        config: TrainConfig,
+        callbacks: Callbacks,
+    ) -> None:
+        self.model, self.config, self.callbacks = model, config, callbacks
+        self.pad_token_id = tokenizer.pad_token_id
+        self.params = [param for param in model.parameters() if param.requires_grad]
+        if not self.params:
+            raise TrainingError("the model has no trainable parameters; apply an adapter first")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.device = _device_of(model)
+        self.tokens = 0
+        self.metrics: dict[str, float] = {}
+
+    def _lr_factor(self, step: int) -> float:
+        warmup, steps = self.config.warmup_steps, self.config.steps
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    def run(self, train_examples: list[Example], val_examples: list[Example]) -> TrainResult:
+        started = time.perf_counter()
+        batches = train_batches(
+            train_examples,
+            batch_size=self.config.batch_size,
+            pad_token_id=self.pad_token_id,
+            seed=self.config.seed,
+        )
+        steps_done, stopped = self._train_steps(batches, val_examples, started)
+        if not stopped:
+            self._evaluate(steps_done, val_examples)
+        self.model.eval()
+        wall_s = time.perf_counter() - started
+        return TrainResult(steps_done, stopped, dict(self.metrics), wall_s, self.tokens)
+
+    def _train_steps(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        val_examples: list[Example],
+        started: float,
+    ) -> tuple[int, bool]:
+        self.model.train()
+        batch_iter = iter(batches)
+        for step in range(1, self.config.steps + 1):
+            self.callbacks.heartbeat()
+            if self.callbacks.should_stop():
+                self.callbacks.on_log(f"stopped before step {step}")
+                return step - 1, True
+            self._step(step, next(batch_iter), started)
+            if (
+                self.config.eval_every
+                and step % self.config.eval_every == 0
+                and step < self.config.steps
+            ):
+                self._evaluate(step, val_examples)
+                self.model.train()
+        return self.config.steps, False
+
+    def _step(self, step: int, batch: dict[str, torch.Tensor], started: float) -> None:
+        batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+        learning_rate = self.schedule.get_last_lr()[0]
+        loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {step}; lower the learning rate "
+                f"(now {self.config.learning_rate:g}) or check the data"
+            )
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens += int(batch["attention_mask"].sum())
+        self._report_step(step, loss.item(), learning_rate, grad_norm.item(), started)
+
+    def _report_step(
+        self, step: int, loss: float, learning_rate: float, grad_norm: float, started: float
+    ) -> None:
+        metrics = {
+            "train_loss": loss,
+            "learning_rate": learning_rate,
+            "tokens": float(self.tokens),
+            "grad_norm": grad_norm,
+            "elapsed": time.perf_counter() - started,
+        }
+        self.metrics.update(metrics)
+        if step % self.config.log_every == 0 or step == self.config.steps:
+            self.callbacks.on_step(step, metrics)
+            self.callbacks.on_log(
+                f"step {step}/{self.config.steps} loss {loss:.4f} lr {learning_rate:.3g}"
+            )
+
+    def _evaluate(self, step: int, val_examples: list[Example]) -> None:
+        if not val_examples:
+            return
+        metrics = evaluate_examples(
+            self.model, val_examples, config=self.config, pad_token_id=self.pad_token_id
+        )
+        self.metrics.update(metrics)
+        self.callbacks.on_eval(step, metrics)
+        self.callbacks.on_log(
+            f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        )

@@ -1,0 +1,65 @@
+"""The fixed cast: alice (owner) and bob (member) and carol (viewer) of team Acme; mallory
+owns team Umbrella. Nothing in the tests reaches a model hub."""
+
+import importlib
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services_are_real(request):
+    """In CI (PEFTLAB_REQUIRE_SERVICES=1) the suite must run on PostgreSQL and Redis."""
+    from django.conf import settings
+
+    if not settings.REQUIRE_SERVICES:
+        return
+    engine = settings.DATABASES["default"]["ENGINE"]
+    assert "postgresql" in engine, f"CI must test on PostgreSQL, settings use {engine}"
+    assert settings.CELERY_BROKER_URL.startswith("redis://"), "CI must test on Redis"
+
+
+@pytest.fixture
+def builtin_datasets(db):
+    """The rows the data migration creates (a transactional test flushes them away)."""
+    from django.apps import apps
+
+    migration = importlib.import_module("webapp.experiments.migrations.0002_builtin_datasets")
+    migration.create_builtins(apps, None)
+    from webapp.experiments.models import Dataset
+
+    return {d.builtin_key: d for d in Dataset.objects.filter(team=None)}
+
+
+def _member(username: str, team, role: str):
+    from django.contrib.auth import get_user_model
+
+    from webapp.accounts.models import Membership
+
+    user = get_user_model().objects.create_user(username=username, password=f"{username}-pw-9")
+    Membership.objects.create(team=team, user=user, role=role)
+    return user
+
+
+@pytest.fixture
+def cast(db, builtin_datasets):
+    from types import SimpleNamespace
+
+    from webapp.accounts.models import Role, Team
+    from webapp.experiments.models import Project
+
+    acme, umbrella = Team.objects.create(name="Acme"), Team.objects.create(name="Umbrella")
+    return SimpleNamespace(
+        acme=acme,
+        umbrella=umbrella,
+        acme_project=Project.objects.create(team=acme, name="Default"),
+        umbrella_project=Project.objects.create(team=umbrella, name="Default"),
+        alice=_member("alice", acme, Role.OWNER),
+        bob=_member("bob", acme, Role.MEMBER),
+        carol=_member("carol", acme, Role.VIEWER),
+        mallory=_member("mallory", umbrella, Role.OWNER),
+        datasets=builtin_datasets,
+    )

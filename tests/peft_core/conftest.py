@@ -1,0 +1,29 @@
+"""Shared fixtures for peft_core tests: no model hub, fixed token ids."""
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / peft are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 512
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    """(2, 8) token ids in 1..VOCAB-1: no padding id, so seq-cls pools the last token."""
+    return torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services_are_real():
+    """peft_core needs no database or broker: override the root conftest's Django check,
+    so these tests also run with `-p no:django` and without Django settings."""
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One model cache for the session: tiny models are materialised once, never in ~/.cache."""
+    return tmp_path_factory.mktemp("peftlab-cache")

@@ -1,0 +1,241 @@
+"""Pages: login, the new-run form, the run page and its live partial, downloads, datasets.
+Another team's objects are 404; a viewer cannot launch."""
+
+import io
+import json
+import zipfile
+
+import pytest
+from django.core.management import call_command
+from django.urls import reverse
+
+from webapp.experiments import services
+from webapp.experiments.models import Dataset, Run, RunStatus
+
+pytestmark = pytest.mark.django_db
+
+
+def _run(cast, **fields) -> Run:
+    defaults = {
+        "project": cast.acme_project,
+        "name": "lora-r8",
+        "created_by": cast.alice,
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"],
+        "method": "lora",
+        "method_config": {"r": 8},
+        "train_config": {"steps": 5},
+        "total_steps": 5,
+    }
+    return Run.objects.create(**{**defaults, **fields})
+
+
+def _form(cast, **fields) -> dict:
+    data = {
+        "name": "first run",
+        "project": cast.acme_project.id,
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"].id,
+        "method": "lora",
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.05,
+        "target_modules": "all-linear",
+        "steps": 30,
+        "batch_size": 4,
+        "learning_rate": 2e-4,
+        "max_length": 128,
+        "eval_every": 10,
+    }
+    return {**data, **fields}
+
+
+def test_pages_need_login(client, cast):
+    run = _run(cast)
+    for url in [
+        reverse("runs"),
+        reverse("run_new"),
+        reverse("run_detail", args=[run.id]),
+        reverse("run_live", args=[run.id]),
+        reverse("run_adapter_download", args=[run.id]),
+        reverse("datasets"),
+        reverse("dataset_upload"),
+    ]:
+        response = client.get(url)
+        assert response.status_code == 302, url
+        assert response["Location"].startswith(reverse("login")), url
+
+
+def test_health_is_public(client):
+    assert client.get(reverse("health")).json() == {"status": "ok"}
+
+
+def test_login_with_password(client, cast):
+    response = client.post(reverse("login"), {"username": "alice", "password": "alice-pw-9"})
+    assert response.status_code == 302
+    assert client.get(reverse("runs")).status_code == 200
+
+
+def test_new_run_form_explains_fields(client, cast):
+    client.force_login(cast.alice)
+    page = client.get(reverse("run_new")).content.decode()
+    assert "Width of the low-rank update" in page
+    assert "SmolLM2 135M Instruct" in page
+    assert "sample-instructions" in page
+
+
+def test_launch_creates_a_queued_run(client, cast):
+    client.force_login(cast.bob)
+    response = client.post(reverse("run_new"), _form(cast))
+    run = Run.objects.get()
+    assert response.status_code == 302
+    assert response["Location"] == reverse("run_detail", args=[run.id])
+    assert run.status == RunStatus.QUEUED
+    assert run.method_config == {
+        "r": 8,
+        "alpha": 16.0,
+        "dropout": 0.05,
+        "target_modules": "all-linear",
+    }
+    assert run.train_config["steps"] == 30 and run.total_steps == 30
+    assert run.created_by == cast.bob
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("r", 0), ("r", 100000), ("steps", 0), ("learning_rate", 5), ("dropout", 1.5)],
+)
+def test_launch_rejects_out_of_bounds(client, cast, field, value):
+    client.force_login(cast.alice)
+    response = client.post(reverse("run_new"), _form(cast, **{field: value}))
+    assert response.status_code == 200
+    assert field in response.context["form"].errors
+    assert not Run.objects.exists()
+
+
+def test_launch_rejects_task_mismatch(client, cast):
+    client.force_login(cast.alice)
+    form = _form(cast, base_model="all-minilm-l6-v2")
+    response = client.post(reverse("run_new"), form)
+    assert "dataset" in response.context["form"].errors
+    assert not Run.objects.exists()
+
+
+def test_viewer_cannot_launch(client, cast):
+    client.force_login(cast.carol)
+    response = client.post(reverse("run_new"), _form(cast))
+    assert "project" in response.context["form"].errors
+    assert not Run.objects.exists()
+
+
+def test_other_team_gets_404_everywhere(client, cast):
+    run = _run(cast)
+    upload = Dataset.objects.create(team=cast.acme, name="secret", task="seq-cls")
+    client.force_login(cast.mallory)
+    for url in [
+        reverse("run_detail", args=[run.id]),
+        reverse("run_live", args=[run.id]),
+        reverse("run_adapter_download", args=[run.id]),
+        reverse("dataset_detail", args=[upload.id]),
+    ]:
+        assert client.get(url).status_code == 404, url
+    assert client.post(reverse("run_cancel", args=[run.id])).status_code == 404
+    assert "lora-r8" not in client.get(reverse("runs")).content.decode()
+    assert "secret" not in client.get(reverse("datasets")).content.decode()
+    launch = client.post(reverse("run_new"), _form(cast))
+    assert "project" in launch.context["form"].errors
+    run.refresh_from_db()
+    assert not run.cancel_requested
+
+
+def test_live_partial_polls_until_finished(client, cast):
+    run = _run(cast, status=RunStatus.RUNNING, step=2)
+    client.force_login(cast.alice)
+    url = reverse("run_live", args=[run.id])
+    running = client.get(url)
+    assert running.status_code == 200
+    assert 'hx-trigger="every 2s"' in running.content.decode()
+    Run.objects.filter(id=run.id).update(status=RunStatus.SUCCEEDED)
+    finished = client.get(url)
+    assert finished.status_code == 286
+    assert "hx-trigger" not in finished.content.decode()
+
+
+def test_run_page_shows_curve_data_and_escapes_names(client, cast):
+    run = _run(cast, name="<img src=x onerror=alert(1)>")
+    fence = services.run_claim(run_id=run.id, worker="w")
+    services.metrics_record(
+        run_id=run.id, fence=fence, points=[services.Point("train_loss", 1, 2.5, 0.0)]
+    )
+    client.force_login(cast.bob)
+    page = client.get(reverse("run_detail", args=[run.id])).content.decode()
+    assert "<img src=x" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert '"train_loss": {"step": [1], "value": [2.5]}' in page
+    assert "plotly/plotly.min.js" in page
+
+
+def test_cancel_queued_run_is_immediate(client, cast):
+    run = _run(cast)
+    client.force_login(cast.bob)
+    client.post(reverse("run_cancel", args=[run.id]))
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+
+
+def test_cancel_running_run_sets_the_flag(client, cast):
+    run = _run(cast, status=RunStatus.RUNNING)
+    client.force_login(cast.alice)
+    client.post(reverse("run_cancel", args=[run.id]))
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING and run.cancel_requested
+
+
+def test_viewer_cannot_cancel(client, cast):
+    run = _run(cast, status=RunStatus.RUNNING)
+    client.force_login(cast.carol)
+    client.post(reverse("run_cancel", args=[run.id]))
+    run.refresh_from_db()
+    assert not run.cancel_requested
+
+
+def test_adapter_zip_streams_every_chunk(client, cast, monkeypatch):
+    monkeypatch.setattr(services, "CHUNK_BYTES", 1000)
+    run = _run(cast)
+    fence = services.run_claim(run_id=run.id, worker="w")
+    weights = bytes(range(256)) * 20  # 5 120 bytes: six chunks
+    config = json.dumps({"peft_type": "LORA"}).encode()
+    services.artifact_store(
+        run_id=run.id, fence=fence, kind="adapter", name="adapter_model.safetensors", data=weights
+    )
+    services.artifact_store(
+        run_id=run.id, fence=fence, kind="adapter", name="adapter_config.json", data=config
+    )
+    assert run.artifacts.get(name="adapter_model.safetensors").chunks.count() == 6
+    client.force_login(cast.bob)
+    response = client.get(reverse("run_adapter_download", args=[run.id]))
+    assert response.status_code == 200
+    assert response["Content-Disposition"].startswith("attachment;")
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+    assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert archive.read("adapter_model.safetensors") == weights
+    assert archive.read("adapter_config.json") == config
+
+
+def test_download_without_adapter_is_404(client, cast):
+    run = _run(cast)
+    client.force_login(cast.alice)
+    assert client.get(reverse("run_adapter_download", args=[run.id])).status_code == 404
+
+
+def test_bootstrap_prints_a_random_password_once(capsys):
+    call_command("bootstrap_demo")
+    first = capsys.readouterr().out
+    call_command("bootstrap_demo")
+    second = capsys.readouterr().out
+    password = first.split("password: ")[1].split()[0]
+    assert len(password) >= 16
+    assert password not in second and "exists" in second
+    from django.contrib.auth import authenticate
+
+    assert authenticate(username="demo", password=password) is not None

@@ -1,0 +1,93 @@
+"""A real Celery worker process on the configured broker and database (Redis and PostgreSQL
+in CI; the filesystem transport and SQLite without services) takes a tiny-llama run from
+queued to succeeded, and its adapter downloads."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import safetensors.torch
+from django.conf import settings
+from django.db import connection
+from django.urls import reverse
+
+from webapp.celery import app as celery_app
+from webapp.experiments import services
+from webapp.experiments.models import MetricPoint, Run, RunStatus
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+TIMEOUT_S = 240
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        env["PEFTLAB_SQLITE_PATH"] = str(db["NAME"])
+    else:
+        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+        port = db["PORT"] or 5432
+        env["DATABASE_URL"] = f"postgres://{auth}@{db['HOST']}:{port}/{db['NAME']}"
+    return env
+
+
+@pytest.fixture
+def worker(tmp_path):
+    with celery_app.connection_for_write() as conn:
+        conn.default_channel.queue_declare("gpu", durable=True, auto_delete=False)
+        conn.default_channel.queue_purge("gpu")
+    log = (tmp_path / "worker.log").open("w")
+    command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-Q", "gpu"]
+    command += ["--concurrency", "1", "--without-gossip", "--without-mingle", "-l", "info"]
+    process = subprocess.Popen(
+        command, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, cwd=settings.BASE_DIR
+    )
+    yield process, tmp_path / "worker.log"
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_until_finished(run: Run, process, log_path) -> Run:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        run.refresh_from_db()
+        if run.is_finished:
+            return run
+        assert process.poll() is None, f"worker died:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.5)
+    pytest.fail(f"run still {run.status} after {TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
+
+
+def test_worker_takes_a_run_from_queued_to_downloaded(cast, worker, client):
+    process, log_path = worker
+    run = services.run_create(
+        user=cast.alice,
+        project=cast.acme_project,
+        name="celery tiny-llama",
+        base_model="tiny-llama",
+        dataset=cast.datasets["sample-instructions"],
+        method="lora",
+        method_config={"r": 4, "alpha": 8},
+        train_config={"steps": 6, "batch_size": 2, "max_length": 64, "eval_every": 3},
+    )
+    run = _wait_until_finished(run, process, log_path)
+    assert run.status == RunStatus.SUCCEEDED, f"{run.error}\n{log_path.read_text()[-3000:]}"
+    assert run.attempt == 1 and ":" in run.worker
+    assert MetricPoint.objects.filter(run=run, key="train_loss").count() == 6
+
+    client.force_login(cast.bob)
+    response = client.get(reverse("run_adapter_download", args=[run.id]))
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+    assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+    tensors = safetensors.torch.load(archive.read("adapter_model.safetensors"))
+    assert any(key.endswith("lora_A.weight") for key in tensors)

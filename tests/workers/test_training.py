@@ -1,0 +1,102 @@
+"""The training glue on tiny-llama: a queued run trains, stores its adapter and metrics;
+a duplicate delivery does nothing; a cancel stops it; a bad config fails with the reason."""
+
+import io
+import zipfile
+
+import pytest
+import torch
+from django.urls import reverse
+
+import peft_core
+from peft_core.catalogue import load_model
+from webapp.experiments.models import MetricPoint, Run, RunStatus
+from workers.training import execute_run
+
+pytestmark = pytest.mark.django_db
+
+STEPS = 4
+
+
+def _queued(cast, **fields) -> Run:
+    defaults = {
+        "project": cast.acme_project,
+        "name": "tiny",
+        "created_by": cast.alice,
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"],
+        "method": "lora",
+        "method_config": {"r": 4, "alpha": 8},
+        "train_config": {"steps": STEPS, "batch_size": 2, "max_length": 64, "eval_every": 2},
+        "total_steps": STEPS,
+    }
+    return Run.objects.create(**{**defaults, **fields})
+
+
+def _adapter_dir(client, user, run, tmp_path):
+    client.force_login(user)
+    response = client.get(reverse("run_adapter_download", args=[run.id]))
+    assert response.status_code == 200
+    zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).extractall(tmp_path)
+    return tmp_path
+
+
+def test_run_trains_to_success_and_downloads(cast, client, tmp_path):
+    run = _queued(cast)
+    assert execute_run(run.id, worker="test") == "succeeded"
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    assert run.step == STEPS and run.fence == 1 and run.finished_at is not None
+    losses = MetricPoint.objects.filter(run=run, key="train_loss").order_by("step")
+    assert [p.step for p in losses] == list(range(1, STEPS + 1))
+    assert MetricPoint.objects.filter(run=run, key="eval_loss").count() >= 2
+    assert run.summary["trainable_params"] > 0
+    assert run.summary["base_eval_loss"] > 0 and run.summary["eval_loss"] > 0
+
+    directory = _adapter_dir(client, cast.bob, run, tmp_path)
+    model, _ = load_model("tiny-llama", "causal-lm")
+    model = peft_core.load_adapter(model, directory)
+    assert peft_core.trainable_parameters(model) == run.summary["trainable_params"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_duplicate_delivery_trains_once(cast):
+    run = _queued(cast)
+    assert execute_run(run.id, worker="first") == "succeeded"
+    assert execute_run(run.id, worker="second") == "skipped"
+    run.refresh_from_db()
+    assert (run.attempt, run.worker) == (1, "first")
+    assert run.artifacts.filter(name="adapter_model.safetensors").count() == 1
+
+
+def test_cancel_flag_stops_training_within_a_step(cast):
+    run = _queued(cast, cancel_requested=True, train_config={"steps": 50, "max_length": 64})
+    assert execute_run(run.id, worker="test") == "cancelled"
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    assert run.step <= 1
+    assert not run.artifacts.exists()
+
+
+def test_bad_config_fails_with_a_reason(cast):
+    run = _queued(cast, method_config={"r": 0})
+    assert execute_run(run.id, worker="test") == "failed"
+    run.refresh_from_db()
+    assert run.status == RunStatus.FAILED
+    assert "r" in run.error and "ValueError" in run.error
+
+
+def test_seq_cls_run_reports_accuracy(cast):
+    run = _queued(
+        cast,
+        base_model="tiny-bert",
+        dataset=cast.datasets["sample-sentiment"],
+        train_config={"steps": 2, "batch_size": 4, "max_length": 48},
+        total_steps=2,
+    )
+    assert execute_run(run.id, worker="test") == "succeeded"
+    run.refresh_from_db()
+    assert 0.0 <= run.summary["eval_accuracy"] <= 1.0
+    assert 0.0 <= run.summary["base_eval_accuracy"] <= 1.0

@@ -1,0 +1,137 @@
+"""Forms validate bounds and shapes; the services do the writes."""
+
+from django import forms
+from django.conf import settings
+
+from peft_core.catalogue import CATALOGUE
+from webapp.experiments.models import TaskType
+
+TARGET_CHOICES = [
+    ("default", "Architecture default (attention query and value)"),
+    ("all-linear", "All linear layers (except the output head)"),
+]
+
+
+def model_choices() -> list[tuple[str, str]]:
+    return [(spec.key, spec.title) for spec in CATALOGUE.values()]
+
+
+class RunForm(forms.Form):
+    name = forms.CharField(
+        max_length=120,
+        help_text="A name for this run, shown in lists and charts.",
+    )
+    project = forms.ModelChoiceField(queryset=None, empty_label=None)
+    base_model = forms.ChoiceField(
+        label="Base model",
+        choices=model_choices,
+        help_text="The frozen model the adapter is trained on. All models here work offline.",
+    )
+    dataset = forms.ModelChoiceField(
+        queryset=None,
+        empty_label=None,
+        help_text="Built-in samples need no upload. The task of the dataset decides the head.",
+    )
+    method = forms.ChoiceField(
+        choices=[("lora", "LoRA — low-rank update beside chosen linear layers")],
+        help_text="The parameter-efficient method.",
+    )
+    r = forms.IntegerField(
+        label="LoRA rank r",
+        min_value=1,
+        max_value=256,
+        initial=8,
+        help_text="Width of the low-rank update ΔW = B·A. Higher r: more capacity, more parameters.",
+    )
+    alpha = forms.FloatField(
+        label="LoRA alpha",
+        min_value=0.01,
+        max_value=1024,
+        initial=16,
+        help_text="Scales the update by alpha / r. 2·r is a common choice.",
+    )
+    dropout = forms.FloatField(
+        min_value=0,
+        max_value=0.9,
+        initial=0.05,
+        help_text="Dropout on the adapter's input while training (0 to disable).",
+    )
+    target_modules = forms.ChoiceField(
+        label="Adapted layers",
+        choices=TARGET_CHOICES,
+        initial="default",
+        help_text="Which linear layers get an adapter.",
+    )
+    steps = forms.IntegerField(
+        min_value=1,
+        max_value=100_000,
+        initial=30,
+        help_text="Optimizer steps. 30 is enough to see the loss fall on the built-in samples.",
+    )
+    batch_size = forms.IntegerField(
+        min_value=1, max_value=256, initial=4, help_text="Examples per step."
+    )
+    learning_rate = forms.FloatField(
+        min_value=1e-7, max_value=1.0, initial=2e-4, help_text="AdamW learning rate."
+    )
+    max_length = forms.IntegerField(
+        label="Max tokens",
+        min_value=16,
+        max_value=4096,
+        initial=128,
+        help_text="Longer examples are truncated.",
+    )
+    eval_every = forms.IntegerField(
+        min_value=0,
+        max_value=100_000,
+        initial=10,
+        help_text="Evaluate on the validation split every N steps (0: only at the end).",
+    )
+
+    def __init__(self, *args, projects, datasets, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["project"].queryset = projects
+        self.fields["dataset"].queryset = datasets
+
+    def clean(self):
+        cleaned = super().clean()
+        model_key, dataset = cleaned.get("base_model"), cleaned.get("dataset")
+        if model_key and dataset and dataset.task not in CATALOGUE[model_key].tasks:
+            tasks = ", ".join(CATALOGUE[model_key].tasks)
+            self.add_error(
+                "dataset",
+                f"{CATALOGUE[model_key].title} supports {tasks}; this dataset is {dataset.task}.",
+            )
+        return cleaned
+
+    def method_config(self) -> dict:
+        data = self.cleaned_data
+        config = {"r": data["r"], "alpha": data["alpha"], "dropout": data["dropout"]}
+        if data["target_modules"] != "default":
+            config["target_modules"] = data["target_modules"]
+        return config
+
+    def train_config(self) -> dict:
+        keys = ("steps", "batch_size", "learning_rate", "max_length", "eval_every")
+        return {key: self.cleaned_data[key] for key in keys}
+
+
+class DatasetUploadForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    team = forms.ModelChoiceField(queryset=None, empty_label=None)
+    task = forms.ChoiceField(
+        choices=TaskType.choices,
+        help_text="Causal LM: columns prompt,completion (or text). Classification: text,label.",
+    )
+    file = forms.FileField(help_text="CSV with a header row, or JSON Lines (.jsonl).")
+
+    def __init__(self, *args, teams, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["team"].queryset = teams
+
+    def clean_file(self):
+        upload = self.cleaned_data["file"]
+        if upload.size > settings.DATASET_MAX_BYTES:
+            limit_mb = settings.DATASET_MAX_BYTES // (1024 * 1024)
+            raise forms.ValidationError(f"The file is larger than {limit_mb} MB.")
+        return upload

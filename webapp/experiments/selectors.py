@@ -1,0 +1,88 @@
+"""Reads of team data. Every query goes through a *_for_user selector, so another
+team's id can only ever produce 404: existence does not leak."""
+
+import json
+
+from django.db.models import Q, QuerySet
+from django.http import Http404
+
+from webapp.accounts.models import Membership, Role, Team
+from webapp.experiments.models import Artifact, Dataset, MetricPoint, Project, Run
+
+
+def team_list_for_user(*, user) -> QuerySet[Team]:
+    return Team.objects.filter(memberships__user=user).order_by("name")
+
+
+def project_list_for_user(*, user) -> QuerySet[Project]:
+    return Project.objects.filter(team__memberships__user=user).select_related("team")
+
+
+def project_list_for_launch(*, user) -> QuerySet[Project]:
+    """Projects of the teams where the user's role may launch runs (not viewer)."""
+    teams = Membership.objects.filter(user=user).exclude(role=Role.VIEWER).values("team_id")
+    return Project.objects.filter(team_id__in=teams).select_related("team")
+
+
+def project_get_for_user(*, user, project_id: int) -> Project:
+    return _get_or_404(project_list_for_user(user=user), project_id)
+
+
+def run_list_for_user(*, user) -> QuerySet[Run]:
+    return Run.objects.filter(project__team__memberships__user=user).select_related(
+        "project", "project__team", "dataset", "created_by"
+    )
+
+
+def run_get_for_user(*, user, run_id: int) -> Run:
+    return _get_or_404(run_list_for_user(user=user), run_id)
+
+
+def dataset_list_for_user(*, user) -> QuerySet[Dataset]:
+    """Built-in samples (no team) and the datasets of the user's teams."""
+    return (
+        Dataset.objects.filter(Q(team__isnull=True) | Q(team__memberships__user=user))
+        .defer("content")
+        .distinct()
+        .order_by("team_id", "name")
+    )
+
+
+def dataset_get_for_user(*, user, dataset_id: int) -> Dataset:
+    return _get_or_404(dataset_list_for_user(user=user), dataset_id)
+
+
+def dataset_preview(*, dataset: Dataset, limit: int = 20) -> list[dict]:
+    """The first rows of an upload (built-ins are previewed from their generator)."""
+    if dataset.is_builtin:
+        from peft_core.samples import sample_rows
+
+        train, _ = sample_rows(dataset.builtin_key)
+        return train[:limit]
+    content = Dataset.objects.values_list("content", flat=True).get(id=dataset.id)
+    lines = bytes(content).decode().splitlines()[:limit]
+    return [json.loads(line) for line in lines]
+
+
+def artifact_list_for_run(*, run: Run) -> QuerySet[Artifact]:
+    return Artifact.objects.filter(run=run)
+
+
+def metric_series(*, run: Run, keys: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """{key: {"step": [...], "value": [...]}} ordered by step."""
+    points = MetricPoint.objects.filter(run=run).order_by("key", "step")
+    if keys:
+        points = points.filter(key__in=keys)
+    series: dict[str, dict] = {}
+    for key, step, value in points.values_list("key", "step", "value"):
+        entry = series.setdefault(key, {"step": [], "value": []})
+        entry["step"].append(step)
+        entry["value"].append(value)
+    return series
+
+
+def _get_or_404(queryset: QuerySet, pk: int):
+    obj = queryset.filter(pk=pk).first()
+    if obj is None:
+        raise Http404("Not found")
+    return obj

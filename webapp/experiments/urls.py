@@ -1,0 +1,15 @@
+from django.urls import path
+
+from webapp.experiments import views
+
+urlpatterns = [
+    path("", views.run_list, name="runs"),
+    path("runs/new/", views.run_new, name="run_new"),
+    path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
+    path("runs/<int:run_id>/live/", views.run_live, name="run_live"),
+    path("runs/<int:run_id>/cancel/", views.run_cancel, name="run_cancel"),
+    path("runs/<int:run_id>/adapter.zip", views.run_adapter_download, name="run_adapter_download"),
+    path("datasets/", views.dataset_list, name="datasets"),
+    path("datasets/upload/", views.dataset_upload, name="dataset_upload"),
+    path("datasets/<int:dataset_id>/", views.dataset_detail, name="dataset_detail"),
+]

@@ -1,0 +1,49 @@
+"""Stream a zip of stored artifacts straight from their chunk rows, one chunk in memory at a time."""
+
+import io
+import zipfile
+from collections.abc import Iterable, Iterator
+
+from webapp.experiments.models import Artifact, ArtifactChunk
+
+
+class _Sink(io.RawIOBase):
+    """An unseekable file that collects what zipfile writes until the generator drains it."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def drain(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+def artifact_chunks(artifact: Artifact) -> Iterator[bytes]:
+    rows = ArtifactChunk.objects.filter(artifact=artifact).order_by("index")
+    for data in rows.values_list("data", flat=True).iterator(chunk_size=1):
+        yield bytes(data)
+
+
+def stream_zip(artifacts: Iterable[Artifact]) -> Iterator[bytes]:
+    sink = _Sink()
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for artifact in artifacts:
+            big = artifact.size >= 2**31
+            with archive.open(artifact.name, mode="w", force_zip64=big) as member:
+                for chunk in artifact_chunks(artifact):
+                    member.write(chunk)
+                    yield sink.drain()
+    yield sink.drain()
