@@ -110,12 +110,12 @@ class LoraLinear(nn.Module):
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight (d_in, d_out)
         d_in, d_out = _in_out_features(base_layer)
         weight = base_layer.weight
+        # float32 adapter even beside a bf16/fp16 base (HF PEFT's autocast_adapter_dtype)
         dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
+        factory = {"device": weight.device, "dtype": dtype}
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(d_in, r, bias=False, device=weight.device, dtype=dtype)  # (r, d_in)
-        self.lora_B = nn.Linear(
-            r, d_out, bias=False, device=weight.device, dtype=dtype
-        )  # (d_out, r)
+        self.lora_A = nn.Linear(d_in, r, bias=False, **factory)  # A: (r, d_in)
+        self.lora_B = nn.Linear(r, d_out, bias=False, **factory)  # B: (d_out, r)
         self.scale = lora_scale(r, alpha, rslora)
         self.disabled = False
         self.merged = False

@@ -27,3 +27,12 @@ def _services_are_real():
 def model_cache(tmp_path_factory) -> Path:
     """One model cache for the session: tiny models are materialised once, never in ~/.cache."""
     return tmp_path_factory.mktemp("peftlab-cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads and lose a lot when CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
