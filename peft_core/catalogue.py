@@ -122,13 +122,6 @@ CATALOGUE: dict[str, ModelSpec] = {
 }
 
 
-def get_spec(key: str) -> ModelSpec:
-    """The catalogue entry for `key`; a KeyError that lists the known keys otherwise."""
-    if key not in CATALOGUE:
-        raise UnknownModelError(key)
-    return CATALOGUE[key]
-
-
 class UnknownModelError(KeyError):
     def __init__(self, key: str) -> None:
         super().__init__(key)
@@ -136,6 +129,13 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:
         return f"unknown model {self.key!r}; choose one of {', '.join(CATALOGUE)}"
+
+
+def get_spec(key: str) -> ModelSpec:
+    """The catalogue entry for `key`; a KeyError that lists the known keys otherwise."""
+    if key not in CATALOGUE:
+        raise UnknownModelError(key)
+    return CATALOGUE[key]
 
 
 def default_cache_dir() -> Path:

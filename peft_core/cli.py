@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
 from tqdm import tqdm
 
 from peft_core import LoraConfig, apply, save_adapter, trainable_parameters
@@ -94,15 +95,15 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
 # --- peftlab models / datasets ----------------------------------------------
 
 
-def run_models(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run_models(args: argparse.Namespace) -> int:
     for spec in CATALOGUE.values():
-        print(f"{spec.key:24} {','.join(spec.tasks):18} {spec.title}", file=out)
+        print(f"{spec.key:24} {','.join(spec.tasks):18} {spec.title}")
     return 0
 
 
-def run_datasets(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run_datasets(args: argparse.Namespace) -> int:
     for spec in SAMPLES.values():
-        print(f"{spec.key:24} {spec.task:10} {spec.description}", file=out)
+        print(f"{spec.key:24} {spec.task:10} {spec.description}")
     return 0
 
 
@@ -118,6 +119,7 @@ def run_train(args: argparse.Namespace) -> int:
     base_metrics = evaluate(
         model, tokenizer, task=task, rows=val_rows, config=train_config, label_names=labels
     )
+    torch.manual_seed(train_config.seed)  # the adapter's initialisation, reproducibly
     apply(model, method_config)
     print(f"{args.model} + {args.method}: {trainable_parameters(model):,} trainable parameters")
     args.output.mkdir(parents=True, exist_ok=True)
@@ -233,6 +235,8 @@ def _load_rows(args: argparse.Namespace) -> tuple[str, list[dict], list[dict]]:
     except OSError as error:
         raise UsageError(f"cannot read {args.data}: {error.strerror}") from None
     rows = parse_dataset(content, fmt=fmt, task=task)
+    if len(rows) < 2:
+        raise UsageError(f"{args.data} has {len(rows)} row; training and validation need 2 or more")
     return (task, *split_rows(rows, val_fraction=0.1, seed=args.seed))
 
 

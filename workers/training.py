@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 import peft_core
 from peft_core.data import label_names, split_rows
 from peft_core.samples import sample_rows
@@ -117,9 +119,13 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     )
     model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
     method_config = METHOD_CONFIGS[run.method](**run.method_config)
-    model = peft_core.apply(model, method_config)
     config = TrainConfig(**run.train_config)
+    torch.manual_seed(config.seed)  # the adapter's random init: the same run, the same weights
+    model = peft_core.apply(model, method_config)
     evaluation = {"task": task, "rows": val_rows, "config": config, "label_names": labels}
+    callbacks.on_log(f"{peft_core.trainable_parameters(model):,} trainable parameters")
+    callbacks.on_log("evaluating the base model on the validation split")
+    callbacks.flush()
 
     with peft_core.disabled(model):
         base_metrics = evaluate(model, tokenizer, **evaluation)
@@ -142,8 +148,8 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
         services.run_finish(run_id=run.id, fence=callbacks.fence, status=RunStatus.CANCELLED)
         return "cancelled"
 
-    final_metrics = evaluate(model, tokenizer, **evaluation)
-    callbacks.on_eval(result.steps_done, final_metrics)
+    # train() evaluated (and reported) at its last step; keep its eval figures.
+    final_metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
     adapter_bytes = _store_adapter(run, callbacks.fence, model)
     summary = _summary(model, result, base_metrics, final_metrics, adapter_bytes)
     callbacks.on_log(f"done: {_format(final_metrics)}")

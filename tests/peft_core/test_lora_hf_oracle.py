@@ -73,3 +73,15 @@ def test_hf_peft_adapter_loads_in_peft_core(kind, task, target, input_ids, tmp_p
     model = peft_core.load_adapter(build_tiny(kind, task), tmp_path)
     assert_close(logits(model, input_ids), expected, atol=ATOL, rtol=0)
     assert peft_core.trainable_parameters(model) == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_explicit_modules_to_save_and_disabling_agree_with_hf_peft(input_ids, tmp_path):
+    config = LoraConfig(r=4, dropout=0.1, modules_to_save=("lm_head",))
+    model = peft_core.apply(build_tiny("llama"), config)
+    perturb(model)
+    peft_core.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build_tiny("llama"), tmp_path)
+    assert theirs.peft_config["default"].lora_dropout == 0.1
+    assert_close(logits(theirs, input_ids), logits(model, input_ids), atol=ATOL, rtol=0)
+    with theirs.disable_adapter(), peft_core.disabled(model):
+        assert_close(logits(theirs, input_ids), logits(model, input_ids), atol=ATOL, rtol=0)

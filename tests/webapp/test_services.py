@@ -67,3 +67,14 @@ def test_log_keeps_the_last_lines(run, settings):
     services.run_log_append(run_id=run.id, fence=fence, lines=["3", "4"])
     run.refresh_from_db()
     assert run.log_lines() == ["2", "3", "4"]
+
+
+def test_eta_follows_the_pace_of_training_steps(run):
+    from webapp.experiments import selectors
+
+    fence = services.run_claim(run_id=run.id, worker="a")
+    points = [Point("train_loss", step, 1.0, 100.0 + 2.0 * step) for step in (1, 2, 3, 4)]
+    services.metrics_record(run_id=run.id, fence=fence, points=points)
+    services.run_heartbeat(run_id=run.id, fence=fence, step=4)
+    run.refresh_from_db()
+    assert selectors.run_eta_seconds(run=run) == pytest.approx(12.0)  # 6 steps left × 2 s

@@ -72,7 +72,11 @@ class RunForm(forms.Form):
         min_value=1, max_value=256, initial=4, help_text="Examples per step."
     )
     learning_rate = forms.FloatField(
-        min_value=1e-7, max_value=1.0, initial=2e-4, help_text="AdamW learning rate."
+        min_value=1e-7,
+        max_value=1.0,
+        initial=1e-3,
+        help_text="AdamW peak learning rate (linear decay). Adapters take higher rates than "
+        "full fine-tuning; lower it if the loss jumps.",
     )
     max_length = forms.IntegerField(
         label="Max tokens",

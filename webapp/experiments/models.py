@@ -127,16 +127,6 @@ class Run(models.Model):
             return 0
         return min(100, round(100 * self.step / self.total_steps))
 
-    @property
-    def eta_seconds(self) -> float | None:
-        """Remaining time at the pace so far; None until there is a pace to go by."""
-        if self.status != RunStatus.RUNNING or not self.started_at or not self.step:
-            return None
-        if not self.heartbeat_at or self.heartbeat_at <= self.started_at:
-            return None
-        per_step = (self.heartbeat_at - self.started_at).total_seconds() / self.step
-        return max(0.0, per_step * (self.total_steps - self.step))
-
     def log_lines(self) -> list[str]:
         return self.log.splitlines()
 

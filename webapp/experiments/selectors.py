@@ -81,6 +81,18 @@ def metric_series(*, run: Run, keys: tuple[str, ...] | None = None) -> dict[str,
     return series
 
 
+def run_eta_seconds(*, run: Run) -> float | None:
+    """Time left at the pace of the steps so far (model loading and evaluation excluded)."""
+    if run.status != "running":
+        return None
+    times = MetricPoint.objects.filter(run=run, key="train_loss").order_by("step")
+    first, last = times.first(), times.last()
+    if first is None or last.step <= first.step:
+        return None
+    per_step = (last.wall_time - first.wall_time) / (last.step - first.step)
+    return max(0.0, per_step * (run.total_steps - run.step))
+
+
 def _get_or_404(queryset: QuerySet, pk: int):
     obj = queryset.filter(pk=pk).first()
     if obj is None:

@@ -62,6 +62,7 @@ def _run_context(request, run_id: int) -> dict:
     return {
         "run": run,
         "series": selectors.metric_series(run=run),
+        "eta_seconds": selectors.run_eta_seconds(run=run),
         "artifacts": selectors.artifact_list_for_run(run=run),
         "model_spec": CATALOGUE.get(run.base_model),
     }

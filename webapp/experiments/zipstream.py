@@ -37,12 +37,19 @@ def artifact_chunks(artifact: Artifact) -> Iterator[bytes]:
         yield bytes(data)
 
 
+def _member_info(artifact: Artifact) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(artifact.name, date_time=artifact.created_at.timetuple()[:6])
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16  # rw-r--r-- when unzipped
+    return info
+
+
 def stream_zip(artifacts: Iterable[Artifact]) -> Iterator[bytes]:
     sink = _Sink()
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:
         for artifact in artifacts:
             big = artifact.size >= 2**31
-            with archive.open(artifact.name, mode="w", force_zip64=big) as member:
+            with archive.open(_member_info(artifact), mode="w", force_zip64=big) as member:
                 for chunk in artifact_chunks(artifact):
                     member.write(chunk)
                     yield sink.drain()
