@@ -96,6 +96,7 @@ def test_launch_creates_a_queued_run(client, cast):
         "alpha": 16.0,
         "dropout": 0.05,
         "target_modules": "all-linear",
+        "use_rslora": False,
     }
     assert run.train_config["steps"] == 30 and run.total_steps == 30
     assert run.created_by == cast.bob
@@ -109,8 +110,18 @@ def test_launch_rejects_out_of_bounds(client, cast, field, value):
     client.force_login(cast.alice)
     response = client.post(reverse("run_new"), _form(cast, **{field: value}))
     assert response.status_code == 200
-    assert field in response.context["form"].errors
+    errors = {**response.context["form"].errors, **response.context["method_form"].errors}
+    assert field in errors
     assert not Run.objects.exists()
+
+
+def test_method_fields_swap_in_for_the_chosen_method(client, cast):
+    client.force_login(cast.alice)
+    response = client.get(reverse("run_method_fields"), {"method": "lora"})
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert 'id="method-fields"' in page and 'name="r"' in page
+    assert "<html" not in page  # a fragment, not a page
 
 
 def test_launch_rejects_task_mismatch(client, cast):

@@ -4,12 +4,8 @@ from django import forms
 from django.conf import settings
 
 from peft_core.catalogue import CATALOGUE
+from webapp.experiments.method_forms import method_choices
 from webapp.experiments.models import TaskType
-
-TARGET_CHOICES = [
-    ("default", "Architecture default (attention query and value)"),
-    ("all-linear", "All linear layers (except the output head)"),
-]
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -33,34 +29,9 @@ class RunForm(forms.Form):
         help_text="Built-in samples need no upload. The task of the dataset decides the head.",
     )
     method = forms.ChoiceField(
-        choices=[("lora", "LoRA — low-rank update beside chosen linear layers")],
-        help_text="The parameter-efficient method.",
-    )
-    r = forms.IntegerField(
-        label="LoRA rank r",
-        min_value=1,
-        max_value=256,
-        initial=8,
-        help_text="Width of the low-rank update ΔW = B·A. Higher r: more capacity, more parameters.",
-    )
-    alpha = forms.FloatField(
-        label="LoRA alpha",
-        min_value=0.01,
-        max_value=1024,
-        initial=16,
-        help_text="Scales the update by alpha / r. 2·r is a common choice.",
-    )
-    dropout = forms.FloatField(
-        min_value=0,
-        max_value=0.9,
-        initial=0.05,
-        help_text="Dropout on the adapter's input while training (0 to disable).",
-    )
-    target_modules = forms.ChoiceField(
-        label="Adapted layers",
-        choices=TARGET_CHOICES,
-        initial="default",
-        help_text="Which linear layers get an adapter.",
+        choices=method_choices,
+        initial="lora",
+        help_text="The parameter-efficient method; its own settings follow.",
     )
     steps = forms.IntegerField(
         min_value=1,
@@ -107,13 +78,6 @@ class RunForm(forms.Form):
                 f"{CATALOGUE[model_key].title} supports {tasks}; this dataset is {dataset.task}.",
             )
         return cleaned
-
-    def method_config(self) -> dict:
-        data = self.cleaned_data
-        config = {"r": data["r"], "alpha": data["alpha"], "dropout": data["dropout"]}
-        if data["target_modules"] != "default":
-            config["target_modules"] = data["target_modules"]
-        return config
 
     def train_config(self) -> dict:
         keys = ("steps", "batch_size", "learning_rate", "max_length", "eval_every")

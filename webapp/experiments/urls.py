@@ -5,6 +5,7 @@ from webapp.experiments import views
 urlpatterns = [
     path("", views.run_list, name="runs"),
     path("runs/new/", views.run_new, name="run_new"),
+    path("runs/new/method-fields/", views.run_method_fields, name="run_method_fields"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/live/", views.run_live, name="run_live"),
     path("runs/<int:run_id>/cancel/", views.run_cancel, name="run_cancel"),

@@ -12,6 +12,7 @@ from django_htmx.http import HTMX_STOP_POLLING
 from peft_core.catalogue import CATALOGUE
 from webapp.experiments import selectors, services
 from webapp.experiments.forms import DatasetUploadForm, RunForm
+from webapp.experiments.method_forms import METHOD_FORMS
 from webapp.experiments.zipstream import stream_zip
 
 
@@ -40,7 +41,8 @@ def run_new(request):
     initial = {"base_model": "smollm2-135m-instruct", "name": "lora-r8"}
     initial["dataset"] = request.GET.get("dataset") or _default_dataset_id(datasets)
     form = RunForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
-    if request.method == "POST" and form.is_valid():
+    method_form = _method_form(request.POST.get("method", "lora"), request.POST or None)
+    if request.method == "POST" and form.is_valid() and method_form.is_valid():
         data = form.cleaned_data
         run = services.run_create(
             user=request.user,
@@ -49,12 +51,26 @@ def run_new(request):
             base_model=data["base_model"],
             dataset=data["dataset"],
             method=data["method"],
-            method_config=form.method_config(),
+            method_config=method_form.config_kwargs(),
             train_config=form.train_config(),
         )
         messages.success(request, f"Run “{run.name}” is queued.")
         return redirect("run_detail", run_id=run.id)
-    return render(request, "experiments/run_new.html", {"form": form, "catalogue": CATALOGUE})
+    context = {"form": form, "method_form": method_form, "catalogue": CATALOGUE}
+    return render(request, "experiments/run_new.html", context)
+
+
+@login_required
+@require_GET
+def run_method_fields(request):
+    """The fieldset of one method, swapped in by htmx when the method select changes."""
+    method_form = _method_form(request.GET.get("method", "lora"), None)
+    return render(request, "experiments/run_new.html#method-fields", {"method_form": method_form})
+
+
+def _method_form(method: str, data):
+    form_class = METHOD_FORMS.get(method, METHOD_FORMS["lora"])
+    return form_class(data)
 
 
 def _run_context(request, run_id: int) -> dict:
