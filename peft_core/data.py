@@ -278,6 +278,12 @@ def _prompt_and_completion_ids(
     return prompt_ids, _with_eos(tokenizer, completion_ids)
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The tokens a generation starts from: the prompt exactly as training formats it."""
+    ids, _ = _prompt_and_completion_ids(tokenizer, prompt, "")
+    return ids
+
+
 def _with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
     """`ids` ending in eos somewhere in the answer, so the model learns to stop."""
     eos = tokenizer.eos_token_id

@@ -14,6 +14,7 @@ import torch
 
 import peft_core
 from peft_core.data import label_names, split_rows
+from peft_core.profile import MemoryTracker, inference_latency, sample_generations
 from peft_core.samples import sample_rows
 from peft_core.train import Callbacks, TrainConfig, evaluate, train
 from webapp.experiments import services
@@ -25,13 +26,17 @@ logger = logging.getLogger(__name__)
 
 METHOD_CONFIGS = {"lora": peft_core.LoraConfig}
 FLUSH_EVERY_S = 1.0
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROFILE_BATCH = (2, 64)  # a fixed batch (rows, tokens) for the latency figures
+SAMPLE_PROMPTS = 3
 
 
 class RunCallbacks(Callbacks):
     """Buffers metric points and log lines; flushes them with a heartbeat about once a second."""
 
-    def __init__(self, run_id: int, fence: int) -> None:
+    def __init__(self, run_id: int, fence: int, memory: MemoryTracker | None = None) -> None:
         self.run_id, self.fence = run_id, fence
+        self.memory = memory
         self.points: list[Point] = []
         self.lines: list[str] = []
         self.step = 0
@@ -41,6 +46,8 @@ class RunCallbacks(Callbacks):
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step
         self._add(step, metrics)
+        if self.memory is not None:
+            self.memory.sample()
         if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
             self.flush()
 
@@ -118,6 +125,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
         f"loading {run.base_model} ({len(train_rows)} train / {len(val_rows)} val rows)"
     )
     model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
+    model.to(DEVICE)
     method_config = METHOD_CONFIGS[run.method](**run.method_config)
     config = TrainConfig(**run.train_config)
     torch.manual_seed(config.seed)  # the adapter's random init: the same run, the same weights
@@ -132,6 +140,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_eval(0, {f"base_{key}": value for key, value in base_metrics.items()})
     callbacks.on_log(f"base model: {_format(base_metrics)}")
 
+    callbacks.memory = MemoryTracker(DEVICE)
     result = train(
         model,
         tokenizer,
@@ -150,12 +159,20 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
 
     # train() evaluated (and reported) at its last step; keep its eval figures.
     final_metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
+    peak_mb = callbacks.memory.peak_mb()
     adapter_bytes = _store_adapter(run, callbacks.fence, model)
-    summary = _summary(model, result, base_metrics, final_metrics, adapter_bytes)
+    callbacks.on_log("measuring inference latency and sample answers")
+    callbacks.flush()
+    profile = _profile(model, tokenizer, task, val_rows, result, adapter_bytes, peak_mb)
+    summary = {f"base_{key}": value for key, value in base_metrics.items()} | final_metrics
     callbacks.on_log(f"done: {_format(final_metrics)}")
     callbacks.flush()
     services.run_finish(
-        run_id=run.id, fence=callbacks.fence, status=RunStatus.SUCCEEDED, summary=summary
+        run_id=run.id,
+        fence=callbacks.fence,
+        status=RunStatus.SUCCEEDED,
+        summary=summary,
+        profile=profile,
     )
     return "succeeded"
 
@@ -173,21 +190,34 @@ def _store_adapter(run: Run, fence: int, model) -> int:
     return total
 
 
-def _summary(model, result, base_metrics: dict, final_metrics: dict, adapter_bytes: int) -> dict:
+def _profile(model, tokenizer, task, val_rows, result, adapter_bytes: int, peak_mb: float) -> dict:
+    """What the adapter costs and gives, measured on this worker after training."""
     trainable = peft_core.trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
-    summary = {f"base_{key}": value for key, value in base_metrics.items()}
-    summary.update(final_metrics)
-    summary.update(
-        trainable_params=trainable,
-        total_params=total,
-        trainable_percent=100.0 * trainable / total,
-        adapter_bytes=adapter_bytes,
-        steps=result.steps_done,
-        wall_s=result.wall_s,
-        tokens_per_s=result.tokens / result.wall_s if result.wall_s else 0.0,
-    )
-    return summary
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, tokenizer.vocab_size, PROFILE_BATCH, generator=generator)
+    batch = {
+        "input_ids": input_ids.to(DEVICE),
+        "attention_mask": torch.ones_like(input_ids).to(DEVICE),
+    }
+    latency = inference_latency(model, batch)
+    profile = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "adapter_bytes": adapter_bytes,
+        "peak_memory_mb": peak_mb,
+        "memory_kind": "cuda" if DEVICE == "cuda" else "rss",
+        "wall_s": result.wall_s,
+        "tokens_per_s": result.tokens / result.wall_s if result.wall_s else 0.0,
+        "mergeable": "merged_ms" in latency,
+        "latency_batch": list(PROFILE_BATCH),
+        **latency,
+        "overhead": latency["adapter_ms"] / latency["base_ms"],
+    }
+    if task == "causal-lm":
+        profile["samples"] = sample_generations(model, tokenizer, val_rows[:SAMPLE_PROMPTS])
+    return profile
 
 
 def _format(metrics: dict) -> str:

@@ -50,13 +50,19 @@ def test_run_trains_to_success_and_downloads(cast, client, tmp_path):
     losses = MetricPoint.objects.filter(run=run, key="train_loss").order_by("step")
     assert [p.step for p in losses] == list(range(1, STEPS + 1))
     assert MetricPoint.objects.filter(run=run, key="eval_loss").count() >= 2
-    assert run.summary["trainable_params"] > 0
     assert run.summary["base_eval_loss"] > 0 and run.summary["eval_loss"] > 0
+    profile = run.profile
+    assert profile["trainable_params"] > 0 and 0 < profile["trainable_percent"] < 100
+    assert profile["adapter_bytes"] == sum(a.size for a in run.artifacts.all())
+    assert profile["base_ms"] > 0 and profile["adapter_ms"] > 0 and profile["merged_ms"] > 0
+    assert profile["tokens_per_s"] > 0 and profile["peak_memory_mb"] >= 0
+    assert len(profile["samples"]) == 3
+    assert {"prompt", "expected", "base", "adapter"} <= set(profile["samples"][0])
 
     directory = _adapter_dir(client, cast.bob, run, tmp_path)
     model, _ = load_model("tiny-llama", "causal-lm")
     model = peft_core.load_adapter(model, directory)
-    assert peft_core.trainable_parameters(model) == run.summary["trainable_params"]
+    assert peft_core.trainable_parameters(model) == run.profile["trainable_params"]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
     assert torch.isfinite(logits).all()

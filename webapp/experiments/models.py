@@ -63,6 +63,27 @@ class Dataset(models.Model):
         return bool(self.builtin_key)
 
 
+class Sweep(models.Model):
+    """A grid of runs launched together: methods × hyper-parameter lists, one model and dataset."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="sweeps")
+    name = models.CharField(max_length=120)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="sweeps"
+    )
+    base_model = models.CharField(max_length=100)
+    dataset = models.ForeignKey("Dataset", on_delete=models.PROTECT, related_name="sweeps")
+    # {"methods": [...], "grid": {"lora.r": [4, 8]}, "train_config": {...}}: enough to clone it.
+    grid = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class RunStatus(models.TextChoices):
     QUEUED = "queued", "Queued"
     RUNNING = "running", "Running"
@@ -77,6 +98,9 @@ FINISHED_STATUSES = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
 
 class Run(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="runs")
+    sweep = models.ForeignKey(
+        Sweep, on_delete=models.SET_NULL, null=True, blank=True, related_name="runs"
+    )
     name = models.CharField(max_length=120)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="runs"
@@ -103,6 +127,8 @@ class Run(models.Model):
     error = models.TextField(blank=True, default="")
     log = models.TextField(blank=True, default="")
     summary = models.JSONField(default=dict)
+    # Measured after training: params, adapter bytes, memory, throughput, latency, samples.
+    profile = models.JSONField(default=dict)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
@@ -129,6 +155,18 @@ class Run(models.Model):
 
     def log_lines(self) -> list[str]:
         return self.log.splitlines()
+
+
+class Tag(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tags")
+    name = models.CharField(max_length=50)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "name"], name="tag_unique_name")]
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class MetricPoint(models.Model):

@@ -161,11 +161,19 @@ def artifact_store(*, run_id: int, fence: int, kind: str, name: str, data: bytes
 
 
 def run_finish(
-    *, run_id: int, fence: int, status: str, error: str = "", summary: dict | None = None
+    *,
+    run_id: int,
+    fence: int,
+    status: str,
+    error: str = "",
+    summary: dict | None = None,
+    profile: dict | None = None,
 ) -> None:
     fields = {"status": status, "finished_at": timezone.now(), "error": error[:10_000]}
     if summary is not None:
         fields["summary"] = summary
+    if profile is not None:
+        fields["profile"] = profile
     if not _owned(run_id, fence).update(**fields):
         raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
 

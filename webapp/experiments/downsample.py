@@ -1,0 +1,29 @@
+"""Min/max downsampling: at most ~`max_points` per series, and every spike survives.
+
+The series is cut into equal-count buckets; each bucket keeps its minimum and its maximum
+(in step order), so a one-point spike anywhere is still drawn, unlike plain striding or
+averaging. First and last points are always kept.
+"""
+
+import numpy as np
+
+DEFAULT_MAX_POINTS = 1000
+
+
+def downsample_minmax(
+    steps: list[int] | np.ndarray,
+    values: list[float] | np.ndarray,
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> tuple[list[int], list[float]]:
+    x, y = np.asarray(steps), np.asarray(values, dtype=float)
+    if len(x) <= max_points:
+        return x.tolist(), y.tolist()
+    buckets = max(1, (max_points - 2) // 2)
+    edges = np.linspace(1, len(x) - 1, buckets + 1).astype(int)
+    keep = {0, len(x) - 1}
+    for start, stop in zip(edges[:-1], edges[1:], strict=True):
+        chunk = y[start:stop]
+        if len(chunk):
+            keep.update((start + int(np.argmin(chunk)), start + int(np.argmax(chunk))))
+    index = np.array(sorted(keep))
+    return x[index].tolist(), y[index].tolist()
