@@ -10,20 +10,26 @@ import numpy as np
 DEFAULT_MAX_POINTS = 1000
 
 
+def minmax_indices(values: np.ndarray, max_points: int = DEFAULT_MAX_POINTS) -> np.ndarray:
+    """Sorted indices to keep: all of them when few, else first, last and each bucket's extremes."""
+    n = len(values)
+    if n <= max_points:
+        return np.arange(n)
+    buckets = max(1, (max_points - 2) // 2)
+    edges = np.linspace(1, n - 1, buckets + 1).astype(int)
+    keep = {0, n - 1}
+    for start, stop in zip(edges[:-1], edges[1:], strict=True):
+        chunk = values[start:stop]
+        if len(chunk):
+            keep.update((start + int(np.argmin(chunk)), start + int(np.argmax(chunk))))
+    return np.array(sorted(keep))
+
+
 def downsample_minmax(
     steps: list[int] | np.ndarray,
     values: list[float] | np.ndarray,
     max_points: int = DEFAULT_MAX_POINTS,
 ) -> tuple[list[int], list[float]]:
     x, y = np.asarray(steps), np.asarray(values, dtype=float)
-    if len(x) <= max_points:
-        return x.tolist(), y.tolist()
-    buckets = max(1, (max_points - 2) // 2)
-    edges = np.linspace(1, len(x) - 1, buckets + 1).astype(int)
-    keep = {0, len(x) - 1}
-    for start, stop in zip(edges[:-1], edges[1:], strict=True):
-        chunk = y[start:stop]
-        if len(chunk):
-            keep.update((start + int(np.argmin(chunk)), start + int(np.argmax(chunk))))
-    index = np.array(sorted(keep))
+    index = minmax_indices(y, max_points)
     return x[index].tolist(), y[index].tolist()

@@ -12,10 +12,12 @@ def model_choices() -> list[tuple[str, str]]:
     return [(spec.key, spec.title) for spec in CATALOGUE.values()]
 
 
-class RunForm(forms.Form):
+class LaunchForm(forms.Form):
+    """What a run and a sweep share: where, on what, and how long to train."""
+
     name = forms.CharField(
         max_length=120,
-        help_text="A name for this run, shown in lists and charts.",
+        help_text="A name, shown in lists and charts.",
     )
     project = forms.ModelChoiceField(queryset=None, empty_label=None)
     base_model = forms.ChoiceField(
@@ -27,11 +29,6 @@ class RunForm(forms.Form):
         queryset=None,
         empty_label=None,
         help_text="Built-in samples need no upload. The task of the dataset decides the head.",
-    )
-    method = forms.ChoiceField(
-        choices=method_choices,
-        initial="lora",
-        help_text="The parameter-efficient method; its own settings follow.",
     )
     steps = forms.IntegerField(
         min_value=1,
@@ -82,6 +79,58 @@ class RunForm(forms.Form):
     def train_config(self) -> dict:
         keys = ("steps", "batch_size", "learning_rate", "max_length", "eval_every")
         return {key: self.cleaned_data[key] for key in keys}
+
+
+class RunForm(LaunchForm):
+    method = forms.ChoiceField(
+        choices=method_choices,
+        initial="lora",
+        help_text="The parameter-efficient method; its own settings follow.",
+    )
+
+
+class SweepForm(LaunchForm):
+    methods = forms.MultipleChoiceField(
+        choices=method_choices,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Each checked method is trained with its defaults, for every combination "
+        "of the values listed below.",
+    )
+    grid = forms.CharField(
+        label="Hyper-parameter lists",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4, "placeholder": "lora.r = 4, 8, 16"}),
+        help_text="One line per list: method.field = value, value, … (e.g. lora.r = 4, 8, 16). "
+        "Fields not listed keep the method's defaults.",
+    )
+
+    def clean_grid(self) -> dict[str, list[str]]:
+        try:
+            return parse_grid(self.cleaned_data["grid"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+
+MAX_GRID_LINES = 10
+MAX_GRID_VALUES = 10
+
+
+def parse_grid(text: str) -> dict[str, list[str]]:
+    """'lora.r = 4, 8' lines -> {"lora.r": ["4", "8"]}; values are validated per method later."""
+    grid: dict[str, list[str]] = {}
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > MAX_GRID_LINES:
+        raise ValueError(f"At most {MAX_GRID_LINES} lists.")
+    for number, line in enumerate(lines, start=1):
+        key, sep, values = line.partition("=")
+        method, dot, field = key.strip().partition(".")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not (sep and dot and method and field and items):
+            raise ValueError(f"Line {number}: write it as method.field = value, value")
+        if len(items) > MAX_GRID_VALUES:
+            raise ValueError(f"Line {number}: at most {MAX_GRID_VALUES} values.")
+        grid[f"{method}.{field}"] = items
+    return grid
 
 
 class DatasetUploadForm(forms.Form):

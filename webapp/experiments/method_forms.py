@@ -4,7 +4,11 @@ The launch page shows the fieldset of the chosen method (htmx swaps it when the 
 changes); `config_kwargs()` turns the cleaned fields into the peft_core config's arguments.
 """
 
+import itertools
+from dataclasses import dataclass
+
 from django import forms
+from django.core.exceptions import ValidationError
 
 TARGET_CHOICES = [
     ("default", "Architecture default (attention query and value)"),
@@ -75,3 +79,52 @@ def method_choices() -> list[tuple[str, str]]:
     return [
         (key, f"{form.title} — {form.summary.split('.')[0]}") for key, form in METHOD_FORMS.items()
     ]
+
+
+MAX_SWEEP_RUNS = 64
+
+
+@dataclass(frozen=True)
+class SweepItem:
+    method: str
+    config: dict
+    label: str  # "lora r=8": what differs from the method's defaults
+
+
+def method_defaults(method: str) -> dict[str, str]:
+    """Form data that equals the method's defaults (an unchecked box is left out)."""
+    fields = METHOD_FORMS[method].base_fields
+    return {name: str(f.initial) for name, f in fields.items() if f.initial not in (None, False)}
+
+
+def expand_sweep(methods: list[str], grid: dict[str, list[str]]) -> list[SweepItem]:
+    """Every method × every combination of its listed values, each validated by its form."""
+    _check_grid_keys(methods, grid)
+    items = []
+    for method in methods:
+        lists = {k.split(".", 1)[1]: v for k, v in grid.items() if k.split(".", 1)[0] == method}
+        for combo in itertools.product(*lists.values()):
+            overrides = dict(zip(lists, combo, strict=True))
+            items.append(_sweep_item(method, overrides))
+    if len(items) > MAX_SWEEP_RUNS:
+        raise ValidationError(f"{len(items)} runs: a sweep holds at most {MAX_SWEEP_RUNS}.")
+    return items
+
+
+def _check_grid_keys(methods: list[str], grid: dict[str, list[str]]) -> None:
+    for key in grid:
+        method, field = key.split(".", 1)
+        if method not in methods:
+            raise ValidationError(f"{key}: {method} is not among the chosen methods.")
+        if field not in METHOD_FORMS[method].base_fields:
+            known = ", ".join(METHOD_FORMS[method].base_fields)
+            raise ValidationError(f"{key}: {method} has no field {field} (it has {known}).")
+
+
+def _sweep_item(method: str, overrides: dict[str, str]) -> SweepItem:
+    form = METHOD_FORMS[method]({**method_defaults(method), **overrides})
+    if not form.is_valid():
+        problems = "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items())
+        raise ValidationError(f"{method} {overrides}: {problems}")
+    label = " ".join([method, *(f"{k}={v}" for k, v in overrides.items())])
+    return SweepItem(method=method, config=form.config_kwargs(), label=label)

@@ -7,7 +7,7 @@ from django.db.models import Q, QuerySet
 from django.http import Http404
 
 from webapp.accounts.models import Membership, Role, Team
-from webapp.experiments.models import Artifact, Dataset, MetricPoint, Project, Run
+from webapp.experiments.models import Artifact, Dataset, MetricPoint, Project, Run, Sweep
 
 
 def team_list_for_user(*, user) -> QuerySet[Team]:
@@ -36,6 +36,54 @@ def run_list_for_user(*, user) -> QuerySet[Run]:
 
 def run_get_for_user(*, user, run_id: int) -> Run:
     return _get_or_404(run_list_for_user(user=user), run_id)
+
+
+RUN_SORTS = {
+    "newest": ("-created_at", "-id"),
+    "oldest": ("created_at", "id"),
+    "name": ("name", "id"),
+    "method": ("method", "-created_at"),
+    "status": ("status", "-created_at"),
+}
+
+
+def run_filter_for_user(
+    *,
+    user,
+    method: str = "",
+    base_model: str = "",
+    dataset_id: int | None = None,
+    status: str = "",
+    tag: str = "",
+    search: str = "",
+    sweep_id: int | None = None,
+    sort: str = "newest",
+) -> QuerySet[Run]:
+    runs = run_list_for_user(user=user)
+    exact = {"method": method, "base_model": base_model, "dataset_id": dataset_id}
+    exact |= {"status": status, "sweep_id": sweep_id, "tags__name": tag}
+    runs = runs.filter(**{key: value for key, value in exact.items() if value})
+    if search:
+        runs = runs.filter(name__icontains=search)
+    return (
+        runs.prefetch_related("tags").distinct().order_by(*RUN_SORTS.get(sort, RUN_SORTS["newest"]))
+    )
+
+
+def runs_by_ids_for_user(*, user, run_ids: list[int]) -> list[Run]:
+    """The user's runs among `run_ids`, in the order given; others' ids are silently absent."""
+    found = {run.id: run for run in run_list_for_user(user=user).filter(id__in=run_ids)}
+    return [found[i] for i in run_ids if i in found]
+
+
+def sweep_list_for_user(*, user) -> QuerySet[Sweep]:
+    return Sweep.objects.filter(project__team__memberships__user=user).select_related(
+        "project", "project__team", "dataset"
+    )
+
+
+def sweep_get_for_user(*, user, sweep_id: int) -> Sweep:
+    return _get_or_404(sweep_list_for_user(user=user), sweep_id)
 
 
 def dataset_list_for_user(*, user) -> QuerySet[Dataset]:

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from peft_core.data import DatasetError, label_names, parse_dataset
 from webapp.accounts.models import Membership, Team
+from webapp.experiments.method_forms import SweepItem
 from webapp.experiments.models import (
     Artifact,
     ArtifactChunk,
@@ -25,6 +26,7 @@ from webapp.experiments.models import (
     Project,
     Run,
     RunStatus,
+    Sweep,
 )
 
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -50,6 +52,7 @@ def run_create(
     method: str,
     method_config: dict,
     train_config: dict,
+    sweep: Sweep | None = None,
 ) -> Run:
     """Insert a queued run and enqueue its training once the transaction commits."""
     from workers.tasks import train_run
@@ -57,6 +60,7 @@ def run_create(
     _require_launcher(user=user, team=project.team)
     run = Run.objects.create(
         project=project,
+        sweep=sweep,
         name=name,
         created_by=user,
         base_model=base_model,
@@ -68,6 +72,47 @@ def run_create(
     )
     train_run.delay_on_commit(run.id)
     return run
+
+
+def sweep_create(
+    *,
+    user,
+    project: Project,
+    name: str,
+    base_model: str,
+    dataset: Dataset,
+    items: list[SweepItem],
+    grid: dict,
+    train_config: dict,
+) -> Sweep:
+    """One Sweep row and one queued run per item, all enqueued once the transaction commits."""
+    _require_launcher(user=user, team=project.team)
+    with transaction.atomic():
+        sweep = Sweep.objects.create(
+            project=project,
+            name=name,
+            created_by=user,
+            base_model=base_model,
+            dataset=dataset,
+            grid={
+                "methods": sorted({i.method for i in items}),
+                "grid": grid,
+                "train": train_config,
+            },
+        )
+        for item in items:
+            run_create(
+                user=user,
+                project=project,
+                name=f"{name} · {item.label}"[:120],
+                base_model=base_model,
+                dataset=dataset,
+                method=item.method,
+                method_config=item.config,
+                train_config=train_config,
+                sweep=sweep,
+            )
+    return sweep
 
 
 def run_cancel_request(*, user, run: Run) -> Run:

@@ -10,9 +10,10 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HTMX_STOP_POLLING
 
 from peft_core.catalogue import CATALOGUE
-from webapp.experiments import selectors, services
-from webapp.experiments.forms import DatasetUploadForm, RunForm
-from webapp.experiments.method_forms import METHOD_FORMS
+from webapp.experiments import comparison, selectors, services
+from webapp.experiments.forms import DatasetUploadForm, RunForm, SweepForm
+from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep
+from webapp.experiments.models import RunStatus
 from webapp.experiments.zipstream import stream_zip
 
 
@@ -21,12 +22,45 @@ def health(request):
     return JsonResponse({"status": "ok"})
 
 
+RUN_FILTERS = ("method", "base_model", "dataset", "status", "tag", "q", "sort", "sweep")
+
+
+def _run_filters(request) -> dict:
+    params = {key: request.GET.get(key, "").strip()[:100] for key in RUN_FILTERS}
+    return {
+        "method": params["method"],
+        "base_model": params["base_model"],
+        "dataset_id": _int_or_none(params["dataset"]),
+        "status": params["status"],
+        "tag": params["tag"],
+        "search": params["q"],
+        "sweep_id": _int_or_none(params["sweep"]),
+        "sort": params["sort"] or "newest",
+    }
+
+
+def _int_or_none(value: str) -> int | None:
+    return int(value) if value.isdigit() else None
+
+
 @login_required
 @require_GET
 def run_list(request):
-    runs = selectors.run_list_for_user(user=request.user)
+    runs = selectors.run_filter_for_user(user=request.user, **_run_filters(request))
     page = Paginator(runs, 25).get_page(request.GET.get("page"))
-    return render(request, "experiments/run_list.html", {"page": page})
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {
+        "page": page,
+        "query": query.urlencode(),
+        "params": {key: request.GET.get(key, "") for key in RUN_FILTERS},
+        "methods": METHOD_FORMS,
+        "catalogue": CATALOGUE,
+        "datasets": selectors.dataset_list_for_user(user=request.user),
+        "statuses": RunStatus.choices,
+        "sorts": selectors.RUN_SORTS,
+    }
+    return render(request, "experiments/run_list.html", context)
 
 
 def _default_dataset_id(datasets) -> int | None:
@@ -169,3 +203,128 @@ def dataset_detail(request, dataset_id: int):
         "experiments/dataset_detail.html",
         {"dataset": dataset, "preview": preview, "columns": columns},
     )
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def sweep_new(request):
+    projects = selectors.project_list_for_launch(user=request.user)
+    datasets = selectors.dataset_list_for_user(user=request.user)
+    initial = _sweep_initial(request, datasets)
+    form = SweepForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            items = expand_sweep(data["methods"], data["grid"])
+        except ValidationError as exc:
+            form.add_error("grid", exc)
+        else:
+            sweep = services.sweep_create(
+                user=request.user,
+                project=data["project"],
+                name=data["name"],
+                base_model=data["base_model"],
+                dataset=data["dataset"],
+                items=items,
+                grid=data["grid"],
+                train_config=form.train_config(),
+            )
+            messages.success(request, f"Sweep “{sweep.name}”: {len(items)} runs queued.")
+            return redirect("sweep_detail", sweep_id=sweep.id)
+    return render(request, "experiments/sweep_new.html", {"form": form})
+
+
+def _sweep_initial(request, datasets) -> dict:
+    """Defaults, the "compare all methods" preset, or a clone of one of the user's sweeps."""
+    initial = {
+        "name": "method shoot-out",
+        "base_model": "smollm2-135m-instruct",
+        "dataset": _default_dataset_id(datasets),
+        "methods": ["lora"],
+    }
+    if request.GET.get("preset") == "all-methods":
+        initial["methods"] = list(METHOD_FORMS)
+    clone_id = _int_or_none(request.GET.get("clone", ""))
+    if clone_id is not None:
+        sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=clone_id)
+        grid = sweep.grid
+        initial |= {
+            "name": f"{sweep.name} (clone)",
+            "project": sweep.project_id,
+            "base_model": sweep.base_model,
+            "dataset": sweep.dataset_id,
+            "methods": grid.get("methods", []),
+            "grid": "\n".join(f"{k} = {', '.join(v)}" for k, v in grid.get("grid", {}).items()),
+            **grid.get("train", {}),
+        }
+    return initial
+
+
+def _sweep_context(request, sweep_id: int) -> dict:
+    sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=sweep_id)
+    runs = list(sweep.runs.select_related("dataset").order_by("id"))
+    return {"sweep": sweep, "runs": runs, "finished": all(run.is_finished for run in runs)}
+
+
+@login_required
+@require_GET
+def sweep_detail(request, sweep_id: int):
+    return render(request, "experiments/sweep_detail.html", _sweep_context(request, sweep_id))
+
+
+@login_required
+@require_GET
+def sweep_live(request, sweep_id: int):
+    context = _sweep_context(request, sweep_id)
+    response = render(request, "experiments/sweep_detail.html#sweep-runs", context)
+    if context["finished"]:
+        response.status_code = HTMX_STOP_POLLING
+    return response
+
+
+MAX_COMPARED = 50
+
+
+def _compared_runs(request) -> list:
+    ids = [int(i) for i in request.GET.getlist("runs") if i.isdigit()][:MAX_COMPARED]
+    if ids:
+        return selectors.runs_by_ids_for_user(user=request.user, run_ids=ids)
+    runs = selectors.run_filter_for_user(user=request.user, **_run_filters(request))
+    return list(runs.select_related("dataset")[:MAX_COMPARED])
+
+
+@login_required
+@require_GET
+def compare(request):
+    runs = _compared_runs(request)
+    columns, hparams, differing = comparison.hyperparameters(runs)
+    payload = {
+        "runs": [
+            {"id": r.id, "name": r.name, "method": r.method, "status": r.status} for r in runs
+        ],
+        "curves": comparison.curves(runs),
+        "hparams": hparams,
+        "tradeoff": comparison.tradeoff_rows(runs),
+    }
+    context = {
+        "runs": runs,
+        "payload": payload,
+        "columns": columns,
+        "hparam_rows": [
+            (run, [(row.get(c, "—"), c in differing) for c in columns])
+            for run, row in zip(runs, hparams, strict=True)
+        ],
+        "differing": differing,
+        "tradeoff": payload["tradeoff"],
+        "query": request.GET.urlencode(),
+    }
+    return render(request, "experiments/compare.html", context)
+
+
+@login_required
+@require_GET
+def compare_csv(request):
+    rows = comparison.tradeoff_rows(_compared_runs(request))
+    response = HttpResponse(comparison.tradeoff_csv(rows), content_type="text/csv")
+    response["Content-Disposition"] = 'attachment; filename="peftlab-tradeoffs.csv"'
+    return response

@@ -1,0 +1,207 @@
+"""Sweeps, the runs list's filters and the compare page with its CSV."""
+
+import csv
+import io
+
+import pytest
+from django.urls import reverse
+
+from webapp.experiments import services
+from webapp.experiments.comparison import csv_cell
+from webapp.experiments.forms import parse_grid
+from webapp.experiments.method_forms import expand_sweep
+from webapp.experiments.models import Run, RunStatus, Sweep, Tag
+
+pytestmark = pytest.mark.django_db
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def _sweep_form(cast, **fields) -> dict:
+    data = {
+        "name": "shoot-out",
+        "project": cast.acme_project.id,
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"].id,
+        "methods": ["lora"],
+        "grid": "lora.r = 4, 8, 16",
+        "steps": 5,
+        "batch_size": 2,
+        "learning_rate": 1e-3,
+        "max_length": 64,
+        "eval_every": 0,
+    }
+    return {**data, **fields}
+
+
+def _finished_run(cast, name: str, method: str = "lora", **profile) -> Run:
+    run = Run.objects.create(
+        project=cast.acme_project,
+        name=name,
+        base_model="tiny-llama",
+        dataset=cast.datasets["sample-instructions"],
+        method=method,
+        method_config={"r": 8},
+        train_config={"steps": 3, "learning_rate": 1e-3},
+        total_steps=3,
+    )
+    fence = services.run_claim(run_id=run.id, worker="w")
+    points = [services.Point("train_loss", s, 3.0 - s * 0.5, 10.0 + s) for s in (1, 2, 3)]
+    points += [services.Point("tokens", s, 100.0 * s, 10.0 + s) for s in (1, 2, 3)]
+    services.metrics_record(run_id=run.id, fence=fence, points=points)
+    services.run_finish(
+        run_id=run.id,
+        fence=fence,
+        status=RunStatus.SUCCEEDED,
+        summary={"eval_loss": 1.5, "base_eval_loss": 2.5},
+        profile={
+            "trainable_params": 1000,
+            "trainable_percent": 0.5,
+            "overhead": 1.2,
+            "base_ms": 10.0,
+            "merged_ms": 10.1,
+            "mergeable": True,
+            "adapter_bytes": 4000,
+            "peak_memory_mb": 12.0,
+            **profile,
+        },
+    )
+    return run
+
+
+def test_grid_parsing_and_expansion():
+    assert parse_grid("lora.r = 4, 8\n\nlora.alpha=16") == {
+        "lora.r": ["4", "8"],
+        "lora.alpha": ["16"],
+    }
+    with pytest.raises(ValueError, match="Line 1"):
+        parse_grid("r = 4")
+    items = expand_sweep(["lora"], {"lora.r": ["4", "8"], "lora.alpha": ["8", "32"]})
+    assert [(i.config["r"], i.config["alpha"]) for i in items] == [(4, 8), (4, 32), (8, 8), (8, 32)]
+    assert items[0].label == "lora r=4 alpha=8"
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"lora.r": ["0"]}, "r"),
+        ({"lora.rank": ["4"]}, "has no field"),
+        ({"dora.r": ["4"]}, "not among the chosen"),
+    ],
+)
+def test_bad_grids_are_refused(grid, message):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        expand_sweep(["lora"], grid)
+
+
+def test_sweep_launches_one_run_per_grid_point(client, cast):
+    client.force_login(cast.bob)
+    response = client.post(reverse("sweep_new"), _sweep_form(cast))
+    sweep = Sweep.objects.get()
+    assert response.status_code == 302
+    runs = list(sweep.runs.order_by("id"))
+    assert [r.method_config["r"] for r in runs] == [4, 8, 16]
+    assert all(r.status == RunStatus.QUEUED and r.train_config["steps"] == 5 for r in runs)
+    page = client.get(reverse("sweep_detail", args=[sweep.id])).content.decode()
+    assert "shoot-out · lora r=16" in page and 'hx-trigger="every 3s"' in page
+
+
+def test_sweep_with_a_bad_grid_creates_nothing(client, cast):
+    client.force_login(cast.alice)
+    response = client.post(reverse("sweep_new"), _sweep_form(cast, grid="lora.r = 4, 0"))
+    assert response.status_code == 200
+    assert "grid" in response.context["form"].errors
+    assert not Sweep.objects.exists() and not Run.objects.exists()
+
+
+def test_clone_prefills_the_form(client, cast):
+    client.force_login(cast.alice)
+    client.post(reverse("sweep_new"), _sweep_form(cast))
+    sweep = Sweep.objects.get()
+    form = client.get(reverse("sweep_new"), {"clone": sweep.id}).context["form"]
+    assert form.initial["grid"] == "lora.r = 4, 8, 16"
+    assert form.initial["steps"] == 5 and form.initial["methods"] == ["lora"]
+    client.force_login(cast.mallory)
+    assert client.get(reverse("sweep_new"), {"clone": sweep.id}).status_code == 404
+    assert client.get(reverse("sweep_detail", args=[sweep.id])).status_code == 404
+
+
+def test_runs_list_filters_search_and_sort(client, cast):
+    a, b = _finished_run(cast, "alpha run"), _finished_run(cast, "beta run", method="dora")
+    Tag.objects.create(run=b, name="baseline")
+    client.force_login(cast.alice)
+
+    def names(**params):
+        page = client.get(reverse("runs"), params).context["page"]
+        return [run.name for run in page.object_list]
+
+    assert names(method="dora") == ["beta run"]
+    assert names(tag="baseline") == ["beta run"]
+    assert names(q="ALPHA") == ["alpha run"]
+    assert names(sort="name") == ["alpha run", "beta run"]
+    assert names(status="queued") == []
+    assert names(dataset=str(a.dataset_id), sort="oldest") == ["alpha run", "beta run"]
+
+
+def test_compare_page_shows_every_view_with_measured_numbers(client, cast):
+    a, b = _finished_run(cast, "run a"), _finished_run(cast, "run b", trainable_params=50)
+    client.force_login(cast.bob)
+    response = client.get(reverse("compare"), {"runs": [a.id, b.id]})
+    page = response.content.decode()
+    for element in (
+        'id="curves"',
+        'id="scatter"',
+        'id="parcoords"',
+        "Trade-offs",
+        "Hyper-parameters",
+    ):
+        assert element in page
+    payload = response.context["payload"]
+    assert payload["curves"][a.id]["train_loss"]["tokens"] == [100.0, 200.0, 300.0]
+    assert payload["curves"][a.id]["train_loss"]["wall"] == [0.0, 1.0, 2.0]
+    assert [row["trainable_params"] for row in payload["tradeoff"]] == [1000, 50]
+    assert payload["tradeoff"][0]["merged_overhead"] == pytest.approx(1.01)
+
+
+def test_compare_never_shows_another_teams_runs(client, cast):
+    run = _finished_run(cast, "acme secret")
+    client.force_login(cast.mallory)
+    response = client.get(reverse("compare"), {"runs": [run.id]})
+    assert response.context["runs"] == []
+    assert "acme secret" not in response.content.decode()
+    csv_text = client.get(reverse("compare_csv"), {"runs": [run.id]}).content.decode()
+    assert "acme secret" not in csv_text
+
+
+def test_script_names_stay_text_everywhere(client, cast):
+    run = _finished_run(cast, XSS)
+    Tag.objects.create(run=run, name=XSS)
+    client.force_login(cast.alice)
+    urls = [
+        reverse("runs"),
+        reverse("run_detail", args=[run.id]),
+        reverse("compare") + f"?runs={run.id}",
+    ]
+    for url in urls:
+        page = client.get(url).content.decode()
+        assert "<img src=x" not in page, url
+        assert "&lt;img src=x onerror=alert(1)&gt;" in page or "\\u003Cimg" in page, url
+
+
+def test_csv_escapes_formula_cells(client, cast):
+    run = _finished_run(cast, '=HYPERLINK("http://x")')
+    client.force_login(cast.alice)
+    response = client.get(reverse("compare_csv"), {"runs": [run.id]})
+    assert response["Content-Disposition"].startswith("attachment;")
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert rows[0]["run"] == '\'=HYPERLINK("http://x")'
+    assert rows[0]["trainable_params"] == "1000"
+    assert [csv_cell(v) for v in ("+1", "-x", "@a", "ok", -2.5)] == [
+        "'+1",
+        "'-x",
+        "'@a",
+        "ok",
+        -2.5,
+    ]
