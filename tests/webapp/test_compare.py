@@ -205,3 +205,21 @@ def test_csv_escapes_formula_cells(client, cast):
         "ok",
         -2.5,
     ]
+
+
+def test_tags_are_added_removed_and_guarded(client, cast):
+    run = _finished_run(cast, "tagged")
+    url = reverse("run_tags", args=[run.id])
+    client.force_login(cast.bob)
+    client.post(url, {"add": XSS})
+    assert list(run.tags.values_list("name", flat=True)) == [XSS]
+    page = client.get(reverse("run_detail", args=[run.id])).content.decode()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    client.force_login(cast.carol)  # a viewer
+    client.post(url, {"add": "nope"})
+    client.force_login(cast.mallory)
+    assert client.post(url, {"remove": XSS}).status_code == 404
+    client.force_login(cast.alice)
+    client.post(url, {"remove": XSS})
+    client.post(url, {"add": "x" * 51})
+    assert not run.tags.exists()

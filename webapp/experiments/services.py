@@ -27,6 +27,7 @@ from webapp.experiments.models import (
     Run,
     RunStatus,
     Sweep,
+    Tag,
 )
 
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -125,6 +126,20 @@ def run_cancel_request(*, user, run: Run) -> Run:
     Run.objects.filter(id=run.id, status=RunStatus.RUNNING).update(cancel_requested=True)
     run.refresh_from_db()
     return run
+
+
+def run_tag_add(*, user, run: Run, name: str) -> Tag:
+    _require_launcher(user=user, team=run.project.team)
+    name = name.strip()
+    if not name or len(name) > 50:
+        raise ValidationError("A tag has 1 to 50 characters.")
+    tag, _ = Tag.objects.get_or_create(run=run, name=name)
+    return tag
+
+
+def run_tag_remove(*, user, run: Run, name: str) -> None:
+    _require_launcher(user=user, team=run.project.team)
+    Tag.objects.filter(run=run, name=name).delete()
 
 
 def run_claim(*, run_id: int, worker: str) -> int | None:

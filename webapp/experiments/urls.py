@@ -9,6 +9,7 @@ urlpatterns = [
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/live/", views.run_live, name="run_live"),
     path("runs/<int:run_id>/cancel/", views.run_cancel, name="run_cancel"),
+    path("runs/<int:run_id>/tags/", views.run_tags, name="run_tags"),
     path("runs/<int:run_id>/adapter.zip", views.run_adapter_download, name="run_adapter_download"),
     path("sweeps/new/", views.sweep_new, name="sweep_new"),
     path("sweeps/<int:sweep_id>/", views.sweep_detail, name="sweep_detail"),

@@ -149,6 +149,21 @@ def run_cancel(request, run_id: int):
 
 
 @login_required
+@require_POST
+def run_tags(request, run_id: int):
+    """Add a tag (field `add`) or remove one (field `remove`)."""
+    run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    try:
+        if "remove" in request.POST:
+            services.run_tag_remove(user=request.user, run=run, name=request.POST["remove"])
+        else:
+            services.run_tag_add(user=request.user, run=run, name=request.POST.get("add", ""))
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, " ".join(getattr(exc, "messages", [str(exc)])))
+    return redirect("run_detail", run_id=run.id)
+
+
+@login_required
 @require_GET
 def run_adapter_download(request, run_id: int):
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
