@@ -10,7 +10,11 @@ The public API is stable; tools and users rely on it:
     model = peft_core.load_adapter(model, "out/")
 """
 
+from peft_core.bottleneck import BottleneckConfig
+from peft_core.dora import DoraConfig
+from peft_core.ia3 import IA3Config
 from peft_core.lora import LoraConfig
+from peft_core.mam import MAMConfig
 from peft_core.model import (
     apply,
     disabled,
@@ -20,9 +24,17 @@ from peft_core.model import (
     trainable_parameters,
     unmerge,
 )
+from peft_core.prefix_tuning import PrefixTuningConfig
+from peft_core.prompt_tuning import PromptTuningConfig
 
 __all__ = [
+    "BottleneckConfig",
+    "DoraConfig",
+    "IA3Config",
     "LoraConfig",
+    "MAMConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "apply",
     "disabled",
     "load_adapter",

@@ -170,12 +170,14 @@ def _in_out_features(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
-def inject_lora(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Replace each target Linear/Conv1D with a LoraLinear around it; returns their paths."""
+def inject_lora(
+    model: nn.Module, config: LoraConfig, layer_cls: type[LoraLinear] = LoraLinear
+) -> list[str]:
+    """Replace each target Linear/Conv1D with a `layer_cls` around it; returns their paths."""
     paths = resolve_targets(model, config.target_modules, exclude=config.modules_to_save)
     for path in paths:
         base = model.get_submodule(path)
-        layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.use_rslora)
+        layer = layer_cls(base, config.r, config.alpha, config.dropout, config.use_rslora)
         model.set_submodule(path, layer)
     return paths
 

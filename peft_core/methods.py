@@ -8,9 +8,10 @@ about the method's math lives in its own file.
 Rules a method follows:
 - its config is a frozen dataclass with a `modules_to_save: tuple[str, ...]` field;
 - every parameter it adds has a path component starting with `prefix`
-  ("lora_A", "ia3_l", ...): that one name filter decides what is trainable and
+  ("lora_A", "ia3_l", ...), or one of `extra_prefixes` for a method composed of
+  others (MAM: "adapter_" and "prefix_"): that one name filter decides what is trainable and
   what is saved, and the in-memory parameter path is the on-disk key after the
-  `base_model.model.` prefix;
+  `base_model.model.` prefix (unless the method maps keys itself: `disk_key`);
 - every module of `layer_types` has `disabled: bool` and `merged: bool`
   attributes, and `merge()` / `unmerge()` when the method is mergeable.
 """
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -36,3 +38,22 @@ class Method:
     to_hf_config: Callable[[nn.Module, Any], dict[str, Any]]
     # A config from adapter_config.json (unknown keys ignored, unsupported features refused).
     from_hf_config: Callable[[dict[str, Any]], Any]
+    # A variant sharing another method's peft_type: the adapter_config.json key that is
+    # true for it (DoRA: "use_dora" beside LoRA's "LORA"); None for the plain method.
+    hf_flag: str | None = None
+    # Model-level methods (prompt and prefix tuning) save in HF PEFT's prompt-learning layout,
+    # whose keys differ: an in-memory adapter key (modules_to_save infix already dropped) ->
+    # its on-disk key. None: "base_model.model.<key>".
+    disk_key: Callable[[str], str] | None = None
+    # The adapter's tensors as saved, from its trained state {in-memory key: tensor}: prefix
+    # tuning replaces its reparameterisation MLP by the prefix it computes. None: as trained.
+    export_state: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = (
+        None
+    )
+    # A method composed of others owns their parameter-name prefixes too (MAM: "prefix_").
+    extra_prefixes: tuple[str, ...] = ()
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """Every parameter-name prefix the method owns: `prefix`, then `extra_prefixes`."""
+        return (self.prefix, *self.extra_prefixes)

@@ -26,11 +26,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peft_core import lora
+from peft_core import bottleneck, dora, ia3, lora, mam, prefix_tuning, prompt_tuning
 from peft_core.methods import Method
 from peft_core.targets import classifier_head, matches_suffix, resolve_modules_to_save
 
-METHODS: tuple[Method, ...] = (lora.METHOD,)
+METHODS: tuple[Method, ...] = (
+    lora.METHOD,
+    dora.METHOD,
+    ia3.METHOD,
+    bottleneck.METHOD,
+    prompt_tuning.METHOD,
+    prefix_tuning.METHOD,
+    mam.METHOD,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -56,18 +64,25 @@ class TrainedCopy(nn.Module):
 
 
 def method_for_config(config: Any) -> Method:
+    # The exact class: DoraConfig subclasses LoraConfig but is its own method.
     for method in METHODS:
-        if isinstance(config, method.config_cls):
+        if type(config) is method.config_cls:
             return method
     raise TypeError(f"{type(config).__name__} is not a peft_core method config")
 
 
-def method_for_peft_type(peft_type: Any) -> Method:
-    for method in METHODS:
-        if method.peft_type == peft_type:
-            return method
-    known = ", ".join(m.peft_type for m in METHODS)
-    raise ValueError(f"peft_type {peft_type!r} is not supported by peft_core (supported: {known})")
+def method_for_hf_config(hf: dict[str, Any]) -> Method:
+    """The method of an adapter_config.json: its peft_type, then a variant's flag (use_dora)."""
+    peft_type = hf.get("peft_type")
+    candidates = [m for m in METHODS if m.peft_type == peft_type]
+    if not candidates:
+        known = ", ".join(dict.fromkeys(m.peft_type for m in METHODS))
+        raise ValueError(
+            f"peft_type {peft_type!r} is not supported by peft_core (supported: {known})"
+        )
+    flagged = [m for m in candidates if m.hf_flag is not None and hf.get(m.hf_flag)]
+    plain = [m for m in candidates if m.hf_flag is None]
+    return (flagged or plain)[0]
 
 
 def method_of(model: nn.Module) -> Method:
@@ -112,9 +127,9 @@ def _modules_to_save_paths(model: nn.Module, names: tuple[str, ...]) -> list[str
 
 
 def _is_adapter_key(key: str, method: Method) -> bool:
-    """A parameter/state key the adapter owns: the method's prefix or a modules_to_save copy."""
+    """A parameter/state key the adapter owns: the method's prefixes or a modules_to_save copy."""
     parts = key.split(".")
-    return "trained_module" in parts or any(p.startswith(method.prefix) for p in parts)
+    return "trained_module" in parts or any(p.startswith(method.prefixes) for p in parts)
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -173,24 +188,28 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 # ---------------------------------------------------------------- save / load
 
 
-def _disk_key(key: str) -> str:
-    """In-memory key -> HF PEFT key: add the prefix, drop our modules_to_save infix."""
-    return KEY_PREFIX + key.replace(".trained_module.", ".")
+def _disk_key(key: str, method: Method) -> str:
+    """In-memory key -> HF PEFT key: drop our modules_to_save infix, add the prefix."""
+    key = key.replace(".trained_module.", ".")
+    return method.disk_key(key) if method.disk_key is not None else KEY_PREFIX + key
 
 
 def adapter_key_map(model: nn.Module) -> dict[str, str]:
     """On-disk key -> in-memory state_dict key, for every tensor the adapter owns."""
     method = method_of(model)
     keys = [k for k in model.state_dict() if _is_adapter_key(k, method)]
-    return {_disk_key(k): k for k in keys}
+    return {_disk_key(k, method): k for k in keys}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under their HF PEFT keys (CPU, contiguous)."""
-    state = model.state_dict()
+    """The adapter's tensors as saved, under their HF PEFT keys (CPU, contiguous)."""
+    method = method_of(model)
+    state = {k: v for k, v in model.state_dict().items() if _is_adapter_key(k, method)}
+    if method.export_state is not None:
+        state = method.export_state(model, state)
     return {
-        disk: state[key].detach().to("cpu").contiguous()
-        for disk, key in adapter_key_map(model).items()
+        _disk_key(key, method): tensor.detach().to("cpu").contiguous()
+        for key, tensor in state.items()
     }
 
 
@@ -245,7 +264,7 @@ def _config_from_hf(model: nn.Module, hf: dict[str, Any]) -> Any:
 
     HF PEFT lists both "classifier" and "score" for any SEQ_CLS adapter.
     """
-    config = method_for_peft_type(hf.get("peft_type")).from_hf_config(hf)
+    config = method_for_hf_config(hf).from_hf_config(hf)
     present = {p for p, _ in model.named_modules() if p}
     names = tuple(n for n in config.modules_to_save if any(matches_suffix(p, [n]) for p in present))
     return dataclasses.replace(config, modules_to_save=names)

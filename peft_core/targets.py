@@ -12,6 +12,7 @@ Only Linear-like modules (`nn.Linear`, transformers' `Conv1D`) are ever returned
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -22,6 +23,49 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",),
     "bert": ("query", "value"),
+}
+
+# (IA)³'s defaults, as HF PEFT's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING:
+# the modules it rescales, and those of them that are feed-forward (scaled at their input).
+# BERT's "output.dense" also matches attention.output.dense, so HF PEFT scales that input too.
+IA3_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("k_proj", "v_proj", "down_proj"),
+    "gpt2": ("c_attn", "mlp.c_proj"),
+    "bert": ("key", "value", "output.dense"),
+}
+IA3_FEEDFORWARD: dict[str, tuple[str, ...]] = {
+    "llama": ("down_proj",),
+    "gpt2": ("mlp.c_proj",),
+    "bert": ("output.dense",),
+}
+
+
+@dataclass(frozen=True)
+class AdapterSites:
+    """Where bottleneck adapters sit in a transformer block, as paths relative to the block."""
+
+    blocks: str  # the ModuleList of blocks: a block's path is "<...>.<blocks>.<i>"
+    attention_output: str  # attention's output projection: Houlsby's first adapter
+    ffn_output: str  # the FFN's last projection: Houlsby's second adapter, Pfeiffer's only
+    ffn: str  # the block a parallel adapter sits beside, called as ffn(x), x the FFN's input
+    ffn_takes_residual: bool = False  # called as ffn(h_ff, x) instead: LayerNorm(dense(h_ff) + x)
+
+
+# Bottleneck adapters' sites (bottleneck.py). BERT's sublayer outputs are the dense layers
+# before each LayerNorm(· + residual); its BertOutput(h_ff, attention_output) is called with
+# the FFN's input as the residual, so a parallel adapter adds to that argument.
+ADAPTER_SITES: dict[str, AdapterSites] = {
+    "llama": AdapterSites("layers", "self_attn.o_proj", "mlp.down_proj", "mlp"),
+    "gpt2": AdapterSites("h", "attn.c_proj", "mlp.c_proj", "mlp"),
+    "bert": AdapterSites("layer", "attention.output.dense", "output.dense", "output", True),
+}
+
+# Prefix tuning's sites (prefix_tuning.py): each block's self-attention, the module that
+# calls `cache.update(keys, values, layer_idx)`, as (blocks ModuleList, path inside a block).
+SELF_ATTENTION: dict[str, tuple[str, str]] = {
+    "llama": ("layers", "self_attn"),
+    "gpt2": ("h", "attn"),
+    "bert": ("layer", "attention.self"),
 }
 
 # The sequence-classification head of each architecture's *ForSequenceClassification.
@@ -74,15 +118,17 @@ def matches_suffix(path: str, names: Iterable[str]) -> bool:
     return any(path == name or path.endswith("." + name) for name in names)
 
 
-def default_targets(model: nn.Module) -> tuple[str, ...]:
+def default_targets(
+    model: nn.Module, defaults: dict[str, tuple[str, ...]] = DEFAULT_TARGETS
+) -> tuple[str, ...]:
     kind = model_type(model)
-    if kind not in DEFAULT_TARGETS:
-        known = ", ".join(DEFAULT_TARGETS)
+    if kind not in defaults:
+        known = ", ".join(defaults)
         raise ValueError(
             f"no default target modules for model type {kind!r} (known: {known}); "
             "set target_modules explicitly, e.g. 'all-linear'"
         )
-    return DEFAULT_TARGETS[kind]
+    return defaults[kind]
 
 
 def _select(paths: list[str], spec: tuple[str, ...] | str) -> list[str]:
@@ -93,12 +139,19 @@ def _select(paths: list[str], spec: tuple[str, ...] | str) -> list[str]:
     return [p for p in paths if matches_suffix(p, spec)]
 
 
-def resolve_targets(model: nn.Module, spec: TargetSpec, exclude: tuple[str, ...] = ()) -> list[str]:
+def resolve_targets(
+    model: nn.Module,
+    spec: TargetSpec,
+    exclude: tuple[str, ...] = (),
+    defaults: dict[str, tuple[str, ...]] = DEFAULT_TARGETS,
+) -> list[str]:
     """Module paths that `spec` selects; modules named in `exclude` (suffixes) are left out.
+
+    `spec` None means the architecture's entry in `defaults` (a method's own table).
 
     Raises ValueError listing the model's Linear-like module names when nothing matches.
     """
-    spec = default_targets(model) if spec is None else spec
+    spec = default_targets(model, defaults) if spec is None else spec
     candidates = [p for p in linear_paths(model) if not matches_suffix(p, exclude)]
     selected = _select(candidates, spec)
     if not selected:

@@ -72,7 +72,33 @@ class LoraForm(MethodForm):
         return kwargs
 
 
-METHOD_FORMS: dict[str, type[MethodForm]] = {"lora": LoraForm}
+class DoraForm(LoraForm):
+    title = "DoRA"
+    summary = (
+        "LoRA on the direction of each weight row plus a trainable magnitude per output: "
+        "W = m·(W0 + ΔW)/‖W0 + ΔW‖. Often closer to full fine-tuning than LoRA at the same "
+        "rank; mergeable."
+    )
+
+
+class IA3Form(MethodForm):
+    title = "(IA)³"
+    summary = (
+        "Learns one scaling vector each for the attention keys, values and the feed-forward "
+        "activation: the fewest trainable parameters of all methods, mergeable into the weights."
+    )
+    targets = forms.ChoiceField(
+        label="Scaled layers",
+        choices=[("default", "Architecture default (keys, values, feed-forward input)")],
+        initial="default",
+        help_text="Which activations get a learned scale; the defaults follow the paper.",
+    )
+
+    def config_kwargs(self) -> dict:
+        return {}
+
+
+METHOD_FORMS: dict[str, type[MethodForm]] = {"lora": LoraForm, "dora": DoraForm, "ia3": IA3Form}
 
 
 def method_choices() -> list[tuple[str, str]]:

@@ -1,0 +1,277 @@
+"""Bottleneck adapters: sequential (Houlsby, Pfeiffer) and parallel.
+
+Houlsby et al. 2019, arXiv:1902.00751 (an adapter after attention and after the
+FFN); Pfeiffer et al. 2020, arXiv:2005.00247 (after the FFN only); He et al.
+2022, arXiv:2110.04366 (a scaled adapter parallel to the FFN). One adapter:
+
+    branch(x) = s·(f(x·W_down + b_down)·W_up + b_up)
+    W_down: (d, m)   b_down: (m,)   W_up: (m, d)   b_up: (d,)   x: (…, d)
+
+    sequential, on a sublayer's output y:   y' = y + branch(y)            (s = 1)
+    parallel, beside the FFN with input x:  h = FFN(x) + branch(x)
+
+    houlsby    y = attention output projection, and y = the FFN's last projection
+    pfeiffer   y = the FFN's last projection
+    parallel   x = the FFN's input
+
+The sublayer outputs are taken before residual + LayerNorm (BERT) or before the
+residual add (Llama, GPT-2); the sites per architecture are targets.ADAPTER_SITES.
+m = bottleneck_dim, or d // reduction_factor (at least 1); with neither set,
+reduction_factor = 16 (AdapterHub's default), so m scales with the model width.
+Dropout acts on the branch's input, f is relu | gelu | silu | tanh.
+Init: W_down kaiming-uniform(a=√5) as nn.Linear, b_down = 0, W_up = 0, b_up = 0,
+so branch = 0 and the adapted model starts equal to the base model.
+
+Adapters add sequential computation and are never merged. Trainable parameters:
+2·d·m + m + d per adapter; Houlsby has 2 per layer, Pfeiffer and parallel 1.
+On disk: our own `peft_type: BOTTLENECK` with this config's fields (HF PEFT has
+no bottleneck adapter and cannot load it); keys base_model.model.<site>.adapter_down.weight.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft_core.methods import Method
+from peft_core.targets import ADAPTER_SITES, AdapterSites, model_type
+
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+DEFAULT_REDUCTION_FACTOR = 16
+MAX_DIM = 65_536
+MAX_SCALING = 100.0
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    placement: str = "houlsby"
+    bottleneck_dim: int | None = None  # m; set this or reduction_factor, not both
+    reduction_factor: int | None = None  # m = d // reduction_factor; both None: 16
+    activation: str = "relu"
+    scaling: float = 1.0  # s, parallel only: a sequential adapter refuses any other value
+    dropout: float = 0.0
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__
+        object.__setattr__(self, "modules_to_save", _normalise_names(self.modules_to_save))
+        if self.bottleneck_dim is None and self.reduction_factor is None:
+            object.__setattr__(self, "reduction_factor", DEFAULT_REDUCTION_FACTOR)
+        _check_choice("placement", self.placement, PLACEMENTS)
+        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        _check_width(self.bottleneck_dim, self.reduction_factor)
+        if not _is_number(self.scaling) or not 0 < self.scaling <= MAX_SCALING:
+            raise ValueError(
+                f"adapter scaling must be in (0, {MAX_SCALING:g}], got {self.scaling!r}"
+            )
+        if self.placement != "parallel" and self.scaling != 1.0:
+            raise ValueError(f"scaling applies to parallel adapters only, not {self.placement!r}")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise ValueError(f"adapter dropout must be a number in [0, 1), got {self.dropout!r}")
+
+    def width(self, d: int) -> int:
+        """The bottleneck width m for a model width d."""
+        return self.bottleneck_dim or max(1, d // self.reduction_factor)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_DIM
+
+
+def _normalise_names(names: Any) -> tuple[str, ...]:
+    """A name, or a list/tuple/set of names, as a tuple of non-empty strings."""
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"module names must be non-empty strings, got {names!r}")
+    return names
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"adapter {field} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_width(bottleneck_dim: Any, reduction_factor: Any) -> None:
+    if bottleneck_dim is not None and reduction_factor is not None:
+        raise ValueError("set exactly one of bottleneck_dim and reduction_factor, not both")
+    value = reduction_factor if bottleneck_dim is None else bottleneck_dim
+    if not _is_size(value):
+        field = "reduction_factor" if bottleneck_dim is None else "bottleneck_dim"
+        raise ValueError(f"adapter {field} must be an integer in 1..{MAX_DIM}, got {value!r}")
+
+
+class BottleneckLayer(nn.Module):
+    """A wrapped `base_layer` and the branch s·(f(x·W_down + b_down)·W_up + b_up)."""
+
+    def __init__(self, base_layer: nn.Module, d: int, config: BottleneckConfig):
+        super().__init__()
+        self.base_layer = base_layer
+        reference = next(base_layer.parameters())
+        # float32 adapter even beside a bf16/fp16 base, like LoRA's factors
+        dtype = reference.dtype if reference.dtype == torch.float64 else torch.float32
+        factory = {"device": reference.device, "dtype": dtype}
+        m = config.width(d)
+        self.adapter_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.adapter_down = nn.Linear(d, m, **factory)  # weight (m, d) = W_downᵀ
+        self.adapter_act = ACTIVATIONS[config.activation]()
+        self.adapter_up = nn.Linear(m, d, **factory)  # weight (d, m) = W_upᵀ
+        self.scaling = config.scaling
+        self.disabled = False
+        self.merged = False  # always: adapters are never merged
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's output for x (…, d), in x's dtype."""
+        h = self.adapter_dropout(x).to(self.adapter_down.weight.dtype)
+        h = self.adapter_up(self.adapter_act(self.adapter_down(h)))  # (…, m) -> (…, d)
+        return (h * self.scaling).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scaling={self.scaling:g}"
+
+
+class SequentialAdapter(BottleneckLayer):
+    """A sublayer's output projection followed by y + branch(y) (Houlsby, Pfeiffer)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for code that reads `layer.weight` (dtype checks, init)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (…, d)
+        return y if self.disabled else y + self.branch(y)
+
+
+class ParallelAdapter(BottleneckLayer):
+    """An FFN block plus branch(x) of its input x (He et al.'s parallel adapter)."""
+
+    def __init__(self, base_layer: nn.Module, d: int, config: BottleneckConfig, residual: bool):
+        super().__init__(base_layer, d, config)
+        self.takes_residual = residual  # BERT: called as ffn(h_ff, x), x the FFN input
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(hidden_states, *args)
+        if self.takes_residual:  # LayerNorm(dense(h_ff) + x + branch(x))
+            (x,) = args
+            return self.base_layer(hidden_states, x + self.branch(x))
+        return self.base_layer(hidden_states, *args) + self.branch(hidden_states)
+
+
+def adapter_sites(model: nn.Module) -> AdapterSites:
+    """The architecture's entry of targets.ADAPTER_SITES; for another, list its module names."""
+    kind = model_type(model)
+    if kind in ADAPTER_SITES:
+        return ADAPTER_SITES[kind]
+    names = {path.rsplit(".", 1)[-1] for path, _ in model.named_modules() if path}
+    shown = ", ".join(sorted(n for n in names if not n.isdigit()))
+    raise ValueError(
+        f"bottleneck adapters have no placement for model type {kind!r} "
+        f"(known: {', '.join(ADAPTER_SITES)}); add it to targets.ADAPTER_SITES. "
+        f"Its module names are: {shown}"
+    )
+
+
+def site_paths(model: nn.Module, sites: AdapterSites, relative: str) -> list[str]:
+    """The full path of `relative` in every block ("<...>.<blocks>.<i>.<relative>")."""
+    pattern = rf"(?:.+\.)?{re.escape(sites.blocks)}\.\d+\.{re.escape(relative)}"
+    paths = [path for path, _ in model.named_modules() if re.fullmatch(pattern, path)]
+    if not paths:
+        raise ValueError(f"no module {sites.blocks}.<i>.{relative} in this {model_type(model)}")
+    return paths
+
+
+def _out_features(layer: nn.Module) -> int:
+    return layer.weight.shape[1] if isinstance(layer, Conv1D) else layer.out_features
+
+
+def inject_sequential(model: nn.Module, config: BottleneckConfig) -> list[str]:
+    """Wrap the output projection(s) the placement names in a SequentialAdapter."""
+    sites = adapter_sites(model)
+    relatives = [sites.ffn_output]
+    if config.placement == "houlsby":
+        relatives.insert(0, sites.attention_output)
+    paths = [path for relative in relatives for path in site_paths(model, sites, relative)]
+    for path in paths:
+        base = model.get_submodule(path)
+        model.set_submodule(path, SequentialAdapter(base, _out_features(base), config))
+    return paths
+
+
+def inject_parallel(model: nn.Module, config: BottleneckConfig) -> list[str]:
+    """Wrap every block's FFN in a ParallelAdapter (also MAM's adapter half)."""
+    sites = adapter_sites(model)
+    d = model.config.hidden_size
+    paths = site_paths(model, sites, sites.ffn)
+    for path in paths:
+        layer = ParallelAdapter(model.get_submodule(path), d, config, sites.ffn_takes_residual)
+        model.set_submodule(path, layer)
+    return paths
+
+
+def inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> list[str]:
+    if config.placement == "parallel":
+        return inject_parallel(model, config)
+    return inject_sequential(model, config)
+
+
+def to_hf_config(model: nn.Module, config: BottleneckConfig) -> dict[str, Any]:
+    """Our keys of adapter_config.json (peft_type BOTTLENECK, which HF PEFT does not know)."""
+    return {
+        "placement": config.placement,
+        "bottleneck_dim": config.bottleneck_dim,
+        "reduction_factor": config.reduction_factor,
+        "activation": config.activation,
+        "scaling": config.scaling,
+        "dropout": config.dropout,
+    }
+
+
+def from_hf_config(hf: dict[str, Any]) -> BottleneckConfig:
+    return BottleneckConfig(
+        placement=hf.get("placement", "houlsby"),
+        bottleneck_dim=hf.get("bottleneck_dim"),
+        reduction_factor=hf.get("reduction_factor"),
+        activation=hf.get("activation", "relu"),
+        scaling=hf.get("scaling", 1.0),
+        dropout=hf.get("dropout", 0.0),
+        modules_to_save=hf.get("modules_to_save") or (),
+    )
+
+
+METHOD = Method(
+    name="Bottleneck adapter",
+    peft_type="BOTTLENECK",
+    prefix="adapter_",
+    config_cls=BottleneckConfig,
+    layer_types=(SequentialAdapter, ParallelAdapter),
+    mergeable=False,
+    inject=inject_bottleneck,
+    to_hf_config=to_hf_config,
+    from_hf_config=from_hf_config,
+)

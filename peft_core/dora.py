@@ -1,0 +1,143 @@
+"""DoRA: Weight-Decomposed Low-Rank Adaptation.
+
+Liu et al. 2024, arXiv:2402.09353. LoRA's update, with the adapted weight split
+into a direction and a trainable magnitude per output row (eq. 5 of the paper):
+
+    W' = m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_r,   ΔW = s·B·A
+    W0: (d_out, d_in)   A: (r, d_in)   B: (d_out, r)   m: (d_out,)
+
+‖·‖_r is the L2 norm of each output row (the paper's column norm, written for
+the transposed (d_in, d_out) layout). Init: LoRA's (A kaiming-uniform, B = 0)
+and m = ‖W0‖_r, so W' = W0 and the adapted model starts equal to the base one.
+
+Forward, with g = m / ‖W0 + ΔW‖_r a detached constant (paper §4.3: the norm
+gets no gradient), written as HF PEFT computes it so logits agree:
+
+    h = W0·x + b + (g − 1) ⊙ W0·x̃ + g ⊙ s·B·A·x̃        g: (d_out,)
+
+x̃ is the input after LoRA dropout. Without dropout (or in eval) x̃ = x, W0·x is
+the base output less its bias, and h = g ⊙ (W0·x + s·B·A·x) + b. While dropout
+is active HF PEFT runs the base matmul once more on x̃, and so do we.
+The norm never materialises W0 + ΔW (each row i, costing one W0·Aᵀ):
+
+    ‖W0_i + s·B_i·A‖² = ‖W0_i‖² + 2s·B_i·(A·W0_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ
+
+Merge: W0 ← g ⊙ (W0 + ΔW) per output row, remembering ‖W0 + ΔW‖_r (the norm
+of the unmerged weight); unmerge: W0 ← W'/g − ΔW. GPT-2's Conv1D stores the
+weight transposed (d_in, d_out), so g scales its columns there.
+
+On disk this is HF PEFT's LoRA (`peft_type: LORA`, `use_dora: true`) with the
+magnitude under `base_model.model.<path>.lora_magnitude_vector`.
+Trainable parameters: r·(d_in + d_out) + d_out per adapted layer.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_core import lora
+from peft_core.lora import LoraConfig, LoraLinear
+from peft_core.methods import Method
+
+
+@dataclass(frozen=True)
+class DoraConfig(LoraConfig):
+    """LoRA's fields and checks; each adapted layer also learns a magnitude per output row."""
+
+
+class DoraLinear(LoraLinear):
+    """A LoraLinear whose output rows are renormalised to the trainable `lora_magnitude_vector`."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, rslora: bool):
+        super().__init__(base_layer, r, alpha, dropout, rslora)
+        # ‖W0 + ΔW‖_r at merge time: unmerge needs the norm of the *unmerged* weight.
+        self.register_buffer("merged_norm", None, persistent=False)
+        # B = 0 here, so this is ‖W0‖_r, computed exactly as forward will: g = 1 at init.
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())  # (d_out,)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output row, (d_out,), detached, without forming W0 + s·B·A."""
+        a, b, s = self.lora_A.weight, self.lora_B.weight, self.scale  # (r, d_in), (d_out, r)
+        w0 = self._out_major(self.base_layer.weight).to(a.dtype)  # (d_out, d_in), a view
+        base = torch.linalg.vector_norm(w0, dim=1).square()  # ‖W0_i‖²
+        cross = (b * (w0 @ a.T)).sum(dim=1)  # B_i·(A·W0_iᵀ)    (d_out, r) -> (d_out,)
+        low_rank = (b @ (a @ a.T) * b).sum(dim=1)  # B_i·(A·Aᵀ)·B_iᵀ
+        return (base + 2 * s * cross + s * s * low_rank).clamp_min(0).sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (…, d_out)
+        if self.disabled or self.merged:
+            return y
+        g = self.lora_magnitude_vector / self.weight_norm()  # (d_out,)
+        dropping = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        x_drop = self.lora_dropout(x)
+        w0_x = self._without_bias(self.base_layer(x_drop) if dropping else y)
+        low_rank = self.lora_B(self.lora_A(x_drop.to(self.lora_A.weight.dtype))) * self.scale
+        return y + ((g - 1) * w0_x + g * low_rank).to(y.dtype)
+
+    def _without_bias(self, y: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        return y if bias is None else y - bias
+
+    def _out_major(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the base layer's layout, viewed as (d_out, d_in)."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _per_output(self, vector: torch.Tensor) -> torch.Tensor:
+        """A (d_out,) vector shaped to scale the output rows of the base weight's layout."""
+        return vector.view(1, -1) if self.fan_in_fan_out else vector.view(-1, 1)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        norm = self.weight_norm()
+        g = self._per_output(self.lora_magnitude_vector / norm)
+        weight.copy_(g * (weight.to(g.dtype) + self.delta_weight()))
+        self.merged_norm = norm
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        g = self._per_output(self.lora_magnitude_vector / self.merged_norm)
+        weight.copy_(weight.to(g.dtype) / g - self.delta_weight())
+        self.merged_norm = None
+        self.merged = False
+
+
+def inject_dora(model: nn.Module, config: DoraConfig) -> list[str]:
+    """Replace each target Linear/Conv1D with a DoraLinear around it; returns their paths."""
+    return lora.inject_lora(model, config, layer_cls=DoraLinear)
+
+
+def to_hf_config(model: nn.Module, config: DoraConfig) -> dict[str, Any]:
+    return {**lora.to_hf_config(model, config), "use_dora": True}
+
+
+def from_hf_config(hf: dict[str, Any]) -> DoraConfig:
+    """A DoRA config from HF PEFT's LoRA config with `use_dora: true`; LoRA's checks apply."""
+    if not hf.get("use_dora"):
+        raise ValueError("this adapter_config.json is not DoRA (use_dora is not true)")
+    config = lora.from_hf_config({**hf, "use_dora": False})
+    return DoraConfig(**{field.name: getattr(config, field.name) for field in fields(LoraConfig)})
+
+
+METHOD = Method(
+    name="DoRA",
+    peft_type="LORA",
+    prefix="lora_",
+    config_cls=DoraConfig,
+    layer_types=(DoraLinear,),
+    mergeable=True,
+    inject=inject_dora,
+    to_hf_config=to_hf_config,
+    from_hf_config=from_hf_config,
+    hf_flag="use_dora",
+)

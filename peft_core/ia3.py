@@ -1,0 +1,240 @@
+"""(IA)³: Infused Adapter by Inhibiting and Amplifying Inner Activations.
+
+Liu et al. 2022 (T-Few), arXiv:2205.05638. Learned vectors rescale the keys,
+the values and the FFN's inner activation elementwise (§3.3 of the paper):
+
+    softmax(Q·(l_k ⊙ K)ᵀ / √d_k) · (l_v ⊙ V)        l_k, l_v: (d_kv,)
+    (l_ff ⊙ γ(W1·x)) · W2                            l_ff: (d_ff,)
+
+On Linear layers, as HF PEFT implements it, with one vector `ia3_l` per layer:
+
+    output-scaling layer (k_proj, v_proj):   h = l ⊙ (W·x + b)    ia3_l: (d_out, 1)
+    feed-forward layer (down_proj = W2):     h = W·(l ⊙ x) + b    ia3_l: (1, d_in)
+
+Init: l = 1, so the adapted model starts equal to the base model.
+Merge folds l into the weight, W ← diag(l)·W and b ← l ⊙ b for output scaling,
+W ← W·diag(l) for a feed-forward layer (transposed for GPT-2's Conv1D, whose
+weight is (d_in, d_out)); unmerge divides again, exact up to rounding, so a
+vector with a zero entry is refused at merge.
+
+Default targets (targets.IA3_TARGETS / IA3_FEEDFORWARD, HF PEFT's tables) and
+trainable parameters, L layers, d model width, d_kv key/value width, d_ff FFN width:
+    Llama  k_proj, v_proj, down_proj (ff)            L·(2·d_kv + d_ff)
+    GPT-2  c_attn, mlp.c_proj (ff)                   L·(3·d + d_ff)
+    BERT   key, value, output.dense (ff)             L·(2·d_kv + d + d_ff)
+GPT-2's c_attn is fused q|k|v, and HF PEFT scales its whole output, so queries
+get a vector too (3·d, not 2·d_kv). BERT's suffix "output.dense" matches both
+output.dense (input d_ff) and attention.output.dense (input d): HF PEFT scales
+the attention output projection's input as well.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft_core.methods import Method
+from peft_core.targets import (
+    ALL_LINEAR,
+    IA3_FEEDFORWARD,
+    IA3_TARGETS,
+    TargetSpec,
+    compact_target_names,
+    matches_suffix,
+    model_type,
+    resolve_targets,
+)
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    target_modules: TargetSpec = None  # None: the architecture's IA3_TARGETS
+    feedforward_modules: TargetSpec = None  # None: IA3_FEEDFORWARD; () for none
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__
+        targets = _normalise_spec(self.target_modules, "target_modules")
+        feedforward = _normalise_spec(self.feedforward_modules, "feedforward_modules")
+        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "feedforward_modules", feedforward)
+        object.__setattr__(self, "modules_to_save", _normalise_names(self.modules_to_save))
+        if targets == ():
+            raise ValueError("(IA)³ target_modules is empty; use None for the architecture default")
+        if feedforward == ALL_LINEAR:
+            raise ValueError(
+                "(IA)³ feedforward_modules cannot be 'all-linear'; name the FFN layers"
+            )
+        if isinstance(targets, tuple) and isinstance(feedforward, tuple):
+            if not set(feedforward) <= set(targets):  # HF PEFT's rule for two lists
+                raise ValueError(
+                    f"(IA)³ feedforward_modules {list(feedforward)} must be a subset of "
+                    f"target_modules {list(targets)}"
+                )
+
+
+def _normalise_names(names: Any) -> tuple[str, ...]:
+    """A name, or a list/tuple/set of names, as a tuple of non-empty strings."""
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"module names must be non-empty strings, got {names!r}")
+    return names
+
+
+def _normalise_spec(spec: Any, field: str) -> TargetSpec:
+    """None and "all-linear" stay; another str must be a valid regex; a list becomes a tuple."""
+    if spec is None or spec == ALL_LINEAR:
+        return spec
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"(IA)³ {field} {spec!r} is not a valid regex: {err}") from None
+        return spec
+    return _normalise_names(spec)
+
+
+class IA3Linear(nn.Module):
+    """An nn.Linear or Conv1D `base_layer` whose output (or, feed-forward, input) is scaled by l."""
+
+    def __init__(self, base_layer: nn.Module, feedforward: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        self.feedforward = feedforward
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight (d_in, d_out)
+        weight = base_layer.weight
+        d_out, d_in = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        # float32 vector even beside a bf16/fp16 base, like LoRA's factors
+        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
+        shape = (1, d_in) if feedforward else (d_out, 1)  # HF PEFT's on-disk shapes
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=weight.device, dtype=dtype))
+        self.disabled = False
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for code that reads `layer.weight` (dtype checks, tying)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        scale = self.ia3_l.flatten()  # (d_in,) or (d_out,)
+        if self.feedforward:
+            return self.base_layer((x * scale).to(x.dtype))  # W·(l ⊙ x) + b
+        y = self.base_layer(x)
+        return (y * scale).to(y.dtype)  # l ⊙ (W·x + b)
+
+    def weight_scale(self) -> torch.Tensor:
+        """ia3_l shaped to multiply the base weight in its own layout."""
+        return self.ia3_l.T if self.fan_in_fan_out else self.ia3_l
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if not torch.all(self.ia3_l != 0):
+            raise ValueError("an (IA)³ vector has a zero entry: merging it could not be undone")
+        self.base_layer.weight.mul_(self.weight_scale())
+        if not self.feedforward and self.base_layer.bias is not None:
+            self.base_layer.bias.mul_(self.ia3_l.flatten())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer.weight.div_(self.weight_scale())
+        if not self.feedforward and self.base_layer.bias is not None:
+            self.base_layer.bias.div_(self.ia3_l.flatten())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.feedforward}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def _selects(spec: tuple[str, ...] | str, path: str) -> bool:
+    """A regex full-matches the path; a name matches as a dotted suffix, as in target_modules.
+
+    HF PEFT matches feedforward names with a plain `endswith`; the names we write (leaf
+    names or full paths) select the same modules under both rules, and a mismatch on
+    loading cannot pass silently: the two kinds of `ia3_l` have different shapes.
+    """
+    return bool(re.fullmatch(spec, path)) if isinstance(spec, str) else matches_suffix(path, spec)
+
+
+def _feedforward_spec(model: nn.Module, config: IA3Config) -> tuple[str, ...] | str:
+    if config.feedforward_modules is not None:
+        return config.feedforward_modules
+    kind = model_type(model)
+    if kind not in IA3_FEEDFORWARD:
+        raise ValueError(
+            f"no default (IA)³ feedforward_modules for model type {kind!r}; set "
+            "feedforward_modules (names among target_modules, or () for none)"
+        )
+    return IA3_FEEDFORWARD[kind]
+
+
+def inject_ia3(model: nn.Module, config: IA3Config) -> list[str]:
+    """Replace each target Linear/Conv1D with an IA3Linear around it; returns their paths."""
+    paths = resolve_targets(
+        model, config.target_modules, exclude=config.modules_to_save, defaults=IA3_TARGETS
+    )
+    spec = _feedforward_spec(model, config)
+    feedforward = {path for path in paths if _selects(spec, path)}
+    if spec and not feedforward and config.feedforward_modules is not None:
+        raise ValueError(
+            f"(IA)³ feedforward_modules {spec!r} matched none of the adapted modules {paths}"
+        )
+    for path in paths:
+        model.set_submodule(path, IA3Linear(model.get_submodule(path), path in feedforward))
+    return paths
+
+
+def to_hf_config(model: nn.Module, config: IA3Config) -> dict[str, Any]:
+    """(IA)³'s keys of HF PEFT's adapter_config.json for an adapted model."""
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, IA3Linear)}
+    feedforward = [path for path, layer in layers.items() if layer.feedforward]
+    targets = compact_target_names(model, list(layers))
+    feedforward_names = compact_target_names(model, feedforward) if feedforward else []
+    if not set(feedforward_names) <= set(targets):  # HF PEFT wants a subset; full paths are one
+        targets, feedforward_names = sorted(layers), sorted(feedforward)
+    return {
+        "target_modules": targets,
+        "feedforward_modules": feedforward_names,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "init_ia3_weights": True,
+    }
+
+
+def from_hf_config(hf: dict[str, Any]) -> IA3Config:
+    if hf.get("exclude_modules"):
+        raise ValueError(
+            f"this (IA)³ adapter uses exclude_modules={hf['exclude_modules']!r}, "
+            "which peft_core does not support"
+        )
+    return IA3Config(
+        target_modules=hf.get("target_modules"),
+        feedforward_modules=hf.get("feedforward_modules"),  # None: the default table, as HF PEFT
+        modules_to_save=hf.get("modules_to_save") or (),
+    )
+
+
+METHOD = Method(
+    name="(IA)³",
+    peft_type="IA3",
+    prefix="ia3_",
+    config_cls=IA3Config,
+    layer_types=(IA3Linear,),
+    mergeable=True,
+    inject=inject_ia3,
+    to_hf_config=to_hf_config,
+    from_hf_config=from_hf_config,
+)

@@ -1,0 +1,284 @@
+"""Prompt tuning: p trainable soft tokens in front of the input embeddings.
+
+Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning",
+arXiv:2104.08691. The frozen model reads the prompt P before the embedded input (sec. 2.1):
+
+    H = body([P ; X]),   P: (p, d),   X = E[input_ids]: (b, n, d),   [P ; X]: (b, p + n, d)
+    head(H[:, p:])       H[:, p:]: (b, n, d)
+
+The head sees the n real positions only: a causal LM computes vocab logits for the real
+tokens (none for the virtual ones, and its labels need no padding). Virtual tokens take
+positions 0..p-1, the real ones p..p+n-1, as in HF PEFT. Sequence classification keeps HF
+PEFT's semantics: BERT pools position 0 inside its body, which is the first virtual token;
+a decoder pools its last non-padding real token (HF PEFT pools the last position, the same
+token unless the batch is right-padded).
+
+Mechanism: hooks on the model's body (`model.base_model`: LlamaModel, GPT2Model, BertModel).
+On a call that starts a sequence (no KV cache, or an empty one) the pre-hook embeds the ids,
+prepends P, and extends the attention mask (p ones) and token types (p zeros); the post-hook
+drops the first p hidden states. Later calls with a filled cache (generation) find the
+virtual tokens in the cache: only the mask grows by p columns and given positions shift by p.
+
+Init (`init`): "random" N(0, 1) as HF PEFT; "vocab" the embedding rows of p token ids drawn
+uniformly from the vocabulary; "text" the rows of the ids of an init text, repeated or cut to
+p. The tokenizer never reaches `apply`: `config.tokenize_init_text(tokenizer)` turns init_text
+into `init_token_ids` first. Trainable parameters: p·d.
+On disk (HF PEFT): `prompt_embeddings` (p, d); a head under "base_model.<path>".
+"""
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from peft_core.methods import Method
+
+INITS = ("random", "vocab", "text")
+HF_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+MAX_VIRTUAL_TOKENS = 1024
+ENCODER = "prompt_encoder"
+EMBEDDING_KEY = f"{ENCODER}.embedding"
+HF_KEY = "prompt_embeddings"
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None  # init "text": the text, for the record and tokenize_init_text
+    init_token_ids: tuple[int, ...] | None = None  # init "text": its token ids, used by apply
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__
+        object.__setattr__(self, "modules_to_save", normalise_names(self.modules_to_save))
+        check_count("num_virtual_tokens", self.num_virtual_tokens, MAX_VIRTUAL_TOKENS)
+        if self.init not in INITS:
+            raise ValueError(f"prompt init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if self.init_token_ids is not None:
+            object.__setattr__(self, "init_token_ids", _token_ids(self.init_token_ids))
+        if self.init_text is not None and not (isinstance(self.init_text, str) and self.init_text):
+            raise ValueError(f"prompt init_text must be a non-empty string, got {self.init_text!r}")
+        has_text = self.init_text is not None or self.init_token_ids is not None
+        if (self.init == "text") != has_text:
+            raise ValueError('init_text / init_token_ids go with init="text", and only with it')
+
+    def tokenize_init_text(self, tokenizer: Any) -> "PromptTuningConfig":
+        """This config with `init_token_ids` = the ids `tokenizer` gives init_text (HF PEFT's)."""
+        if self.init_text is None:
+            raise ValueError('tokenize_init_text needs init="text" and an init_text')
+        return replace(self, init_token_ids=tuple(tokenizer(self.init_text)["input_ids"]))
+
+
+def normalise_names(names: Any) -> tuple[str, ...]:
+    """A name, or a list/tuple/set of names, as a tuple of distinct non-empty strings."""
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"module names must be non-empty strings, got {names!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: Any, maximum: int) -> None:
+    if not _is_int(value) or not 1 <= value <= maximum:
+        raise ValueError(f"{name} must be an integer in 1..{maximum}, got {value!r}")
+
+
+def _token_ids(ids: Any) -> tuple[int, ...]:
+    ids = tuple(ids)
+    if not ids or not all(_is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"init_token_ids must be non-negative integers, got {ids!r}")
+    return ids
+
+
+# ---------------------------------------------------------------- the body's call
+
+
+def body_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A body call's arguments by name; GPT-2 and BERT pass input_ids positionally."""
+    if len(args) > 1:
+        raise TypeError("prompt/prefix tuning expects the body called with input_ids first only")
+    kwargs = dict(kwargs)
+    if "past_key_values" in kwargs:  # transformers 5's deprecated name for `cache`
+        kwargs["cache"] = kwargs.pop("past_key_values")
+    if args:
+        kwargs["input_ids"] = args[0]
+    return kwargs
+
+
+def _update_given(kwargs: dict[str, Any], name: str, change: Any) -> None:
+    """kwargs[name] = change(kwargs[name]) for a tensor the caller gave; absent/None stay so."""
+    if kwargs.get(name) is not None:
+        kwargs[name] = change(kwargs[name])
+
+
+def _starts_sequence(kwargs: dict[str, Any]) -> bool:
+    cache = kwargs.get("cache")
+    return cache is None or cache.get_seq_length() == 0
+
+
+def _prepend_columns(tensor: torch.Tensor, p: int, value: int) -> torch.Tensor:
+    """(b, n) -> (b, p + n) with `value` in the p new columns."""
+    if tensor.ndim != 2:
+        raise ValueError(f"prompt tuning needs 2-D (batch, tokens) masks, got {tensor.ndim}-D")
+    front = torch.full_like(tensor[:, :1], value).expand(-1, p)
+    return torch.cat([front, tensor], dim=1)
+
+
+def _prepend_positions(positions: torch.Tensor, p: int) -> torch.Tensor:
+    """Real positions (…, n) -> [0..p-1, p + positions] (…, p + n)."""
+    virtual = torch.arange(p, device=positions.device, dtype=positions.dtype)
+    return torch.cat([virtual.expand(*positions.shape[:-1], p), positions + p], dim=-1)
+
+
+def _drop_first(output: Any, p: int) -> Any:
+    """The body's output without its first p positions (last and per-layer hidden states)."""
+    if not isinstance(output, ModelOutput):
+        return (output[0][:, p:], *output[1:])
+    output.last_hidden_state = output.last_hidden_state[:, p:]
+    if getattr(output, "hidden_states", None) is not None:
+        output.hidden_states = tuple(h[:, p:] for h in output.hidden_states)
+    return output
+
+
+class PromptEncoder(nn.Module):
+    """The soft prompt P (p, d); its bound methods are the body's forward hooks."""
+
+    def __init__(self, embedding: torch.Tensor):
+        super().__init__()
+        self.embedding = nn.Parameter(embedding)  # (p, d)
+        self.disabled = False
+        self.merged = False
+        self._prepended: torch.Tensor | None = None  # the body input built, until it returns
+
+    def prepend(self, body: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if self.disabled:
+            return None
+        kwargs = body_kwargs(args, kwargs)
+        p = self.embedding.shape[0]
+        _update_given(kwargs, "attention_mask", lambda mask: _prepend_columns(mask, p, 1))
+        if not _starts_sequence(kwargs):  # the filled KV cache holds the virtual tokens
+            _update_given(kwargs, "position_ids", lambda positions: positions + p)
+            return (), kwargs
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = body.get_input_embeddings()(kwargs["input_ids"])  # (b, n, d)
+        prompt = self.embedding.to(embeds.dtype).expand(embeds.shape[0], -1, -1)  # (b, p, d)
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)  # (b, p + n, d)
+        _update_given(kwargs, "position_ids", lambda positions: _prepend_positions(positions, p))
+        _update_given(kwargs, "token_type_ids", lambda types: _prepend_columns(types, p, 0))
+        self._prepended = kwargs["inputs_embeds"]
+        return (), kwargs
+
+    def drop_virtual(self, body: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._prepended is None or kwargs.get("inputs_embeds") is not self._prepended:
+            return None
+        self._prepended = None
+        return _drop_first(output, self.embedding.shape[0])
+
+
+# ---------------------------------------------------------------- init and inject
+
+
+def _init_token_ids(config: PromptTuningConfig, vocab_size: int) -> torch.Tensor:
+    p = config.num_virtual_tokens
+    if config.init == "vocab":
+        return torch.randint(0, vocab_size, (p,))
+    if config.init_token_ids is None:
+        raise ValueError(
+            'init="text" needs token ids: build the config with '
+            "config.tokenize_init_text(tokenizer) before apply"
+        )
+    if max(config.init_token_ids) >= vocab_size:
+        raise ValueError(f"init_token_ids reach past the vocabulary of {vocab_size} tokens")
+    ids = config.init_token_ids * math.ceil(p / len(config.init_token_ids))
+    return torch.tensor(ids[:p])
+
+
+def initial_prompt(embeddings: nn.Embedding, config: PromptTuningConfig) -> torch.Tensor:
+    """P at init, (p, d): float32 (float64 beside a float64 model) on the embeddings' device."""
+    weight = embeddings.weight
+    dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
+    if config.init == "random":
+        shape = (config.num_virtual_tokens, weight.shape[1])
+        return torch.randn(shape, device=weight.device, dtype=dtype)
+    ids = _init_token_ids(config, weight.shape[0]).to(weight.device)
+    return weight[ids].detach().to(dtype).clone()
+
+
+def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> list[str]:
+    """Attach the prompt as `model.prompt_encoder` and hook it into the model's body."""
+    if hasattr(model, ENCODER):
+        raise ValueError("this model already has a soft prompt")
+    encoder = PromptEncoder(initial_prompt(model.get_input_embeddings(), config))
+    model.add_module(ENCODER, encoder)
+    body = model.base_model  # transformers: the body under the head (itself for a bare body)
+    body.register_forward_pre_hook(encoder.prepend, with_kwargs=True)
+    body.register_forward_hook(encoder.drop_virtual, with_kwargs=True)
+    return [ENCODER]
+
+
+# ---------------------------------------------------------------- HF PEFT format
+
+
+def to_hf_config(model: nn.Module, config: PromptTuningConfig) -> dict[str, Any]:
+    """Prompt tuning's keys of adapter_config.json.
+
+    HF PEFT refuses init "TEXT" without a tokenizer name: the base model's, when known;
+    otherwise "RANDOM" is written (the init no longer matters once trained).
+    """
+    base = model.config
+    tokenizer = getattr(model, "name_or_path", None) or None
+    init = HF_INITS[config.init]
+    if init == "TEXT" and tokenizer is None:
+        init = "RANDOM"
+    return {
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": model.get_input_embeddings().weight.shape[1],
+        "num_transformer_submodules": 1,
+        "num_attention_heads": base.num_attention_heads,
+        "num_layers": base.num_hidden_layers,
+        "prompt_tuning_init": init,
+        "prompt_tuning_init_text": config.init_text,
+        "tokenizer_name_or_path": tokenizer if init == "TEXT" else None,
+        "tokenizer_kwargs": None,
+    }
+
+
+def refuse_encoder_decoder(hf: dict[str, Any]) -> None:
+    if hf.get("num_transformer_submodules") not in (None, 1):
+        raise ValueError("this adapter is for an encoder-decoder model, which peft_core lacks")
+
+
+def from_hf_config(hf: dict[str, Any]) -> PromptTuningConfig:
+    """The saved prompt replaces any init, so a loaded config is a random-init one."""
+    refuse_encoder_decoder(hf)
+    return PromptTuningConfig(
+        num_virtual_tokens=hf.get("num_virtual_tokens"),
+        modules_to_save=hf.get("modules_to_save") or (),
+    )
+
+
+def disk_key(key: str) -> str:
+    return HF_KEY if key == EMBEDDING_KEY else "base_model." + key
+
+
+METHOD = Method(
+    name="Prompt tuning",
+    peft_type="PROMPT_TUNING",
+    prefix="prompt_",
+    config_cls=PromptTuningConfig,
+    layer_types=(PromptEncoder,),
+    mergeable=False,
+    inject=inject_prompt_tuning,
+    to_hf_config=to_hf_config,
+    from_hf_config=from_hf_config,
+    disk_key=disk_key,
+)
