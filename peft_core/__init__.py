@@ -26,16 +26,19 @@ from peft_core.model import (
 )
 from peft_core.prefix_tuning import PrefixTuningConfig
 from peft_core.prompt_tuning import PromptTuningConfig
+from peft_core.registry import METHOD_CONFIGS, build_config
 
 __all__ = [
     "BottleneckConfig",
     "DoraConfig",
     "IA3Config",
+    "METHOD_CONFIGS",
     "LoraConfig",
     "MAMConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "apply",
+    "build_config",
     "disabled",
     "load_adapter",
     "merge",

@@ -25,14 +25,15 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
-from peft_core import LoraConfig, apply, save_adapter, trainable_parameters
+from peft_core import apply, save_adapter, trainable_parameters
 from peft_core.catalogue import CATALOGUE, ModelSpec, get_spec, load_model
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
+from peft_core.registry import METHOD_CONFIGS, with_tokenizer
 from peft_core.samples import SAMPLES, sample_rows
 from peft_core.train import Callbacks, TrainConfig, TrainingError, evaluate, train
 
 # Method name -> its config class; a new method adds one entry.
-METHODS: dict[str, type] = {"lora": LoraConfig}
+METHODS: dict[str, type] = METHOD_CONFIGS
 METRICS_FILE = "metrics.jsonl"
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
@@ -120,7 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
         model, tokenizer, task=task, rows=val_rows, config=train_config, label_names=labels
     )
     torch.manual_seed(train_config.seed)  # the adapter's initialisation, reproducibly
-    apply(model, method_config)
+    apply(model, with_tokenizer(method_config, tokenizer))
     print(f"{args.model} + {args.method}: {trainable_parameters(model):,} trainable parameters")
     args.output.mkdir(parents=True, exist_ok=True)
     with open(args.output / METRICS_FILE, "w") as metrics_file:

@@ -24,7 +24,6 @@ from workers.cache import base_model_copy
 
 logger = logging.getLogger(__name__)
 
-METHOD_CONFIGS = {"lora": peft_core.LoraConfig}
 FLUSH_EVERY_S = 1.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROFILE_BATCH = (2, 64)  # a fixed batch (rows, tokens) for the latency figures
@@ -126,7 +125,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     )
     model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
     model.to(DEVICE)
-    method_config = METHOD_CONFIGS[run.method](**run.method_config)
+    method_config = peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)
     config = TrainConfig(**run.train_config)
     torch.manual_seed(config.seed)  # the adapter's random init: the same run, the same weights
     model = peft_core.apply(model, method_config)

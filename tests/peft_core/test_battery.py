@@ -51,10 +51,12 @@ def _head_params(model: nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".trained_module." in n)
 
 
-@pytest.mark.parametrize(("case", "kind", "task"), PARAMS)
+# Prompt and prefix tuning (and MAM) attend to random virtual tokens from the start: by
+# design they are not the identity at init, so they are not parametrised here.
+@pytest.mark.parametrize(
+    ("case", "kind", "task"), [p for p in PARAMS if p.values[0].identity_at_init]
+)
 def test_identity_at_init(case, kind, task, input_ids):
-    if not case.identity_at_init:
-        pytest.skip(f"{case.id} changes the output from its first step by design")
     base = _logits(build_tiny(kind, task), input_ids)
     assert_close(_logits(_adapted(case, kind, task), input_ids), base, atol=1e-6, rtol=0)
 

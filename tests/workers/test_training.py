@@ -5,6 +5,7 @@ import io
 import zipfile
 
 import pytest
+import safetensors.torch
 import torch
 from django.urls import reverse
 
@@ -106,3 +107,29 @@ def test_seq_cls_run_reports_accuracy(cast):
     run.refresh_from_db()
     assert 0.0 <= run.summary["eval_accuracy"] <= 1.0
     assert 0.0 <= run.summary["base_eval_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("method", "config"),
+    [
+        ("dora", {"r": 4}),
+        ("ia3", {}),
+        ("prompt", {"num_virtual_tokens": 4, "init": "text", "init_text": "Answer:"}),
+        ("prefix", {"num_virtual_tokens": 4, "projection_dim": 8}),
+        ("bottleneck", {"placement": "parallel", "bottleneck_dim": 8, "scaling": 2.0}),
+        ("mam", {"num_virtual_tokens": 4, "bottleneck_dim": 8}),
+    ],
+)
+def test_every_method_runs_on_the_worker(cast, method, config, tmp_path, client):
+    run = _queued(cast, method=method, method_config=config, train_config={"steps": 2})
+    assert execute_run(run.id, worker="test") == "succeeded"
+    run.refresh_from_db()
+    mergeable = method in ("dora", "ia3")
+    assert run.profile["mergeable"] is mergeable
+    assert ("merged_ms" in run.profile) is mergeable
+    directory = _adapter_dir(client, cast.alice, run, tmp_path)
+    model, _ = load_model("tiny-llama", "causal-lm")
+    model = peft_core.load_adapter(model, directory)
+    # What was saved is what loads (a prefix MLP is folded into its table when saving).
+    saved = safetensors.torch.load_file(directory / "adapter_model.safetensors")
+    assert peft_core.trainable_parameters(model) == sum(t.numel() for t in saved.values())

@@ -98,7 +98,162 @@ class IA3Form(MethodForm):
         return {}
 
 
-METHOD_FORMS: dict[str, type[MethodForm]] = {"lora": LoraForm, "dora": DoraForm, "ia3": IA3Form}
+def _virtual_tokens(initial: int, help_text: str) -> forms.IntegerField:
+    return forms.IntegerField(
+        label="Virtual tokens p", min_value=1, max_value=512, initial=initial, help_text=help_text
+    )
+
+
+def _projection_dim() -> forms.IntegerField:
+    return forms.IntegerField(
+        label="Reparameterisation width h",
+        min_value=0,
+        max_value=4096,
+        initial=0,
+        help_text="0: train the prefix directly. h > 0: train it through an MLP of width h "
+        "(steadier optimisation, as in the paper); only the projected prefix is saved.",
+    )
+
+
+def _bottleneck_dim(initial: int) -> forms.IntegerField:
+    return forms.IntegerField(
+        label="Bottleneck width m",
+        min_value=1,
+        max_value=4096,
+        initial=initial,
+        help_text="Width of the adapter's down-projection: 2·d·m + m + d parameters per adapter.",
+    )
+
+
+def _activation() -> forms.ChoiceField:
+    return forms.ChoiceField(
+        choices=ACTIVATION_CHOICES, initial="relu", help_text="Nonlinearity inside the adapter."
+    )
+
+
+def _none_if_zero(kwargs: dict, key: str) -> dict:
+    if not kwargs.get(key):
+        kwargs[key] = None
+    return kwargs
+
+
+class PromptTuningForm(MethodForm):
+    title = "Prompt tuning"
+    summary = (
+        "Learns p soft tokens placed before the input embeddings: p·d parameters, nothing "
+        "else changes. Tiny and swappable; strongest on large models."
+    )
+    num_virtual_tokens = _virtual_tokens(
+        20, "How many soft tokens precede every input. They use up part of the context."
+    )
+    init = forms.ChoiceField(
+        label="Initialisation",
+        choices=[
+            ("random", "Random"),
+            ("vocab", "Embeddings of random vocabulary tokens"),
+            ("text", "Embeddings of a text you give"),
+        ],
+        initial="random",
+        help_text="Starting from real token embeddings (or a task description) often trains "
+        "faster than random vectors.",
+    )
+    init_text = forms.CharField(
+        label="Initial text",
+        required=False,
+        max_length=1000,
+        help_text="For text initialisation, e.g. “Answer the instruction briefly:”.",
+    )
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("init") == "text" and not cleaned.get("init_text"):
+            self.add_error("init_text", "Text initialisation needs a text.")
+        return cleaned
+
+    def config_kwargs(self) -> dict:
+        kwargs = dict(self.cleaned_data)
+        if kwargs["init"] != "text":
+            kwargs.pop("init_text")
+        return kwargs
+
+
+class PrefixTuningForm(MethodForm):
+    title = "Prefix tuning"
+    summary = (
+        "Learns p key/value pairs that every attention layer attends to before the input: "
+        "steers attention at each layer; p·L·2·d_kv parameters are saved."
+    )
+    num_virtual_tokens = _virtual_tokens(20, "Prefix length: key/value pairs added at every layer.")
+    projection_dim = _projection_dim()
+
+    def config_kwargs(self) -> dict:
+        return _none_if_zero(dict(self.cleaned_data), "projection_dim")
+
+
+class BottleneckForm(MethodForm):
+    title = "Bottleneck adapter"
+    summary = (
+        "Small down/up-projection modules x + f(x·W_down)·W_up inside every layer "
+        "(Houlsby: after attention and FFN; Pfeiffer: after the FFN; parallel: beside the "
+        "FFN). The up-projection starts at zero, so training starts from the base model."
+    )
+    placement = forms.ChoiceField(
+        choices=[
+            ("houlsby", "Houlsby — after attention and after the FFN"),
+            ("pfeiffer", "Pfeiffer — after the FFN only"),
+            ("parallel", "Parallel — beside the FFN, scaled"),
+        ],
+        initial="houlsby",
+        help_text="Where the adapters sit; Houlsby has two per layer, the others one.",
+    )
+    bottleneck_dim = _bottleneck_dim(64)
+    activation = _activation()
+    scaling = forms.FloatField(
+        min_value=0.01,
+        max_value=100,
+        initial=1.0,
+        help_text="Parallel only: the adapter's output is multiplied by this (4 in the paper).",
+    )
+    dropout = forms.FloatField(
+        min_value=0, max_value=0.9, initial=0.0, help_text="Dropout on the adapter's input."
+    )
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("placement") != "parallel" and cleaned.get("scaling") not in (None, 1.0):
+            self.add_error(
+                "scaling", "Only a parallel adapter is scaled; keep 1 for this placement."
+            )
+        return cleaned
+
+
+class MAMForm(MethodForm):
+    title = "MAM adapter"
+    summary = (
+        "“Mix-and-match”: a scaled parallel adapter beside the FFN plus prefix tuning in "
+        "attention, trained together (He et al., 2022)."
+    )
+    num_virtual_tokens = _virtual_tokens(30, "Prefix length of the attention half.")
+    projection_dim = _projection_dim()
+    bottleneck_dim = _bottleneck_dim(64)
+    scaling = forms.FloatField(
+        min_value=0.01, max_value=100, initial=4.0, help_text="Scale of the parallel adapter."
+    )
+    activation = _activation()
+
+    def config_kwargs(self) -> dict:
+        return _none_if_zero(dict(self.cleaned_data), "projection_dim")
+
+
+METHOD_FORMS: dict[str, type[MethodForm]] = {
+    "lora": LoraForm,
+    "dora": DoraForm,
+    "ia3": IA3Form,
+    "prompt": PromptTuningForm,
+    "prefix": PrefixTuningForm,
+    "bottleneck": BottleneckForm,
+    "mam": MAMForm,
+}
 
 
 def method_choices() -> list[tuple[str, str]]:
@@ -120,7 +275,11 @@ class SweepItem:
 def method_defaults(method: str) -> dict[str, str]:
     """Form data that equals the method's defaults (an unchecked box is left out)."""
     fields = METHOD_FORMS[method].base_fields
-    return {name: str(f.initial) for name, f in fields.items() if f.initial not in (None, False)}
+    return {
+        name: str(f.initial)
+        for name, f in fields.items()
+        if f.initial is not None and f.initial is not False  # 0 is a value, False a blank box
+    }
 
 
 def expand_sweep(methods: list[str], grid: dict[str, list[str]]) -> list[SweepItem]:

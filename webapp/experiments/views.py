@@ -259,6 +259,8 @@ def _sweep_initial(request, datasets) -> dict:
     }
     if request.GET.get("preset") == "all-methods":
         initial["methods"] = list(METHOD_FORMS)
+        initial["grid"] = "bottleneck.placement = houlsby, pfeiffer, parallel"
+        initial["steps"] = 20
     clone_id = _int_or_none(request.GET.get("clone", ""))
     if clone_id is not None:
         sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=clone_id)
