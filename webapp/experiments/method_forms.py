@@ -257,9 +257,7 @@ METHOD_FORMS: dict[str, type[MethodForm]] = {
 
 
 def method_choices() -> list[tuple[str, str]]:
-    return [
-        (key, f"{form.title} — {form.summary.split('.')[0]}") for key, form in METHOD_FORMS.items()
-    ]
+    return [(key, form.title) for key, form in METHOD_FORMS.items()]
 
 
 MAX_SWEEP_RUNS = 64
