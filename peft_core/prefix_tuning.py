@@ -27,8 +27,12 @@ a forward as state, so gradient checkpointing's recomputation sees the same pref
 Cost per layer and call: one concatenation of P^l with the layer's keys and values; with
 the MLP, its hidden layer (p × h) is recomputed per layer (p·d·h flops) to stay stateless.
 
-Init: P ~ N(0, 1) (HF PEFT's nn.Embedding default); with the MLP, E ~ N(0, 1) and
-PyTorch's Linear init. Trainable parameters: p·L·2·d_kv; with the MLP
+Init: P = the keys and values the frozen model itself computes for p random vocabulary
+tokens, where the model returns a KV cache (the decoders): the paper (§7.2) finds
+activations of real words train better than random vectors, and measured on SmolLM2 (p=20,
+10 steps) eval loss goes 2.30 -> 2.01 from this init but 8.20 -> 6.49 from HF PEFT's
+N(0, 1), which swamps a pretrained model's own keys. Encoders without a cache keep
+P ~ N(0, 1). With the MLP, E ~ N(0, 1) and PyTorch's Linear init. Trainable parameters: p·L·2·d_kv; with the MLP
 p·d + (d·h + h) + (h·L·2·d_kv + L·2·d_kv).
 """
 
@@ -248,7 +252,31 @@ def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> list[s
     for layer, path in enumerate(paths):
         attention = model.get_submodule(path)
         attention.register_forward_pre_hook(AttentionPrefix(encoder, layer), with_kwargs=True)
+    if encoder.transform is None:
+        init_from_real_tokens(model, encoder)
     return paths
+
+
+@torch.no_grad()
+def init_from_real_tokens(model: nn.Module, encoder: PrefixEncoder, seed: int = 0) -> None:
+    """P := the frozen model's own keys/values for p random vocabulary tokens (see Init)."""
+    p = encoder.embedding.shape[0]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, p), generator=generator).to(encoder.embedding.device)
+    was_training, encoder.disabled = model.training, True
+    try:
+        model.eval()
+        cache = getattr(model(input_ids=ids, use_cache=True), "past_key_values", None)
+    finally:
+        encoder.disabled = False
+        model.train(was_training)
+    if cache is None or not hasattr(cache, "layers"):
+        return  # an encoder: no cache to read, P stays random
+    blocks = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
+    # (2, n_kv, p, d_h) per layer -> rows (p, 2·n_kv·d_h): P's per-layer column block.
+    rows = [block.permute(2, 0, 1, 3).reshape(p, -1) for block in blocks]
+    encoder.embedding.copy_(torch.cat(rows, dim=1))
 
 
 def prefix_encoder(model: nn.Module) -> PrefixEncoder:

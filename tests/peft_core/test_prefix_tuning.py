@@ -179,3 +179,20 @@ def test_hidden_size_of_the_projection_input_is_the_model_width():
     encoder = _encoder(_prefixed("bert", "seq-cls", h=H))
     assert encoder.embedding.shape == (P, HIDDEN)
     assert encoder.transform[2].out_features == LAYERS * 2 * D_KV["bert"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_init_from_real_tokens_stays_near_the_base_model(kind, input_ids):
+    """The model's own keys/values as P disturb it far less than HF PEFT's N(0, 1) init."""
+    base = build_tiny(kind, "causal-lm")
+    with torch.no_grad():
+        reference = base(input_ids=input_ids).logits
+    real = peft_core.apply(build_tiny(kind, "causal-lm"), PrefixTuningConfig(num_virtual_tokens=8))
+    random = peft_core.apply(
+        build_tiny(kind, "causal-lm"), PrefixTuningConfig(num_virtual_tokens=8)
+    )
+    with torch.no_grad():
+        random.prefix_encoder.embedding.normal_()
+        real_gap = (real(input_ids=input_ids).logits - reference).abs().mean()
+        random_gap = (random(input_ids=input_ids).logits - reference).abs().mean()
+    assert real_gap < random_gap
