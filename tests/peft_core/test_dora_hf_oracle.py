@@ -4,14 +4,19 @@ same logits, and training-mode outputs, gradients and merged weights agree."""
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.testing import assert_close
 
 import peft_core
 from peft_core.dora import DoraConfig, DoraLinear
 from peft_core.tiny import build_tiny
 from tests.peft_core.test_ia3_hf_oracle import assert_merged_like
-from tests.peft_core.test_lora_hf_oracle import ATOL, HF_TASK, logits, perturb
+from tests.peft_core.test_lora_hf_oracle import (
+    ATOL,
+    HF_TASK,
+    assert_hf_state_is_on_disk,
+    logits,
+    perturb,
+)
 
 CASES = [
     ("llama", "causal-lm", None),
@@ -53,10 +58,7 @@ def test_peft_core_dora_loads_in_hf_peft(kind, task, target, input_ids, tmp_path
     theirs = peft.PeftModel.from_pretrained(build_tiny(kind, task), tmp_path)
     assert theirs.peft_config["default"].use_dora
     assert_close(logits(theirs, input_ids), ours, atol=ATOL, rtol=0)
-    on_disk = load_file(tmp_path / "adapter_model.safetensors")
-    loaded = peft.get_peft_model_state_dict(theirs)
-    assert loaded.keys() == on_disk.keys()
-    assert all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+    assert_hf_state_is_on_disk(theirs, tmp_path)
 
 
 @pytest.mark.parametrize("kind,task,target", CASES)

@@ -4,14 +4,19 @@ logits, the same vectors and the same trainable count; merged weights agree."""
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.testing import assert_close
 
 import peft_core
 from peft_core.ia3 import IA3Config, IA3Linear
 from peft_core.tiny import build_tiny
-from tests.peft_core.test_lora_hf_oracle import ATOL, HF_TASK, logits, perturb
+from tests.peft_core.test_lora_hf_oracle import (
+    ATOL,
+    HF_TASK,
+    assert_hf_state_is_on_disk,
+    logits,
+    perturb,
+)
 
 # (kind, task, target_modules, feedforward_modules); None: the architecture's defaults
 CASES = [
@@ -33,10 +38,7 @@ def test_peft_core_ia3_loads_in_hf_peft(kind, task, target, feedforward, input_i
     peft_core.save_adapter(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(build_tiny(kind, task), tmp_path)
     assert_close(logits(theirs, input_ids), ours, atol=ATOL, rtol=0)
-    on_disk = load_file(tmp_path / "adapter_model.safetensors")
-    loaded = peft.get_peft_model_state_dict(theirs)
-    assert loaded.keys() == on_disk.keys()
-    assert all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+    assert_hf_state_is_on_disk(theirs, tmp_path)
 
 
 @pytest.mark.parametrize("kind,task,target,feedforward", CASES)

@@ -39,6 +39,15 @@ def perturb(model: nn.Module, seed: int = 2) -> None:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
 
 
+def assert_hf_state_is_on_disk(theirs, directory) -> None:
+    """What HF PEFT loaded is, key for key and bit for bit, what we wrote (it only warns on
+    missing LoRA keys, so equal logits alone could hide a dropped tensor)."""
+    on_disk = load_file(directory / "adapter_model.safetensors")
+    loaded = peft.get_peft_model_state_dict(theirs)
+    assert loaded.keys() == on_disk.keys()
+    assert all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+
+
 @pytest.mark.parametrize("kind,task,target", CASES)
 def test_peft_core_adapter_loads_in_hf_peft(kind, task, target, input_ids, tmp_path):
     config = LoraConfig(r=4, alpha=8.0, target_modules=target, use_rslora=target == "all-linear")
@@ -49,10 +58,7 @@ def test_peft_core_adapter_loads_in_hf_peft(kind, task, target, input_ids, tmp_p
     peft_core.save_adapter(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(build_tiny(kind, task), tmp_path)
     assert_close(logits(theirs, input_ids), ours, atol=ATOL, rtol=0)
-    on_disk = load_file(tmp_path / "adapter_model.safetensors")
-    loaded = peft.get_peft_model_state_dict(theirs)
-    assert loaded.keys() == on_disk.keys()
-    assert all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+    assert_hf_state_is_on_disk(theirs, tmp_path)
 
 
 @pytest.mark.parametrize("kind,task,target", CASES)

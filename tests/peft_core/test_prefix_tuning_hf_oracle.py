@@ -9,7 +9,6 @@ which transformers 5 renamed `cache`, so its own forward refuses prefix tuning t
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.testing import assert_close
 
@@ -17,7 +16,13 @@ import peft_core
 from peft_core.prefix_tuning import PrefixTuningConfig
 from peft_core.tiny import build_tiny
 from tests.peft_core.method_cases import ARCHITECTURES
-from tests.peft_core.test_lora_hf_oracle import ATOL, HF_TASK, logits, perturb
+from tests.peft_core.test_lora_hf_oracle import (
+    ATOL,
+    HF_TASK,
+    assert_hf_state_is_on_disk,
+    logits,
+    perturb,
+)
 from tests.peft_core.test_prompt_tuning_hf_oracle import left_padding
 
 P, H = 4, 16
@@ -65,10 +70,7 @@ def test_peft_core_prefix_loads_in_hf_peft(kind, task, h, input_ids, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=input_ids, attention_mask=mask).logits
     assert_close(hf_logits(theirs, task, input_ids, mask), expected, atol=ATOL, rtol=0)
-    on_disk = load_file(tmp_path / "adapter_model.safetensors")
-    loaded = peft.get_peft_model_state_dict(theirs)
-    assert loaded.keys() == on_disk.keys()
-    assert all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+    assert_hf_state_is_on_disk(theirs, tmp_path)
 
 
 @pytest.mark.parametrize(("kind", "task", "h"), CASES)

@@ -7,7 +7,6 @@ compared. Its BERT classifier pools the first virtual token, and so does ours.
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.testing import assert_close
 
@@ -15,7 +14,13 @@ import peft_core
 from peft_core.prompt_tuning import PromptTuningConfig
 from peft_core.tiny import build_tiny
 from tests.peft_core.method_cases import ARCHITECTURES
-from tests.peft_core.test_lora_hf_oracle import ATOL, HF_TASK, logits, perturb
+from tests.peft_core.test_lora_hf_oracle import (
+    ATOL,
+    HF_TASK,
+    assert_hf_state_is_on_disk,
+    logits,
+    perturb,
+)
 
 P = 4
 
@@ -46,10 +51,7 @@ def test_peft_core_prompt_loads_in_hf_peft(kind, task, input_ids, tmp_path):
     mask = left_padding(input_ids)
     expected = real_logits(model, input_ids, mask)
     assert_close(real_logits(theirs, input_ids, mask), expected, atol=ATOL, rtol=0)
-    on_disk = load_file(tmp_path / "adapter_model.safetensors")
-    loaded = peft.get_peft_model_state_dict(theirs)
-    assert loaded.keys() == on_disk.keys()
-    assert all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+    assert_hf_state_is_on_disk(theirs, tmp_path)
 
 
 @pytest.mark.parametrize(("kind", "task"), ARCHITECTURES)
