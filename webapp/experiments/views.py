@@ -72,7 +72,7 @@ def _default_dataset_id(datasets) -> int | None:
 def run_new(request):
     projects = selectors.project_list_for_launch(user=request.user)
     datasets = selectors.dataset_list_for_user(user=request.user)
-    initial = {"base_model": "smollm2-135m-instruct", "name": "lora-r8"}
+    initial = {"base_model": "smollm2-135m-instruct", "name": "first run"}
     initial["dataset"] = request.GET.get("dataset") or _default_dataset_id(datasets)
     form = RunForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
     method_form = _method_form(request.POST.get("method", "lora"), request.POST or None)
