@@ -78,3 +78,19 @@ def test_eta_follows_the_pace_of_training_steps(run):
     services.run_heartbeat(run_id=run.id, fence=fence, step=4)
     run.refresh_from_db()
     assert selectors.run_eta_seconds(run=run) == pytest.approx(12.0)  # 6 steps left × 2 s
+
+
+def test_run_page_series_are_downsampled_and_keep_a_spike(run):
+    from webapp.experiments import selectors
+
+    fence = services.run_claim(run_id=run.id, worker="a")
+    points = [
+        Point("train_loss", s, 1.0 + (50.0 if s == 3333 else 0.0), 0.0) for s in range(1, 5001)
+    ]
+    points += [Point("grad_norm", s, 0.5, 0.0) for s in range(1, 5001)]
+    services.metrics_record(run_id=run.id, fence=fence, points=points)
+    series = selectors.metric_series(run=run)
+    assert set(series) == {"train_loss"}  # only what the run page draws
+    loss = series["train_loss"]
+    assert len(loss["step"]) <= 1000 and 51.0 in loss["value"]
+    assert loss["step"][loss["value"].index(51.0)] == 3333

@@ -7,6 +7,7 @@ from django.db.models import Q, QuerySet
 from django.http import Http404
 
 from webapp.accounts.models import Membership, Role, Team
+from webapp.experiments.downsample import DEFAULT_MAX_POINTS, downsample_minmax
 from webapp.experiments.models import Artifact, Dataset, MetricPoint, Project, Run, Sweep
 
 
@@ -116,16 +117,23 @@ def artifact_list_for_run(*, run: Run) -> QuerySet[Artifact]:
     return Artifact.objects.filter(run=run)
 
 
-def metric_series(*, run: Run, keys: tuple[str, ...] | None = None) -> dict[str, dict]:
-    """{key: {"step": [...], "value": [...]}} ordered by step."""
-    points = MetricPoint.objects.filter(run=run).order_by("key", "step")
-    if keys:
-        points = points.filter(key__in=keys)
-    series: dict[str, dict] = {}
-    for key, step, value in points.values_list("key", "step", "value"):
-        entry = series.setdefault(key, {"step": [], "value": []})
-        entry["step"].append(step)
-        entry["value"].append(value)
+RUN_PAGE_CURVES = ("train_loss", "eval_loss", "base_eval_loss")
+
+
+def metric_series(
+    *, run: Run, keys: tuple[str, ...] = RUN_PAGE_CURVES, max_points: int = DEFAULT_MAX_POINTS
+) -> dict[str, dict]:
+    """{key: {"step": [...], "value": [...]}} by step, min/max-downsampled to ~max_points."""
+    points = MetricPoint.objects.filter(run=run, key__in=keys).order_by("key", "step")
+    raw: dict[str, tuple[list, list]] = {}
+    for key, step, value in points.values_list("key", "step", "value").iterator(2000):
+        steps, values = raw.setdefault(key, ([], []))
+        steps.append(step)
+        values.append(value)
+    series = {}
+    for key, (steps, values) in raw.items():
+        kept_steps, kept_values = downsample_minmax(steps, values, max_points)
+        series[key] = {"step": kept_steps, "value": kept_values}
     return series
 
 
