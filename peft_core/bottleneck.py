@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_core.methods import Method
+from peft_core.methods import Method, WrappedLinear
 from peft_core.targets import ADAPTER_SITES, AdapterSites, model_type
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -150,17 +150,8 @@ class BottleneckLayer(nn.Module):
         return f"scaling={self.scaling:g}"
 
 
-class SequentialAdapter(BottleneckLayer):
+class SequentialAdapter(WrappedLinear, BottleneckLayer):
     """A sublayer's output projection followed by y + branch(y) (Houlsby, Pfeiffer)."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight, for code that reads `layer.weight` (dtype checks, init)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (…, d)

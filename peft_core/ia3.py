@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_core.methods import Method
+from peft_core.methods import Method, WrappedLinear
 from peft_core.targets import (
     ALL_LINEAR,
     IA3_FEEDFORWARD,
@@ -97,7 +97,7 @@ def _normalise_spec(spec: Any, field: str) -> TargetSpec:
     return _normalise_names(spec)
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear, nn.Module):
     """An nn.Linear or Conv1D `base_layer` whose output (or, feed-forward, input) is scaled by l."""
 
     def __init__(self, base_layer: nn.Module, feedforward: bool):
@@ -113,15 +113,6 @@ class IA3Linear(nn.Module):
         self.ia3_l = nn.Parameter(torch.ones(shape, device=weight.device, dtype=dtype))
         self.disabled = False
         self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight, for code that reads `layer.weight` (dtype checks, tying)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_core.methods import Method
+from peft_core.methods import Method, WrappedLinear
 from peft_core.targets import ALL_LINEAR, TargetSpec, compact_target_names, resolve_targets
 
 MAX_RANK = 1024
@@ -101,7 +101,7 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrappedLinear, nn.Module):
     """An nn.Linear or Conv1D `base_layer` plus the low-rank path lora_B(lora_A(x))·scale."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, rslora: bool):
@@ -120,15 +120,6 @@ class LoraLinear(nn.Module):
         self.disabled = False
         self.merged = False
         self.reset_lora_parameters()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight, for code that reads `layer.weight` (dtype checks, tying)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))

@@ -57,3 +57,16 @@ class Method:
     def prefixes(self) -> tuple[str, ...]:
         """Every parameter-name prefix the method owns: `prefix`, then `extra_prefixes`."""
         return (self.prefix, *self.extra_prefixes)
+
+
+class WrappedLinear:
+    """Mixin for a layer that wraps a Linear/Conv1D as `base_layer`: code that reads
+    `layer.weight` or `layer.bias` (dtype checks, weight tying) sees the base layer's."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
