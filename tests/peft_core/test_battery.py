@@ -15,6 +15,7 @@ from torch.testing import assert_close
 import peft_core
 from peft_core.tiny import build_tiny
 from tests.peft_core.method_cases import CASES
+from tests.peft_core.test_lora import loss_of, perturb
 
 PARAMS = [
     pytest.param(case, kind, task, id=f"{case.id}-{kind}-{task}")
@@ -31,20 +32,6 @@ def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def _adapted(case, kind: str, task: str) -> nn.Module:
     torch.manual_seed(0)
     return peft_core.apply(build_tiny(kind, task), case.config(kind, task))
-
-
-def _perturb(model: nn.Module, seed: int = 1) -> None:
-    """Move every trainable tensor off its init: a zero-initialised factor would hide bugs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-
-
-def _loss(model: nn.Module, input_ids: torch.Tensor, task: str) -> torch.Tensor:
-    labels = input_ids if task == "causal-lm" else torch.tensor([0, 1])
-    return model(input_ids=input_ids, labels=labels).loss
 
 
 def _head_params(model: nn.Module) -> int:
@@ -74,7 +61,7 @@ def test_only_adapter_params_change_after_a_step(case, kind, task, input_ids):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    _loss(model, input_ids, task).backward()
+    loss_of(model, input_ids, task).backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -84,7 +71,7 @@ def test_only_adapter_params_change_after_a_step(case, kind, task, input_ids):
 @pytest.mark.parametrize(("case", "kind", "task"), PARAMS)
 def test_merge_matches_unmerged_or_is_refused(case, kind, task, input_ids):
     model = _adapted(case, kind, task)
-    _perturb(model)
+    perturb(model)
     model.eval()
     unmerged = _logits(model, input_ids)
     if not case.mergeable:
@@ -101,7 +88,7 @@ def test_merge_matches_unmerged_or_is_refused(case, kind, task, input_ids):
 def test_disabled_gives_the_base_model(case, kind, task, input_ids):
     base = _logits(build_tiny(kind, task), input_ids)
     model = _adapted(case, kind, task)
-    _perturb(model)
+    perturb(model)
     model.eval()
     adapted = _logits(model, input_ids)
     assert not torch.allclose(adapted, base, atol=1e-4)
@@ -113,7 +100,7 @@ def test_disabled_gives_the_base_model(case, kind, task, input_ids):
 @pytest.mark.parametrize(("case", "kind", "task"), PARAMS)
 def test_save_then_load_reproduces_outputs(case, kind, task, input_ids, tmp_path):
     model = _adapted(case, kind, task)
-    _perturb(model)
+    perturb(model)
     model.eval()
     expected = _logits(model, input_ids)
     peft_core.save_adapter(model, tmp_path)
@@ -128,7 +115,7 @@ def test_save_then_load_reproduces_outputs(case, kind, task, input_ids, tmp_path
 @pytest.mark.parametrize(("case", "kind", "task"), PARAMS)
 def test_bf16_forward_is_finite(case, kind, task, input_ids):
     model = _adapted(case, kind, task)
-    _perturb(model)
+    perturb(model)
     model.to(torch.bfloat16).eval()
     assert torch.isfinite(_logits(model, input_ids).float()).all()
 
@@ -138,7 +125,7 @@ def test_bf16_forward_is_finite(case, kind, task, input_ids):
 )
 def test_generate_works(case, kind, task, input_ids):
     model = _adapted(case, kind, task)
-    _perturb(model)
+    perturb(model)
     model.eval()
     attention_mask = torch.ones_like(input_ids)
     out = model.generate(
@@ -160,7 +147,7 @@ def test_trains_with_gradient_checkpointing(case, kind, task, input_ids):
     model = _adapted(case, kind, task)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    loss = _loss(model, input_ids, task)
+    loss = loss_of(model, input_ids, task)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert torch.isfinite(loss)
