@@ -81,6 +81,9 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "template_partials",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "webapp.accounts",
     "webapp.experiments",
 ]
@@ -223,3 +226,32 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
+
+# REST API (/api/v1/): a personal token (Authorization: Bearer …) or the browser's session,
+# whose unsafe requests need the CSRF token as the pages' do.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "webapp.api.auth.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "PEFT Lab API",
+    "DESCRIPTION": "Launch, watch and compare parameter-efficient fine-tuning runs.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# Secrets shown once (API tokens, share links, invitations) are stored as SHA-256 digests.
+API_TOKEN_TOUCH_SECONDS = 60  # last-used time is written at most this often per token
+SHARE_LINK_MAX_DAYS = env_int("PEFTLAB_SHARE_LINK_MAX_DAYS", 90, minimum=1)
+INVITATION_DAYS = env_int("PEFTLAB_INVITATION_DAYS", 7, minimum=1)

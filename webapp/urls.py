@@ -9,5 +9,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("health/", health, name="health"),
     path("admin/", admin.site.urls),
+    path("api/v1/", include("webapp.api.urls")),
+    path("", include("webapp.accounts.urls")),
     path("", include("webapp.experiments.urls")),
 ]

@@ -129,6 +129,9 @@ class Run(models.Model):
     summary = models.JSONField(default=dict)
     # Measured after training: params, adapter bytes, memory, throughput, latency, samples.
     profile = models.JSONField(default=dict)
+    # Trained outside PEFT Lab; its metrics arrive through the API's batched ingest.
+    external = models.BooleanField(default=False)
+    notes = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
@@ -167,6 +170,58 @@ class Tag(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Comment(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="comments")
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    body = models.TextField(max_length=5000)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"comment {self.id} on run {self.run_id}"
+
+
+class ShareScope(models.TextChoices):
+    RUN = "run", "Run"
+    COMPARE = "compare", "Comparison"
+
+
+class ShareLink(models.Model):
+    """A read-only link to a run or a comparison for people without an account.
+
+    The URL carries a 256-bit secret; only its digest is stored. A revoked or expired link
+    answers 404, as an unknown one does.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="share_links")
+    scope = models.CharField(max_length=10, choices=ShareScope.choices)
+    run = models.ForeignKey(
+        Run, on_delete=models.CASCADE, null=True, blank=True, related_name="share_links"
+    )
+    run_ids = models.JSONField(default=list, blank=True)  # a comparison's runs, in order
+    digest = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"share link {self.id} ({self.scope})"
+
+    def is_live(self, now) -> bool:
+        return self.revoked_at is None and self.expires_at > now
 
 
 class MetricPoint(models.Model):

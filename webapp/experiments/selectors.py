@@ -5,10 +5,21 @@ import json
 
 from django.db.models import Q, QuerySet
 from django.http import Http404
+from django.utils import timezone
 
 from webapp.accounts.models import Membership, Role, Team
+from webapp.accounts.secrets import secret_digest
 from webapp.experiments.downsample import DEFAULT_MAX_POINTS, downsample_minmax
-from webapp.experiments.models import Artifact, Dataset, MetricPoint, Project, Run, Sweep
+from webapp.experiments.models import (
+    Artifact,
+    Comment,
+    Dataset,
+    MetricPoint,
+    Project,
+    Run,
+    ShareLink,
+    Sweep,
+)
 
 
 def team_list_for_user(*, user) -> QuerySet[Team]:
@@ -147,6 +158,58 @@ def run_eta_seconds(*, run: Run) -> float | None:
         return None
     per_step = (last.wall_time - first.wall_time) / (last.step - first.step)
     return max(0.0, per_step * (run.total_steps - run.step))
+
+
+def artifact_list_for_user(*, user) -> QuerySet[Artifact]:
+    return Artifact.objects.filter(run__project__team__memberships__user=user).select_related("run")
+
+
+def artifact_get_for_user(*, user, artifact_id: int) -> Artifact:
+    return _get_or_404(artifact_list_for_user(user=user), artifact_id)
+
+
+def comment_list_for_run(*, run: Run) -> QuerySet[Comment]:
+    return Comment.objects.filter(run=run).select_related("author")
+
+
+def comment_get_for_user(*, user, comment_id: int) -> Comment:
+    comments = Comment.objects.filter(run__project__team__memberships__user=user)
+    return _get_or_404(comments.select_related("run__project__team"), comment_id)
+
+
+def share_link_list_for_user(*, user) -> QuerySet[ShareLink]:
+    return ShareLink.objects.filter(team__memberships__user=user).select_related(
+        "team", "run", "created_by"
+    )
+
+
+def share_link_get_for_user(*, user, link_id: int) -> ShareLink:
+    return _get_or_404(share_link_list_for_user(user=user), link_id)
+
+
+def share_link_resolve(*, secret: str) -> ShareLink:
+    """The live link with this secret; unknown, revoked and expired links are all 404."""
+    now = timezone.now()
+    link = (
+        ShareLink.objects.select_related("team", "run", "run__project", "run__dataset")
+        .filter(digest=secret_digest(secret[:100]), revoked_at__isnull=True, expires_at__gt=now)
+        .first()
+    )
+    if link is None:
+        raise Http404("Not found")
+    if link.last_used_at is None or (now - link.last_used_at).total_seconds() > 60:
+        ShareLink.objects.filter(id=link.id).update(last_used_at=now)
+    return link
+
+
+def share_link_runs(*, link: ShareLink) -> list[Run]:
+    """The runs a link shows, only those still in the link's team, in the link's order."""
+    ids = [link.run_id] if link.run_id else list(link.run_ids)
+    runs = Run.objects.filter(id__in=ids, project__team=link.team).select_related(
+        "project", "project__team", "dataset", "created_by"
+    )
+    found = {run.id: run for run in runs}
+    return [found[i] for i in ids if i in found]
 
 
 def _get_or_404(queryset: QuerySet, pk: int):

@@ -8,24 +8,32 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
 from peft_core.data import DatasetError, label_names, parse_dataset
-from webapp.accounts.models import Membership, Team
+from webapp.accounts.models import Team
+from webapp.accounts.permissions import Action, require
+from webapp.accounts.secrets import secret_new
+from webapp.accounts.services import audit_record
 from webapp.experiments.method_forms import SweepItem
 from webapp.experiments.models import (
+    FINISHED_STATUSES,
     Artifact,
     ArtifactChunk,
+    Comment,
     Dataset,
     MetricPoint,
     Project,
     Run,
     RunStatus,
+    ShareLink,
+    ShareScope,
     Sweep,
     Tag,
 )
@@ -38,9 +46,7 @@ class StaleFenceError(RuntimeError):
 
 
 def _require_launcher(*, user, team: Team) -> None:
-    membership = Membership.objects.filter(user=user, team=team).first()
-    if membership is None or not membership.can_launch:
-        raise PermissionDenied("Your role in this team cannot launch or change runs.")
+    require(user=user, team=team, action=Action.LAUNCH)
 
 
 def run_create(
@@ -129,7 +135,7 @@ def run_cancel_request(*, user, run: Run) -> Run:
 
 
 def run_tag_add(*, user, run: Run, name: str) -> Tag:
-    _require_launcher(user=user, team=run.project.team)
+    require(user=user, team=run.project.team, action=Action.ANNOTATE)
     name = name.strip()
     if not name or len(name) > 50:
         raise ValidationError("A tag has 1 to 50 characters.")
@@ -138,7 +144,7 @@ def run_tag_add(*, user, run: Run, name: str) -> Tag:
 
 
 def run_tag_remove(*, user, run: Run, name: str) -> None:
-    _require_launcher(user=user, team=run.project.team)
+    require(user=user, team=run.project.team, action=Action.ANNOTATE)
     Tag.objects.filter(run=run, name=name).delete()
 
 
@@ -271,3 +277,201 @@ def _upload_format(filename: str) -> str:
     if lowered.endswith((".jsonl", ".ndjson")):
         return "jsonl"
     raise ValidationError("Upload a .csv or .jsonl file.")
+
+
+# ---- notes, comments, deletion ------------------------------------------------------------
+
+NOTES_MAX_CHARS = 20_000
+COMMENT_MAX_CHARS = 5_000
+
+
+def run_notes_update(*, user, run: Run, notes: str) -> Run:
+    require(user=user, team=run.project.team, action=Action.ANNOTATE)
+    if len(notes) > NOTES_MAX_CHARS:
+        raise ValidationError(f"Notes hold at most {NOTES_MAX_CHARS:,} characters.")
+    Run.objects.filter(id=run.id).update(notes=notes)
+    run.notes = notes
+    return run
+
+
+def comment_create(*, user, run: Run, body: str) -> Comment:
+    require(user=user, team=run.project.team, action=Action.ANNOTATE)
+    body = body.strip()
+    if not body or len(body) > COMMENT_MAX_CHARS:
+        raise ValidationError(f"A comment has 1 to {COMMENT_MAX_CHARS:,} characters.")
+    return Comment.objects.create(run=run, author=user, body=body)
+
+
+def comment_delete(*, user, comment: Comment) -> None:
+    """Authors delete their own comments; admins and owners delete any."""
+    team = comment.run.project.team
+    if comment.author_id == user.id:
+        require(user=user, team=team, action=Action.ANNOTATE)
+    else:
+        require(user=user, team=team, action=Action.DELETE)
+    comment.delete()
+
+
+def run_delete(*, user, run: Run, ip: str | None = None) -> None:
+    """Delete a finished run with its metrics and adapter; a live run must be cancelled first."""
+    team = run.project.team
+    require(user=user, team=team, action=Action.DELETE)
+    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        raise ValidationError("Cancel the run first: a queued or running run cannot be deleted.")
+    target = f"run {run.id} “{run.name}”"
+    run.delete()
+    audit_record(actor=user, team=team, action="run.delete", target=target, ip=ip)
+
+
+def sweep_delete(*, user, sweep: Sweep, ip: str | None = None) -> int:
+    """Delete a sweep and its runs; refused while any of them is queued or running."""
+    team = sweep.project.team
+    require(user=user, team=team, action=Action.DELETE)
+    if sweep.runs.filter(status__in=(RunStatus.QUEUED, RunStatus.RUNNING)).exists():
+        raise ValidationError("Cancel the sweep's live runs first.")
+    target = f"sweep {sweep.id} “{sweep.name}”"
+    with transaction.atomic():
+        deleted, _ = sweep.runs.all().delete()
+        sweep.delete()
+    audit_record(actor=user, team=team, action="sweep.delete", target=target, ip=ip)
+    return deleted
+
+
+def dataset_delete(*, user, dataset: Dataset, ip: str | None = None) -> None:
+    if dataset.team is None:
+        raise ValidationError("Built-in datasets cannot be deleted.")
+    require(user=user, team=dataset.team, action=Action.DELETE)
+    if dataset.runs.exists() or dataset.sweeps.exists():
+        raise ValidationError("Runs use this dataset; delete them first.")
+    target = f"dataset {dataset.id} “{dataset.name}”"
+    dataset.delete()
+    audit_record(actor=user, team=dataset.team, action="dataset.delete", target=target, ip=ip)
+
+
+# ---- share links --------------------------------------------------------------------------
+
+SHARE_LINK_PREFIX = "pls"
+
+
+def share_link_create(
+    *,
+    user,
+    team: Team,
+    scope: str,
+    run: Run | None = None,
+    run_ids: list[int] | None = None,
+    days: int = 30,
+    ip: str | None = None,
+) -> tuple[ShareLink, str]:
+    """A read-only link and its secret (shown once). The caller has checked the runs' team."""
+    require(user=user, team=team, action=Action.SHARE)
+    if not 1 <= days <= settings.SHARE_LINK_MAX_DAYS:
+        raise ValidationError(f"A link lives 1 to {settings.SHARE_LINK_MAX_DAYS} days.")
+    if scope == ShareScope.RUN and (run is None or run.project.team_id != team.id):
+        raise ValidationError("A run link needs one of the team's runs.")
+    if scope == ShareScope.COMPARE and not run_ids:
+        raise ValidationError("A comparison link needs at least one run.")
+    plain, digest = secret_new(SHARE_LINK_PREFIX)
+    link = ShareLink.objects.create(
+        team=team,
+        scope=scope,
+        run=run if scope == ShareScope.RUN else None,
+        run_ids=list(run_ids or []) if scope == ShareScope.COMPARE else [],
+        digest=digest,
+        created_by=user,
+        expires_at=timezone.now() + timedelta(days=days),
+    )
+    detail = {"scope": scope, "days": days, "run": run.id if run else None, "runs": run_ids}
+    audit_record(
+        actor=user, team=team, action="share_link.create", target=str(link), detail=detail, ip=ip
+    )
+    return link, plain
+
+
+def share_link_revoke(*, user, link: ShareLink, ip: str | None = None) -> None:
+    """The link's creator (member or above) or an admin revokes it; it answers 404 from then on."""
+    if link.created_by_id == user.id:
+        require(user=user, team=link.team, action=Action.SHARE)
+    else:
+        require(user=user, team=link.team, action=Action.DELETE)
+    if link.revoked_at is None:
+        ShareLink.objects.filter(id=link.id).update(revoked_at=timezone.now())
+        audit_record(
+            actor=user, team=link.team, action="share_link.revoke", target=str(link), ip=ip
+        )
+
+
+# ---- runs trained elsewhere: created, fed and finished through the API ---------------------
+
+
+def run_create_external(
+    *,
+    user,
+    project: Project,
+    name: str,
+    base_model: str,
+    dataset: Dataset,
+    method: str,
+    method_config: dict,
+    train_config: dict,
+) -> Run:
+    """A run trained outside PEFT Lab: no worker takes it; the API feeds its metrics."""
+    _require_launcher(user=user, team=project.team)
+    now = timezone.now()
+    return Run.objects.create(
+        project=project,
+        name=name,
+        created_by=user,
+        base_model=base_model,
+        dataset=dataset,
+        method=method,
+        method_config=method_config,
+        train_config=train_config,
+        total_steps=int(train_config.get("steps", 0)),
+        external=True,
+        status=RunStatus.RUNNING,
+        worker="external",
+        started_at=now,
+        heartbeat_at=now,
+    )
+
+
+MAX_INGEST_POINTS = 10_000
+
+
+def metrics_ingest(*, user, run: Run, points: list[Point]) -> int:
+    """Store a batch for an external run; a point already stored (run, key, step) is kept as
+    it was, so a client that retries a batch changes nothing. Returns the points given."""
+    _require_launcher(user=user, team=run.project.team)
+    if not run.external:
+        raise ValidationError("PEFT Lab's workers write this run's metrics; it takes no ingest.")
+    if run.status != RunStatus.RUNNING:
+        raise ValidationError(f"The run is {run.status}; metrics are taken while it runs.")
+    if len(points) > MAX_INGEST_POINTS:
+        raise ValidationError(f"At most {MAX_INGEST_POINTS:,} points per batch.")
+    MetricPoint.objects.bulk_create(
+        [
+            MetricPoint(run_id=run.id, key=p.key, step=p.step, value=p.value, wall_time=p.wall_time)
+            for p in points
+        ],
+        batch_size=1000,
+        ignore_conflicts=True,
+    )
+    top = max((p.step for p in points), default=0)
+    Run.objects.filter(id=run.id, step__lt=top).update(step=top, heartbeat_at=timezone.now())
+    return len(points)
+
+
+def run_finish_external(*, user, run: Run, status: str, summary: dict | None = None) -> Run:
+    _require_launcher(user=user, team=run.project.team)
+    if not run.external:
+        raise ValidationError("Only a run trained elsewhere is finished through the API.")
+    if status not in FINISHED_STATUSES:
+        raise ValidationError("Finish with succeeded, failed or cancelled.")
+    fields = {"status": status, "finished_at": timezone.now()}
+    if summary is not None:
+        fields["summary"] = summary
+    if not Run.objects.filter(id=run.id, status=RunStatus.RUNNING).update(**fields):
+        raise ValidationError(f"The run is already {run.status}.")
+    run.refresh_from_db()
+    return run

@@ -1,0 +1,1 @@
+"""PEFT Lab's Python client and command line (`peftlab`)."""

@@ -1,0 +1,3 @@
+"""/api/v1/ (filled in by the API module)."""
+
+urlpatterns: list = []
