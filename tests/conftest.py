@@ -63,3 +63,25 @@ def cast(db, builtin_datasets):
         mallory=_member("mallory", umbrella, Role.OWNER),
         datasets=builtin_datasets,
     )
+
+
+@pytest.fixture
+def make_run(cast):
+    """make_run(**fields): a Run row of Acme (not enqueued), for pages that only read it."""
+    from webapp.experiments.models import Run
+
+    def make(**fields):
+        defaults = {
+            "project": cast.acme_project,
+            "name": "lora-r8",
+            "created_by": cast.alice,
+            "base_model": "tiny-llama",
+            "dataset": cast.datasets["sample-instructions"],
+            "method": "lora",
+            "method_config": {"r": 8},
+            "train_config": {"steps": 5},
+            "total_steps": 5,
+        }
+        return Run.objects.create(**{**defaults, **fields})
+
+    return make

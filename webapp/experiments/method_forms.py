@@ -280,6 +280,18 @@ def method_defaults(method: str) -> dict[str, str]:
     }
 
 
+def method_form_initial(method: str, config: dict) -> dict:
+    """A method form's initial values from a stored config (the inverse of config_kwargs)."""
+    if method not in METHOD_FORMS:
+        return {}
+    fields = METHOD_FORMS[method].base_fields
+    initial = {name: field.initial for name, field in fields.items()}
+    for name, value in config.items():
+        if name in fields:
+            initial[name] = 0 if value is None and name == "projection_dim" else value
+    return initial
+
+
 def expand_sweep(methods: list[str], grid: dict[str, list[str]]) -> list[SweepItem]:
     """Every method × every combination of its listed values, each validated by its form."""
     _check_grid_keys(methods, grid)

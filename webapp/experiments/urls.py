@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.experiments import views
+from webapp.experiments import share_views, views
 
 urlpatterns = [
     path("", views.run_list, name="runs"),
@@ -9,14 +9,28 @@ urlpatterns = [
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/live/", views.run_live, name="run_live"),
     path("runs/<int:run_id>/cancel/", views.run_cancel, name="run_cancel"),
+    path("runs/<int:run_id>/delete/", views.run_delete, name="run_delete"),
     path("runs/<int:run_id>/tags/", views.run_tags, name="run_tags"),
+    path("runs/<int:run_id>/notes/", views.run_notes, name="run_notes"),
+    path("runs/<int:run_id>/comments/", views.run_comment, name="run_comment"),
+    path("runs/<int:run_id>/share/", views.run_share, name="run_share"),
     path("runs/<int:run_id>/adapter.zip", views.run_adapter_download, name="run_adapter_download"),
+    path("comments/<int:comment_id>/delete/", views.comment_delete, name="comment_delete"),
     path("sweeps/new/", views.sweep_new, name="sweep_new"),
     path("sweeps/<int:sweep_id>/", views.sweep_detail, name="sweep_detail"),
     path("sweeps/<int:sweep_id>/live/", views.sweep_live, name="sweep_live"),
+    path("sweeps/<int:sweep_id>/delete/", views.sweep_delete, name="sweep_delete"),
     path("compare/", views.compare, name="compare"),
     path("compare/tradeoffs.csv", views.compare_csv, name="compare_csv"),
+    path("compare/share/", views.compare_share, name="compare_share"),
     path("datasets/", views.dataset_list, name="datasets"),
     path("datasets/upload/", views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:dataset_id>/", views.dataset_detail, name="dataset_detail"),
+    path("datasets/<int:dataset_id>/delete/", views.dataset_delete, name="dataset_delete"),
+    path("share-links/", views.share_link_list, name="share_links"),
+    path("share-links/<int:link_id>/revoke/", views.share_link_revoke, name="share_link_revoke"),
+    # Read-only pages for people holding a share link; no login, the secret is the key.
+    path("s/<str:secret>/", share_views.shared, name="share_view"),
+    path("s/<str:secret>/live/", share_views.shared_live, name="share_live"),
+    path("s/<str:secret>/adapter.zip", share_views.shared_adapter, name="share_adapter"),
 ]

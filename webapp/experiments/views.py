@@ -6,13 +6,16 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HTMX_STOP_POLLING
 
 from peft_core.catalogue import CATALOGUE
+from webapp.accounts.permissions import Action, can
 from webapp.experiments import comparison, selectors, services
 from webapp.experiments.forms import DatasetUploadForm, RunForm, SweepForm
-from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep
+from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep, method_form_initial
 from webapp.experiments.models import RunStatus
 from webapp.experiments.zipstream import stream_zip
 
@@ -74,8 +77,15 @@ def run_new(request):
     datasets = selectors.dataset_list_for_user(user=request.user)
     initial = {"base_model": "smollm2-135m-instruct", "name": "first run"}
     initial["dataset"] = request.GET.get("dataset") or _default_dataset_id(datasets)
+    method_initial = None
+    clone_id = _int_or_none(request.GET.get("clone", ""))
+    if clone_id is not None and request.method == "GET":
+        source = selectors.run_get_for_user(user=request.user, run_id=clone_id)
+        initial |= _clone_initial(source)
+        method_initial = method_form_initial(source.method, source.method_config)
     form = RunForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
-    method_form = _method_form(request.POST.get("method", "lora"), request.POST or None)
+    method = request.POST.get("method") or initial.get("method", "lora")
+    method_form = _method_form(method, request.POST or None, initial=method_initial)
     if request.method == "POST" and form.is_valid() and method_form.is_valid():
         data = form.cleaned_data
         run = services.run_create(
@@ -102,13 +112,34 @@ def run_method_fields(request):
     return render(request, "experiments/run_new.html#method-fields", {"method_form": method_form})
 
 
-def _method_form(method: str, data):
+def _method_form(method: str, data, initial: dict | None = None):
     form_class = METHOD_FORMS.get(method, METHOD_FORMS["lora"])
-    return form_class(data)
+    return form_class(data, initial=initial)
+
+
+def _clone_initial(run) -> dict:
+    """The launch form filled from a run: same project, model, data, method and schedule."""
+    return {
+        "name": f"{run.name} (clone)"[:120],
+        "project": run.project_id,
+        "base_model": run.base_model,
+        "dataset": run.dataset_id,
+        "method": run.method,
+        **run.train_config,
+    }
 
 
 def _run_context(request, run_id: int) -> dict:
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    return run_page_context(run) | {
+        "live_url": reverse("run_live", args=[run.id]),
+        "download_url": reverse("run_adapter_download", args=[run.id]),
+        "role_can": role_can(user=request.user, team=run.project.team),
+    }
+
+
+def run_page_context(run) -> dict:
+    """What the run page shows, for members and for share-link visitors alike."""
     return {
         "run": run,
         "series": selectors.metric_series(run=run),
@@ -118,10 +149,145 @@ def _run_context(request, run_id: int) -> dict:
     }
 
 
+def role_can(*, user, team) -> dict[str, bool]:
+    """{action: allowed} for the template, so it offers only what the role may do."""
+    return {action.value: can(user=user, team=team, action=action) for action in Action}
+
+
+def _client_ip(request) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def _error_text(exc) -> str:
+    return " ".join(getattr(exc, "messages", None) or [str(exc)])
+
+
 @login_required
 @require_GET
 def run_detail(request, run_id: int):
-    return render(request, "experiments/run_detail.html", _run_context(request, run_id))
+    context = _run_context(request, run_id)
+    run = context["run"]
+    context |= {
+        "comments": selectors.comment_list_for_run(run=run),
+        "share_links": selectors.share_link_list_for_user(user=request.user).filter(
+            run=run, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        ),
+        "share_days": SHARE_DAY_CHOICES,
+    }
+    return render(request, "experiments/run_detail.html", context)
+
+
+SHARE_DAY_CHOICES = (1, 7, 30, 90)
+
+
+@login_required
+@require_POST
+def run_notes(request, run_id: int):
+    run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    try:
+        services.run_notes_update(user=request.user, run=run, notes=request.POST.get("notes", ""))
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _error_text(exc))
+    else:
+        messages.success(request, "Notes saved.")
+    return redirect("run_detail", run_id=run.id)
+
+
+@login_required
+@require_POST
+def run_comment(request, run_id: int):
+    run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    try:
+        services.comment_create(user=request.user, run=run, body=request.POST.get("body", ""))
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _error_text(exc))
+    return redirect(reverse("run_detail", args=[run.id]) + "#comments")
+
+
+@login_required
+@require_POST
+def comment_delete(request, comment_id: int):
+    comment = selectors.comment_get_for_user(user=request.user, comment_id=comment_id)
+    try:
+        services.comment_delete(user=request.user, comment=comment)
+    except PermissionDenied as exc:
+        messages.error(request, _error_text(exc))
+    return redirect(reverse("run_detail", args=[comment.run_id]) + "#comments")
+
+
+@login_required
+@require_POST
+def run_delete(request, run_id: int):
+    run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    try:
+        services.run_delete(user=request.user, run=run, ip=_client_ip(request))
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _error_text(exc))
+        return redirect("run_detail", run_id=run.id)
+    messages.success(request, f"Run “{run.name}” deleted.")
+    return redirect("runs")
+
+
+@login_required
+@require_POST
+def run_share(request, run_id: int):
+    run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    return _share_create(request, run.project.team, scope="run", run=run, back=run)
+
+
+@login_required
+@require_POST
+def compare_share(request):
+    runs = _compared_runs(request, params=request.POST)
+    teams = {run.project.team for run in runs}
+    if len(teams) != 1:
+        messages.error(request, "A shared comparison holds runs of one team; pick them again.")
+        return redirect("compare")
+    run_ids = [run.id for run in runs]
+    return _share_create(request, teams.pop(), scope="compare", run_ids=run_ids, back=None)
+
+
+def _share_create(request, team, *, scope, run=None, run_ids=None, back=None):
+    days = _int_or_none(request.POST.get("days", "")) or 0
+    try:
+        link, secret = services.share_link_create(
+            user=request.user,
+            team=team,
+            scope=scope,
+            run=run,
+            run_ids=run_ids,
+            days=days,
+            ip=_client_ip(request),
+        )
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _error_text(exc))
+        return redirect("run_detail", run_id=run.id) if run else redirect("compare")
+    url = request.build_absolute_uri(reverse("share_view", args=[secret]))
+    # The secret is shown on this response only: it is not stored, nor put in a message.
+    context = {"link": link, "url": url, "run": back, "team": team}
+    return render(request, "experiments/share_created.html", context)
+
+
+@login_required
+@require_POST
+def share_link_revoke(request, link_id: int):
+    link = selectors.share_link_get_for_user(user=request.user, link_id=link_id)
+    try:
+        services.share_link_revoke(user=request.user, link=link, ip=_client_ip(request))
+    except PermissionDenied as exc:
+        messages.error(request, _error_text(exc))
+    else:
+        messages.info(request, "Share link revoked: it now answers 404.")
+    if link.run_id:
+        return redirect("run_detail", run_id=link.run_id)
+    return redirect("share_links")
+
+
+@login_required
+@require_GET
+def share_link_list(request):
+    links = selectors.share_link_list_for_user(user=request.user).filter(revoked_at__isnull=True)
+    return render(request, "experiments/share_links.html", {"links": links, "now": timezone.now()})
 
 
 @login_required
@@ -167,6 +333,11 @@ def run_tags(request, run_id: int):
 @require_GET
 def run_adapter_download(request, run_id: int):
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    return adapter_response(run)
+
+
+def adapter_response(run):
+    """The adapter's files as one streamed zip (HF PEFT layout)."""
     artifacts = list(selectors.artifact_list_for_run(run=run).filter(kind="adapter"))
     if not artifacts:
         return HttpResponse("This run has no adapter yet.", status=404, content_type="text/plain")
@@ -218,6 +389,19 @@ def dataset_detail(request, dataset_id: int):
         "experiments/dataset_detail.html",
         {"dataset": dataset, "preview": preview, "columns": columns},
     )
+
+
+@login_required
+@require_POST
+def dataset_delete(request, dataset_id: int):
+    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+    try:
+        services.dataset_delete(user=request.user, dataset=dataset, ip=_client_ip(request))
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _error_text(exc))
+        return redirect("dataset_detail", dataset_id=dataset.id)
+    messages.success(request, f"Dataset “{dataset.name}” deleted.")
+    return redirect("datasets")
 
 
 @login_required
@@ -290,6 +474,19 @@ def sweep_detail(request, sweep_id: int):
 
 
 @login_required
+@require_POST
+def sweep_delete(request, sweep_id: int):
+    sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=sweep_id)
+    try:
+        count = services.sweep_delete(user=request.user, sweep=sweep, ip=_client_ip(request))
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _error_text(exc))
+        return redirect("sweep_detail", sweep_id=sweep.id)
+    messages.success(request, f"Sweep “{sweep.name}” and its {count} runs deleted.")
+    return redirect("runs")
+
+
+@login_required
 @require_GET
 def sweep_live(request, sweep_id: int):
     context = _sweep_context(request, sweep_id)
@@ -302,8 +499,9 @@ def sweep_live(request, sweep_id: int):
 MAX_COMPARED = 50
 
 
-def _compared_runs(request) -> list:
-    ids = [int(i) for i in request.GET.getlist("runs") if i.isdigit()][:MAX_COMPARED]
+def _compared_runs(request, params=None) -> list:
+    params = request.GET if params is None else params
+    ids = [int(i) for i in params.getlist("runs") if i.isdigit()][:MAX_COMPARED]
     if ids:
         return selectors.runs_by_ids_for_user(user=request.user, run_ids=ids)
     runs = selectors.run_filter_for_user(user=request.user, **_run_filters(request))
@@ -314,6 +512,15 @@ def _compared_runs(request) -> list:
 @require_GET
 def compare(request):
     runs = _compared_runs(request)
+    context = compare_context(runs) | {
+        "query": request.GET.urlencode(),
+        "share_days": SHARE_DAY_CHOICES,
+    }
+    return render(request, "experiments/compare.html", context)
+
+
+def compare_context(runs: list) -> dict:
+    """What the compare page shows, for members and for share-link visitors alike."""
     columns, hparams, differing = comparison.hyperparameters(runs)
     payload = {
         "runs": [
@@ -333,9 +540,8 @@ def compare(request):
         ],
         "differing": differing,
         "tradeoff": payload["tradeoff"],
-        "query": request.GET.urlencode(),
     }
-    return render(request, "experiments/compare.html", context)
+    return context
 
 
 @login_required

@@ -1,0 +1,69 @@
+"""Read-only pages behind a share link: no login, the 256-bit secret in the URL is the key.
+
+An unknown, revoked or expired secret answers 404, like any page of another team. The pages
+send no Referer onwards and ask caches and robots to keep out, so the secret stays in the
+hands it was given to.
+"""
+
+from django.http import Http404
+from django.shortcuts import render
+from django.urls import reverse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+from django_htmx.http import HTMX_STOP_POLLING
+
+from webapp.experiments import selectors
+from webapp.experiments.models import ShareScope
+from webapp.experiments.views import adapter_response, compare_context, run_page_context
+
+
+def _private(response):
+    response["Referrer-Policy"] = "no-referrer"
+    response["X-Robots-Tag"] = "noindex, nofollow"
+    return response
+
+
+def _shared_run(secret: str):
+    link = selectors.share_link_resolve(secret=secret)
+    runs = selectors.share_link_runs(link=link)
+    if link.scope != ShareScope.RUN or not runs:
+        raise Http404("Not found")
+    return runs[0]
+
+
+def _run_context(secret: str) -> dict:
+    run = _shared_run(secret)
+    return run_page_context(run) | {
+        "shared": True,
+        "live_url": reverse("share_live", args=[secret]),
+        "download_url": reverse("share_adapter", args=[secret]),
+    }
+
+
+@never_cache
+@require_GET
+def shared(request, secret: str):
+    link = selectors.share_link_resolve(secret=secret)
+    if link.scope == ShareScope.RUN:
+        response = render(request, "experiments/run_detail.html", _run_context(secret))
+    else:
+        runs = selectors.share_link_runs(link=link)
+        context = compare_context(runs) | {"shared": True, "link": link}
+        response = render(request, "experiments/compare.html", context)
+    return _private(response)
+
+
+@never_cache
+@require_GET
+def shared_live(request, secret: str):
+    context = _run_context(secret)
+    response = render(request, "experiments/run_detail.html#live", context)
+    if context["run"].is_finished:
+        response.status_code = HTMX_STOP_POLLING
+    return _private(response)
+
+
+@never_cache
+@require_GET
+def shared_adapter(request, secret: str):
+    return _private(adapter_response(_shared_run(secret)))
