@@ -111,7 +111,7 @@ def test_sweep_launches_one_run_per_grid_point(client, cast):
 def test_sweep_with_a_bad_grid_creates_nothing(client, cast):
     client.force_login(cast.alice)
     response = client.post(reverse("sweep_new"), _sweep_form(cast, grid="lora.r = 4, 0"))
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert "grid" in response.context["form"].errors
     assert not Sweep.objects.exists() and not Run.objects.exists()
 

@@ -109,7 +109,7 @@ def test_launch_creates_a_queued_run(client, cast):
 def test_launch_rejects_out_of_bounds(client, cast, field, value):
     client.force_login(cast.alice)
     response = client.post(reverse("run_new"), _form(cast, **{field: value}))
-    assert response.status_code == 200
+    assert response.status_code == 400
     errors = {**response.context["form"].errors, **response.context["method_form"].errors}
     assert field in errors
     assert not Run.objects.exists()

@@ -281,3 +281,33 @@ def test_a_run_moved_out_of_the_team_disappears_from_its_link(client, cast, make
     url, _ = _share(client, run)
     Run.objects.filter(id=run.id).update(project=cast.umbrella_project)
     assert Client().get(url).status_code == 404
+
+
+def test_dataset_delete_by_admin_refused_while_runs_use_it(client, cast, make_run):
+    from webapp.experiments.models import Dataset
+
+    dataset = services.dataset_upload_create(
+        user=cast.bob,
+        team=cast.acme,
+        name="d",
+        filename="d.csv",
+        data=b"prompt,completion\na,b\nc,d\n",
+        task="causal-lm",
+    )
+    run = _finished(make_run, dataset=dataset)
+    _login(client, cast.bob)
+    assert (
+        "Delete</button>"
+        not in client.get(reverse("dataset_detail", args=[dataset.id])).content.decode()
+    )
+    _login(client, cast.alice)
+    page = client.get(reverse("dataset_detail", args=[dataset.id])).content.decode()
+    assert "Delete</button>" in page
+    response = client.post(reverse("dataset_delete", args=[dataset.id]), follow=True)
+    assert "Runs use this dataset" in response.content.decode()
+    run.delete()
+    client.post(reverse("dataset_delete", args=[dataset.id]))
+    assert not Dataset.objects.filter(id=dataset.id).exists()
+    builtin = cast.datasets["sample-instructions"]
+    response = client.post(reverse("dataset_delete", args=[builtin.id]), follow=True)
+    assert "Built-in datasets cannot be deleted." in response.content.decode()

@@ -101,7 +101,8 @@ def run_new(request):
         messages.success(request, f"Run “{run.name}” is queued.")
         return redirect("run_detail", run_id=run.id)
     context = {"form": form, "method_form": method_form, "catalogue": CATALOGUE}
-    return render(request, "experiments/run_new.html", context)
+    status = 400 if request.method == "POST" else 200  # reached on POST only when invalid
+    return render(request, "experiments/run_new.html", context, status=status)
 
 
 @login_required
@@ -387,7 +388,13 @@ def dataset_detail(request, dataset_id: int):
     return render(
         request,
         "experiments/dataset_detail.html",
-        {"dataset": dataset, "preview": preview, "columns": columns},
+        {
+            "dataset": dataset,
+            "preview": preview,
+            "columns": columns,
+            "can_delete": dataset.team is not None
+            and can(user=request.user, team=dataset.team, action=Action.DELETE),
+        },
     )
 
 
@@ -430,7 +437,8 @@ def sweep_new(request):
             )
             messages.success(request, f"Sweep “{sweep.name}”: {len(items)} runs queued.")
             return redirect("sweep_detail", sweep_id=sweep.id)
-    return render(request, "experiments/sweep_new.html", {"form": form})
+    status = 400 if request.method == "POST" else 200  # reached on POST only when invalid
+    return render(request, "experiments/sweep_new.html", {"form": form}, status=status)
 
 
 def _sweep_initial(request, datasets) -> dict:
@@ -464,7 +472,12 @@ def _sweep_initial(request, datasets) -> dict:
 def _sweep_context(request, sweep_id: int) -> dict:
     sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=sweep_id)
     runs = list(sweep.runs.select_related("dataset").order_by("id"))
-    return {"sweep": sweep, "runs": runs, "finished": all(run.is_finished for run in runs)}
+    return {
+        "sweep": sweep,
+        "runs": runs,
+        "finished": all(run.is_finished for run in runs),
+        "role_can": role_can(user=request.user, team=sweep.project.team),
+    }
 
 
 @login_required
