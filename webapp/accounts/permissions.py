@@ -17,7 +17,8 @@ class Action(StrEnum):
     ANNOTATE = "annotate"  # comment, tag, edit notes
     SHARE = "share"  # create read-only share links; revoke one's own
     DELETE = "delete"  # delete runs, sweeps, datasets, others' comments; revoke any link
-    MANAGE_MEMBERS = "manage_members"  # invite, change roles below owner, remove; audit log
+    MANAGE_MEMBERS = "manage_members"  # invite, change roles below owner, remove; audit log;
+    # create projects
     TRANSFER = "transfer"  # make someone else owner; rename or delete the team
 
 
