@@ -73,7 +73,7 @@ def acme(cast, make_run):
 
 def _page_cases(o) -> list[tuple[str, str, str, str, dict]]:
     """(kind, verb, method, url, body) for the browser pages."""
-    run, done = o["run"].id, o["finished"].id
+    run, done, mid = o["run"].id, o["finished"].id, o["membership"].id
     return [
         ("run", "read", "get", reverse("run_detail", args=[run]), {}),
         ("run", "read", "get", reverse("run_live", args=[run]), {}),
@@ -93,6 +93,33 @@ def _page_cases(o) -> list[tuple[str, str, str, str, dict]]:
         ("dataset", "delete", "post", reverse("dataset_delete", args=[o["dataset"].id]), {}),
         ("comment", "delete", "post", reverse("comment_delete", args=[o["comment"].id]), {}),
         ("share link", "delete", "post", reverse("share_link_revoke", args=[o["link"].id]), {}),
+        ("team", "read", "get", reverse("team_detail", args=[o["team"].id]), {}),
+        ("team", "read", "get", reverse("team_audit", args=[o["team"].id]), {}),
+        ("team", "share", "post", reverse("team_invite", args=[o["team"].id]), {"role": "admin"}),
+        (
+            "project",
+            "launch",
+            "post",
+            reverse("project_create", args=[o["team"].id]),
+            {"name": "p"},
+        ),
+        (
+            "invitation",
+            "delete",
+            "post",
+            reverse("invitation_revoke", args=[o["invitation"].id]),
+            {},
+        ),
+        (
+            "membership",
+            "update",
+            "post",
+            reverse("membership_role", args=[mid]),
+            {"role": "viewer"},
+        ),
+        ("membership", "delete", "post", reverse("membership_remove", args=[mid]), {}),
+        ("membership", "update", "post", reverse("ownership_transfer", args=[mid]), {}),
+        ("api token", "delete", "post", reverse("api_token_revoke", args=[o["token"].id]), {}),
     ]
 
 
@@ -109,6 +136,7 @@ def _assert_unchanged(o, cast):
     assert Invitation.objects.get(id=o["invitation"].id).revoked_at is None
     assert Membership.objects.get(id=o["membership"].id).role == "member"
     assert not AuditEvent.objects.filter(actor=cast.mallory).exclude(action="login").exists()
+    assert cast.acme.projects.count() == 1 and cast.acme.invitations.count() == 1
 
 
 def test_pages_answer_404_to_another_team_for_every_kind_and_verb(cast, acme):
@@ -134,10 +162,13 @@ def test_page_lists_never_show_another_teams_rows(cast, acme):
         reverse("compare") + "?" + ids,
         reverse("compare_csv") + "?" + ids,
         reverse("share_links"),
+        reverse("teams"),
+        reverse("api_tokens"),
     ):
         response = client.get(url)
         assert response.status_code == 200, url
-        assert SECRET not in response.content.decode(), url
+        body = response.content.decode()
+        assert SECRET not in body and "Acme" not in body, url
 
 
 def test_launching_into_another_teams_project_or_dataset_is_a_400_like_a_missing_id(cast, acme):
