@@ -22,6 +22,12 @@ def _services_are_real(request):
     assert settings.CELERY_BROKER_URL.startswith("redis://"), "CI must test on Redis"
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """The cast's passwords need not resist cracking in tests; PBKDF2 costs ~0.4 s each."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def builtin_datasets(db):
     """The rows the data migration creates (a transactional test flushes them away)."""

@@ -40,12 +40,6 @@ ADMINS_UP = ("admin", "owner")
 EVERY_ROLE = ("viewer", "member", "admin", "owner")
 
 
-@pytest.fixture(autouse=True)
-def _fast_passwords(settings):
-    """Many users per test: a fast hasher (these tests check roles, not password storage)."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def _user(username: str, team, role: str):
     user = get_user_model().objects.create_user(username=username, password=f"{username}-pw-9")
     Membership.objects.create(team=team, user=user, role=role)

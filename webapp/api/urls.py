@@ -1,3 +1,31 @@
-"""/api/v1/ (filled in by the API module)."""
+"""/api/v1/: a personal token (Authorization: Bearer …) or the browser's session (with CSRF)."""
 
-urlpatterns: list = []
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from webapp.api import views
+
+urlpatterns = [
+    path("me/", views.Me.as_view(), name="api-me"),
+    path("auth/token/", views.TokenCreate.as_view(), name="api-auth-token"),
+    path("models/", views.ModelList.as_view(), name="api-models"),
+    path("methods/", views.MethodList.as_view(), name="api-methods"),
+    path("projects/", views.ProjectList.as_view(), name="api-projects"),
+    path("datasets/", views.DatasetList.as_view(), name="api-datasets"),
+    path("datasets/<int:dataset_id>/", views.DatasetDetail.as_view(), name="api-dataset"),
+    path("runs/", views.RunList.as_view(), name="api-runs"),
+    path("runs/<int:run_id>/", views.RunDetail.as_view(), name="api-run"),
+    path("runs/<int:run_id>/cancel/", views.RunCancel.as_view(), name="api-run-cancel"),
+    path("runs/<int:run_id>/metrics/", views.RunMetrics.as_view(), name="api-run-metrics"),
+    path("runs/<int:run_id>/finish/", views.RunFinish.as_view(), name="api-run-finish"),
+    path("runs/<int:run_id>/artifacts/", views.RunArtifacts.as_view(), name="api-run-artifacts"),
+    path(
+        "artifacts/<int:artifact_id>/download/",
+        views.ArtifactDownload.as_view(),
+        name="api-artifact-download",
+    ),
+    path("sweeps/", views.SweepList.as_view(), name="api-sweeps"),
+    path("sweeps/<int:sweep_id>/", views.SweepDetail.as_view(), name="api-sweep"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+]

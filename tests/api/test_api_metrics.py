@@ -1,0 +1,166 @@
+"""Metrics in and out, the life of a run trained elsewhere, and artifact downloads."""
+
+import hashlib
+
+import pytest
+from django.urls import reverse
+
+from webapp.experiments import services
+from webapp.experiments.models import MetricPoint, Run, RunStatus
+
+pytestmark = pytest.mark.django_db
+
+BATCH = [
+    {"key": "train_loss", "step": 1, "value": 2.5, "wall_time": 0.5},
+    {"key": "train_loss", "step": 2, "value": 2.0},
+    {"key": "eval/loss", "step": 2, "value": 2.2, "wall_time": 1.0},
+]
+
+
+def _external_run(cast, api) -> int:
+    body = {
+        "name": "trained elsewhere",
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"].id,
+        "method": "lora",
+        "train_config": {"steps": 100},
+        "external": True,
+    }
+    response = api(cast.bob).post(reverse("api-runs"), body, format="json")
+    assert response.status_code == 201
+    return response.json()["id"]
+
+
+def test_external_run_takes_metrics_once_then_finishes(cast, api):
+    run_id, client = _external_run(cast, api), api(cast.bob)
+    url = reverse("api-run-metrics", args=[run_id])
+    for _ in range(2):  # a retried batch changes nothing
+        response = client.post(url, {"points": BATCH}, format="json")
+        assert response.status_code == 200 and response.json() == {"received": 3}
+    assert MetricPoint.objects.filter(run_id=run_id).count() == 3
+    assert MetricPoint.objects.get(run_id=run_id, key="train_loss", step=2).wall_time == 0.0
+    run = client.get(reverse("api-run", args=[run_id])).json()
+    assert (run["step"], run["progress"], run["latest"]["train_loss"]) == (2, 2, 2.0)
+
+    finish = reverse("api-run-finish", args=[run_id])
+    body = {"status": "succeeded", "summary": {"eval_loss": 2.2}}
+    done = client.post(finish, body, format="json")
+    assert done.status_code == 200
+    assert (done.json()["status"], done.json()["summary"]) == ("succeeded", {"eval_loss": 2.2})
+    assert done.json()["finished_at"] is not None
+    late = client.post(
+        url, {"points": [{"key": "train_loss", "step": 3, "value": 1.0}]}, format="json"
+    )
+    assert late.status_code == 409 and "succeeded" in late.json()["detail"]
+    assert client.post(finish, {"status": "failed"}, format="json").status_code == 409
+    assert MetricPoint.objects.filter(run_id=run_id).count() == 3
+
+
+def test_a_workers_run_takes_no_ingest_nor_finish(cast, api, make_run):
+    run = make_run(status=RunStatus.RUNNING)
+    client = api(cast.bob)
+    ingest = client.post(
+        reverse("api-run-metrics", args=[run.id]), {"points": BATCH}, format="json"
+    )
+    assert ingest.status_code == 409 and "workers" in ingest.json()["detail"]
+    finish = client.post(
+        reverse("api-run-finish", args=[run.id]), {"status": "failed"}, format="json"
+    )
+    assert finish.status_code == 409
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING and not MetricPoint.objects.exists()
+
+
+def test_a_viewer_cannot_ingest_or_finish(cast, api):
+    run_id, client = _external_run(cast, api), api(cast.carol)
+    assert (
+        client.post(
+            reverse("api-run-metrics", args=[run_id]), {"points": BATCH}, format="json"
+        ).status_code
+        == 403
+    )
+    assert (
+        client.post(
+            reverse("api-run-finish", args=[run_id]), {"status": "failed"}, format="json"
+        ).status_code
+        == 403
+    )
+    assert Run.objects.get(id=run_id).status == RunStatus.RUNNING
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        {"key": "train_loss", "step": 1, "value": "NaN"},
+        {"key": "train_loss", "step": 1, "value": "inf"},
+        {"key": "train_loss", "step": -1, "value": 1.0},
+        {"key": "train_loss", "step": 2**31, "value": 1.0},
+        {"key": "train loss", "step": 1, "value": 1.0},
+        {"key": "", "step": 1, "value": 1.0},
+        {"key": "k" * 65, "step": 1, "value": 1.0},
+        {"key": "train_loss", "step": 1, "value": 1.0, "wall_time": -1},
+        {"key": "train_loss", "step": 1},
+    ],
+)
+def test_bad_points_are_400_and_nothing_is_stored(cast, api, point):
+    run_id = _external_run(cast, api)
+    points = [BATCH[0], point]
+    response = api(cast.bob).post(
+        reverse("api-run-metrics", args=[run_id]), {"points": points}, format="json"
+    )
+    assert response.status_code == 400
+    assert "points" in response.json()
+    assert not MetricPoint.objects.exists()
+
+
+def test_a_nan_literal_and_a_huge_batch_are_refused(cast, api):
+    run_id, client = _external_run(cast, api), api(cast.bob)
+    url = reverse("api-run-metrics", args=[run_id])
+    literal = '{"points": [{"key": "train_loss", "step": 1, "value": NaN}]}'
+    assert client.post(url, literal, content_type="application/json").status_code == 400
+    huge = [{"key": "train_loss", "step": i, "value": 1.0} for i in range(10_001)]
+    response = client.post(url, {"points": huge}, format="json")
+    assert response.status_code == 400 and "points" in response.json()
+    assert not MetricPoint.objects.exists()
+
+
+def test_metric_series_are_downsampled_within_bounds(cast, api, make_run):
+    run = make_run()
+    fence = services.run_claim(run_id=run.id, worker="w")
+    points = [services.Point("train_loss", step, 1.0 / (step + 1), 0.0) for step in range(3000)]
+    points += [services.Point("lr", step, 1e-3, 0.0) for step in range(10)]
+    services.metrics_record(run_id=run.id, fence=fence, points=points)
+    client, url = api(cast.carol), reverse("api-run-metrics", args=[run.id])
+
+    every = client.get(url).json()["series"]
+    assert set(every) == {"train_loss", "lr"}
+    assert len(every["train_loss"]["step"]) <= 1000 and every["lr"]["step"] == list(range(10))
+    few = client.get(url, {"keys": "train_loss", "max_points": 100}).json()["series"]
+    assert list(few) == ["train_loss"]
+    assert 50 <= len(few["train_loss"]["step"]) <= 100
+    assert few["train_loss"]["step"][0] == 0 and few["train_loss"]["step"][-1] == 2999
+    for params in ({"max_points": 9}, {"max_points": 10_001}, {"max_points": "x"}, {"keys": "a b"}):
+        assert client.get(url, params).status_code == 400, params
+
+
+def test_artifact_download_streams_the_stored_bytes(cast, api, make_run, monkeypatch):
+    monkeypatch.setattr(services, "CHUNK_BYTES", 1000)
+    run = make_run()
+    fence = services.run_claim(run_id=run.id, worker="w")
+    weights = bytes(range(256)) * 20  # 5 120 bytes: six chunks
+    services.artifact_store(
+        run_id=run.id, fence=fence, kind="adapter", name="adapter_model.safetensors", data=weights
+    )
+    listing = api(cast.carol).get(reverse("api-run-artifacts", args=[run.id])).json()
+    assert [(a["kind"], a["name"], a["size"]) for a in listing] == [
+        ("adapter", "adapter_model.safetensors", 5120)
+    ]
+    assert listing[0]["sha256"] == hashlib.sha256(weights).hexdigest()
+    response = api(cast.carol).get(listing[0]["download_url"])
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == weights
+    assert response["Content-Type"] == "application/octet-stream"
+    assert response["Content-Disposition"] == 'attachment; filename="adapter_model.safetensors"'
+    assert response["Content-Length"] == "5120"
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert api(cast.mallory).get(listing[0]["download_url"]).status_code == 404

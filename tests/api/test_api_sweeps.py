@@ -1,0 +1,87 @@
+"""Sweeps through the API: the sweep form's grid from a dict, one queued run per combination."""
+
+import pytest
+from django.urls import reverse
+
+from webapp.experiments.models import Run, Sweep
+
+pytestmark = pytest.mark.django_db
+
+
+def _body(cast, **fields) -> dict:
+    body = {
+        "name": "rank study",
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"].id,
+        "methods": ["lora", "ia3"],
+        "grid": {"lora.r": [4, 8], "lora.use_rslora": [True]},
+        "train_config": {"steps": 5},
+    }
+    return {**body, **fields}
+
+
+def test_sweep_launches_one_run_per_combination(cast, api):
+    response = api(cast.bob).post(reverse("api-sweeps"), _body(cast), format="json")
+    assert response.status_code == 201
+    sweep = Sweep.objects.get()
+    data = response.json()
+    assert (data["id"], data["name"], data["url"]) == (
+        sweep.id,
+        "rank study",
+        f"http://testserver/sweeps/{sweep.id}/",
+    )
+    assert data["grid"]["grid"] == {"lora.r": ["4", "8"], "lora.use_rslora": ["True"]}
+    runs = Run.objects.filter(sweep=sweep).order_by("id")
+    assert [run["id"] for run in data["runs"]] == [run.id for run in runs]
+    configs = sorted(
+        (run.method, run.method_config.get("r"), run.method_config.get("use_rslora"))
+        for run in runs
+    )
+    assert configs == [("ia3", None, None), ("lora", 4, True), ("lora", 8, True)]
+    assert {run.status for run in runs} == {"queued"} and {run.total_steps for run in runs} == {5}
+
+
+def test_sweep_without_a_name_or_grid(cast, api):
+    body = _body(cast, methods=["lora"], grid={})
+    del body["name"]
+    response = api(cast.alice).post(reverse("api-sweeps"), body, format="json")
+    assert response.status_code == 201
+    assert response.json()["name"] == "lora sweep on tiny-llama"
+    assert len(response.json()["runs"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"grid": {"lora.rank": [4]}}, "grid"),
+        ({"grid": {"dora.r": [4]}}, "grid"),  # dora is not among the methods
+        ({"grid": {"lora.r": [0, 4]}}, "grid"),
+        ({"grid": {"lora.r": ["4, 5"]}}, "grid"),  # would smuggle a value into the form's text
+        ({"grid": {"lora.r = 4\nlora.alpha": [1]}}, "grid"),
+        ({"grid": {"lora.r": list(range(1, 12))}}, "grid"),
+        ({"methods": []}, "methods"),
+        ({"methods": ["lora", "nope"]}, "methods"),
+        ({"train_config": {"steps": 0}}, "steps"),
+    ],
+)
+def test_sweep_rejects_what_the_form_rejects(cast, api, change, field):
+    response = api(cast.bob).post(reverse("api-sweeps"), _body(cast, **change), format="json")
+    assert response.status_code == 400
+    assert field in response.json()
+    assert not Sweep.objects.exists() and not Run.objects.exists()
+
+
+def test_a_viewer_cannot_sweep(cast, api):
+    response = api(cast.carol).post(reverse("api-sweeps"), _body(cast), format="json")
+    assert response.status_code == 403
+    assert not Sweep.objects.exists()
+
+
+def test_sweeps_are_listed_and_read_by_their_team_only(cast, api):
+    created = api(cast.bob).post(reverse("api-sweeps"), _body(cast), format="json").json()
+    listing = api(cast.carol).get(reverse("api-sweeps")).json()
+    assert listing["count"] == 1 and "runs" not in listing["results"][0]
+    detail = api(cast.carol).get(reverse("api-sweep", args=[created["id"]])).json()
+    assert len(detail["runs"]) == 3 and detail["project"]["team"]["name"] == "Acme"
+    assert api(cast.mallory).get(reverse("api-sweeps")).json()["count"] == 0
+    assert api(cast.mallory).get(reverse("api-sweep", args=[created["id"]])).status_code == 404

@@ -1,0 +1,83 @@
+"""Reads the API needs beyond webapp.experiments.selectors.
+
+The runs passed in come from a `*_for_user` selector already: nothing here widens access.
+"""
+
+from django import forms
+from django.db.models import OuterRef, Subquery
+from django.forms.utils import pretty_name
+
+from peft_core.catalogue import CATALOGUE, ModelSpec
+from webapp.experiments.method_forms import METHOD_FORMS
+from webapp.experiments.models import MetricPoint, Run
+
+LATEST_KEYS = ("train_loss", "eval_loss")
+
+
+def run_latest_metrics(*, run_ids: list[int]) -> dict[int, dict[str, float | None]]:
+    """{run id: {key: value at the key's highest step, or None}} in one query for all runs."""
+
+    def latest(key: str) -> Subquery:
+        points = MetricPoint.objects.filter(run=OuterRef("pk"), key=key).order_by("-step")
+        return Subquery(points.values("value")[:1])
+
+    rows = Run.objects.filter(id__in=run_ids).values("id")
+    rows = rows.annotate(**{f"latest_{key}": latest(key) for key in LATEST_KEYS})
+    return {row["id"]: {key: row[f"latest_{key}"] for key in LATEST_KEYS} for row in rows}
+
+
+def metric_keys_for_run(*, run: Run) -> list[str]:
+    keys = MetricPoint.objects.filter(run=run).values_list("key", flat=True)
+    return list(keys.order_by("key").distinct())
+
+
+def model_specs() -> list[ModelSpec]:
+    return list(CATALOGUE.values())
+
+
+# Subclasses first: a FloatField is an IntegerField in Django.
+FIELD_TYPES = (
+    (forms.BooleanField, "boolean"),
+    (forms.FloatField, "number"),
+    (forms.IntegerField, "integer"),
+    (forms.ChoiceField, "choice"),
+    (forms.CharField, "string"),
+)
+
+
+def method_specs() -> list[dict]:
+    """Each method's form described as data: what the launch page shows, for API clients."""
+    return [
+        {
+            "key": key,
+            "title": form.title,
+            "summary": form.summary,
+            "fields": {name: _field_spec(name, f) for name, f in form.base_fields.items()},
+        }
+        for key, form in METHOD_FORMS.items()
+    ]
+
+
+def _field_spec(name: str, field: forms.Field) -> dict:
+    kind = next(kind for cls, kind in FIELD_TYPES if isinstance(field, cls))
+    spec = {
+        "type": kind,
+        "label": str(field.label or pretty_name(name)),
+        "default": _default(kind, field.initial),
+        "help": str(field.help_text),
+    }
+    if getattr(field, "min_value", None) is not None:
+        spec["min"] = field.min_value
+    if getattr(field, "max_value", None) is not None:
+        spec["max"] = field.max_value
+    if kind == "choice":
+        spec["choices"] = [value for value, _ in field.choices]
+    if kind == "string" and field.max_length is not None:
+        spec["max_length"] = field.max_length
+    return spec
+
+
+def _default(kind: str, initial):
+    if initial is not None:
+        return initial
+    return {"boolean": False, "string": ""}.get(kind)

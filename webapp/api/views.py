@@ -1,0 +1,362 @@
+"""/api/v1/: thin classes. Selectors read (another team's id is 404), services write, the
+browser's forms validate launches (webapp.api.launch); errors.service_errors maps what the
+services raise onto 403, 400 and 409."""
+
+from django.contrib.auth import authenticate
+from django.http import StreamingHttpResponse
+from django.utils.http import content_disposition_header
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import generics, status
+from rest_framework.exceptions import ValidationError
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from webapp.accounts.selectors import membership_list_for_user
+from webapp.accounts.services import api_token_create, audit_record
+from webapp.api import launch
+from webapp.api import selectors as api_selectors
+from webapp.api import serializers as s
+from webapp.api.errors import form_errors, service_errors
+from webapp.experiments import selectors, services
+from webapp.experiments.forms import DatasetUploadForm
+from webapp.experiments.zipstream import artifact_chunks
+
+ERRORS = {
+    400: OpenApiResponse(description="Invalid: {field: [messages]} or {detail}."),
+    403: OpenApiResponse(s.ErrorSerializer, description="Your role may not do this."),
+    404: OpenApiResponse(s.ErrorSerializer, description="No such object in your teams."),
+}
+CONFLICT = {409: OpenApiResponse(s.ErrorSerializer, description="Not in a state for this.")}
+WRONG_LOGIN = "Wrong username or password."
+
+
+class Pagination(LimitOffsetPagination):
+    max_limit = 500
+
+
+def validated(serializer_class, data) -> dict:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def client_ip(request) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def run_data(request, runs, *, many: bool = False):
+    """Run JSON for one run or a page of them, with their latest losses read in one query."""
+    run_list = list(runs) if many else [runs]
+    latest = api_selectors.run_latest_metrics(run_ids=[run.id for run in run_list])
+    context = {"request": request, "latest": latest}
+    return s.RunSerializer(runs, many=many, context=context).data
+
+
+# ---- account and catalogue -------------------------------------------------------------------
+
+
+class Me(APIView):
+    @extend_schema(responses=s.MeSerializer)
+    def get(self, request):
+        user = request.user
+        data = {
+            "id": user.id,
+            "username": user.get_username(),
+            "teams": membership_list_for_user(user=user),
+            "projects": _projects(user),
+        }
+        return Response(s.MeSerializer(data, context=_launch_context(user)).data)
+
+
+def _projects(user):
+    return selectors.project_list_for_user(user=user).order_by("team__name", "name")
+
+
+def _launch_context(user) -> dict:
+    launchable = selectors.project_list_for_launch(user=user).values_list("id", flat=True)
+    return {"launchable": set(launchable)}
+
+
+class TokenCreate(APIView):
+    """A personal API token from a username and password (no session, no CSRF)."""
+
+    parser_classes = [JSONParser, FormParser]
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        request=s.TokenRequestSerializer,
+        responses={201: s.TokenSerializer, 400: s.ErrorSerializer},
+        auth=[],
+    )
+    def post(self, request):
+        data = validated(s.TokenRequestSerializer, request.data)
+        username, ip = data["username"], client_ip(request)
+        user = authenticate(request, username=username, password=data["password"])
+        if user is None:
+            _audit_login(action="login.failed", actor=None, username=username[:150], ip=ip)
+            raise ValidationError({"detail": WRONG_LOGIN})
+        token, plain = api_token_create(user=user, name=data["name"], ip=ip)
+        _audit_login(action="login", actor=user, username=user.get_username(), ip=ip)
+        body = {"id": token.id, "name": token.name, "token": plain}
+        return Response(s.TokenSerializer(body).data, status=status.HTTP_201_CREATED)
+
+
+def _audit_login(*, action: str, actor, username: str, ip: str | None) -> None:
+    """As the login page records it (the target is what the team's audit log matches on)."""
+    detail = {"via": "api"} if actor else {"username": username, "via": "api"}
+    audit_record(actor=actor, action=action, target=username, detail=detail, ip=ip)
+
+
+class ModelList(APIView):
+    @extend_schema(responses=s.ModelSpecSerializer(many=True))
+    def get(self, request):
+        return Response(s.ModelSpecSerializer(api_selectors.model_specs(), many=True).data)
+
+
+class MethodList(APIView):
+    @extend_schema(responses=s.MethodSerializer(many=True))
+    def get(self, request):
+        return Response(s.MethodSerializer(api_selectors.method_specs(), many=True).data)
+
+
+class ProjectList(APIView):
+    @extend_schema(responses=s.ProjectListSerializer(many=True))
+    def get(self, request):
+        projects, context = _projects(request.user), _launch_context(request.user)
+        return Response(s.ProjectListSerializer(projects, many=True, context=context).data)
+
+
+# ---- datasets --------------------------------------------------------------------------------
+
+
+class DatasetList(generics.GenericAPIView):
+    pagination_class = Pagination
+    parser_classes = [MultiPartParser, FormParser]
+    serializer_class = s.DatasetSerializer
+
+    @extend_schema(responses=s.DatasetSerializer(many=True))
+    def get(self, request):
+        page = self.paginate_queryset(selectors.dataset_list_for_user(user=request.user))
+        return self.get_paginated_response(s.DatasetSerializer(page, many=True).data)
+
+    @extend_schema(
+        request={"multipart/form-data": s.DatasetUploadSerializer},
+        responses={201: s.DatasetSerializer, **ERRORS},
+    )
+    def post(self, request):
+        teams = selectors.team_list_for_user(user=request.user)
+        form = DatasetUploadForm(request.data, request.FILES, teams=teams)
+        if not form.is_valid():
+            raise ValidationError(form_errors(form))
+        upload = form.cleaned_data["file"]
+        with service_errors():
+            dataset = services.dataset_upload_create(
+                user=request.user,
+                team=form.cleaned_data["team"],
+                name=form.cleaned_data["name"],
+                filename=upload.name,
+                data=upload.read(),
+                task=form.cleaned_data["task"],
+            )
+        return Response(s.DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+
+class DatasetDetail(APIView):
+    @extend_schema(responses={200: s.DatasetDetailSerializer, **ERRORS})
+    def get(self, request, dataset_id: int):
+        dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+        context = {"preview": selectors.dataset_preview(dataset=dataset)}
+        return Response(s.DatasetDetailSerializer(dataset, context=context).data)
+
+    @extend_schema(responses={204: None, **ERRORS, **CONFLICT})
+    def delete(self, request, dataset_id: int):
+        dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+        with service_errors(conflict=True):
+            services.dataset_delete(user=request.user, dataset=dataset, ip=client_ip(request))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# ---- runs ------------------------------------------------------------------------------------
+
+
+class RunList(generics.GenericAPIView):
+    pagination_class = Pagination
+    parser_classes = [JSONParser]
+    serializer_class = s.RunSerializer
+
+    @extend_schema(parameters=[s.RunFilterSerializer], responses=s.RunSerializer(many=True))
+    def get(self, request):
+        params = s.RunFilterSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        runs = selectors.run_filter_for_user(user=request.user, **params.filters())
+        page = self.paginate_queryset(runs)
+        return self.get_paginated_response(run_data(request, page, many=True))
+
+    @extend_schema(request=s.RunCreateSerializer, responses={201: s.RunSerializer, **ERRORS})
+    def post(self, request):
+        payload = validated(s.RunCreateSerializer, request.data)
+        with service_errors():
+            form, method_config = launch.run_form_validate(user=request.user, payload=payload)
+            create = services.run_create_external if payload["external"] else services.run_create
+            data = form.cleaned_data
+            run = create(
+                user=request.user,
+                project=data["project"],
+                name=data["name"],
+                base_model=data["base_model"],
+                dataset=data["dataset"],
+                method=data["method"],
+                method_config=method_config,
+                train_config=form.train_config(),
+            )
+        return Response(run_data(request, run), status=status.HTTP_201_CREATED)
+
+
+class RunDetail(APIView):
+    @extend_schema(responses={200: s.RunSerializer, **ERRORS})
+    def get(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        return Response(run_data(request, run))
+
+    @extend_schema(responses={204: None, **ERRORS, **CONFLICT})
+    def delete(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        with service_errors(conflict=True):
+            services.run_delete(user=request.user, run=run, ip=client_ip(request))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class RunCancel(APIView):
+    @extend_schema(request=None, responses={200: s.RunSerializer, **ERRORS})
+    def post(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        with service_errors():
+            run = services.run_cancel_request(user=request.user, run=run)
+        return Response(run_data(request, run))
+
+
+class RunMetrics(APIView):
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        parameters=[s.MetricsQuerySerializer], responses={200: s.MetricsSerializer, **ERRORS}
+    )
+    def get(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        query = validated(s.MetricsQuerySerializer, request.query_params)
+        keys = query["keys"] or tuple(api_selectors.metric_keys_for_run(run=run))
+        series = selectors.metric_series(run=run, keys=keys, max_points=query["max_points"])
+        return Response({"series": series})
+
+    @extend_schema(
+        request=s.MetricsIngestSerializer,
+        responses={200: s.IngestResultSerializer, **ERRORS, **CONFLICT},
+        description="Points of a run trained elsewhere (external). A point already stored "
+        "(same key and step) is kept as it was, so a retried batch changes nothing.",
+    )
+    def post(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        points = validated(s.MetricsIngestSerializer, request.data)["points"]
+        with service_errors(conflict=True):
+            received = services.metrics_ingest(
+                user=request.user, run=run, points=[services.Point(**point) for point in points]
+            )
+        return Response({"received": received})
+
+
+class RunFinish(APIView):
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        request=s.FinishSerializer, responses={200: s.RunSerializer, **ERRORS, **CONFLICT}
+    )
+    def post(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        data = validated(s.FinishSerializer, request.data)
+        with service_errors(conflict=True):
+            run = services.run_finish_external(
+                user=request.user, run=run, status=data["status"], summary=data.get("summary")
+            )
+        return Response(run_data(request, run))
+
+
+class RunArtifacts(APIView):
+    @extend_schema(responses={200: s.ArtifactSerializer(many=True), **ERRORS})
+    def get(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        artifacts = selectors.artifact_list_for_run(run=run)
+        return Response(
+            s.ArtifactSerializer(artifacts, many=True, context={"request": request}).data
+        )
+
+
+class ArtifactDownload(APIView):
+    @extend_schema(
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(description="The file's bytes."),
+            **ERRORS,
+        }
+    )
+    def get(self, request, artifact_id: int):
+        artifact = selectors.artifact_get_for_user(user=request.user, artifact_id=artifact_id)
+        response = StreamingHttpResponse(
+            artifact_chunks(artifact), content_type="application/octet-stream"
+        )
+        response["Content-Disposition"] = content_disposition_header(True, artifact.name)
+        response["Content-Length"] = str(artifact.size)
+        response["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+# ---- sweeps ----------------------------------------------------------------------------------
+
+
+class SweepList(generics.GenericAPIView):
+    pagination_class = Pagination
+    parser_classes = [JSONParser]
+    serializer_class = s.SweepSerializer
+
+    @extend_schema(responses=s.SweepSerializer(many=True))
+    def get(self, request):
+        page = self.paginate_queryset(selectors.sweep_list_for_user(user=request.user))
+        context = {"request": request}
+        return self.get_paginated_response(s.SweepSerializer(page, many=True, context=context).data)
+
+    @extend_schema(
+        request=s.SweepCreateSerializer, responses={201: s.SweepDetailSerializer, **ERRORS}
+    )
+    def post(self, request):
+        payload = validated(s.SweepCreateSerializer, request.data)
+        with service_errors():
+            form, items = launch.sweep_form_validate(user=request.user, payload=payload)
+            data = form.cleaned_data
+            sweep = services.sweep_create(
+                user=request.user,
+                project=data["project"],
+                name=data["name"],
+                base_model=data["base_model"],
+                dataset=data["dataset"],
+                items=items,
+                grid=data["grid"],
+                train_config=form.train_config(),
+            )
+        return Response(sweep_data(request, sweep), status=status.HTTP_201_CREATED)
+
+
+class SweepDetail(APIView):
+    @extend_schema(responses={200: s.SweepDetailSerializer, **ERRORS})
+    def get(self, request, sweep_id: int):
+        sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=sweep_id)
+        return Response(sweep_data(request, sweep))
+
+
+def sweep_data(request, sweep):
+    runs = sweep.runs.select_related("project__team", "dataset", "created_by")
+    runs = list(runs.prefetch_related("tags").order_by("id"))
+    latest = api_selectors.run_latest_metrics(run_ids=[run.id for run in runs])
+    context = {"request": request, "runs": runs, "latest": latest}
+    return s.SweepDetailSerializer(sweep, context=context).data
