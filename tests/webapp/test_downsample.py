@@ -32,3 +32,16 @@ def test_envelope_matches_the_full_series():
     _, kept = downsample_minmax(np.arange(N), values, max_points=200)
     assert max(kept) == values.max() and min(kept) == values.min()
     assert len(kept) <= 200
+
+
+def test_non_finite_values_become_json_null_and_do_not_hide_the_extremes():
+    import json
+
+    from webapp.experiments.downsample import downsample_minmax
+
+    # A NaN inside a bucket must not mask its real maximum (3.0); the last point is NaN.
+    values = [1.0, float("nan"), 3.0] + [2.0] * 5000 + [float("nan")]
+    steps, kept = downsample_minmax(list(range(len(values))), values, max_points=100)
+    text = json.dumps(kept, allow_nan=False)  # raises on NaN or Infinity
+    assert "null" in text
+    assert 3.0 in kept and len(kept) <= 100

@@ -94,3 +94,19 @@ def test_run_page_series_are_downsampled_and_keep_a_spike(run):
     loss = series["train_loss"]
     assert len(loss["step"]) <= 1000 and 51.0 in loss["value"]
     assert loss["step"][loss["value"].index(51.0)] == 3333
+
+
+def test_metrics_record_leaves_out_non_finite_values(cast):
+    from webapp.experiments.models import MetricPoint, Run
+
+    run = Run.objects.create(
+        project=cast.acme_project,
+        name="r",
+        base_model="tiny-llama",
+        dataset=cast.datasets["sample-instructions"],
+        method="lora",
+    )
+    fence = services.run_claim(run_id=run.id, worker="w")
+    points = [services.Point("eval_loss", s, v, 0.0) for s, v in [(1, 2.0), (2, float("nan"))]]
+    assert services.metrics_record(run_id=run.id, fence=fence, points=points) == 1
+    assert list(MetricPoint.objects.values_list("step", flat=True)) == [1]

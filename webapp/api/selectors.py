@@ -8,6 +8,7 @@ from django.db.models import OuterRef, Subquery
 from django.forms.utils import pretty_name
 
 from peft_core.catalogue import CATALOGUE, ModelSpec
+from webapp.experiments.downsample import finite_or_none
 from webapp.experiments.method_forms import METHOD_FORMS
 from webapp.experiments.models import MetricPoint, Run
 
@@ -23,7 +24,10 @@ def run_latest_metrics(*, run_ids: list[int]) -> dict[int, dict[str, float | Non
 
     rows = Run.objects.filter(id__in=run_ids).values("id")
     rows = rows.annotate(**{f"latest_{key}": latest(key) for key in LATEST_KEYS})
-    return {row["id"]: {key: row[f"latest_{key}"] for key in LATEST_KEYS} for row in rows}
+    return {
+        row["id"]: {key: finite_or_none(row[f"latest_{key}"]) for key in LATEST_KEYS}
+        for row in rows
+    }
 
 
 def metric_keys_for_run(*, run: Run) -> list[str]:

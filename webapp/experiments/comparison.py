@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from webapp.experiments.downsample import minmax_indices
+from webapp.experiments.downsample import json_values, minmax_indices
 from webapp.experiments.models import MetricPoint, Run
 
 CURVE_KEYS = ("train_loss", "eval_loss", "learning_rate", "eval_accuracy")
@@ -39,7 +39,7 @@ def _run_curves(series: dict[str, list], max_points: int) -> dict[str, dict]:
         index = minmax_indices(values, max_points)
         result[key] = {
             "step": steps[index].tolist(),
-            "value": values[index].tolist(),
+            "value": json_values(values[index]),
             "wall": (walls[index] - start).round(3).tolist(),
             "tokens": [tokens.get(int(step)) for step in steps[index]],
         }

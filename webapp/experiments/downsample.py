@@ -20,9 +20,19 @@ def minmax_indices(values: np.ndarray, max_points: int = DEFAULT_MAX_POINTS) -> 
     keep = {0, n - 1}
     for start, stop in zip(edges[:-1], edges[1:], strict=True):
         chunk = values[start:stop]
-        if len(chunk):
-            keep.update((start + int(np.argmin(chunk)), start + int(np.argmax(chunk))))
+        if len(chunk) and not np.isnan(chunk).all():
+            keep.update((start + int(np.nanargmin(chunk)), start + int(np.nanargmax(chunk))))
     return np.array(sorted(keep))
+
+
+def json_values(values: np.ndarray) -> list[float | None]:
+    """Floats for JSON: a NaN or infinite loss becomes null (a gap in the chart), since JSON
+    has no NaN and a browser's JSON.parse refuses one."""
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and np.isfinite(value) else None
 
 
 def downsample_minmax(
@@ -32,4 +42,4 @@ def downsample_minmax(
 ) -> tuple[list[int], list[float]]:
     x, y = np.asarray(steps), np.asarray(values, dtype=float)
     index = minmax_indices(y, max_points)
-    return x[index].tolist(), y[index].tolist()
+    return x[index].tolist(), json_values(y[index])

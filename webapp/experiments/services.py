@@ -6,6 +6,7 @@ taken the run (or the run ended), the stale worker's writes change nothing and r
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -198,9 +199,12 @@ def metrics_record(*, run_id: int, fence: int, points: list[Point]) -> int:
     """Insert a batch of points; a point already stored (same run, key, step) is kept as it was."""
     if not _owned(run_id, fence).exists():
         raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+    # A non-finite value is left out: JSON has no NaN, SQLite stores none, and the training
+    # loop already fails the run when its loss stops being finite.
     rows = [
         MetricPoint(run_id=run_id, key=p.key, step=p.step, value=p.value, wall_time=p.wall_time)
         for p in points
+        if math.isfinite(p.value)
     ]
     MetricPoint.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=True)
     return len(rows)

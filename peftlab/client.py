@@ -1,0 +1,493 @@
+"""PEFT Lab's Python client: the REST API at /api/v1/ as plain method calls.
+
+    from peftlab.client import Client
+
+    client = Client.from_config()  # what `peftlab login` saved, or PEFTLAB_URL/PEFTLAB_TOKEN
+    run = client.launch_run(base_model="tiny-llama", dataset=1, method="lora",
+                            method_config={"r": 8}, train_config={"steps": 30})
+    for run in client.watch(run["id"]):
+        print(run["status"], run["step"], run["latest"]["train_loss"])
+    client.download_adapter(run["id"], "adapter/")  # loads with peft.PeftModel.from_pretrained
+
+Answers are the API's JSON as dicts; a list endpoint is an iterator over all its pages.
+An error answer raises `ApiError` ("400: method_config.r: Ensure this value …"); a server
+that cannot be reached raises `ServerUnreachable`. The client imports neither Django nor
+torch, so scripts and the CLI start fast.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled", "lost"})
+INGEST_BATCH = 5000  # points per request; the server takes up to 10,000
+# Seconds between tries while the server is unreachable: about a minute, enough for a restart.
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+# A proxy in front of a server that is restarting (502-504), or a passing fault such as a
+# database lock (500): a watch that has run for an hour should not die of one bad poll.
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+DOWNLOAD_CHUNK = 1024 * 1024
+
+
+class ClientError(Exception):
+    """Base of every error the client raises on purpose."""
+
+
+class ApiError(ClientError):
+    """The server answered with an error status; `str()` reads "404: Not found."."""
+
+    def __init__(self, status: int, message: str, body: Any = None) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+        self.body = body
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> "ApiError":
+        try:
+            body = response.json()
+        except ValueError:
+            text = response.text.strip()
+            message = text[:200] if text and not text.startswith("<") else response.reason_phrase
+            return cls(response.status_code, message or "error", None)
+        return cls(response.status_code, error_message(body) or response.reason_phrase, body)
+
+
+class ServerUnreachable(ClientError):
+    """No answer from the server at all (refused, timed out, cut off)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(
+            f"cannot reach {url} ({reason}): is the server running? `make run` starts it"
+        )
+
+
+class ConfigError(ClientError):
+    """No usable credentials: `peftlab login` writes them."""
+
+
+class DownloadError(ClientError):
+    """An artifact that must not be written (a path in its name) or that arrived damaged."""
+
+
+def error_message(body: Any, prefix: str = "") -> str:
+    """DRF's error JSON as one line: {"detail": "x"} → "x"; {"a": {"b": ["y"]}} → "a.b: y"."""
+    if isinstance(body, dict):
+        parts = [
+            error_message(value, "" if key in _UNNAMED and not prefix else f"{prefix}{key}.")
+            for key, value in body.items()
+        ]
+    elif isinstance(body, list) and not all(isinstance(item, str) for item in body):
+        # A list of objects (one per item sent): {} for the good ones, so keep the index.
+        parts = [error_message(item, f"{prefix}{i}.") for i, item in enumerate(body)]
+    else:
+        text = " ".join(body) if isinstance(body, list) else str(body)
+        return f"{prefix[:-1]}: {text}" if prefix and text else text
+    return "; ".join(part for part in parts if part)
+
+
+_UNNAMED = ("detail", "non_field_errors")  # keys whose messages read well without their name
+
+
+class Client:
+    """One PEFT Lab server, authenticated with a personal API token (`plt_…`)."""
+
+    retry_delays: tuple[float, ...] = RETRY_DELAYS
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Accept": "application/json", "User-Agent": "peftlab-client"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    @classmethod
+    def from_config(cls, **options: Any) -> "Client":
+        """The server and token `peftlab login` saved; PEFTLAB_URL / PEFTLAB_TOKEN override them."""
+        url, token = load_config()
+        return cls(url, token, **options)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def page_url(self, path: str) -> str:
+        """A page of the web app (the run JSON's "url") as an address for a browser."""
+        return str(httpx.URL(self.url + "/").join(path))
+
+    # --- account ------------------------------------------------------------
+
+    def me(self) -> dict:
+        return self._call("GET", "/api/v1/me/")
+
+    def create_token(self, username: str, password: str, name: str) -> dict:
+        """A new API token ({"id", "name", "token"}) from a username and password."""
+        payload = {"username": username, "password": password, "name": name}
+        return self._call("POST", "/api/v1/auth/token/", json=payload)
+
+    # --- catalogue, projects, datasets --------------------------------------
+
+    def models(self) -> list[dict]:
+        return self._call("GET", "/api/v1/models/")
+
+    def methods(self) -> list[dict]:
+        return self._call("GET", "/api/v1/methods/")
+
+    def projects(self) -> list[dict]:
+        return self._call("GET", "/api/v1/projects/")
+
+    def datasets(self) -> Iterator[dict]:
+        return self._pages("/api/v1/datasets/")
+
+    def dataset_upload(self, path: str | os.PathLike, *, name: str, team: int, task: str) -> dict:
+        path = Path(path)
+        with path.open("rb") as file:
+            return self._call(
+                "POST",
+                "/api/v1/datasets/",
+                data={"name": name, "team": str(team), "task": task},
+                files={"file": (path.name, file)},
+            )
+
+    # --- runs ---------------------------------------------------------------
+
+    def runs(self, **filters: Any) -> Iterator[dict]:
+        """Runs matching method=, base_model=, dataset=, status=, tag=, q=, sweep=, sort=."""
+        return self._pages("/api/v1/runs/", _present(filters))
+
+    def run(self, run_id: int) -> dict:
+        return self._call("GET", f"/api/v1/runs/{run_id}/")
+
+    def launch_run(
+        self,
+        *,
+        base_model: str,
+        dataset: int,
+        method: str,
+        method_config: dict | None = None,
+        train_config: dict | None = None,
+        name: str | None = None,
+        project: int | None = None,
+        external: bool = False,
+    ) -> dict:
+        """A queued run (or, with external=True, a running one this script feeds and finishes)."""
+        payload = {
+            "base_model": base_model,
+            "dataset": dataset,
+            "method": method,
+            "method_config": method_config or {},
+            "train_config": train_config or {},
+            "external": external,
+        }
+        payload.update(_present({"name": name, "project": project}))
+        return self._call("POST", "/api/v1/runs/", json=payload)
+
+    def cancel_run(self, run_id: int) -> dict:
+        return self._call("POST", f"/api/v1/runs/{run_id}/cancel/")
+
+    def delete_run(self, run_id: int) -> None:
+        self._call("DELETE", f"/api/v1/runs/{run_id}/")
+
+    def metrics(
+        self, run_id: int, keys: Iterable[str] | None = None, max_points: int | None = None
+    ) -> dict[str, dict[str, list]]:
+        """{key: {"step": [...], "value": [...]}}, downsampled to max_points if given."""
+        params = _present({"keys": ",".join(keys) if keys else None, "max_points": max_points})
+        return self._call("GET", f"/api/v1/runs/{run_id}/metrics/", params=params)["series"]
+
+    def ingest_metrics(self, run_id: int, points: Iterable[dict]) -> int:
+        """Send an external run's points ({"key", "step", "value", "wall_time"}: seconds since
+        its start); returns the count the server received, in batches it accepts. A retried
+        batch is harmless: points already stored are kept as they were."""
+        received = 0
+        for batch in _batches(points, INGEST_BATCH):
+            answer = self._call("POST", f"/api/v1/runs/{run_id}/metrics/", json={"points": batch})
+            received += answer["received"]
+        return received
+
+    def finish_run(self, run_id: int, status: str, summary: dict | None = None) -> dict:
+        payload = {"status": status, **_present({"summary": summary})}
+        return self._call("POST", f"/api/v1/runs/{run_id}/finish/", json=payload)
+
+    def watch(self, run_id: int, interval: float = 2.0) -> Iterator[dict]:
+        """The run, once per poll, until it has finished (the last one yielded is finished)."""
+        return self._watch(lambda: self.run(run_id), _run_finished, interval)
+
+    # --- artifacts ----------------------------------------------------------
+
+    def artifacts(self, run_id: int) -> list[dict]:
+        return self._call("GET", f"/api/v1/runs/{run_id}/artifacts/")
+
+    def download_adapter(self, run_id: int, directory: str | os.PathLike) -> list[Path]:
+        """Write the run's adapter files into directory; each is checked against its size and
+        sha256 before it takes its name. Returns the paths written (none if it has no adapter)."""
+        adapter = [a for a in self.artifacts(run_id) if a["kind"] == "adapter"]
+        for artifact in adapter:  # all names first: a hostile listing writes nothing
+            _require_plain_name(artifact["name"])
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return [self._download(artifact, directory) for artifact in adapter]
+
+    def _download(self, artifact: dict, directory: Path) -> Path:
+        # A hidden temp name until the checks pass: a reader never sees a half-written file.
+        # open("xb") leaves the mode to the umask, as for any file the user writes.
+        part = directory / f".{artifact['name']}.{secrets.token_hex(4)}.part"
+        try:
+            with part.open("xb") as file:
+                digest, size = self._stream_into(
+                    file, f"/api/v1/artifacts/{artifact['id']}/download/"
+                )
+            _check_download(artifact, digest, size)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        target = directory / artifact["name"]
+        os.replace(part, target)
+        return target
+
+    def _stream_into(self, file, path: str) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        with self._stream("GET", path) as response:
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                file.write(chunk)
+        return digest.hexdigest(), size
+
+    # --- sweeps -------------------------------------------------------------
+
+    def sweeps(self) -> Iterator[dict]:
+        return self._pages("/api/v1/sweeps/")
+
+    def sweep(self, sweep_id: int) -> dict:
+        return self._call("GET", f"/api/v1/sweeps/{sweep_id}/")
+
+    def launch_sweep(
+        self,
+        *,
+        base_model: str,
+        dataset: int,
+        methods: Iterable[str],
+        grid: dict[str, list] | None = None,
+        train_config: dict | None = None,
+        name: str | None = None,
+        project: int | None = None,
+    ) -> dict:
+        """One queued run per method and grid point ({"lora.r": [4, 8]}); the sweep with its runs."""
+        payload = {
+            "base_model": base_model,
+            "dataset": dataset,
+            "methods": list(methods),
+            "grid": grid or {},
+            "train_config": train_config or {},
+        }
+        payload.update(_present({"name": name, "project": project}))
+        return self._call("POST", "/api/v1/sweeps/", json=payload)
+
+    def watch_sweep(self, sweep_id: int, interval: float = 2.0) -> Iterator[dict]:
+        """The sweep with its runs, once per poll, until every run has finished."""
+        return self._watch(lambda: self.sweep(sweep_id), _sweep_finished, interval)
+
+    # --- the wire -----------------------------------------------------------
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer (None for an empty one); an error status raises ApiError."""
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise self._unreachable(error) from None
+        if response.is_error:
+            raise ApiError.from_response(response)
+        if response.is_redirect:  # e.g. http:// to https:// behind a proxy: not followed
+            where = response.headers.get("location", "elsewhere")
+            raise ApiError(response.status_code, f"{self.url} redirects to {where}: use that URL")
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(
+                response.status_code, f"{self.url} did not answer JSON: is it a PEFT Lab server?"
+            ) from None
+
+    @contextmanager
+    def _stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+        try:
+            with self._http.stream(method, path) as response:
+                if response.is_error:
+                    response.read()
+                    raise ApiError.from_response(response)
+                yield response
+        except httpx.TransportError as error:
+            raise self._unreachable(error) from None
+
+    def _unreachable(self, error: httpx.TransportError) -> ServerUnreachable:
+        return ServerUnreachable(self.url, str(error) or type(error).__name__)
+
+    def _pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
+        """Every result of a paginated list, following "next" (its query, on our own URL, so a
+        proxy that rewrites the host cannot send us elsewhere)."""
+        params = dict(params or {})
+        while True:
+            page = self._call("GET", path, params=params)
+            yield from page["results"]
+            if not page.get("next"):
+                return
+            params = dict(httpx.URL(page["next"]).params)
+
+    def _watch(
+        self, fetch: Callable[[], dict], finished: Callable[[dict], bool], interval: float
+    ) -> Iterator[dict]:
+        while True:
+            current = self._fetch_patiently(fetch)
+            yield current
+            if finished(current):
+                return
+            time.sleep(interval)
+
+    def _fetch_patiently(self, fetch: Callable[[], dict]) -> dict:
+        """fetch(), retried with backoff while the server is down or restarting."""
+        for delay in self.retry_delays:
+            try:
+                return fetch()
+            except ServerUnreachable as error:
+                problem = f"cannot reach {error.url} ({error.reason})"
+            except ApiError as error:
+                if error.status not in RETRY_STATUSES:
+                    raise
+                problem = str(error)
+            log.warning("%s; trying again in %g s", problem, delay)
+            time.sleep(delay)
+        return fetch()
+
+
+def _run_finished(run: dict) -> bool:
+    return run["status"] in FINISHED_STATUSES
+
+
+def _sweep_finished(sweep: dict) -> bool:
+    return all(_run_finished(run) for run in sweep["runs"])
+
+
+def _present(values: dict) -> dict:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _batches(points: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for point in points:
+        batch.append(point)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _require_plain_name(name: str) -> None:
+    """A file name the server gave must stay inside the download directory."""
+    plain = (
+        isinstance(name, str)
+        and bool(name)
+        and name == Path(name).name
+        and not any(sep in name for sep in ("/", "\\", "\x00"))
+        and not name.startswith(".")
+    )
+    if not plain:
+        raise DownloadError(f"refusing artifact name {name!r}: not a plain file name")
+
+
+def _check_download(artifact: dict, sha256: str, size: int) -> None:
+    if size != artifact["size"] or sha256 != artifact["sha256"]:
+        raise DownloadError(
+            f"{artifact['name']} arrived damaged: {size:,} bytes with sha256 {sha256[:12]}…, "
+            f"expected {artifact['size']:,} bytes with {artifact['sha256'][:12]}…"
+        )
+
+
+# --- credentials -------------------------------------------------------------
+
+
+def config_path() -> Path:
+    """$PEFTLAB_CONFIG, else $XDG_CONFIG_HOME/peftlab/config.json (~/.config by default)."""
+    if os.environ.get("PEFTLAB_CONFIG"):
+        return Path(os.environ["PEFTLAB_CONFIG"]).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "peftlab" / "config.json"
+
+
+def load_config() -> tuple[str, str]:
+    """(url, token): PEFTLAB_URL / PEFTLAB_TOKEN, else the saved file's values."""
+    saved = _read_config(config_path())
+    token = os.environ.get("PEFTLAB_TOKEN") or saved.get("token")
+    url = os.environ.get("PEFTLAB_URL") or saved.get("url") or DEFAULT_URL
+    if not token:
+        raise ConfigError(
+            f"no PEFT Lab credentials in {config_path()}: run `peftlab login` "
+            "(or set PEFTLAB_URL and PEFTLAB_TOKEN)"
+        )
+    return url, token
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read {path} ({error}): run `peftlab login` again") from None
+    return saved if isinstance(saved, dict) else {}
+
+
+def save_config(url: str, token: str) -> Path:
+    """Write {"url", "token"} readable by the owner only (a new directory gets 0700)."""
+    path = config_path()
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    # mkstemp creates the file with mode 0600, then a rename: no moment where the token is
+    # readable by others, and no half-written file if we are interrupted.
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump({"url": url.rstrip("/"), "token": token}, file, indent=2)
+            file.write("\n")
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def login(url: str, username: str, password: str, name: str, **options: Any) -> str:
+    """A new API token for username on the server at url (options go to `Client`)."""
+    with Client(url, **options) as client:
+        return client.create_token(username, password, name)["token"]
