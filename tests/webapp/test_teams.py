@@ -458,3 +458,12 @@ def test_nav_links_to_team_and_tokens(client, cast):
     client.force_login(cast.bob)
     page = client.get(reverse("runs")).content.decode()
     assert f'href="{reverse("teams")}"' in page and f'href="{reverse("api_tokens")}"' in page
+
+
+def test_the_team_page_offers_leave_to_everyone_but_the_last_owner(client, cast):
+    client.force_login(cast.alice)
+    page = client.get(reverse("team_detail", args=[cast.acme.id])).content.decode()
+    assert "Leave team" not in page and "last owner" in page
+    client.force_login(cast.bob)
+    page = client.get(reverse("team_detail", args=[cast.acme.id])).content.decode()
+    assert "Leave team" in page

@@ -97,6 +97,8 @@ def _team_page(request, team, *, invite_form=None, invite_url: str = "", status:
         "invite_form": invite_form or InvitationForm(),
         "invite_url": invite_url,
         "invitation_days": settings.INVITATION_DAYS,
+        # The last owner cannot leave (the service refuses); the page does not offer it.
+        "can_leave": role != Role.OWNER or sum(m.role == Role.OWNER for m in members) > 1,
     }
     response = render(request, "accounts/team_detail.html", context, status=status)
     if invite_url:
