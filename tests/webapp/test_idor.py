@@ -135,7 +135,7 @@ def _assert_unchanged(o, cast):
     assert ApiToken.objects.get(id=o["token"].id).revoked_at is None
     assert Invitation.objects.get(id=o["invitation"].id).revoked_at is None
     assert Membership.objects.get(id=o["membership"].id).role == "member"
-    assert not AuditEvent.objects.filter(actor=cast.mallory).exclude(action="login").exists()
+    assert not AuditEvent.objects.filter(actor=cast.mallory, team=cast.acme).exists()
     assert cast.acme.projects.count() == 1 and cast.acme.invitations.count() == 1
 
 
@@ -197,4 +197,79 @@ def test_launching_into_another_teams_project_or_dataset_is_a_400_like_a_missing
     assert bodies[0] == bodies[1]
     assert "Select a valid choice" in bodies[0]
     assert SECRET not in bodies[0]
+    assert not Run.objects.filter(created_by=cast.mallory).exists()
+
+
+# ---- the same matrix through the REST API, with mallory's own token ------------------------
+
+
+def _api_cases(o) -> list[tuple[str, str, str, str, dict]]:
+    run, done = o["run"].id, o["finished"].id
+    points = {"points": [{"key": "x", "step": 1, "value": 1.0}]}
+    return [
+        ("run", "read", "get", f"/api/v1/runs/{run}/", {}),
+        ("run", "read", "get", f"/api/v1/runs/{run}/metrics/", {}),
+        ("run", "update", "post", f"/api/v1/runs/{run}/metrics/", points),
+        ("run", "update", "post", f"/api/v1/runs/{run}/finish/", {"status": "failed"}),
+        ("run", "delete", "delete", f"/api/v1/runs/{done}/", {}),
+        ("run", "cancel", "post", f"/api/v1/runs/{run}/cancel/", {}),
+        ("run", "download", "get", f"/api/v1/runs/{run}/artifacts/", {}),
+        ("artifact", "download", "get", f"/api/v1/artifacts/{o['artifact'].id}/download/", {}),
+        ("sweep", "read", "get", f"/api/v1/sweeps/{o['sweep'].id}/", {}),
+        ("dataset", "read", "get", f"/api/v1/datasets/{o['dataset'].id}/", {}),
+        ("dataset", "delete", "delete", f"/api/v1/datasets/{o['dataset'].id}/", {}),
+    ]
+
+
+@pytest.fixture
+def mallory_api(cast):
+    from rest_framework.test import APIClient
+
+    _, plain = api_token_create(user=cast.mallory, name="m")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {plain}")
+    return client
+
+
+def test_api_answers_404_to_another_team_for_every_kind_and_verb(cast, acme, mallory_api):
+    failures = []
+    for kind, verb, method, url, body in _api_cases(acme):
+        response = getattr(mallory_api, method)(url, body, format="json")
+        if response.status_code != 404:
+            failures.append(f"{kind} {verb}: {method.upper()} {url} → {response.status_code}")
+    assert not failures, "\n".join(failures)
+    _assert_unchanged(acme, cast)
+    assert not acme["run"].metric_points.exists()
+
+
+def test_api_lists_never_show_another_teams_rows(cast, acme, mallory_api):
+    for url in (
+        "/api/v1/runs/",
+        f"/api/v1/runs/?sweep={acme['sweep'].id}",
+        "/api/v1/sweeps/",
+        "/api/v1/datasets/",
+        "/api/v1/projects/",
+        "/api/v1/me/",
+    ):
+        response = mallory_api.get(url)
+        assert response.status_code == 200, url
+        body = response.content.decode()
+        assert SECRET not in body and "Acme" not in body, url
+
+
+def test_api_launch_into_another_teams_project_is_answered_like_a_missing_id(
+    cast, acme, mallory_api
+):
+    body = {"base_model": "tiny-llama", "method": "lora", "train_config": {"steps": 1}}
+    theirs = mallory_api.post(
+        "/api/v1/runs/",
+        body | {"project": acme["project"].id, "dataset": acme["dataset"].id},
+        format="json",
+    )
+    missing = mallory_api.post(
+        "/api/v1/runs/", body | {"project": 999_999, "dataset": 999_999}, format="json"
+    )
+    assert theirs.status_code == missing.status_code == 400
+    assert theirs.json().keys() == missing.json().keys()
+    assert SECRET not in theirs.content.decode()
     assert not Run.objects.filter(created_by=cast.mallory).exists()
