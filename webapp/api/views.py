@@ -202,16 +202,11 @@ class RunList(generics.GenericAPIView):
         with service_errors():
             form, method_config = launch.run_form_validate(user=request.user, payload=payload)
             create = services.run_create_external if payload["external"] else services.run_create
-            data = form.cleaned_data
             run = create(
                 user=request.user,
-                project=data["project"],
-                name=data["name"],
-                base_model=data["base_model"],
-                dataset=data["dataset"],
-                method=data["method"],
+                method=form.cleaned_data["method"],
                 method_config=method_config,
-                train_config=form.train_config(),
+                **form.launch_kwargs(),
             )
         return Response(run_data(request, run), status=status.HTTP_201_CREATED)
 
@@ -333,16 +328,11 @@ class SweepList(generics.GenericAPIView):
         payload = validated(s.SweepCreateSerializer, request.data)
         with service_errors():
             form, items = launch.sweep_form_validate(user=request.user, payload=payload)
-            data = form.cleaned_data
             sweep = services.sweep_create(
                 user=request.user,
-                project=data["project"],
-                name=data["name"],
-                base_model=data["base_model"],
-                dataset=data["dataset"],
                 items=items,
-                grid=data["grid"],
-                train_config=form.train_config(),
+                grid=form.cleaned_data["grid"],
+                **form.launch_kwargs(),
             )
         return Response(sweep_data(request, sweep), status=status.HTTP_201_CREATED)
 

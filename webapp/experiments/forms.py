@@ -80,6 +80,11 @@ class LaunchForm(forms.Form):
         keys = ("steps", "batch_size", "learning_rate", "max_length", "eval_every")
         return {key: self.cleaned_data[key] for key in keys}
 
+    def launch_kwargs(self) -> dict:
+        """The arguments run_create and sweep_create share, from the cleaned form."""
+        keys = ("project", "name", "base_model", "dataset")
+        return {key: self.cleaned_data[key] for key in keys} | {"train_config": self.train_config()}
+
 
 class RunForm(LaunchForm):
     method = forms.ChoiceField(

@@ -87,16 +87,11 @@ def run_new(request):
     method = request.POST.get("method") or initial.get("method", "lora")
     method_form = _method_form(method, request.POST or None, initial=method_initial)
     if request.method == "POST" and form.is_valid() and method_form.is_valid():
-        data = form.cleaned_data
         run = services.run_create(
             user=request.user,
-            project=data["project"],
-            name=data["name"],
-            base_model=data["base_model"],
-            dataset=data["dataset"],
-            method=data["method"],
+            method=form.cleaned_data["method"],
             method_config=method_form.config_kwargs(),
-            train_config=form.train_config(),
+            **form.launch_kwargs(),
         )
         messages.success(request, f"Run “{run.name}” is queued.")
         return redirect("run_detail", run_id=run.id)
@@ -426,14 +421,7 @@ def sweep_new(request):
             form.add_error("grid", exc)
         else:
             sweep = services.sweep_create(
-                user=request.user,
-                project=data["project"],
-                name=data["name"],
-                base_model=data["base_model"],
-                dataset=data["dataset"],
-                items=items,
-                grid=data["grid"],
-                train_config=form.train_config(),
+                user=request.user, items=items, grid=data["grid"], **form.launch_kwargs()
             )
             messages.success(request, f"Sweep “{sweep.name}”: {len(items)} runs queued.")
             return redirect("sweep_detail", sweep_id=sweep.id)
