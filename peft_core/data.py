@@ -14,16 +14,25 @@ followed by a newline (unless it ends in whitespace) and the completion by eos.
 Prompt and completion are tokenized separately, as at inference time, so the
 boundary is exact for any tokenizer.
 
+Uploads are hostile until checked. Bytes are UTF-8 (a BOM is dropped) or UTF-16 with its
+BOM, decoded and split into lines as they are read; a line holds at most MAX_LINE_CHARS
+characters and no NUL, a JSON line nests at most MAX_JSON_DEPTH deep (checked before json
+recurses) with no duplicate key and no NaN, a file has at most MAX_COLUMNS columns and
+`max_rows` rows, a kept value at most `max_value_chars` characters. Whatever the bytes,
+`parse_dataset` returns rows or raises DatasetError naming the line and, when known, the column.
+
 A batch is a dict of (B, T) tensors: input_ids, attention_mask, and labels,
 which are (B, T) token ids with IGNORE_INDEX on prompt and padding for causal
 LM, and (B,) class ids for seq-cls. Padding is on the right.
 """
 
+import codecs
 import csv
 import io
 import json
 import random
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +44,16 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 FORMATS = ("csv", "jsonl")
 MAX_ROWS = 100_000
 MAX_VALUE_CHARS = 20_000
+MAX_COLUMNS = 100
+MAX_LINE_CHARS = 1_000_000
+MAX_JSON_DEPTH = 8  # a row is an object of strings; extra columns may nest a little
+BOMS = (
+    (codecs.BOM_UTF8, "utf-8"),  # Excel writes it
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+JSON_STRUCTURE = re.compile(r'[\[\]{}"\\]')
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 PROMPT_SEPARATOR = "\n"
 
 TaskColumns = tuple[str, ...]
@@ -46,12 +65,27 @@ TASK_COLUMNS: dict[str, tuple[TaskColumns, ...]] = {
 
 
 class DatasetError(ValueError):
-    """A dataset problem a user can fix; the message names the line when there is one."""
+    """A problem with an upload that its author can fix.
 
-    def __init__(self, message: str, *, line: int | None = None, column: str | None = None):
-        super().__init__(f"line {line}: {message}" if line is not None else message)
+    `line` is 1-based; `char` is the 1-based position in that line (shown as "column N", as
+    editors count); `column` names the data column the problem is in, when there is one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        column: str | None = None,
+        char: int | None = None,
+    ):
+        where = f"line {line}" if line is not None else ""
+        where += f", column {char}" if where and char is not None else ""
+        super().__init__(f"{where}: {message}" if where else message)
+        self.message = message
         self.line = line
         self.column = column
+        self.char = char
 
 
 # --- parsing ---------------------------------------------------------------
@@ -67,16 +101,15 @@ def parse_dataset(
 ) -> list[dict]:
     """Rows of a CSV (header line first) or JSONL upload, checked for `task`.
 
-    Only the task's columns are kept; other columns are ignored. Raises
-    DatasetError naming the 1-based line of the first problem.
+    The bytes are decoded and split into lines as they are read. Only the task's columns are
+    kept; other columns are ignored. Any problem with the bytes raises DatasetError naming the
+    1-based line (and the column, when it is known) of the first one.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_task(task)
-    text = _decode(data)
-    if not text.strip():
-        raise DatasetError("the file is empty")
-    records = _csv_records(text, task) if fmt == "csv" else _jsonl_records(text)
+    lines = _lines(data)
+    records = _csv_records(lines, task) if fmt == "csv" else _jsonl_records(lines)
     rows = _checked_rows(records, task, max_rows, max_value_chars)
     if task == "seq-cls" and len(label_names(rows)) < 2:
         raise DatasetError(
@@ -90,57 +123,179 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
-def _decode(data: bytes) -> str:
+def _shown(text: str) -> str:
+    """`text` quoted for a message, cut short: a hostile name can be a megabyte long."""
+    return repr(text if len(text) <= 40 else text[:40] + "…")
+
+
+# --- lines: encoding, NUL, length -------------------------------------------
+
+
+def _lines(data: bytes) -> Iterator[str]:
+    """Decoded lines, line endings kept, read incrementally from `data`."""
+    encoding, bom = _encoding(data)
+    stream = io.BytesIO(data)
+    stream.seek(len(bom))
+    text = io.TextIOWrapper(stream, encoding=encoding, newline="")
     try:
-        return data.decode("utf-8-sig")  # -sig: drop a byte-order mark that Excel writes
+        for number, line in enumerate(text, start=1):
+            _check_line(line, number)
+            yield line
+    except UnicodeDecodeError:
+        raise _decode_error(data[len(bom) :], encoding) from None
+
+
+def _encoding(data: bytes) -> tuple[str, bytes]:
+    """(codec, byte-order mark) of an upload: UTF-8, with or without a BOM, or UTF-16 with one."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        raise DatasetError("UTF-32 is not supported; save the file as UTF-8", line=1, char=1)
+    for bom, encoding in BOMS:
+        if data.startswith(bom):
+            return encoding, bom
+    return "utf-8", b""
+
+
+def _decode_error(body: bytes, encoding: str) -> DatasetError:
+    """The error for the first undecodable byte of `body` (the bytes after the BOM)."""
+    try:
+        body.decode(encoding)
     except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise DatasetError(f"not valid UTF-8 (byte {error.start})", line=line) from None
+        start = error.start
+    else:  # the incremental decoder and the whole-text one disagree: cannot happen
+        return DatasetError(f"not valid {encoding.upper()}")
+    before = body[:start].decode(encoding, errors="replace")
+    line = before.count("\n") + before.count("\r") - before.count("\r\n") + 1
+    char = len(before) - max(before.rfind("\n"), before.rfind("\r"))
+    name = "UTF-8" if encoding == "utf-8" else "UTF-16"
+    return DatasetError(f"not valid {name} (byte {start})", line=line, char=char)
 
 
-def _jsonl_records(text: str) -> Iterator[tuple[int, dict]]:
+def _check_line(line: str, number: int) -> None:
+    if len(line) > MAX_LINE_CHARS:
+        raise DatasetError(f"the line is longer than {MAX_LINE_CHARS:,} characters", line=number)
+    nul = line.find("\x00")
+    if nul >= 0:
+        message = "NUL character (a UTF-16 file needs its byte-order mark)"
+        raise DatasetError(message, line=number, char=nul + 1)
+
+
+# --- JSON lines --------------------------------------------------------------
+
+
+def _jsonl_records(lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line."""
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise DatasetError(
-                f"invalid JSON: {error.msg} (char {error.colno})", line=number
-            ) from None
-        if not isinstance(record, dict):
-            raise DatasetError(f"expected a JSON object, got {type(record).__name__}", line=number)
-        yield number, record
+    empty = True
+    for number, raw in enumerate(lines, start=1):
+        if raw.strip():
+            empty = False
+            yield number, _json_object(raw, number)
+    if empty:
+        raise DatasetError("the file is empty")
 
 
-def _csv_records(text: str, task: str) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for each CSV record; a quoted field may span lines."""
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _json_object(raw: str, line: int) -> dict:
+    _check_json_depth(raw, line)
     try:
-        header = [name.strip() for name in next(reader)]
-        _check_header(header)
-        _columns_for(dict.fromkeys(header), task, line=1)
-        start = reader.line_num + 1
-        for values in reader:
-            if not any(value.strip() for value in values):
-                start = reader.line_num + 1
-                continue  # blank line
+        record = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"invalid JSON: {error.msg}", line=line, char=error.colno) from None
+    except DatasetError as error:  # from the hooks, which do not know the line
+        raise DatasetError(error.message, line=line, column=error.column) from None
+    except ValueError as error:  # an integer of more than 4300 digits
+        raise DatasetError(f"invalid JSON: {str(error)[:80]}", line=line) from None
+    if not isinstance(record, dict):
+        raise DatasetError(f"expected a JSON object, got {type(record).__name__}", line=line)
+    if len(record) > MAX_COLUMNS:
+        raise DatasetError(f"more than {MAX_COLUMNS} keys", line=line)
+    return record
+
+
+def _check_json_depth(raw: str, line: int) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH before json.loads recurses into it.
+
+    Walks the brackets and quotes only, outside strings, and stops at the first bracket too
+    deep, so a line of a million "[" costs MAX_JSON_DEPTH steps.
+    """
+    if raw.count("[") + raw.count("{") <= MAX_JSON_DEPTH:
+        return  # too few brackets to nest that deep
+    depth, in_string, escaped_at = 0, False, -1
+    for match in JSON_STRUCTURE.finditer(raw):
+        char, at = match.group(), match.start()
+        if in_string:
+            if at == escaped_at:
+                continue
+            if char == "\\":
+                escaped_at = at + 1
+            in_string = char != '"'
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                message = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+                raise DatasetError(message, line=line, char=at + 1)
+        elif char in "]}":
+            depth -= 1
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        key = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise DatasetError(f"duplicate key {_shown(key)}", column=key)
+    return record
+
+
+def _no_constant(name: str) -> None:
+    raise DatasetError(f"{name} is not valid JSON; write a number or a string")
+
+
+# --- CSV ---------------------------------------------------------------------
+
+
+def _csv_records(lines: Iterable[str], task: str) -> Iterator[tuple[int, dict]]:
+    """(first line, row) for each CSV record after the header; a quoted field may span lines."""
+    reader = csv.reader(lines)
+    records = _csv_nonblank(reader)
+    try:
+        line, names = next(records, (0, None))
+        if names is None:
+            raise DatasetError("the file is empty")
+        header = _checked_header(names, task, line)
+        for line, values in records:
             if len(values) != len(header):
-                raise DatasetError(
-                    f"{len(values)} fields, but the header has {len(header)}", line=start
-                )
-            yield start, dict(zip(header, values, strict=True))
-            start = reader.line_num + 1
-    except csv.Error as error:
+                message = f"{len(values)} fields, but the header has {len(header)}"
+                raise DatasetError(message, line=line)
+            yield line, dict(zip(header, values, strict=True))
+    except csv.Error as error:  # e.g. a field over csv.field_size_limit()
         raise DatasetError(f"invalid CSV: {error}", line=reader.line_num) from None
 
 
-def _check_header(header: list[str]) -> None:
-    if len(set(header)) != len(header):
-        raise DatasetError(f"duplicate column names in header {header}", line=1)
+def _csv_nonblank(reader) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each record that is not blank."""
+    start = 1
+    for values in reader:
+        if any(value.strip() for value in values):
+            yield start, values
+        start = reader.line_num + 1
+
+
+def _checked_header(names: list[str], task: str, line: int) -> list[str]:
+    header = [name.strip() for name in names]
+    if len(header) > MAX_COLUMNS:
+        raise DatasetError(f"{len(header)} columns; the limit is {MAX_COLUMNS}", line=line)
     if any(not name for name in header):
-        raise DatasetError("empty column name in header", line=1)
+        raise DatasetError("empty column name in header", line=line)
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        shown = ", ".join(_shown(name) for name in duplicates[:5])
+        raise DatasetError(f"duplicate column names in header: {shown}", line=line)
+    _columns_for(dict.fromkeys(header), task, line)
+    return header
+
+
+# --- rows --------------------------------------------------------------------
 
 
 def _checked_rows(
@@ -183,6 +338,9 @@ def _checked_value(record: dict, name: str, line: int, max_chars: int) -> str:
         raise DatasetError(f"empty value in column {name!r}", line=line, column=name)
     if len(value) > max_chars:
         message = f"value in column {name!r} is longer than {max_chars} characters"
+        raise DatasetError(message, line=line, column=name)
+    if UNSTORABLE.search(value):  # only a JSON escape (\u0000, \ud800) can put these here
+        message = f"column {name!r} holds a NUL or an unpaired surrogate"
         raise DatasetError(message, line=line, column=name)
     return value.strip() if name == "label" else value
 
@@ -350,22 +508,32 @@ def _collate_labels(examples: Sequence[Example], width: int) -> torch.Tensor:
 
 
 def train_batches(
-    examples: Sequence[Example], *, batch_size: int, pad_token_id: int, seed: int = 0
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    seed: int = 0,
+    skip: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches: epoch e is ordered by Random(seed + e), then the next starts.
 
     A batch never straddles two epochs, so the last batch of an epoch may be smaller.
+    The stream starts after its first `skip` batches, which are not built: a run resumed
+    after step k trains on exactly the batches the uninterrupted run saw after step k.
     """
     if not examples:
         raise ValueError("no training examples")
-    epoch = 0
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    batches_per_epoch = -(-len(examples) // batch_size)  # ceil
+    epoch, first_batch = divmod(skip, batches_per_epoch)
     while True:
         order = list(range(len(examples)))
         random.Random(seed + epoch).shuffle(order)
-        for start in range(0, len(order), batch_size):
+        for start in range(first_batch * batch_size, len(order), batch_size):
             chunk = [examples[index] for index in order[start : start + batch_size]]
             yield collate(chunk, pad_token_id=pad_token_id)
-        epoch += 1
+        epoch, first_batch = epoch + 1, 0
 
 
 def eval_batches(

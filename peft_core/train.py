@@ -11,13 +11,31 @@ through `Callbacks`: the web worker writes metrics and heartbeats to the databas
 and turns a cancel request into `should_stop()`, which is checked before every
 step, so a cancelled run stops within one step.
 
+Checkpoints. Every `checkpoint_every` steps (never at the last one, which the caller
+saves as the adapter) the loop hands a `Checkpoint` to `Callbacks.on_checkpoint`.
+`train(..., resume=checkpoint)` puts parameters, AdamW state, schedule, RNG and counters
+back and goes on at step + 1 with the batches the uninterrupted run would have drawn
+(step s always trains on batch s − 1 of the seeded stream), so a resumed run ends with
+the same parameters as one that never stopped. A checkpoint of another config
+(`TrainConfig.trajectory_digest`) or another set of trainable parameters is refused.
+
+Non-finite steps. A step whose loss or gradient norm is nan/inf is skipped: no backward
+(for a bad loss), no optimizer update, gradients dropped, its tokens not counted, no
+on_step report. The schedule still advances, so step s always runs at lr(s) and the
+run ends where it was configured to; a skipped step is a step with zero update. One bad
+batch (an fp16 overflow, an odd row) costs a step, not the run; `max_nonfinite_steps`
+in a row raise NonFiniteLossError, because then the run has diverged.
+
 Losses: train_loss is the model's own mean over the batch's supervised tokens
 (causal LM) or rows (seq-cls); eval_loss is the mean over all supervised tokens
 (rows) of the evaluated batches, so batches of different sizes weigh fairly.
 """
 
+import hashlib
+import json
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,10 +44,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peft_core import data
+from peft_core.checkpoint import Checkpoint, CheckpointError, capture_checkpoint, restore_checkpoint
 from peft_core.data import IGNORE_INDEX, Example, eval_batches, tokenize_rows, train_batches
 
 MAX_STEPS = 1_000_000
 MAX_LEARNING_RATE = 1.0
+# The fields that decide which updates a run makes: a checkpoint resumes only under these.
+TRAJECTORY_FIELDS = (
+    "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "grad_clip", "seed"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,6 +67,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     seed: int = 0
     log_every: int = 1
+    checkpoint_every: int = 0  # 0: never
+    max_nonfinite_steps: int = 3  # this many non-finite steps in a row end the run
 
     def __post_init__(self) -> None:
         _require_int("steps", self.steps, 1, MAX_STEPS)
@@ -54,12 +79,19 @@ class TrainConfig:
         _require_int("eval_batches", self.eval_batches, 1, 10_000)
         _require_int("seed", self.seed, 0, 2**32 - 1)
         _require_int("log_every", self.log_every, 1, MAX_STEPS)
+        _require_int("checkpoint_every", self.checkpoint_every, 0, MAX_STEPS)
+        _require_int("max_nonfinite_steps", self.max_nonfinite_steps, 1, 1000)
         if not _is_real(self.learning_rate) or not 0 < self.learning_rate <= MAX_LEARNING_RATE:
             raise ValueError(
                 f"learning_rate must be in (0, {MAX_LEARNING_RATE}], got {self.learning_rate!r}"
             )
         if not _is_real(self.grad_clip) or not 0 <= self.grad_clip < math.inf:
             raise ValueError(f"grad_clip must be a finite number >= 0, got {self.grad_clip!r}")
+
+    def trajectory_digest(self) -> str:
+        """sha256 of TRAJECTORY_FIELDS: equal digests train along the same path."""
+        fields = {name: getattr(self, name) for name in TRAJECTORY_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _require_int(name: str, value: object, low: int, high: int) -> None:
@@ -90,6 +122,9 @@ class Callbacks:
     def heartbeat(self) -> None:
         """Called every step: proof that the loop is alive."""
 
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Every `checkpoint_every` steps: store it (checkpoint_to_files) to resume later."""
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -104,6 +139,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss diverged); the message says what to change."""
 
 
+class NonFiniteLossError(TrainingError):
+    """`max_nonfinite_steps` steps in a row had a nan/inf loss or gradient norm."""
+
+
 def train(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -114,11 +153,13 @@ def train(
     config: TrainConfig,
     callbacks: Callbacks | None = None,
     label_names: Sequence[str] | None = None,
+    resume: Checkpoint | None = None,
 ) -> TrainResult:
     """Train `model`'s trainable parameters on `train_rows`, evaluate on `val_rows`.
 
     For seq-cls, class ids follow `label_names` (default: sorted labels of the
-    training rows). The model is left in eval mode.
+    training rows). With `resume`, training goes on after the checkpoint's step, on
+    the same rows and config as the run that wrote it. The model is left in eval mode.
     """
     callbacks = callbacks or Callbacks()
     labels = _labels_for(model, task, train_rows, label_names)
@@ -131,6 +172,8 @@ def train(
     )
     torch.manual_seed(config.seed)
     loop = _Loop(model, tokenizer, config, callbacks)
+    if resume is not None:
+        loop.restore(resume)
     return loop.run(train_examples, val_examples)
 
 
@@ -225,6 +268,11 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _every(interval: int, step: int) -> bool:
+    """True at every `interval`-th step; an interval of 0 means never."""
+    return interval > 0 and step % interval == 0
+
+
 class _Loop:
     """One training run's state: optimizer, schedule, counters."""
 
@@ -237,13 +285,16 @@ class _Loop:
     ) -> None:
         self.model, self.config, self.callbacks = model, config, callbacks
         self.pad_token_id = tokenizer.pad_token_id
-        self.params = [param for param in model.parameters() if param.requires_grad]
+        self.named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = list(self.named_params.values())
         if not self.params:
             raise TrainingError("the model has no trainable parameters; apply an adapter first")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.device = _device_of(model)
+        self.start_step = 0  # steps done before this run: a resumed checkpoint's step
         self.tokens = 0
+        self.nonfinite_streak = 0
         self.metrics: dict[str, float] = {}
 
     def _lr_factor(self, step: int) -> float:
@@ -252,13 +303,49 @@ class _Loop:
             return (step + 1) / warmup
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from `checkpoint`; refuse one of another config or model."""
+        if checkpoint.config_digest != self.config.trajectory_digest():
+            raise CheckpointError(
+                "the checkpoint was written under another training config "
+                f"(one of {', '.join(TRAJECTORY_FIELDS)} differs)"
+            )
+        if not 0 < checkpoint.step < self.config.steps:
+            raise CheckpointError(
+                f"the checkpoint is at step {checkpoint.step}; this run has {self.config.steps}"
+            )
+        restore_checkpoint(
+            checkpoint,
+            named_params=self.named_params,
+            optimizer=self.optimizer,
+            scheduler=self.schedule,
+        )
+        self.start_step, self.tokens = checkpoint.step, checkpoint.tokens
+        self.nonfinite_streak = checkpoint.nonfinite_streak
+        self.metrics = dict(checkpoint.metrics)
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        return capture_checkpoint(
+            step,
+            named_params=self.named_params,
+            optimizer=self.optimizer,
+            scheduler=self.schedule,
+            config_digest=self.config.trajectory_digest(),
+            tokens=self.tokens,
+            metrics=self.metrics,
+            nonfinite_streak=self.nonfinite_streak,
+        )
+
     def run(self, train_examples: list[Example], val_examples: list[Example]) -> TrainResult:
         started = time.perf_counter()
+        if self.start_step:
+            self.callbacks.on_log(f"resumed from step {self.start_step}")
         batches = train_batches(
             train_examples,
             batch_size=self.config.batch_size,
             pad_token_id=self.pad_token_id,
             seed=self.config.seed,
+            skip=self.start_step,
         )
         steps_done, stopped = self._train_steps(batches, val_examples, started)
         if not stopped:
@@ -275,37 +362,56 @@ class _Loop:
     ) -> tuple[int, bool]:
         self.model.train()
         batch_iter = iter(batches)
-        for step in range(1, self.config.steps + 1):
+        for step in range(self.start_step + 1, self.config.steps + 1):
             self.callbacks.heartbeat()
             if self.callbacks.should_stop():
                 self.callbacks.on_log(f"stopped before step {step}")
                 return step - 1, True
             self._step(step, next(batch_iter), started)
-            if (
-                self.config.eval_every
-                and step % self.config.eval_every == 0
-                and step < self.config.steps
-            ):
+            if step < self.config.steps and _every(self.config.eval_every, step):
                 self._evaluate(step, val_examples)
                 self.model.train()
+            if step < self.config.steps and _every(self.config.checkpoint_every, step):
+                self.callbacks.on_checkpoint(self.checkpoint(step))
         return self.config.steps, False
 
     def _step(self, step: int, batch: dict[str, torch.Tensor], started: float) -> None:
         batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
         learning_rate = self.schedule.get_last_lr()[0]
         loss = self.model(**batch).loss
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss.item()} at step {step}; lower the learning rate "
-                f"(now {self.config.learning_rate:g}) or check the data"
-            )
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
+        grad_norm = None
+        if torch.isfinite(loss):
+            loss.backward()
+            clip = self.config.grad_clip or math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if grad_norm is None or not torch.isfinite(grad_norm):
+            self._skip_step(step, loss.item(), None if grad_norm is None else grad_norm.item())
+            return
+        self.nonfinite_streak = 0
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens += int(batch["attention_mask"].sum())
         self._report_step(step, loss.item(), learning_rate, grad_norm.item(), started)
+
+    def _skip_step(self, step: int, loss: float, grad_norm: float | None) -> None:
+        """No update for a nan/inf step, but the schedule moves on (see the module doc)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # skipping the update is the point, not a slip
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            self.schedule.step()
+        self.nonfinite_streak += 1
+        what = f"loss became {loss}" if grad_norm is None else f"gradient norm became {grad_norm}"
+        streak, limit = self.nonfinite_streak, self.config.max_nonfinite_steps
+        if streak >= limit:
+            raise NonFiniteLossError(
+                f"the {what} at step {step}, {streak} non-finite step(s) in a row "
+                f"(max_nonfinite_steps {limit}); lower the learning rate "
+                f"(now {self.config.learning_rate:g}) or check the data"
+            )
+        self.callbacks.on_log(
+            f"step {step}/{self.config.steps} skipped: the {what} ({streak} in a row)"
+        )
 
     def _report_step(
         self, step: int, loss: float, learning_rate: float, grad_norm: float, started: float

@@ -103,7 +103,7 @@ def test_a_bad_data_file_names_the_line(tmp_path, model_cache, capsys):
         main(["train", "--model", "tiny-bert", "--data", str(data), "--output", str(tmp_path / "o"),
               "--cache-dir", str(model_cache)])  # fmt: skip
     assert caught.value.code == 2
-    assert "peftlab: error: line 2: invalid JSON" in capsys.readouterr().err
+    assert "peftlab: error: line 2, column 1: invalid JSON" in capsys.readouterr().err
 
 
 # --- train end to end -------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Dataset parsing, splitting, tokenization and batching."""
 
+import codecs
+import csv
+import io
 import json
 from itertools import islice
 
@@ -69,9 +72,9 @@ def test_blank_jsonl_lines_are_skipped_but_counted():
 
 def test_malformed_jsonl_line_names_the_line():
     data = b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": }\n'
-    with pytest.raises(DatasetError, match=r"^line 2: invalid JSON: ") as caught:
+    with pytest.raises(DatasetError, match=r"^line 2, column 31: invalid JSON: ") as caught:
         parse_dataset(data, fmt="jsonl", task="causal-lm")
-    assert caught.value.line == 2
+    assert (caught.value.line, caught.value.char) == (2, 31)
 
 
 def test_a_jsonl_line_must_be_an_object():
@@ -102,7 +105,7 @@ def test_csv_row_with_wrong_field_count_names_its_line():
         (b'{"text": 5, "label": "a"}', "jsonl", "line 1: column 'text' must be a string, got int"),
         (b"text,label\na,x\nb,x\n", "csv", "at least 2 labels"),
         (b"text,text\na,b\n", "csv", "line 1: duplicate column names"),
-        (b"text,label\nok,\xff\xfe\n", "csv", "line 2: not valid UTF-8"),
+        (b"text,label\nok,\xff\xfe\n", "csv", r"line 2, column 4: not valid UTF-8 \(byte 14\)"),
     ],
 )
 def test_bad_files_are_refused_with_a_clear_message(data, fmt, message):
@@ -123,6 +126,112 @@ def test_unknown_format_or_task_is_a_programming_error():
         parse_dataset(b"x", fmt="xml", task="seq-cls")
     with pytest.raises(ValueError, match="unknown task"):
         parse_dataset(b"x", fmt="csv", task="summarise")
+
+
+# --- hostile bytes --------------------------------------------------------------
+
+ROWS = [{"text": "héllo, “world”", "label": "a"}, {"text": "second\nline", "label": "b"}]
+
+
+def csv_bytes(rows) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["text", "label"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: text.encode("utf-8"),
+        lambda text: codecs.BOM_UTF8 + text.encode("utf-8"),
+        lambda text: codecs.BOM_UTF16_LE + text.encode("utf-16-le"),
+        lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+    ],
+    ids=["utf-8", "utf-8-bom", "utf-16-le", "utf-16-be"],
+)
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_utf8_and_utf16_with_a_bom_read_the_same(encode, fmt):
+    text = csv_bytes(ROWS).decode() if fmt == "csv" else jsonl(*ROWS).decode()
+    assert parse_dataset(encode(text), fmt=fmt, task="seq-cls") == ROWS
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("text,label\na,b\n".encode("utf-16-le"), r"line 1, column 2: NUL character"),
+        (codecs.BOM_UTF32_LE + "text".encode("utf-32-le"), "line 1, column 1: UTF-32"),
+        (b"text,label\nlatin,caf\xe9\n", r"line 2, column 10: not valid UTF-8 \(byte 20\)"),
+        (codecs.BOM_UTF16_LE + b"t\x00\n\x00\x00\xdc", r"line 2, column 1: not valid UTF-16"),
+        (codecs.BOM_UTF16_LE + b"t\x00\n", "not valid UTF-16"),  # odd length: truncated
+        (b"text,label\na,b\x00c\n", r"line 2, column 4: NUL character"),
+    ],
+)
+def test_other_encodings_and_nul_bytes_are_named_by_line_and_column(data, message):
+    with pytest.raises(DatasetError, match=message):
+        parse_dataset(data, fmt="csv", task="seq-cls")
+
+
+def test_unicode_line_separators_inside_a_json_string_do_not_split_the_line():
+    rows = [{"text": "a\u2028b\x85c", "label": "x"}, {"text": "d", "label": "y"}]
+    data = "\n".join(json.dumps(row, ensure_ascii=False) for row in rows).encode()
+    assert parse_dataset(data, fmt="jsonl", task="seq-cls") == rows
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"text": "a", "label": "x", "text": "b"}', "line 1: duplicate key 'text'"),
+        ('{"text": "a", "label": NaN}', "line 1: NaN is not valid JSON"),
+        ('{"text": "a", "label": -Infinity}', "line 1: -Infinity is not valid JSON"),
+        ('{"text": "a", "label": ' + "9" * 5000 + "}", "line 1: invalid JSON: Exceeds"),
+        ('{"text": "\\u0000", "label": "x"}', "line 1: column 'text' holds a NUL"),
+        ('{"text": "\\ud800", "label": "x"}', "line 1: column 'text' holds .* unpaired surrogate"),
+        ('{"text": "a", "label": "x", "deep": ' + "[" * 9 + "]" * 9 + "}", "nested deeper than 8"),
+        ("[" * 1_000_000, r"line 1, column 9: JSON nested deeper than 8 levels"),
+        (
+            '{"text": "a", "label": "x", "k": 1'
+            + "".join(f', "k{i}": 1' for i in range(100))
+            + "}",
+            "more than 100 keys",
+        ),
+    ],
+)
+def test_hostile_json_lines_are_refused_by_line(line, message):
+    with pytest.raises(DatasetError, match=message):
+        parse_dataset(line.encode(), fmt="jsonl", task="seq-cls")
+
+
+def test_brackets_inside_strings_and_shallow_nesting_are_fine():
+    text = '[{"a": "]]]]]]]]]]]]]]]]\\"[[[[[[[[[[[[[["}]'
+    row = {"text": text, "label": "x", "meta": {"a": [[[[{"b": [1]}]]]]}}
+    data = jsonl(row, {"text": "t", "label": "y"})
+    assert parse_dataset(data, fmt="jsonl", task="seq-cls")[0]["text"] == text
+
+
+def test_csv_limits_name_the_line():
+    wide = ",".join(["text", "label"] + [f"c{i}" for i in range(99)]) + "\n"
+    with pytest.raises(DatasetError, match="line 1: 101 columns; the limit is 100"):
+        parse_dataset(wide.encode(), fmt="csv", task="seq-cls")
+    huge_field = b'text,label\n"' + b"x\n" * 70_000 + b'",a\n'
+    with pytest.raises(DatasetError, match="invalid CSV: field larger than field limit"):
+        parse_dataset(huge_field, fmt="csv", task="seq-cls")
+    long_line = b"text,label\nok,a\n" + b"x" * 1_000_001 + b",b\n"
+    with pytest.raises(DatasetError, match="line 3: the line is longer than 1,000,000"):
+        parse_dataset(long_line, fmt="csv", task="seq-cls")
+
+
+def test_duplicate_csv_headers_are_named_after_stripping():
+    with pytest.raises(DatasetError, match=r"line 2: duplicate column names in header: 'text'"):
+        parse_dataset(b"\ntext,label, text\na,b,c\n", fmt="csv", task="seq-cls")
+
+
+def test_leading_blank_lines_before_the_csv_header_are_counted():
+    with pytest.raises(DatasetError, match="line 4: missing column 'label'"):
+        parse_dataset(b"\r\n\r\n\r\ntext,labels\na,x\n", fmt="csv", task="seq-cls")
+    with pytest.raises(DatasetError, match="line 7: 1 fields, but the header has 2"):
+        parse_dataset(b"\r\n\r\n\r\ntext,label\na,x\nb,y\nc\n", fmt="csv", task="seq-cls")
 
 
 # --- splitting ------------------------------------------------------------------

@@ -1,12 +1,23 @@
 """The training loop: config bounds, schedule, callbacks, cancel, evaluation, learning."""
 
+import itertools
+import math
+
 import pytest
 import torch
 
 import peft_core
 from peft_core import LoraConfig, catalogue
 from peft_core.samples import sample_rows
-from peft_core.train import Callbacks, TrainConfig, TrainingError, _Loop, evaluate, train
+from peft_core.train import (
+    Callbacks,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingError,
+    _Loop,
+    evaluate,
+    train,
+)
 
 FAST = TrainConfig(steps=4, batch_size=4, learning_rate=1e-3, max_length=48, eval_batches=2)
 
@@ -73,6 +84,10 @@ def run(model, tokenizer, rows, config=FAST, callbacks=None, task="causal-lm", *
         {"log_every": 0},
         {"max_length": 1},
         {"seed": True},
+        {"checkpoint_every": -1},
+        {"checkpoint_every": 1.0},
+        {"max_nonfinite_steps": 0},
+        {"max_nonfinite_steps": 1001},
     ],
 )
 def test_train_config_refuses_out_of_bounds_values(changes):
@@ -154,8 +169,65 @@ def test_a_diverging_loss_is_a_clear_error(llama, instructions):
     model, tokenizer = llama
     with torch.no_grad():
         model.get_input_embeddings().weight.fill_(float("nan"))
-    with pytest.raises(TrainingError, match="loss became nan at step 1; lower the learning rate"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"loss became nan at step 3, 3 non-finite step\(s\) in a row .* lower the learning",
+    ):
         run(model, tokenizer, instructions)
+
+
+def poison_losses(model, steps: set[int]) -> None:
+    """Make the loss nan at the given training steps (1-based forward calls in train mode)."""
+    calls = itertools.count(1)
+
+    def hook(module, args, output):
+        if module.training and next(calls) in steps:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.register_forward_hook(hook)
+
+
+class CheckpointRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.params: dict[int, list[torch.Tensor]] = {}
+
+    def on_checkpoint(self, checkpoint):
+        self.params[checkpoint.step] = list(checkpoint.params.values())
+
+
+def test_one_nan_step_is_skipped_and_training_goes_on(llama, instructions):
+    model, tokenizer = llama
+    poison_losses(model, {3})
+    recorder = CheckpointRecorder()
+    config = TrainConfig(steps=5, max_length=48, eval_batches=2, checkpoint_every=1)
+    result = run(model, tokenizer, instructions, config, recorder)
+    assert result.steps_done == 5 and not result.stopped
+    assert [step for step, _ in recorder.steps] == [1, 2, 4, 5]
+    assert "step 3/5 skipped: the loss became nan (1 in a row)" in recorder.lines
+    unchanged = map(torch.equal, recorder.params[2], recorder.params[3])
+    assert all(unchanged)  # the skipped step made no update
+    assert not all(map(torch.equal, recorder.params[3], recorder.params[4]))
+    assert math.isfinite(result.metrics["train_loss"])
+
+
+def test_nan_steps_in_a_row_end_the_run_at_the_limit(llama, instructions):
+    model, tokenizer = llama
+    poison_losses(model, {2, 4, 5})
+    recorder = Recorder()
+    config = TrainConfig(steps=8, max_length=48, max_nonfinite_steps=2)
+    with pytest.raises(NonFiniteLossError, match="at step 5, 2 non-finite step"):
+        run(model, tokenizer, instructions, config, recorder)
+    assert [step for step, _ in recorder.steps] == [1, 3]  # 2 alone did not stop it
+
+
+def test_a_non_finite_gradient_counts_too(llama, instructions):
+    model, tokenizer = llama
+    param = next(p for p in model.parameters() if p.requires_grad)
+    param.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteLossError, match="gradient norm became (nan|inf) at step 1"):
+        run(model, tokenizer, instructions, TrainConfig(max_length=48, max_nonfinite_steps=1))
 
 
 def test_a_model_without_trainable_parameters_is_refused(model_cache, instructions):
