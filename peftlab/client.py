@@ -32,7 +32,8 @@ import httpx
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled", "lost"})
+# "lost" is not among them: a lost run waits for a worker to resume it.
+FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 INGEST_BATCH = 5000  # points per request; the server takes up to 10,000
 # Seconds between tries while the server is unreachable: about a minute, enough for a restart.
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)

@@ -91,3 +91,18 @@ def make_run(cast):
         return Run.objects.create(**{**defaults, **fields})
 
     return make
+
+
+@pytest.fixture
+def published():
+    """The (task name, args) of every message Celery publishes, on whatever broker is set."""
+    from celery.signals import before_task_publish
+
+    sent = []
+
+    def record(sender=None, body=None, **_):
+        sent.append((sender, tuple(body[0])))
+
+    before_task_publish.connect(record, weak=False)
+    yield sent
+    before_task_publish.disconnect(record)

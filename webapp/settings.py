@@ -5,12 +5,15 @@ transport under ``var/``. ``DATABASE_URL=postgres://…`` and
 ``CELERY_BROKER_URL=redis://…`` switch to the real services.
 """
 
+import math
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 import plotly
+from csp.constants import NONE, SELF, UNSAFE_INLINE
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -84,6 +87,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "csp",
+    "axes",
     "webapp.accounts",
     "webapp.experiments",
 ]
@@ -98,6 +103,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "csp.middleware.CSPMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: turns a lockout into the 429 page
 ]
 
 ROOT_URLCONF = "webapp.urls"
@@ -173,16 +180,81 @@ STATICFILES_DIRS = [
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 
+# ---- security ------------------------------------------------------------------------------
+# PEFTLAB_HTTPS=1 when the site is served over TLS: cookies travel only over HTTPS, plain HTTP
+# redirects, and HSTS tells browsers never to try HTTP again. Off by default so that
+# `make run` works on http://localhost.
+HTTPS = env_bool("PEFTLAB_HTTPS", False)
+SECURE_SSL_REDIRECT = HTTPS
+SECURE_REDIRECT_EXEMPT = [r"^health/$"]  # the container's health check calls plain HTTP
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_HSTS_SECONDS = env_int("PEFTLAB_HSTS_SECONDS", 365 * 24 * 3600 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("PEFTLAB_HSTS_INCLUDE_SUBDOMAINS", True)
+# Preloading is hard to undo (browsers ship the list), so it is the operator's explicit choice;
+# without it, check --deploy's reminder (W021) is silenced on purpose.
+SECURE_HSTS_PRELOAD = env_bool("PEFTLAB_HSTS_PRELOAD", False)
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+# Behind a TLS-terminating proxy, which must set X-Forwarded-Proto (and strip a client's own).
+if env_bool("PEFTLAB_BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # htmx reads it to send X-CSRFToken
-SECURE_CONTENT_TYPE_NOSNIFF = True
-X_FRAME_OPTIONS = "DENY"
 
-# Uploads: a dataset is parsed from memory; bigger bodies are refused with a 4xx.
+# Content-Security-Policy: scripts only from our own static files (plotly.js, htmx, js/*.js),
+# never inline, and no eval: htmx runs with allowEval off (base.html) and plotly.js draws
+# its SVG traces without it. The compare pages alone add 'unsafe-eval' for the WebGL
+# parcoords chart (experiments.views.PLOTLY_WEBGL_CSP says why). Styles need
+# 'unsafe-inline': plotly.js injects <style> elements, and the progress bars carry their
+# width in a style attribute. An inline style cannot run code.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF, UNSAFE_INLINE],
+        "img-src": [SELF, "data:", "blob:"],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
+
+# Login rate limiting (django-axes), for the login page and POST /api/v1/auth/token/: after
+# PEFTLAB_LOGIN_FAILURE_LIMIT refused passwords for one username from one address, that pair
+# is answered 429 for PEFTLAB_LOGIN_COOLOFF_MINUTES. A success resets the count. The counts
+# live in the database, so every web process sees them.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out pair before the password
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("PEFTLAB_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("PEFTLAB_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# Attempts during a lockout do not extend it: the cool-off ends when the page says it does.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_CALLABLE = "webapp.accounts.views.login_locked_out"
+AXES_USERNAME_CALLABLE = "webapp.accounts.views.login_attempt_username"
+AXES_DISABLE_ACCESS_LOG = True  # successful logins are already in the audit log
+AXES_VERBOSE = False  # no start-up banner in every manage.py command
+
+# Uploads: a dataset is parsed from memory and stored as rows in the database, never on disk.
+# A bigger dataset body is refused from its Content-Length, unread (413); one that fits stays
+# under FILE_UPLOAD_MAX_MEMORY_SIZE, so Django keeps it in memory. Non-file bodies (the API's
+# JSON, form fields) hold at most DATA_UPLOAD_MAX_MEMORY_SIZE: a full metrics batch is ~1.5 MB.
 DATASET_MAX_BYTES = env_int("PEFTLAB_DATASET_MAX_BYTES", 20 * 1024 * 1024, minimum=1024)
 DATASET_MAX_ROWS = env_int("PEFTLAB_DATASET_MAX_ROWS", 200_000, minimum=10)
-DATA_UPLOAD_MAX_MEMORY_SIZE = DATASET_MAX_BYTES + 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = DATASET_MAX_BYTES + 1024 * 1024
+
+# Adapter uploads: checked in a separate, resource-limited process, killed after the timeout.
+ADAPTER_MAX_BYTES = env_int("PEFTLAB_ADAPTER_MAX_BYTES", 512 * 1024 * 1024, minimum=1024)
+ADAPTER_CHECK_TIMEOUT_S = env_int("PEFTLAB_ADAPTER_CHECK_TIMEOUT_S", 120, minimum=5)
 
 # Celery: it only carries run ids. The filesystem transport needs no service.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
@@ -203,6 +275,19 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": env_int("PEFTLAB_VISIBILITY_TIMEOUT_S", 48 * 3600, minimum=60)
     }
+# Time limits: the soft one raises inside the run (it fails as "time limit"), the hard one
+# kills the process a little later (the reaper then finds the run lost).
+RUN_TIME_LIMIT_S = env_int("PEFTLAB_RUN_TIME_LIMIT_S", 24 * 3600, minimum=60)
+CELERY_TASK_SOFT_TIME_LIMIT = RUN_TIME_LIMIT_S
+CELERY_TASK_TIME_LIMIT = RUN_TIME_LIMIT_S + 300
+if CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", math.inf) <= CELERY_TASK_TIME_LIMIT:
+    raise ImproperlyConfigured(
+        "PEFTLAB_VISIBILITY_TIMEOUT_S must exceed PEFTLAB_RUN_TIME_LIMIT_S + 300: otherwise "
+        "Redis hands a run that is still training to a second worker"
+    )
+# A lost broker connection (Redis restarted) must not stop a training in progress.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None  # keep reconnecting, however long it takes
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
@@ -213,8 +298,20 @@ CELERY_TASK_DEFAULT_QUEUE = "gpu"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
 
-# A run whose heartbeat is older than this is presumed lost by the reaper.
-RUN_HEARTBEAT_EVERY_S = 5
+# Leases: a running run's worker renews its lease every RUN_HEARTBEAT_EVERY_S from a thread of
+# its own; the reaper (`manage.py reaper`) marks a run whose lease is RUN_LEASE_S old lost and
+# sends it again, up to RUN_MAX_ATTEMPTS claims in all. A lost run not claimed again within
+# RUN_RESEND_AFTER_S (its message vanished with a broker restart) is sent once more.
+RUN_HEARTBEAT_EVERY_S = env_int("PEFTLAB_RUN_HEARTBEAT_EVERY_S", 5, minimum=1)
+RUN_LEASE_S = env_int("PEFTLAB_RUN_LEASE_S", 30, minimum=3 * RUN_HEARTBEAT_EVERY_S)
+RUN_REAPER_EVERY_S = env_int("PEFTLAB_RUN_REAPER_EVERY_S", 10, minimum=1)
+RUN_MAX_ATTEMPTS = env_int("PEFTLAB_RUN_MAX_ATTEMPTS", 3, minimum=1)
+RUN_RESEND_AFTER_S = env_int("PEFTLAB_RUN_RESEND_AFTER_S", 600, minimum=10)
+# Checkpoints (adapter, optimizer, RNG, step) every so many steps, unless the run sets its own.
+RUN_CHECKPOINT_EVERY_STEPS = env_int("PEFTLAB_RUN_CHECKPOINT_EVERY_STEPS", 100, minimum=1)
+# While PostgreSQL is unreachable a worker keeps training and buffers its metrics; it waits
+# this long for the database before giving up on a write it cannot skip (the end of a run).
+RUN_DB_OUTAGE_S = env_int("PEFTLAB_RUN_DB_OUTAGE_S", 300, minimum=0)
 RUN_LOG_LINES = 200
 
 # CI sets this: a test run that needs PostgreSQL and Redis must fail, not skip, without them.
@@ -235,6 +332,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON nested past the decoder's recursion limit is a 400 here, not a 500.
+    "DEFAULT_PARSER_CLASSES": [
+        "webapp.api.parsers.DepthSafeJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,

@@ -4,21 +4,32 @@ Every write carries the fence number of this worker's claim; once the run is cla
 or ended elsewhere, writes raise StaleFenceError and this worker stops without touching it.
 """
 
+import dataclasses
 import json
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection
 
 import peft_core
-from peft_core.data import label_names, split_rows
+from peft_core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_from_files,
+    checkpoint_to_files,
+)
+from peft_core.data import DatasetError, label_names, split_rows
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
 from peft_core.samples import sample_rows
-from peft_core.train import Callbacks, TrainConfig, evaluate, train
+from peft_core.train import Callbacks, NonFiniteLossError, TrainConfig, evaluate, train
 from webapp.experiments import services
-from webapp.experiments.models import Dataset, Run, RunStatus
+from webapp.experiments.models import Dataset, FailureClass, Run, RunStatus
 from webapp.experiments.services import Point, StaleFenceError
 from workers.cache import base_model_copy
 
@@ -30,16 +41,59 @@ PROFILE_BATCH = (2, 64)  # a fixed batch (rows, tokens) for the latency figures
 SAMPLE_PROMPTS = 3
 
 
+class Lease(threading.Thread):
+    """Renews the run's lease every RUN_HEARTBEAT_EVERY_S, whatever the training loop does.
+
+    A slow step, a long evaluation or loading a model never lets the lease lapse; a dead
+    process stops renewing it, and the reaper notices. It has its own database connection
+    (Django's are per thread) and survives the database being away.
+    """
+
+    def __init__(self, run_id: int, fence: int, every_s: float) -> None:
+        super().__init__(name=f"lease-run-{run_id}", daemon=True)
+        self.run_id, self.fence, self.every_s = run_id, fence, every_s
+        self.lost = False  # the run was taken from this worker (reaped, or ended elsewhere)
+        self.cancel_requested = False
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stopped.wait(self.every_s):
+                try:
+                    self.cancel_requested = services.run_heartbeat(
+                        run_id=self.run_id, fence=self.fence
+                    )
+                except StaleFenceError:
+                    self.lost = True
+                    return
+                except DB_DOWN as exc:
+                    logger.warning("run %s: lease not renewed, database away: %s", self.run_id, exc)
+                    _reset_connection()
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=30)
+
+
 class RunCallbacks(Callbacks):
-    """Buffers metric points and log lines; flushes them with a heartbeat about once a second."""
+    """Buffers metric points and log lines and flushes them about once a second.
+
+    While PostgreSQL is unreachable the buffers grow and training goes on; the next flush
+    that reaches the database writes them (points are idempotent on run + key + step).
+    """
 
     def __init__(self, run_id: int, fence: int, memory: MemoryTracker | None = None) -> None:
         self.run_id, self.fence = run_id, fence
         self.memory = memory
+        self.lease: Lease | None = None
         self.points: list[Point] = []
         self.lines: list[str] = []
         self.step = 0
         self.cancel_requested = False
+        self.db_down_since: float | None = None
+        self.checkpoints_stored = 0
         self._last_flush = 0.0
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -58,62 +112,179 @@ class RunCallbacks(Callbacks):
         logger.info("run %s: %s", self.run_id, line)
         self.lines.append(line)
 
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store the checkpoint once every point before it is stored: a resume from it must
+        not leave a gap in the curves."""
+        self.flush()
+        if self.points or self.db_down_since is not None:
+            self.on_log(f"checkpoint at step {checkpoint.step} skipped: database unreachable")
+            return
+        files = checkpoint_to_files(checkpoint)
+        try:
+            services.checkpoint_store(run_id=self.run_id, fence=self.fence, files=files)
+        except DB_DOWN as exc:
+            self._database_away(exc)
+            return
+        self.checkpoints_stored += 1
+        size_mb = sum(len(data) for data in files.values()) / 2**20
+        self.on_log(f"checkpoint at step {checkpoint.step} ({size_mb:.1f} MB)")
+
     def should_stop(self) -> bool:
-        return self.cancel_requested
+        if self.lease is not None and self.lease.lost:
+            raise StaleFenceError(f"run {self.run_id}: the lease was lost")
+        return self.cancel_requested or (self.lease is not None and self.lease.cancel_requested)
 
     def _add(self, step: int, metrics: dict[str, float]) -> None:
         now = time.time()
         self.points.extend(Point(key, step, float(value), now) for key, value in metrics.items())
 
     def flush(self) -> None:
-        ids = {"run_id": self.run_id, "fence": self.fence}
-        if self.points:
-            services.metrics_record(**ids, points=self.points)
-            self.points = []
-        if self.lines:
-            services.run_log_append(**ids, lines=self.lines)
-            self.lines = []
-        self.cancel_requested = services.run_heartbeat(**ids, step=self.step)
+        """Write what is buffered. A database outage keeps it buffered; a lost fence raises."""
         self._last_flush = time.monotonic()
+        ids = {"run_id": self.run_id, "fence": self.fence}
+        try:
+            if self.points:
+                services.metrics_record(**ids, points=self.points)
+                self.points = []
+            if self.lines:
+                services.run_log_append(**ids, lines=self.lines)
+                self.lines = []
+            self.cancel_requested = services.run_heartbeat(**ids, step=self.step)
+        except DB_DOWN as exc:
+            self._database_away(exc)
+            return
+        if self.db_down_since is not None:
+            away = time.monotonic() - self.db_down_since
+            self.db_down_since = None
+            self.on_log(f"database back after {away:.0f} s; buffered metrics written")
+
+    def flush_until_written(self) -> None:
+        """Flush, waiting out a database outage of up to RUN_DB_OUTAGE_S (the run's end)."""
+        _retrying(self.flush_strict)
+
+    def flush_strict(self) -> None:
+        self.flush()
+        if self.db_down_since is not None:
+            raise OperationalError("the database is still unreachable")
+
+    def _database_away(self, exc: Exception) -> None:
+        if self.db_down_since is None:
+            self.db_down_since = time.monotonic()
+            logger.warning("run %s: database unreachable, buffering: %s", self.run_id, exc)
+        _reset_connection()
+
+
+DB_DOWN = (OperationalError, InterfaceError)
+
+
+def _reset_connection() -> None:
+    """Drop a broken connection so that the next query opens a new one."""
+    try:
+        connection.close()
+    except DB_DOWN:
+        pass
+
+
+def _retrying(write, *args, **kwargs):
+    """Call `write` until the database answers, for up to RUN_DB_OUTAGE_S."""
+    deadline = time.monotonic() + settings.RUN_DB_OUTAGE_S
+    delay = 0.5
+    while True:
+        try:
+            return write(*args, **kwargs)
+        except DB_DOWN as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unreachable (%s); retrying in %.1f s", exc, delay)
+            _reset_connection()
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def dataset_rows(dataset: Dataset) -> tuple[list[dict], list[dict]]:
     if dataset.is_builtin:
         return sample_rows(dataset.builtin_key)
     content = Dataset.objects.values_list("content", flat=True).get(id=dataset.id)
-    rows = [json.loads(line) for line in bytes(content).decode().splitlines() if line]
+    rows = [json.loads(line) for line in bytes(content).decode().split("\n") if line]
     return split_rows(rows, val_fraction=0.1, seed=0)
+
+
+class RunConfigError(ValueError):
+    """The run's stored method or training settings are refused by peft_core."""
 
 
 def execute_run(run_id: int, *, worker: str) -> str:
     """Claim, train, record the end. Returns what happened, for the worker's log."""
-    fence = services.run_claim(run_id=run_id, worker=worker)
+    fence = _retrying(services.run_claim, run_id=run_id, worker=worker)
     if fence is None:
-        logger.info("run %s was not queued (a duplicate delivery or a cancel): skipped", run_id)
+        logger.info("run %s is not waiting for a worker (duplicate delivery or cancel)", run_id)
         return "skipped"
     callbacks = RunCallbacks(run_id, fence)
+    callbacks.lease = Lease(run_id, fence, settings.RUN_HEARTBEAT_EVERY_S)
+    callbacks.lease.start()
     try:
-        status = _train_run(Run.objects.select_related("dataset").get(id=run_id), callbacks)
+        run = _retrying(Run.objects.select_related("dataset").get, id=run_id)
+        status = _train_run(run, callbacks)
     except StaleFenceError:
         logger.warning("run %s: claimed elsewhere or ended; this worker stops", run_id)
         return "stale"
-    except Exception as exc:
+    except Exception as exc:  # SystemExit and the like: the worker goes; the reaper sees to it
         logger.exception("run %s failed", run_id)
         _record_failure(callbacks, exc)
         return "failed"
+    finally:
+        callbacks.lease.stop()
     return status
 
 
-def _record_failure(callbacks: RunCallbacks, exc: Exception) -> None:
-    reason = f"{type(exc).__name__}: {exc}"
-    callbacks.on_log(f"failed: {reason}")
+def failure_class_of(exc: BaseException) -> FailureClass:
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return FailureClass.OUT_OF_MEMORY
+    if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):
+        return FailureClass.OUT_OF_MEMORY  # the CPU allocator's message
+    if isinstance(exc, NonFiniteLossError):
+        return FailureClass.NON_FINITE
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return FailureClass.TIME_LIMIT
+    if isinstance(exc, DatasetError):
+        return FailureClass.DATASET
+    if isinstance(exc, RunConfigError):
+        return FailureClass.CONFIG
+    return FailureClass.ERROR
+
+
+def _record_failure(callbacks: RunCallbacks, exc: BaseException) -> None:
+    failure = failure_class_of(exc)
+    if failure == FailureClass.TIME_LIMIT:
+        reason = f"stopped at the time limit of {settings.RUN_TIME_LIMIT_S} s"
+    elif failure in (FailureClass.ERROR, FailureClass.OUT_OF_MEMORY):
+        reason = f"{type(exc).__name__}: {exc}"  # where it came from helps here
+    else:
+        reason = str(exc)
+    callbacks.on_log(f"failed ({failure.label.lower()}): {reason}")
     try:
-        callbacks.flush()
-        services.run_finish(
-            run_id=callbacks.run_id, fence=callbacks.fence, status=RunStatus.FAILED, error=reason
+        callbacks.flush_until_written()
+        _retrying(
+            services.run_finish,
+            run_id=callbacks.run_id,
+            fence=callbacks.fence,
+            status=RunStatus.FAILED,
+            error=reason,
+            failure_class=failure,
         )
     except StaleFenceError:
         logger.warning("run %s: failure not recorded, the run is no longer ours", callbacks.run_id)
+
+
+def _resume_point(run_id: int, callbacks: RunCallbacks) -> Checkpoint | None:
+    files = _retrying(services.checkpoint_files, run_id=run_id)
+    if not files:
+        return None
+    try:
+        return checkpoint_from_files(files)
+    except CheckpointError as exc:
+        callbacks.on_log(f"the stored checkpoint is unusable ({exc}); starting over")
+        return None
 
 
 def _train_run(run: Run, callbacks: RunCallbacks) -> str:
@@ -125,8 +296,14 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     )
     model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
     model.to(DEVICE)
-    method_config = peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)
-    config = TrainConfig(**run.train_config)
+    try:
+        method_config = peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)
+        config = TrainConfig(**run.train_config)
+        if not config.checkpoint_every:
+            every = min(settings.RUN_CHECKPOINT_EVERY_STEPS, config.steps)
+            config = dataclasses.replace(config, checkpoint_every=every)
+    except (TypeError, ValueError) as exc:
+        raise RunConfigError(str(exc)) from exc
     torch.manual_seed(config.seed)  # the adapter's random init: the same run, the same weights
     model = peft_core.apply(model, method_config)
     evaluation = {"task": task, "rows": val_rows, "config": config, "label_names": labels}
@@ -139,6 +316,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_eval(0, {f"base_{key}": value for key, value in base_metrics.items()})
     callbacks.on_log(f"base model: {_format(base_metrics)}")
 
+    resume = _resume_point(run.id, callbacks)
     callbacks.memory = MemoryTracker(DEVICE)
     result = train(
         model,
@@ -149,24 +327,29 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
         config=config,
         callbacks=callbacks,
         label_names=labels,
+        resume=resume,
     )
     if result.stopped:
         callbacks.on_log(f"cancelled at step {result.steps_done}")
-        callbacks.flush()
-        services.run_finish(run_id=run.id, fence=callbacks.fence, status=RunStatus.CANCELLED)
+        callbacks.flush_until_written()
+        _retrying(
+            services.run_finish, run_id=run.id, fence=callbacks.fence, status=RunStatus.CANCELLED
+        )
         return "cancelled"
 
     # train() evaluated (and reported) at its last step; keep its eval figures.
     final_metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
     peak_mb = callbacks.memory.peak_mb()
+    callbacks.flush_until_written()
     adapter_bytes = _store_adapter(run, callbacks.fence, model)
     callbacks.on_log("measuring inference latency and sample answers")
     callbacks.flush()
     profile = _profile(model, tokenizer, task, val_rows, result, adapter_bytes, peak_mb)
     summary = {f"base_{key}": value for key, value in base_metrics.items()} | final_metrics
     callbacks.on_log(f"done: {_format(final_metrics)}")
-    callbacks.flush()
-    services.run_finish(
+    callbacks.flush_until_written()
+    _retrying(
+        services.run_finish,
         run_id=run.id,
         fence=callbacks.fence,
         status=RunStatus.SUCCEEDED,
@@ -182,8 +365,13 @@ def _store_adapter(run: Run, fence: int, model) -> int:
         peft_core.save_adapter(model, tmp, base_model_name_or_path=run.base_model)
         for path in sorted(Path(tmp).iterdir()):
             data = path.read_bytes()
-            services.artifact_store(
-                run_id=run.id, fence=fence, kind="adapter", name=path.name, data=data
+            _retrying(
+                services.artifact_store,
+                run_id=run.id,
+                fence=fence,
+                kind="adapter",
+                name=path.name,
+                data=data,
             )
             total += len(data)
     return total

@@ -31,9 +31,11 @@ def _endpoints(cast, make_run) -> list[tuple[str, str, list]]:
         *[(verb, name, []) for name in lists for verb in ("get", "post")],
         ("get", "api-dataset", [run.dataset_id]),
         ("delete", "api-dataset", [run.dataset_id]),
+        ("get", "api-dataset-download", [run.dataset_id]),
         *[(verb, name, [run.id]) for verb, name in by_run],
         ("get", "api-artifact-download", [artifact.id]),
         ("get", "api-sweep", [sweep.id]),
+        ("post", "api-adapter-upload", []),
     ]
 
 

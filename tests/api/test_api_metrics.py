@@ -164,3 +164,23 @@ def test_artifact_download_streams_the_stored_bytes(cast, api, make_run, monkeyp
     assert response["Content-Length"] == "5120"
     assert response["X-Content-Type-Options"] == "nosniff"
     assert api(cast.mallory).get(listing[0]["download_url"]).status_code == 404
+
+
+def test_json_nested_past_the_recursion_limit_is_a_400(cast, api):
+    run_id, client = _external_run(cast, api), api(cast.bob)
+    url = reverse("api-run-metrics", args=[run_id])
+    for body in ("[" * 100_000, '{"points": ' + "[" * 50_000 + "]" * 50_000 + "}"):
+        response = client.post(url, body, content_type="application/json")
+        assert response.status_code == 400 and "JSON" in response.json()["detail"]
+    assert not MetricPoint.objects.exists()
+
+
+def test_a_body_over_the_request_limit_is_a_413_unread(cast, api, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
+    run_id, client = _external_run(cast, api), api(cast.bob)
+    points = [{"key": "train_loss", "step": i, "value": 1.0} for i in range(2000)]
+    response = client.post(
+        reverse("api-run-metrics", args=[run_id]), {"points": points}, format="json"
+    )
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
+    assert not MetricPoint.objects.exists()

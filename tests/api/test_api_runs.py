@@ -28,21 +28,6 @@ def _body(cast, **fields) -> dict:
     return {**body, **fields}
 
 
-@pytest.fixture
-def published():
-    """The (task name, args) of every message Celery publishes, on whatever broker is set."""
-    from celery.signals import before_task_publish
-
-    sent = []
-
-    def record(sender=None, body=None, **_):
-        sent.append((sender, tuple(body[0])))
-
-    before_task_publish.connect(record, weak=False)
-    yield sent
-    before_task_publish.disconnect(record)
-
-
 def test_launch_queues_a_run_and_enqueues_it_on_commit(
     cast, api, django_capture_on_commit_callbacks, published
 ):
@@ -269,7 +254,8 @@ def test_run_json_is_plain_json(cast, api, make_run):
     data = api(cast.carol).get(reverse("api-run", args=[run.id])).json()
     expected = {"id", "name", "url", "project", "sweep", "base_model", "dataset", "method"}
     expected |= {"method_config", "train_config", "status", "step", "total_steps", "progress"}
-    expected |= {"error", "summary", "tags", "notes", "external", "created_by", "created_at"}
+    expected |= {"error", "failure_class", "attempt", "summary", "tags", "notes", "external"}
+    expected |= {"created_by", "created_at"}
     expected |= {"started_at", "finished_at", "latest"}
     assert set(data) == expected
     assert data["dataset"] == {"id": run.dataset_id, "name": "sample-instructions"}

@@ -126,8 +126,8 @@ def test_watch_polls_until_the_run_finishes(client, sample_id):
 def test_watch_rides_out_a_server_restart(flaky_client, queued_run, caplog):
     client = flaky_client(3)
     client.retry_delays = (0.0,) * 4
-    Run.objects.filter(id=queued_run["id"]).update(status="lost")
-    assert [r["status"] for r in client.watch(queued_run["id"])] == ["lost"]
+    Run.objects.filter(id=queued_run["id"]).update(status="failed")
+    assert [r["status"] for r in client.watch(queued_run["id"])] == ["failed"]
     retries = [r.getMessage() for r in caplog.records if r.name == "peftlab.client"]
     assert retries == ["cannot reach http://testserver ([Errno 111] Connection refused); "
                        "trying again in 0 s"] * 3  # fmt: skip

@@ -90,6 +90,7 @@ def _page_cases(o) -> list[tuple[str, str, str, str, dict]]:
         ("sweep", "delete", "post", reverse("sweep_delete", args=[o["sweep"].id]), {}),
         ("sweep", "launch", "get", reverse("sweep_new") + f"?clone={o['sweep'].id}", {}),
         ("dataset", "read", "get", reverse("dataset_detail", args=[o["dataset"].id]), {}),
+        ("dataset", "download", "get", reverse("dataset_download", args=[o["dataset"].id]), {}),
         ("dataset", "delete", "post", reverse("dataset_delete", args=[o["dataset"].id]), {}),
         ("comment", "delete", "post", reverse("comment_delete", args=[o["comment"].id]), {}),
         ("share link", "delete", "post", reverse("share_link_revoke", args=[o["link"].id]), {}),
@@ -159,6 +160,7 @@ def test_page_lists_never_show_another_teams_rows(cast, acme):
         reverse("runs"),
         reverse("runs") + f"?sweep={acme['sweep'].id}&dataset={acme['dataset'].id}",
         reverse("datasets"),
+        reverse("adapter_upload"),
         reverse("compare") + "?" + ids,
         reverse("compare_csv") + "?" + ids,
         reverse("share_links"),
@@ -217,6 +219,7 @@ def _api_cases(o) -> list[tuple[str, str, str, str, dict]]:
         ("artifact", "download", "get", f"/api/v1/artifacts/{o['artifact'].id}/download/", {}),
         ("sweep", "read", "get", f"/api/v1/sweeps/{o['sweep'].id}/", {}),
         ("dataset", "read", "get", f"/api/v1/datasets/{o['dataset'].id}/", {}),
+        ("dataset", "download", "get", f"/api/v1/datasets/{o['dataset'].id}/rows.jsonl", {}),
         ("dataset", "delete", "delete", f"/api/v1/datasets/{o['dataset'].id}/", {}),
     ]
 

@@ -248,5 +248,8 @@ def test_bootstrap_prints_a_random_password_once(capsys):
     assert len(password) >= 16
     assert password not in second and "exists" in second
     from django.contrib.auth import authenticate
+    from django.test import RequestFactory
 
-    assert authenticate(username="demo", password=password) is not None
+    # Logins are rate limited per request (django-axes): authenticate needs the request.
+    request = RequestFactory().post("/login/")
+    assert authenticate(request, username="demo", password=password) is not None

@@ -91,8 +91,8 @@ def test_bad_config_fails_with_a_reason(cast):
     run = _queued(cast, method_config={"r": 0})
     assert execute_run(run.id, worker="test") == "failed"
     run.refresh_from_db()
-    assert run.status == RunStatus.FAILED
-    assert "r" in run.error and "ValueError" in run.error
+    assert (run.status, run.failure_class) == (RunStatus.FAILED, "config")
+    assert run.error == "LoRA r must be an integer in 1..1024, got 0"
 
 
 def test_seq_cls_run_reports_accuracy(cast):
@@ -133,3 +133,62 @@ def test_every_method_runs_on_the_worker(cast, method, config, tmp_path, client)
     # What was saved is what loads (a prefix MLP is folded into its table when saving).
     saved = safetensors.torch.load_file(directory / "adapter_model.safetensors")
     assert peft_core.trainable_parameters(model) == sum(t.numel() for t in saved.values())
+
+
+class _Crash(BaseException):
+    """Stands in for the process dying: no `except Exception` in the worker catches it."""
+
+
+def test_a_lost_run_resumes_from_its_checkpoint_to_the_same_adapter(cast, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from webapp.experiments import services
+    from workers import training
+
+    config = {"steps": 8, "batch_size": 2, "max_length": 64, "checkpoint_every": 3}
+    fields = {"method": "lora", "method_config": {"r": 4, "dropout": 0.1}, "train_config": config}
+    whole, crashed = _queued(cast, **fields), _queued(cast, **fields)
+    assert execute_run(whole.id, worker="w0") == "succeeded"
+
+    store = training.RunCallbacks.on_checkpoint
+
+    def die_after_the_second_checkpoint(self, checkpoint):
+        store(self, checkpoint)
+        if checkpoint.step == 6:
+            raise _Crash
+
+    monkeypatch.setattr(training.RunCallbacks, "on_checkpoint", die_after_the_second_checkpoint)
+    with pytest.raises(_Crash):
+        execute_run(crashed.id, worker="w1")
+    monkeypatch.undo()
+    assert set(services.checkpoint_files(run_id=crashed.id)) == {
+        "checkpoint.json",
+        "checkpoint.safetensors",
+    }
+    old = timezone.now() - timedelta(minutes=5)
+    Run.objects.filter(id=crashed.id).update(heartbeat_at=old)
+    assert services.runs_reap(lease_s=30, max_attempts=3).lost == [crashed.id]
+
+    assert execute_run(crashed.id, worker="w2") == "succeeded"
+    crashed.refresh_from_db()
+    assert (crashed.status, crashed.attempt, crashed.worker) == ("succeeded", 2, "w2")
+    assert "resumed from step 6" in crashed.log
+    assert sorted(crashed.artifacts.values_list("kind", "name")) == [
+        ("adapter", "adapter_config.json"),
+        ("adapter", "adapter_model.safetensors"),
+    ]
+    losses = MetricPoint.objects.filter(run=crashed, key="train_loss").order_by("step")
+    assert [p.step for p in losses] == list(range(1, 9))  # no gap, no duplicate
+    expected = MetricPoint.objects.filter(run=whole, key="train_loss").order_by("step")
+    assert [p.value for p in losses] == [p.value for p in expected]
+
+    def weights(run):
+        artifact = run.artifacts.get(name="adapter_model.safetensors")
+        data = b"".join(bytes(c) for c in artifact.chunks.values_list("data", flat=True))
+        return safetensors.torch.load(data)
+
+    resumed, uninterrupted = weights(crashed), weights(whole)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)

@@ -6,10 +6,10 @@ API token) is rendered on the response that created it and never again.
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth import login
+from django.contrib.auth import get_user_model, login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
@@ -25,6 +25,7 @@ from webapp.accounts.permissions import ROLE_ACTIONS, ROLE_RANK, Action, role_of
 from webapp.experiments.selectors import project_list_for_user
 
 AUDIT_PAGE_SIZE = 50
+LOCKED_OUT = "Too many failed logins for this username from your address."
 
 
 def _client_ip(request) -> str | None:
@@ -47,6 +48,36 @@ class AuditedLoginView(auth_views.LoginView):
         username = self.request.POST.get("username", "")
         services.login_failure_record(username=username, ip=_client_ip(self.request))
         return super().form_invalid(form)
+
+
+def login_cooloff_seconds() -> int:
+    return int(settings.AXES_COOLOFF_TIME.total_seconds())
+
+
+def login_attempt_username(request, credentials=None) -> str:
+    """The username django-axes counts failures under, cut to what a username can be: axes
+    stores it in a 255-character column, and a longer one must not turn a login into a 500."""
+    if credentials:
+        name = credentials.get("username")
+    else:
+        name = request.POST.get("username")
+    return str(name or "")[: get_user_model().username.field.max_length]
+
+
+def login_locked_out(request, original_response=None, credentials=None):
+    """django-axes answers a locked-out username and address with this: the login page, 429.
+
+    The refused attempt was already audited by AuditedLoginView.form_invalid.
+    """
+    context = {
+        "form": AuthenticationForm(request),
+        "next": request.POST.get("next", ""),
+        "locked_out": LOCKED_OUT,
+        "cooloff_minutes": max(1, login_cooloff_seconds() // 60),
+    }
+    response = render(request, "registration/login.html", context, status=429)
+    response["Retry-After"] = str(login_cooloff_seconds())
+    return response
 
 
 # ---- teams --------------------------------------------------------------------------------
@@ -214,7 +245,8 @@ def _accept_with_signup(request, invitation):
             invitation=invitation,
             ip=_client_ip(request),
         )
-        login(request, user)
+        # Just created, no password checked: the session belongs to the model backend.
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         services.login_record(user=user, ip=_client_ip(request))
         messages.success(request, f"Welcome to {invitation.team}, {user.get_username()}.")
         return redirect("runs")

@@ -131,14 +131,21 @@ class MethodSerializer(serializers.Serializer):
 
 
 class DatasetSerializer(serializers.ModelSerializer):
+    """`original_name` is the client's file name as text (its last path part, printable);
+    the rows download under a name the server picks."""
+
     columns = serializers.ListField(child=serializers.CharField(), read_only=True)
     label_names = serializers.ListField(child=serializers.CharField(), read_only=True)
+    download_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Dataset
-        fields = ["id", "name", "task", "builtin_key", "team", "row_count"]
-        fields += ["columns", "label_names", "sha256", "created_at"]
+        fields = ["id", "name", "task", "builtin_key", "team", "row_count", "original_name"]
+        fields += ["columns", "label_names", "sha256", "created_at", "download_url"]
         read_only_fields = fields
+
+    def get_download_url(self, dataset: Dataset) -> str:
+        return _absolute(self, "api-dataset-download", dataset.id)
 
 
 class DatasetDetailSerializer(DatasetSerializer):
@@ -194,8 +201,8 @@ class RunSerializer(serializers.ModelSerializer):
         model = Run
         fields = ["id", "name", "url", "project", "sweep", "base_model", "dataset", "method"]
         fields += ["method_config", "train_config", "status", "step", "total_steps", "progress"]
-        fields += ["error", "summary", "tags", "notes", "external", "created_by", "created_at"]
-        fields += ["started_at", "finished_at", "latest"]
+        fields += ["error", "failure_class", "summary", "tags", "notes", "external"]
+        fields += ["created_by", "created_at", "started_at", "finished_at", "attempt", "latest"]
         read_only_fields = fields
 
     def get_url(self, run: Run) -> str:

@@ -3,25 +3,28 @@ browser's forms validate launches (webapp.api.launch); errors.service_errors map
 services raise onto 403, 400 and 409."""
 
 from django.contrib.auth import authenticate
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from django.utils.http import content_disposition_header
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import generics, status
-from rest_framework.exceptions import ValidationError
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import generics, serializers, status
+from rest_framework.exceptions import Throttled, ValidationError
 from rest_framework.pagination import LimitOffsetPagination
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from webapp.accounts.selectors import membership_list_for_user
 from webapp.accounts.services import api_token_create, audit_record
+from webapp.accounts.views import LOCKED_OUT, login_cooloff_seconds
 from webapp.api import launch
 from webapp.api import selectors as api_selectors
 from webapp.api import serializers as s
 from webapp.api.errors import form_errors, service_errors
+from webapp.api.parsers import DepthSafeJSONParser, refuse_oversized_body
 from webapp.experiments import selectors, services
-from webapp.experiments.forms import DatasetUploadForm
+from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
 from webapp.experiments.zipstream import artifact_chunks
 
 ERRORS = {
@@ -29,6 +32,7 @@ ERRORS = {
     403: OpenApiResponse(s.ErrorSerializer, description="Your role may not do this."),
     404: OpenApiResponse(s.ErrorSerializer, description="No such object in your teams."),
 }
+TOO_LARGE = OpenApiResponse(s.ErrorSerializer, description="The body is over the limit.")
 CONFLICT = {409: OpenApiResponse(s.ErrorSerializer, description="Not in a state for this.")}
 WRONG_LOGIN = "Wrong username or password."
 
@@ -83,13 +87,17 @@ def _launch_context(user) -> dict:
 class TokenCreate(APIView):
     """A personal API token from a username and password (no session, no CSRF)."""
 
-    parser_classes = [JSONParser, FormParser]
+    parser_classes = [DepthSafeJSONParser, FormParser]
     authentication_classes = []
     permission_classes = [AllowAny]
 
     @extend_schema(
         request=s.TokenRequestSerializer,
-        responses={201: s.TokenSerializer, 400: s.ErrorSerializer},
+        responses={
+            201: s.TokenSerializer,
+            400: s.ErrorSerializer,
+            429: OpenApiResponse(s.ErrorSerializer, description="Too many failed logins."),
+        },
         auth=[],
     )
     def post(self, request):
@@ -98,6 +106,9 @@ class TokenCreate(APIView):
         user = authenticate(request, username=username, password=data["password"])
         if user is None:
             _audit_login(action="login.failed", actor=None, username=username[:150], ip=ip)
+            # django-axes marks the request it saw (this DRF request, so its middleware cannot).
+            if getattr(request, "axes_locked_out", False):
+                raise Throttled(wait=login_cooloff_seconds(), detail=LOCKED_OUT)
             raise ValidationError({"detail": WRONG_LOGIN})
         token, plain = api_token_create(user=user, name=data["name"], ip=ip)
         _audit_login(action="login", actor=user, username=user.get_username(), ip=ip)
@@ -138,14 +149,24 @@ class DatasetList(generics.GenericAPIView):
     parser_classes = [MultiPartParser, FormParser]
     serializer_class = s.DatasetSerializer
 
+    def initial(self, request, *args, **kwargs):
+        """Refuse an oversized upload from its Content-Length before anything reads it."""
+        if request.method == "POST":
+            form = DatasetUploadForm
+            refuse_oversized_body(
+                request, limit=form.max_body_bytes(), message=form.too_large_message()
+            )
+        super().initial(request, *args, **kwargs)
+
     @extend_schema(responses=s.DatasetSerializer(many=True))
     def get(self, request):
         page = self.paginate_queryset(selectors.dataset_list_for_user(user=request.user))
-        return self.get_paginated_response(s.DatasetSerializer(page, many=True).data)
+        data = s.DatasetSerializer(page, many=True, context={"request": request}).data
+        return self.get_paginated_response(data)
 
     @extend_schema(
         request={"multipart/form-data": s.DatasetUploadSerializer},
-        responses={201: s.DatasetSerializer, **ERRORS},
+        responses={201: s.DatasetSerializer, 413: TOO_LARGE, **ERRORS},
     )
     def post(self, request):
         teams = selectors.team_list_for_user(user=request.user)
@@ -162,14 +183,15 @@ class DatasetList(generics.GenericAPIView):
                 data=upload.read(),
                 task=form.cleaned_data["task"],
             )
-        return Response(s.DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+        data = s.DatasetSerializer(dataset, context={"request": request}).data
+        return Response(data, status=status.HTTP_201_CREATED)
 
 
 class DatasetDetail(APIView):
     @extend_schema(responses={200: s.DatasetDetailSerializer, **ERRORS})
     def get(self, request, dataset_id: int):
         dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-        context = {"preview": selectors.dataset_preview(dataset=dataset)}
+        context = {"request": request, "preview": selectors.dataset_preview(dataset=dataset)}
         return Response(s.DatasetDetailSerializer(dataset, context=context).data)
 
     @extend_schema(responses={204: None, **ERRORS, **CONFLICT})
@@ -180,12 +202,25 @@ class DatasetDetail(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+class DatasetDownload(APIView):
+    @extend_schema(responses={(200, "application/x-ndjson"): OpenApiTypes.BINARY, **ERRORS})
+    def get(self, request, dataset_id: int):
+        """Every row as JSON lines, as an attachment named dataset-<id>.jsonl."""
+        dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+        response = HttpResponse(
+            selectors.dataset_jsonl(dataset=dataset), content_type="application/x-ndjson"
+        )
+        response["Content-Disposition"] = f'attachment; filename="dataset-{dataset.id}.jsonl"'
+        response["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
 # ---- runs ------------------------------------------------------------------------------------
 
 
 class RunList(generics.GenericAPIView):
     pagination_class = Pagination
-    parser_classes = [JSONParser]
+    parser_classes = [DepthSafeJSONParser]
     serializer_class = s.RunSerializer
 
     @extend_schema(parameters=[s.RunFilterSerializer], responses=s.RunSerializer(many=True))
@@ -235,7 +270,12 @@ class RunCancel(APIView):
 
 
 class RunMetrics(APIView):
-    parser_classes = [JSONParser]
+    parser_classes = [DepthSafeJSONParser]
+
+    def initial(self, request, *args, **kwargs):
+        if request.method == "POST":
+            refuse_oversized_body(request)
+        super().initial(request, *args, **kwargs)
 
     @extend_schema(
         parameters=[s.MetricsQuerySerializer], responses={200: s.MetricsSerializer, **ERRORS}
@@ -249,7 +289,7 @@ class RunMetrics(APIView):
 
     @extend_schema(
         request=s.MetricsIngestSerializer,
-        responses={200: s.IngestResultSerializer, **ERRORS, **CONFLICT},
+        responses={200: s.IngestResultSerializer, 413: TOO_LARGE, **ERRORS, **CONFLICT},
         description="Points of a run trained elsewhere (external). A point already stored "
         "(same key and step) is kept as it was, so a retried batch changes nothing.",
     )
@@ -264,7 +304,7 @@ class RunMetrics(APIView):
 
 
 class RunFinish(APIView):
-    parser_classes = [JSONParser]
+    parser_classes = [DepthSafeJSONParser]
 
     @extend_schema(
         request=s.FinishSerializer, responses={200: s.RunSerializer, **ERRORS, **CONFLICT}
@@ -312,7 +352,7 @@ class ArtifactDownload(APIView):
 
 class SweepList(generics.GenericAPIView):
     pagination_class = Pagination
-    parser_classes = [JSONParser]
+    parser_classes = [DepthSafeJSONParser]
     serializer_class = s.SweepSerializer
 
     @extend_schema(responses=s.SweepSerializer(many=True))
@@ -350,3 +390,56 @@ def sweep_data(request, sweep):
     latest = api_selectors.run_latest_metrics(run_ids=[run.id for run in runs])
     context = {"request": request, "runs": runs, "latest": latest}
     return s.SweepDetailSerializer(sweep, context=context).data
+
+
+# ---- adapters trained elsewhere, uploaded as files -------------------------------------------
+
+ADAPTER_UPLOAD_BODY = inline_serializer(
+    "AdapterUpload",
+    {
+        "project": serializers.IntegerField(required=False, help_text="Default: your first."),
+        "name": serializers.CharField(required=False, max_length=120),
+        "base_model": serializers.CharField(
+            required=False, help_text="A catalogue key; default: the config's base model."
+        ),
+        "dataset": serializers.IntegerField(required=False, help_text="Default: built-in."),
+        "config": serializers.FileField(help_text="adapter_config.json"),
+        "weights": serializers.FileField(help_text="adapter_model.safetensors (never pickle)"),
+    },
+)
+
+
+class AdapterUpload(APIView):
+    """An adapter trained elsewhere becomes a finished external run (as on the upload page)."""
+
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        request={"multipart/form-data": ADAPTER_UPLOAD_BODY},
+        responses={201: s.RunSerializer, **ERRORS},
+    )
+    def post(self, request):
+        user, body = request.user, request.data
+        project = body.get("project", "")
+        with service_errors():
+            project_id = launch.launch_project_id(
+                user=user,
+                project_id=int(project) if project.isdigit() and len(project) < 19 else None,
+            )
+        data = {
+            "project": project or project_id,
+            "name": body.get("name") or "uploaded adapter",
+            "base_model": body.get("base_model", ""),
+            "dataset": body.get("dataset", ""),
+        }
+        form = AdapterUploadForm(
+            data,
+            request.FILES,
+            projects=selectors.project_list_for_launch(user=user),
+            datasets=selectors.dataset_list_for_user(user=user),
+        )
+        if not form.is_valid():
+            raise ValidationError(form_errors(form))
+        with service_errors():
+            run = services.adapter_upload_create(user=user, **form.upload_kwargs())
+        return Response(run_data(request, run), status=status.HTTP_201_CREATED)

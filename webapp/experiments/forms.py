@@ -2,6 +2,7 @@
 
 from django import forms
 from django.conf import settings
+from django.template.defaultfilters import filesizeformat
 
 from peft_core.catalogue import CATALOGUE
 from webapp.experiments.method_forms import method_choices
@@ -59,6 +60,15 @@ class LaunchForm(forms.Form):
         initial=10,
         help_text="Evaluate on the validation split every N steps (0: only at the end).",
     )
+    checkpoint_every = forms.IntegerField(
+        label="Checkpoint every",
+        min_value=0,
+        max_value=100_000,
+        initial=0,
+        required=False,
+        help_text="Steps between checkpoints (adapter, optimizer, RNG) that a run resumes "
+        "from if its worker dies. 0: the server's default.",
+    )
 
     def __init__(self, *args, projects, datasets, **kwargs):
         super().__init__(*args, **kwargs)
@@ -78,7 +88,10 @@ class LaunchForm(forms.Form):
 
     def train_config(self) -> dict:
         keys = ("steps", "batch_size", "learning_rate", "max_length", "eval_every")
-        return {key: self.cleaned_data[key] for key in keys}
+        config = {key: self.cleaned_data[key] for key in keys}
+        if self.cleaned_data.get("checkpoint_every"):
+            config["checkpoint_every"] = self.cleaned_data["checkpoint_every"]
+        return config
 
     def launch_kwargs(self) -> dict:
         """The arguments run_create and sweep_create share, from the cleaned form."""
@@ -138,6 +151,9 @@ def parse_grid(text: str) -> dict[str, list[str]]:
     return grid
 
 
+UPLOAD_FORM_OVERHEAD_BYTES = 64 * 1024  # the other fields and the multipart boundaries
+
+
 class DatasetUploadForm(forms.Form):
     name = forms.CharField(max_length=100)
     team = forms.ModelChoiceField(queryset=None, empty_label=None)
@@ -154,6 +170,76 @@ class DatasetUploadForm(forms.Form):
     def clean_file(self):
         upload = self.cleaned_data["file"]
         if upload.size > settings.DATASET_MAX_BYTES:
-            limit_mb = settings.DATASET_MAX_BYTES // (1024 * 1024)
-            raise forms.ValidationError(f"The file is larger than {limit_mb} MB.")
+            raise forms.ValidationError(self.too_large_message())
         return upload
+
+    @staticmethod
+    def too_large_message() -> str:
+        limit_mb = settings.DATASET_MAX_BYTES / (1024 * 1024)
+        return f"The file is larger than {limit_mb:g} MiB, the limit for a dataset."
+
+    @staticmethod
+    def max_body_bytes() -> int:
+        """The largest request body that can hold an acceptable upload."""
+        return settings.DATASET_MAX_BYTES + UPLOAD_FORM_OVERHEAD_BYTES
+
+    @classmethod
+    def body_too_large(cls, request) -> bool:
+        """Whether the declared body cannot hold an acceptable upload. Asked before anything
+        parses the body: Django reads no more than Content-Length, so a bigger file is refused
+        unread, and an accepted one fits FILE_UPLOAD_MAX_MEMORY_SIZE (memory, never disk)."""
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return False  # Django then reads no body at all
+        return length > cls.max_body_bytes()
+
+
+def upload_model_choices() -> list[tuple[str, str]]:
+    return [("", "As adapter_config.json names it"), *model_choices()]
+
+
+class AdapterUploadForm(forms.Form):
+    """An adapter trained elsewhere (HF PEFT layout), to compare, download and share."""
+
+    name = forms.CharField(max_length=120, help_text="A name, shown in lists and charts.")
+    project = forms.ModelChoiceField(queryset=None, empty_label=None)
+    base_model = forms.ChoiceField(
+        label="Base model",
+        choices=upload_model_choices,
+        required=False,
+        help_text="The catalogue model it was trained on; by default the one the config's "
+        "base_model_name_or_path names.",
+    )
+    dataset = forms.ModelChoiceField(
+        queryset=None,
+        required=False,
+        empty_label="The built-in sample of its task",
+        help_text="The dataset shown with the run (and used to evaluate it).",
+    )
+    config = forms.FileField(label="adapter_config.json", help_text="At most 256 KiB.")
+    weights = forms.FileField(
+        label="adapter_model.safetensors",
+        help_text="Safetensors only: pickled .bin or .pt files are refused.",
+    )
+
+    def __init__(self, *args, projects, datasets, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["project"].queryset = projects
+        self.fields["dataset"].queryset = datasets
+
+    def clean_weights(self):
+        upload = self.cleaned_data["weights"]
+        if upload.size > settings.ADAPTER_MAX_BYTES:
+            limit = filesizeformat(settings.ADAPTER_MAX_BYTES)
+            raise forms.ValidationError(f"The file is larger than {limit}.")
+        return upload
+
+    def upload_kwargs(self) -> dict:
+        """The arguments of services.adapter_upload_create, from the cleaned form."""
+        keys = ("project", "name", "base_model", "dataset")
+        data = self.cleaned_data
+        return {key: data[key] for key in keys} | {
+            "config_file": data["config"],
+            "weights_file": data["weights"],
+        }

@@ -94,6 +94,43 @@ class RunStatus(models.TextChoices):
 
 
 FINISHED_STATUSES = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+# A lost run waits for a worker to claim it again, as a queued one does.
+CLAIMABLE_STATUSES = (RunStatus.QUEUED, RunStatus.LOST)
+
+
+class FailureClass(models.TextChoices):
+    """Why a run failed: the run page explains each and says what to change."""
+
+    OUT_OF_MEMORY = "oom", "Out of memory"
+    NON_FINITE = "non-finite", "Loss not finite"
+    TIME_LIMIT = "time-limit", "Time limit"
+    DATASET = "dataset", "Dataset error"
+    WORKER_LOST = "worker-lost", "Worker lost"
+    CONFIG = "config", "Invalid configuration"
+    ERROR = "error", "Error"
+
+
+FAILURE_ADVICE = {
+    FailureClass.OUT_OF_MEMORY: (
+        "The GPU or host ran out of memory. It is not retried with the same settings: "
+        "lower the batch size or the maximum length, or pick a smaller model or method."
+    ),
+    FailureClass.NON_FINITE: (
+        "The loss stopped being a finite number for several steps in a row. "
+        "Lower the learning rate, add warmup, or keep gradient clipping on."
+    ),
+    FailureClass.TIME_LIMIT: (
+        "The run reached the workers' time limit (PEFTLAB_RUN_TIME_LIMIT_S). "
+        "Train fewer steps, or ask an administrator to raise the limit."
+    ),
+    FailureClass.DATASET: "The dataset could not be used as it is; the error names the row.",
+    FailureClass.WORKER_LOST: (
+        "The worker training this run stopped sending heartbeats on every attempt "
+        "(killed, out of host memory, or its machine went away)."
+    ),
+    FailureClass.CONFIG: "The method or training settings were refused; the error says which.",
+    FailureClass.ERROR: "An unexpected error; the log below shows where it happened.",
+}
 
 
 class Run(models.Model):
@@ -125,6 +162,9 @@ class Run(models.Model):
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     error = models.TextField(blank=True, default="")
+    failure_class = models.CharField(
+        max_length=20, choices=FailureClass.choices, blank=True, default=""
+    )
     log = models.TextField(blank=True, default="")
     summary = models.JSONField(default=dict)
     # Measured after training: params, adapter bytes, memory, throughput, latency, samples.
@@ -146,7 +186,12 @@ class Run(models.Model):
 
     @property
     def can_cancel(self) -> bool:
-        return self.status in (RunStatus.QUEUED, RunStatus.RUNNING) and not self.cancel_requested
+        active = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.LOST)
+        return self.status in active and not self.cancel_requested
+
+    @property
+    def failure_advice(self) -> str:
+        return FAILURE_ADVICE.get(self.failure_class, "")
 
     @property
     def progress_percent(self) -> int:

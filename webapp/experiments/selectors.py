@@ -120,8 +120,20 @@ def dataset_preview(*, dataset: Dataset, limit: int = 20) -> list[dict]:
         train, _ = sample_rows(dataset.builtin_key)
         return train[:limit]
     content = Dataset.objects.values_list("content", flat=True).get(id=dataset.id)
-    lines = bytes(content).decode().splitlines()[:limit]
+    lines = [line for line in bytes(content).decode().split("\n") if line][:limit]
     return [json.loads(line) for line in lines]
+
+
+def dataset_jsonl(*, dataset: Dataset) -> bytes:
+    """Every row as JSON lines: an upload as stored, a built-in from its generator."""
+    if dataset.is_builtin:
+        from peft_core.samples import sample_rows
+
+        train, validation = sample_rows(dataset.builtin_key)
+        lines = [json.dumps(row, ensure_ascii=False) for row in train + validation]
+        return "\n".join(lines).encode() + b"\n"
+    content = Dataset.objects.values_list("content", flat=True).get(id=dataset.id)
+    return bytes(content) + b"\n"
 
 
 def artifact_list_for_run(*, run: Run) -> QuerySet[Artifact]:

@@ -14,7 +14,8 @@ from datetime import timedelta
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from peft_core.data import DatasetError, label_names, parse_dataset
@@ -22,13 +23,16 @@ from webapp.accounts.models import Team
 from webapp.accounts.permissions import Action, require
 from webapp.accounts.secrets import secret_new
 from webapp.accounts.services import audit_record
+from webapp.experiments.adapter_upload import too_large_message, validate_adapter
 from webapp.experiments.method_forms import SweepItem
 from webapp.experiments.models import (
+    CLAIMABLE_STATUSES,
     FINISHED_STATUSES,
     Artifact,
     ArtifactChunk,
     Comment,
     Dataset,
+    FailureClass,
     MetricPoint,
     Project,
     Run,
@@ -127,8 +131,8 @@ def run_cancel_request(*, user, run: Run) -> Run:
     """A queued run is cancelled at once; a running one is flagged and stops within one step."""
     _require_launcher(user=user, team=run.project.team)
     now = timezone.now()
-    Run.objects.filter(id=run.id, status=RunStatus.QUEUED).update(
-        status=RunStatus.CANCELLED, cancel_requested=True, finished_at=now
+    Run.objects.filter(id=run.id, status__in=CLAIMABLE_STATUSES).update(
+        status=RunStatus.CANCELLED, cancel_requested=True, finished_at=now, fence=F("fence") + 1
     )
     Run.objects.filter(id=run.id, status=RunStatus.RUNNING).update(cancel_requested=True)
     run.refresh_from_db()
@@ -150,17 +154,22 @@ def run_tag_remove(*, user, run: Run, name: str) -> None:
 
 
 def run_claim(*, run_id: int, worker: str) -> int | None:
-    """Take a queued run for this worker. Returns the new fence, or None if it was not queued."""
+    """Take a queued (or lost) run for this worker. Returns the new fence, or None.
+
+    None means someone else holds or ended it: a duplicate delivery, a cancel, or a second
+    message sent by the reaper for a run another worker already took.
+    """
     now = timezone.now()
     with transaction.atomic():
-        claimed = Run.objects.filter(id=run_id, status=RunStatus.QUEUED).update(
+        claimed = Run.objects.filter(id=run_id, status__in=CLAIMABLE_STATUSES).update(
             status=RunStatus.RUNNING,
             fence=F("fence") + 1,
             attempt=F("attempt") + 1,
             worker=worker[:255],
-            started_at=now,
+            started_at=Coalesce(F("started_at"), now),
             heartbeat_at=now,
             error="",
+            failure_class="",
         )
         if claimed != 1:
             return None
@@ -171,9 +180,12 @@ def _owned(run_id: int, fence: int):
     return Run.objects.filter(id=run_id, fence=fence, status=RunStatus.RUNNING)
 
 
-def run_heartbeat(*, run_id: int, fence: int, step: int) -> bool:
-    """Record progress; returns whether a cancel was requested."""
-    if not _owned(run_id, fence).update(step=step, heartbeat_at=timezone.now()):
+def run_heartbeat(*, run_id: int, fence: int, step: int | None = None) -> bool:
+    """Renew the lease (and record progress); returns whether a cancel was requested."""
+    fields = {"heartbeat_at": timezone.now()}
+    if step is not None:
+        fields["step"] = step
+    if not _owned(run_id, fence).update(**fields):
         raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
     return Run.objects.values_list("cancel_requested", flat=True).get(id=run_id)
 
@@ -183,8 +195,7 @@ def run_log_append(*, run_id: int, fence: int, lines: Iterable[str]) -> None:
         run = _owned(run_id, fence).select_for_update().only("log").first()
         if run is None:
             raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
-        kept = (run.log.splitlines() + list(lines))[-settings.RUN_LOG_LINES :]
-        _owned(run_id, fence).update(log="\n".join(kept))
+        _owned(run_id, fence).update(log=_log_with(run.log, list(lines)))
 
 
 @dataclass(frozen=True)
@@ -216,17 +227,17 @@ def artifact_store(*, run_id: int, fence: int, kind: str, name: str, data: bytes
         if not _owned(run_id, fence).select_for_update().exists():
             raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
         Artifact.objects.filter(run_id=run_id, kind=kind, name=name).delete()
-        artifact = Artifact.objects.create(
-            run_id=run_id,
-            kind=kind,
-            name=name,
-            size=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
-        ArtifactChunk.objects.bulk_create(
-            ArtifactChunk(artifact=artifact, index=i, data=data[start : start + CHUNK_BYTES])
-            for i, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES))
-        )
+        return _artifact_insert(run_id=run_id, kind=kind, name=name, data=data)
+
+
+def _artifact_insert(*, run_id: int, kind: str, name: str, data: bytes) -> Artifact:
+    artifact = Artifact.objects.create(
+        run_id=run_id, kind=kind, name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    ArtifactChunk.objects.bulk_create(
+        ArtifactChunk(artifact=artifact, index=i, data=data[start : start + CHUNK_BYTES])
+        for i, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES))
+    )
     return artifact
 
 
@@ -236,34 +247,131 @@ def run_finish(
     fence: int,
     status: str,
     error: str = "",
+    failure_class: str = "",
     summary: dict | None = None,
     profile: dict | None = None,
 ) -> None:
-    fields = {"status": status, "finished_at": timezone.now(), "error": error[:10_000]}
+    """End the run; its checkpoints go with it (a finished run is never resumed)."""
+    fields = {
+        "status": status,
+        "finished_at": timezone.now(),
+        "error": error[:10_000],
+        "failure_class": failure_class,
+    }
     if summary is not None:
         fields["summary"] = summary
     if profile is not None:
         fields["profile"] = profile
-    if not _owned(run_id, fence).update(**fields):
-        raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+    with transaction.atomic():
+        if not _owned(run_id, fence).update(**fields):
+            raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+        Artifact.objects.filter(run_id=run_id, kind=CHECKPOINT_KIND).delete()
+
+
+# ---- checkpoints and the reaper -----------------------------------------------------------
+
+CHECKPOINT_KIND = "checkpoint"
+
+
+def checkpoint_store(*, run_id: int, fence: int, files: dict[str, bytes]) -> None:
+    """Replace the run's checkpoint with `files`, all or nothing (one transaction)."""
+    with transaction.atomic():
+        if not _owned(run_id, fence).select_for_update().exists():
+            raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+        Artifact.objects.filter(run_id=run_id, kind=CHECKPOINT_KIND).delete()
+        for name, data in sorted(files.items()):
+            _artifact_insert(run_id=run_id, kind=CHECKPOINT_KIND, name=name, data=data)
+
+
+def checkpoint_files(*, run_id: int) -> dict[str, bytes]:
+    """The run's last checkpoint as {file name: bytes}; empty when it has none."""
+    files = {}
+    for artifact in Artifact.objects.filter(run_id=run_id, kind=CHECKPOINT_KIND):
+        chunks = artifact.chunks.order_by("index").values_list("data", flat=True)
+        files[artifact.name] = b"".join(bytes(chunk) for chunk in chunks)
+    return files
+
+
+@dataclass(frozen=True)
+class Reaped:
+    lost: list[int]  # marked lost: to be sent to a worker again
+    failed: list[int]  # out of attempts: failed as worker-lost
+
+
+def runs_reap(*, lease_s: float, max_attempts: int) -> Reaped:
+    """Mark runs whose lease expired lost (or failed, once out of attempts).
+
+    Marking a run lost moves its fence on, so the presumed-dead worker's late writes are
+    refused even before another worker claims it. The caller sends the lost runs' ids to
+    the queue after this returns (committed).
+    """
+    now = timezone.now()
+    lost, failed = [], []
+    with transaction.atomic():
+        stale = (
+            Run.objects.select_for_update(skip_locked=True)
+            .filter(status=RunStatus.RUNNING, heartbeat_at__lt=now - timedelta(seconds=lease_s))
+            .only("id", "attempt", "worker", "heartbeat_at", "log")
+        )
+        for run in stale:
+            since = run.heartbeat_at.strftime("%H:%M:%S UTC")
+            reason = f"worker {run.worker} stopped sending heartbeats at {since}"
+            if run.attempt >= max_attempts:
+                fields = {
+                    "status": RunStatus.FAILED,
+                    "failure_class": FailureClass.WORKER_LOST,
+                    "error": f"{reason}; gave up after {run.attempt} attempts",
+                    "finished_at": now,
+                }
+                failed.append(run.id)
+            else:
+                fields = {
+                    "status": RunStatus.LOST,
+                    "error": f"{reason}; sent again (attempt {run.attempt + 1} of {max_attempts})",
+                    "heartbeat_at": now,  # from here on: since when it waits as lost
+                }
+                lost.append(run.id)
+            Run.objects.filter(id=run.id).update(
+                fence=F("fence") + 1, log=_log_with(run.log, [f"lost: {fields['error']}"]), **fields
+            )
+    return Reaped(lost=lost, failed=failed)
+
+
+def runs_unclaimed(*, older_than_s: float) -> list[int]:
+    """Queued or lost runs no worker has claimed for a while (oldest first)."""
+    since = timezone.now() - timedelta(seconds=older_than_s)
+    queued = Q(status=RunStatus.QUEUED, created_at__lt=since, external=False)
+    lost = Q(status=RunStatus.LOST, heartbeat_at__lt=since)
+    return list(Run.objects.filter(queued | lost).order_by("id").values_list("id", flat=True))
+
+
+def _log_with(log: str, lines: list[str]) -> str:
+    return "\n".join((log.splitlines() + lines)[-settings.RUN_LOG_LINES :])
 
 
 def dataset_upload_create(
     *, user, team: Team, name: str, filename: str, data: bytes, task: str
 ) -> Dataset:
-    """Parse and validate an upload; raises ValidationError naming the line, storing nothing."""
+    """Parse and validate an upload; raises ValidationError naming the line, storing nothing.
+
+    The rows are stored in the database; nothing is written to disk. The client's file name
+    is kept only as text to show (`original_name`), never used as a path.
+    """
     _require_launcher(user=user, team=team)
-    fmt = _upload_format(filename)
+    original_name = _upload_name(filename)
+    fmt = _upload_format(original_name)
+    if len(data) > settings.DATASET_MAX_BYTES:
+        raise ValidationError(f"The file is larger than {settings.DATASET_MAX_BYTES:,} bytes.")
     try:
         rows = parse_dataset(data, fmt=fmt, task=task, max_rows=settings.DATASET_MAX_ROWS)
     except DatasetError as exc:
         raise ValidationError(str(exc)) from None
-    content = "\n".join(json.dumps(row, ensure_ascii=False) for row in rows).encode()
+    content = "\n".join(_jsonl_line(row) for row in rows).encode()
     return Dataset.objects.create(
         team=team,
         name=name,
         task=task,
-        original_name=filename[:255],
+        original_name=original_name,
         file_format=fmt,
         content=content,
         columns=sorted({key for row in rows for key in row}),
@@ -272,6 +380,23 @@ def dataset_upload_create(
         sha256=hashlib.sha256(data).hexdigest(),
         created_by=user,
     )
+
+
+# Characters that str.splitlines() breaks on and json.dumps leaves raw: escaped, so that the
+# stored JSON lines split back into exactly one row per line.
+LINE_BREAKS_ESCAPED = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _jsonl_line(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False).translate(LINE_BREAKS_ESCAPED)
+
+
+def _upload_name(filename: str) -> str:
+    """The last path part of a client's file name, printable and at most 255 characters:
+    text to show, never a path (`../../etc/passwd.csv` is kept as `passwd.csv`)."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    printable = "".join(char for char in base if char.isprintable())
+    return " ".join(printable.split())[-255:]
 
 
 def _upload_format(filename: str) -> str:
@@ -479,3 +604,68 @@ def run_finish_external(*, user, run: Run, status: str, summary: dict | None = N
         raise ValidationError(f"The run is already {run.status}.")
     run.refresh_from_db()
     return run
+
+
+# ---- adapters trained elsewhere, uploaded as files -----------------------------------------
+
+# A run needs a dataset; an uploaded adapter is attached to the built-in sample of its task
+# unless the uploader picks one (the dataset an evaluation would use).
+UPLOAD_DEFAULT_DATASETS = {"causal-lm": "sample-instructions", "seq-cls": "sample-sentiment"}
+
+
+def adapter_upload_create(
+    *,
+    user,
+    project: Project,
+    name: str,
+    base_model: str,
+    config_file,
+    weights_file,
+    dataset: Dataset | None = None,
+) -> Run:
+    """A finished external run holding an uploaded adapter; ValidationError, storing nothing,
+    when the files are refused. They are checked in a separate process (adapter_upload), and
+    only what that check rebuilt is stored: peft_core's config, the re-serialised tensors."""
+    _require_launcher(user=user, team=project.team)
+    if weights_file.size > settings.ADAPTER_MAX_BYTES:  # before reading it into memory
+        raise ValidationError(too_large_message("adapter_model.safetensors"))
+    adapter = validate_adapter(config_file.read(), weights_file.read(), base_model=base_model)
+    dataset = _upload_dataset(task=adapter.task, dataset=dataset)
+    now = timezone.now()
+    with transaction.atomic():
+        run = Run.objects.create(
+            project=project,
+            name=name,
+            created_by=user,
+            base_model=adapter.base_model,
+            dataset=dataset,
+            method=adapter.method,
+            method_config=adapter.method_config,
+            train_config={},
+            external=True,
+            status=RunStatus.SUCCEEDED,
+            worker="upload",
+            started_at=now,
+            finished_at=now,
+            log=f"Uploaded adapter: {adapter.method} on {adapter.base_model}, "
+            f"{adapter.tensors:,} tensors ({adapter.parameters:,} parameters), "
+            "checked and re-serialised by PEFT Lab.",
+        )
+        _artifact_insert(
+            run_id=run.id, kind="adapter", name="adapter_config.json", data=adapter.config_bytes
+        )
+        _artifact_insert(
+            run_id=run.id,
+            kind="adapter",
+            name="adapter_model.safetensors",
+            data=adapter.weights_bytes,
+        )
+    return run
+
+
+def _upload_dataset(*, task: str, dataset: Dataset | None) -> Dataset:
+    if dataset is None:
+        return Dataset.objects.get(team=None, builtin_key=UPLOAD_DEFAULT_DATASETS[task])
+    if dataset.task != task:
+        raise ValidationError(f"This adapter is for {task}; the dataset is {dataset.task}.")
+    return dataset

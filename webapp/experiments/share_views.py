@@ -5,6 +5,7 @@ send no Referer onwards and ask caches and robots to keep out, so the secret sta
 hands it was given to.
 """
 
+from csp.decorators import csp_update
 from django.http import Http404
 from django.shortcuts import render
 from django.urls import reverse
@@ -14,7 +15,12 @@ from django_htmx.http import HTMX_STOP_POLLING
 
 from webapp.experiments import selectors
 from webapp.experiments.models import ShareScope
-from webapp.experiments.views import adapter_response, compare_context, run_page_context
+from webapp.experiments.views import (
+    PLOTLY_WEBGL_CSP,
+    adapter_response,
+    compare_context,
+    run_page_context,
+)
 
 
 def _private(response):
@@ -42,6 +48,7 @@ def _run_context(secret: str) -> dict:
 
 @never_cache
 @require_GET
+@csp_update(PLOTLY_WEBGL_CSP)  # a shared comparison draws the WebGL chart
 def shared(request, secret: str):
     link = selectors.share_link_resolve(secret=secret)
     if link.scope == ShareScope.RUN:

@@ -5,6 +5,7 @@ from webapp.experiments import share_views, views
 urlpatterns = [
     path("", views.run_list, name="runs"),
     path("runs/new/", views.run_new, name="run_new"),
+    path("runs/upload-adapter/", views.adapter_upload, name="adapter_upload"),
     path("runs/new/method-fields/", views.run_method_fields, name="run_method_fields"),
     path("runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("runs/<int:run_id>/live/", views.run_live, name="run_live"),
@@ -26,6 +27,7 @@ urlpatterns = [
     path("datasets/", views.dataset_list, name="datasets"),
     path("datasets/upload/", views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:dataset_id>/", views.dataset_detail, name="dataset_detail"),
+    path("datasets/<int:dataset_id>/rows.jsonl", views.dataset_download, name="dataset_download"),
     path("datasets/<int:dataset_id>/delete/", views.dataset_delete, name="dataset_delete"),
     path("share-links/", views.share_link_list, name="share_links"),
     path("share-links/<int:link_id>/revoke/", views.share_link_revoke, name="share_link_revoke"),

@@ -1,5 +1,8 @@
 """Pages and htmx partials. Thin: selectors read, services write."""
 
+from csp.constants import UNSAFE_EVAL
+from csp.decorators import csp_update
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -8,13 +11,15 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HTMX_STOP_POLLING
 
 from peft_core.catalogue import CATALOGUE
+from peft_core.data import MAX_COLUMNS, MAX_VALUE_CHARS
 from webapp.accounts.permissions import Action, can
 from webapp.experiments import comparison, selectors, services
-from webapp.experiments.forms import DatasetUploadForm, RunForm, SweepForm
+from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm, RunForm, SweepForm
 from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep, method_form_initial
 from webapp.experiments.models import RunStatus
 from webapp.experiments.zipstream import stream_zip
@@ -350,8 +355,19 @@ def dataset_list(request):
 
 
 @login_required
+@csrf_exempt  # checked by _dataset_upload: CsrfViewMiddleware would parse the body first
 @require_http_methods(["GET", "POST"])
 def dataset_upload(request):
+    """An oversized body is refused from its Content-Length, unread; the rest as a form."""
+    if request.method == "POST" and DatasetUploadForm.body_too_large(request):
+        teams = selectors.team_list_for_user(user=request.user)
+        form, error = DatasetUploadForm(teams=teams), DatasetUploadForm.too_large_message()
+        return _dataset_upload_page(request, form, status=413, error=error)
+    return _dataset_upload(request)
+
+
+@csrf_protect
+def _dataset_upload(request):
     teams = selectors.team_list_for_user(user=request.user)
     form = DatasetUploadForm(request.POST or None, request.FILES or None, teams=teams)
     if request.method == "POST" and form.is_valid():
@@ -366,12 +382,22 @@ def dataset_upload(request):
                 task=form.cleaned_data["task"],
             )
         except (ValidationError, PermissionDenied) as exc:
-            form.add_error("file", exc.messages if hasattr(exc, "messages") else str(exc))
+            form.add_error("file", _error_text(exc))
         else:
             messages.success(request, f"Dataset “{dataset.name}”: {dataset.row_count} rows.")
             return redirect("dataset_detail", dataset_id=dataset.id)
-    status = 400 if form.errors else 200
-    return render(request, "experiments/dataset_upload.html", {"form": form}, status=status)
+    return _dataset_upload_page(request, form, status=400 if form.errors else 200)
+
+
+def _dataset_upload_page(request, form, *, status: int, error: str = ""):
+    limits = {
+        "mib": settings.DATASET_MAX_BYTES / (1024 * 1024),
+        "rows": settings.DATASET_MAX_ROWS,
+        "columns": MAX_COLUMNS,
+        "value_chars": MAX_VALUE_CHARS,
+    }
+    context = {"form": form, "limits": limits, "error": error}
+    return render(request, "experiments/dataset_upload.html", context, status=status)
 
 
 @login_required
@@ -391,6 +417,19 @@ def dataset_detail(request, dataset_id: int):
             and can(user=request.user, team=dataset.team, action=Action.DELETE),
         },
     )
+
+
+@login_required
+@require_GET
+def dataset_download(request, dataset_id: int):
+    """The stored rows as JSON lines, under a name the server picks."""
+    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+    response = HttpResponse(
+        selectors.dataset_jsonl(dataset=dataset), content_type="application/x-ndjson"
+    )
+    response["Content-Disposition"] = f'attachment; filename="dataset-{dataset.id}.jsonl"'
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 @login_required
@@ -509,8 +548,15 @@ def _compared_runs(request, params=None) -> list:
     return list(runs.select_related("dataset")[:MAX_COMPARED])
 
 
+# The compare page's parallel-coordinates chart is WebGL: plotly.js draws it with regl, which
+# compiles its shaders with Function(). The plotly package ships no eval-free ("strict") build,
+# so the pages that show it, and only they, allow eval (settings.CONTENT_SECURITY_POLICY).
+PLOTLY_WEBGL_CSP = {"script-src": [UNSAFE_EVAL]}
+
+
 @login_required
 @require_GET
+@csp_update(PLOTLY_WEBGL_CSP)
 def compare(request):
     runs = _compared_runs(request)
     context = compare_context(runs) | {
@@ -552,3 +598,25 @@ def compare_csv(request):
     response = HttpResponse(comparison.tradeoff_csv(rows), content_type="text/csv")
     response["Content-Disposition"] = 'attachment; filename="peftlab-tradeoffs.csv"'
     return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def adapter_upload(request):
+    """An adapter trained elsewhere becomes a finished run; refused files change nothing."""
+    form = AdapterUploadForm(
+        request.POST or None,
+        request.FILES or None,
+        projects=selectors.project_list_for_launch(user=request.user),
+        datasets=selectors.dataset_list_for_user(user=request.user),
+    )
+    if request.method == "POST" and form.is_valid():
+        try:
+            run = services.adapter_upload_create(user=request.user, **form.upload_kwargs())
+        except (ValidationError, PermissionDenied) as exc:
+            form.add_error("weights", _error_text(exc))
+        else:
+            messages.success(request, f"Adapter “{run.name}” checked and stored.")
+            return redirect("run_detail", run_id=run.id)
+    status = 400 if form.errors else 200
+    return render(request, "experiments/adapter_upload.html", {"form": form}, status=status)

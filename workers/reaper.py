@@ -1,0 +1,104 @@
+"""The reaper: finds runs whose worker stopped heartbeating and sends them to a worker again.
+
+It runs as its own small process (`python manage.py reaper`, the `reaper` service of
+docker-compose.yml), never on a GPU worker, whose one slot is busy training.
+
+A run is presumed lost only when the reaper itself has been connected to PostgreSQL for a
+whole lease: after a database outage every heartbeat looks old, and the workers need one
+lease to renew theirs before the reaper may judge them.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection
+
+from webapp.celery import app as celery_app
+from webapp.experiments import services
+
+logger = logging.getLogger(__name__)
+
+QUEUE = "gpu"
+
+
+@dataclass
+class Reaper:
+    lease_s: float = field(default_factory=lambda: settings.RUN_LEASE_S)
+    max_attempts: int = field(default_factory=lambda: settings.RUN_MAX_ATTEMPTS)
+    resend_after_s: float = field(default_factory=lambda: settings.RUN_RESEND_AFTER_S)
+    connected_since: float | None = None  # monotonic time of the first pass in a row that worked
+
+    def tick(self, now: float | None = None) -> services.Reaped | None:
+        """One pass. Returns what it reaped, or None while it may not judge (or the DB is down)."""
+        now = time.monotonic() if now is None else now
+        try:
+            connection.ensure_connection()
+        except (OperationalError, InterfaceError) as exc:
+            self._disconnected(exc)
+            return None
+        if self.connected_since is None:
+            self.connected_since = now
+        if now - self.connected_since < self.lease_s:
+            return None
+        try:
+            reaped = services.runs_reap(lease_s=self.lease_s, max_attempts=self.max_attempts)
+            unclaimed = services.runs_unclaimed(older_than_s=self.resend_after_s)
+        except (OperationalError, InterfaceError) as exc:
+            self._disconnected(exc)
+            return None
+        for run_id in reaped.lost:
+            logger.warning("run %s lost: sending it to a worker again", run_id)
+            send(run_id)
+        for run_id in reaped.failed:
+            logger.warning("run %s lost on its last attempt: failed", run_id)
+        resend = [run_id for run_id in unclaimed if run_id not in reaped.lost]
+        if resend and queue_length() == 0:
+            # Nothing is waiting in the queue, yet these runs wait for a worker: their
+            # messages vanished (a broker restarted without persistence). A duplicate is
+            # harmless: the claim lets one worker train, the others skip.
+            logger.warning("runs %s wait with an empty queue: sending them again", resend)
+            for run_id in resend:
+                send(run_id)
+        return reaped
+
+    def _disconnected(self, exc: Exception) -> None:
+        if self.connected_since is not None:
+            logger.warning(
+                "reaper: database unreachable (%s); judging nobody until it is back", exc
+            )
+        self.connected_since = None
+        try:
+            connection.close()
+        except (OperationalError, InterfaceError):
+            pass
+
+    def forever(self, every_s: float) -> None:
+        logger.info(
+            "reaper: lease %ss, %s attempts, a pass every %ss",
+            self.lease_s,
+            self.max_attempts,
+            every_s,
+        )
+        while True:
+            self.tick()
+            time.sleep(every_s)
+
+
+def send(run_id: int) -> None:
+    from workers.tasks import train_run
+
+    train_run.delay(run_id)
+
+
+def queue_length() -> int | None:
+    """Messages waiting in the training queue, or None if the broker cannot tell."""
+    try:
+        with celery_app.connection_for_write() as conn:
+            # Not passive: Redis drops an empty list, and a passive declaration of it fails.
+            declared = conn.default_channel.queue_declare(QUEUE, durable=True, auto_delete=False)
+            return declared.message_count
+    except Exception:  # a broker that cannot count: never resend blindly
+        logger.exception("reaper: could not count the queue")
+        return None
