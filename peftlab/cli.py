@@ -191,6 +191,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, metavar="LR")
     parser.add_argument("--max-length", type=int, metavar="TOKENS", help="longer rows are cut")
     parser.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps")
+    parser.add_argument(
+        "--checkpoint-every", type=int, metavar="N", help="steps between resumable checkpoints"
+    )
     parser.epilog = "A training option left out takes the launch form's default."
     parser.add_argument("--project", type=int, metavar="ID", help="default: your first project")
     parser.add_argument("--name")
@@ -374,6 +377,7 @@ def _train_config(args: argparse.Namespace) -> dict:
         "learning_rate": args.learning_rate,
         "max_length": args.max_length,
         "eval_every": args.eval_every,
+        "checkpoint_every": args.checkpoint_every,
     }
     return {key: value for key, value in given.items() if value is not None}
 

@@ -27,7 +27,14 @@ from peft_core.checkpoint import (
 from peft_core.data import DatasetError, label_names, split_rows
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
 from peft_core.samples import sample_rows
-from peft_core.train import Callbacks, NonFiniteLossError, TrainConfig, evaluate, train
+from peft_core.train import (
+    Callbacks,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    train,
+)
 from webapp.experiments import services
 from webapp.experiments.models import Dataset, FailureClass, Run, RunStatus
 from webapp.experiments.services import Point, StaleFenceError
@@ -288,6 +295,8 @@ def _resume_point(run_id: int, callbacks: RunCallbacks) -> Checkpoint | None:
 
 
 def _train_run(run: Run, callbacks: RunCallbacks) -> str:
+    if run.external:
+        return _evaluate_uploaded(run, callbacks)
     task = run.dataset.task
     train_rows, val_rows = dataset_rows(run.dataset)
     labels = (run.dataset.label_names or label_names(train_rows)) if task == "seq-cls" else None
@@ -347,6 +356,48 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     profile = _profile(model, tokenizer, task, val_rows, result, adapter_bytes, peak_mb)
     summary = {f"base_{key}": value for key, value in base_metrics.items()} | final_metrics
     callbacks.on_log(f"done: {_format(final_metrics)}")
+    callbacks.flush_until_written()
+    _retrying(
+        services.run_finish,
+        run_id=run.id,
+        fence=callbacks.fence,
+        status=RunStatus.SUCCEEDED,
+        summary=summary,
+        profile=profile,
+    )
+    return "succeeded"
+
+
+def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
+    """An adapter trained elsewhere (uploaded, already checked): measured as a trained run is,
+    so that it compares with them: base and adapter eval loss on the dataset's validation
+    split under the default eval settings, parameters, latency, sample answers."""
+    task = run.dataset.task
+    train_rows, val_rows = dataset_rows(run.dataset)
+    labels = (run.dataset.label_names or label_names(train_rows)) if task == "seq-cls" else None
+    callbacks.on_log(f"loading {run.base_model} and the uploaded adapter")
+    model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
+    files = _retrying(services.artifact_files, run_id=run.id, kind="adapter")
+    with tempfile.TemporaryDirectory(prefix="peftlab-upload-") as tmp:
+        for name, data in files.items():  # names are ours: adapter_config.json, …
+            (Path(tmp) / name).write_bytes(data)
+        model = peft_core.load_adapter(model, tmp)
+    model.to(DEVICE)
+    config = TrainConfig()
+    evaluation = {"task": task, "rows": val_rows, "config": config, "label_names": labels}
+    callbacks.on_log(f"evaluating on {len(val_rows)} validation rows of {run.dataset.name}")
+    callbacks.flush()
+    with peft_core.disabled(model):
+        base_metrics = evaluate(model, tokenizer, **evaluation)
+    adapter_metrics = evaluate(model, tokenizer, **evaluation)
+    summary = {f"base_{key}": value for key, value in base_metrics.items()} | adapter_metrics
+    callbacks.on_eval(0, summary)
+    adapter_bytes = sum(len(data) for data in files.values())
+    nothing_trained = TrainResult(steps_done=0, stopped=False)
+    profile = _profile(model, tokenizer, task, val_rows, nothing_trained, adapter_bytes, 0.0)
+    for key in ("peak_memory_mb", "memory_kind", "wall_s", "tokens_per_s"):
+        profile.pop(key)  # about training, which happened elsewhere
+    callbacks.on_log(f"base model: {_format(base_metrics)}; adapter: {_format(adapter_metrics)}")
     callbacks.flush_until_written()
     _retrying(
         services.run_finish,

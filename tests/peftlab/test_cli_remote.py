@@ -56,7 +56,8 @@ def test_login_with_a_password_creates_a_named_token(
 
 def test_launch_queues_the_run_as_asked(peftlab, cast):
     result = peftlab(*LAUNCH, "--dataset", "sample-instructions", "--set", "r=4",
-                     "--set", "alpha=8", "--steps", 7, "--learning-rate", 0.001, "--name", "mine")  # fmt: skip
+                     "--set", "alpha=8", "--steps", 7, "--learning-rate", 0.001, "--name", "mine",
+                     "--checkpoint-every", 3)  # fmt: skip
     assert result.code == 0, result.err
     run = Run.objects.get(name="mine")
     assert result.out.startswith(f"run {run.id} queued: http://testserver/")
@@ -65,6 +66,7 @@ def test_launch_queues_the_run_as_asked(peftlab, cast):
     assert run.dataset == cast.datasets["sample-instructions"]
     assert run.method_config["r"] == 4 and run.method_config["alpha"] == 8
     assert run.train_config["learning_rate"] == 0.001
+    assert run.train_config["checkpoint_every"] == 3
     assert run.created_by == cast.alice
 
 

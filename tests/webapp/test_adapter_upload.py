@@ -25,7 +25,8 @@ import peft_core
 from peft_core.tiny import build_tiny
 from webapp.accounts.services import api_token_create
 from webapp.experiments import services
-from webapp.experiments.models import Artifact, Dataset, Run, RunStatus
+from webapp.experiments.models import Artifact, Dataset, MetricPoint, Run, RunStatus
+from workers.training import execute_run
 
 pytestmark = pytest.mark.django_db
 
@@ -133,12 +134,25 @@ def test_page_upload_becomes_a_finished_run_whose_download_loads_in_peft_core_an
     assert response.status_code == 302 and response["Location"] == reverse(
         "run_detail", args=[run.id]
     )
-    assert run.external and run.status == RunStatus.SUCCEEDED and run.is_finished
+    assert run.external and run.status == RunStatus.QUEUED  # for a worker to evaluate
     assert (run.method, run.base_model, run.created_by) == ("lora", "tiny-llama", cast.bob)
     assert run.method_config == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
     assert run.dataset == cast.datasets["sample-instructions"]
     assert set(run.artifacts.values_list("kind", flat=True)) == {"adapter"}
     assert client.get(reverse("run_detail", args=[run.id])).status_code == 200
+
+    # a worker measures it as it measures a trained run, so it compares with them
+    assert execute_run(run.id, worker="w1:1") == "succeeded"
+    run.refresh_from_db()
+    assert (run.status, run.attempt) == (RunStatus.SUCCEEDED, 1)
+    assert run.summary["base_eval_loss"] > 0 and run.summary["eval_loss"] > 0
+    assert run.summary["eval_loss"] != run.summary["base_eval_loss"]  # the adapter acts
+    assert run.profile["trainable_params"] == sum(t.numel() for t in load(weights).values())
+    assert run.profile["adapter_ms"] > 0 and "wall_s" not in run.profile
+    evals = MetricPoint.objects.filter(run=run).values_list("key", "step")
+    assert sorted(evals) == [("base_eval_loss", 0), ("eval_loss", 0)]
+    page = client.get(reverse("run_detail", args=[run.id])).content.decode()
+    assert "uploaded, checked and evaluated here" in page
 
     download = client.get(reverse("run_adapter_download", args=[run.id]))
     directory = _unzip(download, tmp_path)
@@ -154,7 +168,7 @@ def test_api_upload_answers_201_with_the_run_and_its_files_download(cast, api, u
     response = upload(config, weights)
     assert response.status_code == 201, response.content
     body = response.json()
-    assert body["external"] is True and body["status"] == "succeeded"
+    assert body["external"] is True and body["status"] == "queued"
     assert (body["method"], body["base_model"]) == ("lora", "tiny-llama")
     artifacts = api(cast.bob).get(f"/api/v1/runs/{body['id']}/artifacts/").json()
     by_name = {a["name"]: a for a in artifacts}

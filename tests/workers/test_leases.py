@@ -234,3 +234,20 @@ def test_long_job_settings_keep_a_run_from_being_delivered_twice(settings):
     env["PEFTLAB_VISIBILITY_TIMEOUT_S"] = "7600"
     result = subprocess.run(check, env=env, capture_output=True, text=True, cwd=settings.BASE_DIR)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_run_trained_elsewhere_has_no_lease_to_expire(cast):
+    external = services.run_create_external(
+        user=cast.bob,
+        project=cast.acme_project,
+        name="trained on my laptop",
+        base_model="tiny-llama",
+        dataset=cast.datasets["sample-instructions"],
+        method="lora",
+        method_config={},
+        train_config={"steps": 10},
+    )
+    Run.objects.filter(id=external.id).update(started_at=timezone.now() - timedelta(hours=5))
+    assert _reap() == services.Reaped(lost=[], failed=[])
+    assert services.runs_unclaimed(older_than_s=0) == []
+    assert Run.objects.get(id=external.id).status == RunStatus.RUNNING

@@ -22,7 +22,14 @@ from webapp.experiments.method_forms import (
     method_defaults,
 )
 
-TRAIN_KEYS = ("steps", "batch_size", "learning_rate", "max_length", "eval_every")
+TRAIN_KEYS = (
+    "steps",
+    "batch_size",
+    "learning_rate",
+    "max_length",
+    "eval_every",
+    "checkpoint_every",
+)
 NO_PROJECT = "You are in no team yet: create one, or ask a team admin for an invitation."
 
 

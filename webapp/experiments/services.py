@@ -285,8 +285,13 @@ def checkpoint_store(*, run_id: int, fence: int, files: dict[str, bytes]) -> Non
 
 def checkpoint_files(*, run_id: int) -> dict[str, bytes]:
     """The run's last checkpoint as {file name: bytes}; empty when it has none."""
+    return artifact_files(run_id=run_id, kind=CHECKPOINT_KIND)
+
+
+def artifact_files(*, run_id: int, kind: str) -> dict[str, bytes]:
+    """The run's files of one kind as {file name: bytes}, for a worker (no user check)."""
     files = {}
-    for artifact in Artifact.objects.filter(run_id=run_id, kind=CHECKPOINT_KIND):
+    for artifact in Artifact.objects.filter(run_id=run_id, kind=kind):
         chunks = artifact.chunks.order_by("index").values_list("data", flat=True)
         files[artifact.name] = b"".join(bytes(chunk) for chunk in chunks)
     return files
@@ -311,6 +316,7 @@ def runs_reap(*, lease_s: float, max_attempts: int) -> Reaped:
         stale = (
             Run.objects.select_for_update(skip_locked=True)
             .filter(status=RunStatus.RUNNING, heartbeat_at__lt=now - timedelta(seconds=lease_s))
+            .exclude(worker=EXTERNAL_WORKER)  # trained elsewhere: no lease to expire
             .only("id", "attempt", "worker", "heartbeat_at", "log")
         )
         for run in stale:
@@ -340,7 +346,7 @@ def runs_reap(*, lease_s: float, max_attempts: int) -> Reaped:
 def runs_unclaimed(*, older_than_s: float) -> list[int]:
     """Queued or lost runs no worker has claimed for a while (oldest first)."""
     since = timezone.now() - timedelta(seconds=older_than_s)
-    queued = Q(status=RunStatus.QUEUED, created_at__lt=since, external=False)
+    queued = Q(status=RunStatus.QUEUED, created_at__lt=since)
     lost = Q(status=RunStatus.LOST, heartbeat_at__lt=since)
     return list(Run.objects.filter(queued | lost).order_by("id").values_list("id", flat=True))
 
@@ -533,6 +539,9 @@ def share_link_revoke(*, user, link: ShareLink, ip: str | None = None) -> None:
 # ---- runs trained elsewhere: created, fed and finished through the API ---------------------
 
 
+EXTERNAL_WORKER = "external"  # the worker field of a run whose metrics arrive by the API
+
+
 def run_create_external(
     *,
     user,
@@ -559,9 +568,8 @@ def run_create_external(
         total_steps=int(train_config.get("steps", 0)),
         external=True,
         status=RunStatus.RUNNING,
-        worker="external",
+        worker=EXTERNAL_WORKER,
         started_at=now,
-        heartbeat_at=now,
     )
 
 
@@ -623,15 +631,17 @@ def adapter_upload_create(
     weights_file,
     dataset: Dataset | None = None,
 ) -> Run:
-    """A finished external run holding an uploaded adapter; ValidationError, storing nothing,
-    when the files are refused. They are checked in a separate process (adapter_upload), and
-    only what that check rebuilt is stored: peft_core's config, the re-serialised tensors."""
+    """An external run holding an uploaded adapter, queued for evaluation; ValidationError,
+    storing nothing, when the files are refused. They are checked in a separate process
+    (adapter_upload), and only what that check rebuilt is stored: peft_core's config and
+    the re-serialised tensors."""
+    from workers.tasks import train_run
+
     _require_launcher(user=user, team=project.team)
     if weights_file.size > settings.ADAPTER_MAX_BYTES:  # before reading it into memory
         raise ValidationError(too_large_message("adapter_model.safetensors"))
     adapter = validate_adapter(config_file.read(), weights_file.read(), base_model=base_model)
     dataset = _upload_dataset(task=adapter.task, dataset=dataset)
-    now = timezone.now()
     with transaction.atomic():
         run = Run.objects.create(
             project=project,
@@ -643,13 +653,10 @@ def adapter_upload_create(
             method_config=adapter.method_config,
             train_config={},
             external=True,
-            status=RunStatus.SUCCEEDED,
-            worker="upload",
-            started_at=now,
-            finished_at=now,
             log=f"Uploaded adapter: {adapter.method} on {adapter.base_model}, "
             f"{adapter.tensors:,} tensors ({adapter.parameters:,} parameters), "
-            "checked and re-serialised by PEFT Lab.",
+            "checked and re-serialised by PEFT Lab; queued for evaluation on "
+            f"{dataset.name}.",
         )
         _artifact_insert(
             run_id=run.id, kind="adapter", name="adapter_config.json", data=adapter.config_bytes
@@ -660,6 +667,9 @@ def adapter_upload_create(
             name="adapter_model.safetensors",
             data=adapter.weights_bytes,
         )
+        # A worker measures it as it measures a trained run: base and adapter eval loss on
+        # the dataset's validation split, latency, parameters.
+        train_run.delay_on_commit(run.id)
     return run
 
 

@@ -3,6 +3,7 @@
 The password is random and printed a single time; a second call leaves everything as it is.
 """
 
+import os
 import secrets
 
 from django.contrib.auth import get_user_model
@@ -35,9 +36,10 @@ class Command(BaseCommand):
         user = user_model.objects.create_user(username=username, password=password)
         Membership.objects.create(team=team_obj, user=user, role=Role.OWNER)
         banner = "=" * 60
+        address = os.environ.get("PEFTLAB_BIND", "127.0.0.1:8000")  # where bin/serve listens
         self.stdout.write(
             self.style.SUCCESS(
-                f"\n{banner}\n  Log in at http://127.0.0.1:8000/\n"
+                f"\n{banner}\n  Log in at http://{address}/\n"
                 f"  username: {username}\n  password: {password}\n"
                 f"  (shown once; stored only as a hash)\n{banner}\n"
             )
