@@ -7,6 +7,7 @@ or ended elsewhere, writes raise StaleFenceError and this worker stops without t
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -43,6 +44,7 @@ from workers.cache import base_model_copy
 logger = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 1.0
+STEP_LINE_EVERY_S = 5.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROFILE_BATCH = (2, 64)  # a fixed batch (rows, tokens) for the latency figures
 SAMPLE_PROMPTS = 3
@@ -102,6 +104,7 @@ class RunCallbacks(Callbacks):
         self.db_down_since: float | None = None
         self.checkpoints_stored = 0
         self._last_flush = 0.0
+        self._last_step_line = -math.inf
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step
@@ -117,6 +120,13 @@ class RunCallbacks(Callbacks):
 
     def on_log(self, line: str) -> None:
         logger.info("run %s: %s", self.run_id, line)
+        if line.startswith("step ") and "skipped" not in line:
+            # Routine progress: the chart has every step. The run's log keeps one such line
+            # every few seconds, so its last lines still show what happened (lost, resumed).
+            now = time.monotonic()
+            if now - self._last_step_line < STEP_LINE_EVERY_S:
+                return
+            self._last_step_line = now
         self.lines.append(line)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
