@@ -144,7 +144,14 @@ class BottleneckLayer(nn.Module):
         """The adapter's output for x (…, d), in x's dtype."""
         h = self.adapter_dropout(x).to(self.adapter_down.weight.dtype)
         h = self.adapter_up(self.adapter_act(self.adapter_down(h)))  # (…, m) -> (…, d)
-        return (h * self.scaling).to(x.dtype)
+        if self.scaling != 1.0:  # in place: a Linear's backward does not need its output
+            h = h.mul_(self.scaling)
+        return h.to(x.dtype)
+
+    def add_branch(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + branch(x), summed into the branch's own fresh buffer when the dtypes agree."""
+        h = self.branch(x)
+        return h.add_(y) if h.dtype == y.dtype and h.shape == y.shape else y + h
 
     def extra_repr(self) -> str:
         return f"scaling={self.scaling:g}"
@@ -155,7 +162,7 @@ class SequentialAdapter(WrappedLinear, BottleneckLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (…, d)
-        return y if self.disabled else y + self.branch(y)
+        return y if self.disabled else self.add_branch(y, y)
 
 
 class ParallelAdapter(BottleneckLayer):
@@ -171,7 +178,7 @@ class ParallelAdapter(BottleneckLayer):
         if self.takes_residual:  # LayerNorm(dense(h_ff) + x + branch(x))
             (x,) = args
             return self.base_layer(hidden_states, x + self.branch(x))
-        return self.base_layer(hidden_states, *args) + self.branch(hidden_states)
+        return self.add_branch(self.base_layer(hidden_states, *args), hidden_states)
 
 
 def adapter_sites(model: nn.Module) -> AdapterSites:

@@ -12,6 +12,12 @@ On Linear layers, as HF PEFT implements it, with one vector `ia3_l` per layer:
     feed-forward layer (down_proj = W2):     h = W·(l ⊙ x) + b    ia3_l: (1, d_in)
 
 Init: l = 1, so the adapted model starts equal to the base model.
+A feed-forward layer with a frozen base trains through `ScaledInputLinear`, which
+scales the (d_out, d_in) weight instead of the (n, d_in) input, n = tokens, and
+keeps x, not l ⊙ x, for backward (g = ∂L/∂h, (n, d_out)):
+
+    forward    h = x·(W ⊙ l)ᵀ + b
+    backward   p = g·W (n, d_in);  ∂x = l ⊙ p;  ∂l = Σ_n x ⊙ p
 Merge folds l into the weight, W ← diag(l)·W and b ← l ⊙ b for output scaling,
 W ← W·diag(l) for a feed-forward layer (transposed for GPT-2's Conv1D, whose
 weight is (d_in, d_out)); unmerge divides again, exact up to rounding, so a
@@ -34,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from peft_core.methods import Method, WrappedLinear
@@ -118,10 +125,23 @@ class IA3Linear(WrappedLinear, nn.Module):
         if self.disabled or self.merged:
             return self.base_layer(x)
         scale = self.ia3_l.flatten()  # (d_in,) or (d_out,)
+        if self.feedforward and self._frozen_base(x):
+            weight = self.base_layer.weight
+            w0 = weight.T if self.fan_in_fan_out else weight  # (d_out, d_in)
+            return ScaledInputLinear.apply(x, w0, self.base_layer.bias, scale)
         if self.feedforward:
             return self.base_layer((x * scale).to(x.dtype))  # W·(l ⊙ x) + b
         y = self.base_layer(x)
         return (y * scale).to(y.dtype)  # l ⊙ (W·x + b)
+
+    def _frozen_base(self, x: torch.Tensor) -> bool:
+        """Whether ScaledInputLinear computes this forward: frozen base, one dtype, no autocast."""
+        base = self.base_layer
+        frozen = not base.weight.requires_grad and (
+            base.bias is None or not base.bias.requires_grad
+        )
+        same_dtype = x.dtype == base.weight.dtype == self.ia3_l.dtype
+        return frozen and same_dtype and not torch.is_autocast_enabled(x.device.type)
 
     def weight_scale(self) -> torch.Tensor:
         """ia3_l shaped to multiply the base weight in its own layout."""
@@ -149,6 +169,25 @@ class IA3Linear(WrappedLinear, nn.Module):
 
     def extra_repr(self) -> str:
         return f"feedforward={self.feedforward}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+class ScaledInputLinear(torch.autograd.Function):
+    """h = W0·(l ⊙ x) + b for a frozen W0 (d_out, d_in), b; the module docstring's step."""
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, scale):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, w0, scale)
+        return F.linear(x, w0 * scale, bias)  # (d_out, d_in) scaled, not (n, d_in)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, w0, scale = ctx.saved_tensors
+        p = grad @ w0  # (…, d_in)
+        grad_x = p * scale if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[3]:
+            grad_scale = p.mul_(x).reshape(-1, p.shape[-1]).sum(dim=0)  # p is ours to overwrite
+        return grad_x, None, None, grad_scale
 
 
 def _selects(spec: tuple[str, ...] | str, path: str) -> bool:

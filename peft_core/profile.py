@@ -2,13 +2,16 @@
 
 inference_latency(model, batch)   median ms of a forward pass: base (adapter disabled),
                                   adapter unmerged, and merged where the method merges
+merged_privately(model)           the adapter merged into private copies of the base
+                                  weights: the model's own weights are never written
 MemoryTracker                     peak CUDA memory on a GPU, peak RSS growth on a CPU
 sample_generations(...)           greedy answers of the base model and of the adapter
 """
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import psutil
 import torch
@@ -52,11 +55,34 @@ def inference_latency(
             rounds["base_ms"].append(_median_forward_ms(model, batch, 1))
         rounds["adapter_ms"].append(_median_forward_ms(model, batch, 1))
         if mergeable:
-            peft_model.merge(model)
-            rounds["merged_ms"].append(_median_forward_ms(model, batch, 1))
-            peft_model.unmerge(model)
+            with merged_privately(model):
+                rounds["merged_ms"].append(_median_forward_ms(model, batch, 1))
     model.train(was_training)
     return {key: statistics.median(values) for key, values in rounds.items() if values}
+
+
+@contextmanager
+def merged_privately(model: nn.Module) -> Iterator[nn.Module]:
+    """The adapter merged into clones of the base weights it touches, for the `with` block.
+
+    On exit the layers get their own weight tensors back, bit for bit: merge + unmerge in
+    place rounds, and the worker's base model shares its weights with the cached one
+    (workers.cache), which nothing may write into.
+    """
+    method = peft_model.method_of(model)
+    bases = [m.base_layer for m in model.modules() if isinstance(m, method.layer_types)]
+    originals = [dict(base.named_parameters(recurse=False)) for base in bases]
+    for base, params in zip(bases, originals, strict=True):
+        for name, param in params.items():
+            setattr(base, name, nn.Parameter(param.detach().clone(), requires_grad=False))
+    peft_model.merge(model)
+    try:
+        yield model
+    finally:
+        peft_model.unmerge(model)  # the layers' merged flags and state
+        for base, params in zip(bases, originals, strict=True):
+            for name, param in params.items():
+                setattr(base, name, param)
 
 
 class MemoryTracker:

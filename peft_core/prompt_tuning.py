@@ -19,6 +19,12 @@ prepends P, and extends the attention mask (p ones) and token types (p zeros); t
 drops the first p hidden states. Later calls with a filled cache (generation) find the
 virtual tokens in the cache: only the mask grows by p columns and given positions shift by p.
 
+Inference shortcut (causal decoders, grad off, eval mode): the virtual tokens come first and
+attend only to each other, so their keys/values at every layer depend on P and the frozen
+weights alone. They are computed once (re-done when P or a body weight is written) and handed
+to the body as a filled KV cache, and the body runs on the n real tokens only: the cost of
+prefix tuning, not of p + n tokens. Same math; training and encoders take the path above.
+
 Init (`init`): "random" N(0, 1) as HF PEFT; "vocab" the embedding rows of p token ids drawn
 uniformly from the vocabulary; "text" the rows of the ids of an init text, repeated or cut to
 p. The tokenizer never reaches `apply`: `config.tokenize_init_text(tokenizer)` turns init_text
@@ -32,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
 
 from peft_core.methods import Method
@@ -147,6 +154,26 @@ def _drop_first(output: Any, p: int) -> Any:
     return output
 
 
+def _is_causal_decoder(body: nn.Module) -> bool:
+    flags = [m.is_causal for m in body.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
+def _batch_size(kwargs: dict[str, Any]) -> int:
+    tokens = kwargs.get("input_ids")
+    return (tokens if tokens is not None else kwargs["inputs_embeds"]).shape[0]
+
+
+def _wants_cache(body: nn.Module, kwargs: dict[str, Any]) -> bool:
+    wanted = kwargs.get("use_cache")
+    return getattr(body.config, "use_cache", True) if wanted is None else bool(wanted)
+
+
+def _weights_version(body: nn.Module) -> int:
+    """Grows with every in-place write into a body weight (a tensor's version counter)."""
+    return sum(param._version for param in body.parameters())
+
+
 class PromptEncoder(nn.Module):
     """The soft prompt P (p, d); its bound methods are the body's forward hooks."""
 
@@ -156,13 +183,22 @@ class PromptEncoder(nn.Module):
         self.disabled = False
         self.merged = False
         self._prepended: torch.Tensor | None = None  # the body input built, until it returns
+        self._encoding = False  # the body is running on P alone (prompt_states)
+        self._states: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._states_key: tuple | None = None
+        self._lent: Any = None  # a cache made for a call that asked for none, until it returns
 
     def prepend(self, body: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if self.disabled:
+        if self.disabled or self._encoding:
             return None
         kwargs = body_kwargs(args, kwargs)
         p = self.embedding.shape[0]
         _update_given(kwargs, "attention_mask", lambda mask: _prepend_columns(mask, p, 1))
+        if _starts_sequence(kwargs) and self._reuses_states(body):
+            given = kwargs.get("cache")
+            kwargs["cache"] = self._filled_cache(body, given, _batch_size(kwargs))
+            if given is None and not _wants_cache(body, kwargs):
+                self._lent = kwargs["cache"]  # ours to take back: the caller asked for none
         if not _starts_sequence(kwargs):  # the filled KV cache holds the virtual tokens
             _update_given(kwargs, "position_ids", lambda positions: positions + p)
             return (), kwargs
@@ -178,10 +214,47 @@ class PromptEncoder(nn.Module):
         return (), kwargs
 
     def drop_virtual(self, body: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        lent, self._lent = self._lent, None
+        if lent is not None and isinstance(output, ModelOutput) and output.get("cache") is lent:
+            output.cache = None  # generate() would hand it back on its next call
+            return output
         if self._prepended is None or kwargs.get("inputs_embeds") is not self._prepended:
             return None
         self._prepended = None
         return _drop_first(output, self.embedding.shape[0])
+
+    # ------------------------------------------------ the inference shortcut
+
+    def _reuses_states(self, body: nn.Module) -> bool:
+        return not torch.is_grad_enabled() and not body.training and _is_causal_decoder(body)
+
+    def _filled_cache(self, body: nn.Module, cache: Any, batch: int) -> Any:
+        """`cache` (a new one if None) holding the virtual tokens' keys/values at every layer."""
+        if cache is None:
+            cache = DynamicCache(config=body.config)
+        target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        for layer, (keys, values) in enumerate(self._prompt_states(body)):  # (1, n_kv, p, d_h)
+            target.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+        return cache
+
+    @torch.no_grad()
+    def _prompt_states(self, body: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's keys/values of the p virtual tokens run through the body alone."""
+        prompt = self.embedding
+        key = (prompt._version, prompt.data_ptr(), prompt.device, _weights_version(body))
+        if self._states is None or self._states_key != key:
+            dtype = body.get_input_embeddings().weight.dtype
+            self._encoding = True
+            try:
+                output = body(inputs_embeds=prompt.to(dtype)[None], use_cache=True)  # (1, p, d)
+            finally:
+                self._encoding = False
+            cache = output["cache"]
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
+            self._states = [(layer.keys, layer.values) for layer in cache.layers]
+            self._states_key = key
+        return self._states
 
 
 # ---------------------------------------------------------------- init and inject

@@ -1,33 +1,149 @@
-"""The per-process base-model cache: a worker loads each base model once and trains on copies."""
+"""The per-process base-model cache: a worker loads each base model once and trains on copies.
+
+Bounded by memory: cached models are kept while their parameter + buffer bytes add up to at
+most settings.MODEL_CACHE_MB; the least recently used go first, and the model just asked for
+always stays (a run is using it).
+
+A copy shares the cached weights. `shared_copy` builds new Module and Parameter objects over
+the same storage (requires_grad off), which costs milliseconds and no weight memory, where a
+deep copy of SmolLM2 copies 540 MB. A run may wrap modules in place (peft_core.apply), set
+requires_grad, move its copy to a GPU (new tensors for the copy only) and add hooks; it must
+never write into a base weight in place. merge() would: peft_core.profile merges into private
+copies of the weights it touches. The guard: in-place writes through any alias bump a tensor's
+version counter, checked on every copy; a cached model written into is loaded again.
+
+`base_metrics` keeps the base model's evaluation per (model, dataset, eval settings): the
+same frozen base on the same validation rows gives the same figures, and on a CPU that
+evaluation, not the copy, is most of a warm start.
+"""
 
 import copy
+import itertools
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from django.conf import settings
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from peft_core.catalogue import load_model
 
-_MAX_MODELS = 2
+logger = logging.getLogger(__name__)
+
+# Used until webapp/settings.py defines MODEL_CACHE_MB (env PEFTLAB_MODEL_CACHE_MB).
+DEFAULT_CACHE_MB = 4096
+MAX_BASE_METRICS = 256
+
+
+@dataclass
+class _Entry:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    nbytes: int
+    versions: tuple[int, ...]  # each parameter's and buffer's version counter at load
+
+    def untouched(self) -> bool:
+        return _versions(self.model) == self.versions
+
+
 _lock = threading.Lock()
-_models: OrderedDict[tuple, tuple] = OrderedDict()
+_models: OrderedDict[tuple, _Entry] = OrderedDict()
+_metrics: OrderedDict[tuple, dict[str, float]] = OrderedDict()
 
 
-def base_model_copy(key: str, task: str, num_labels: int):
-    """A fresh, trainable-safe copy of the cached base model and its (shared) tokenizer."""
-    cache_key = (key, task, num_labels)
+def base_model_copy(key: str, task: str, num_labels: int, *, device: str = "cpu"):
+    """A copy of the cached base model that a run may adapt freely, and the (shared) tokenizer.
+
+    The cached model lives on `device`: a GPU worker that passes its device copies nothing
+    to the GPU per run.
+    """
+    cache_key = (key, task, num_labels, str(device))
     with _lock:
-        if cache_key not in _models:
-            _models[cache_key] = load_model(
-                key, task, num_labels=num_labels, cache_dir=settings.MODEL_CACHE_DIR
-            )
-            while len(_models) > _MAX_MODELS:
-                _models.popitem(last=False)
+        entry = _models.get(cache_key)
+        if entry is not None and not entry.untouched():
+            logger.warning("the cached %s was written into in place; loading it again", key)
+            entry = None
+        if entry is None:
+            entry = _models[cache_key] = _load(key, task, num_labels, device)
         _models.move_to_end(cache_key)
-        model, tokenizer = _models[cache_key]
-    return copy.deepcopy(model), tokenizer
+        _evict(limit_bytes())
+        return shared_copy(entry.model), entry.tokenizer
+
+
+def _load(key: str, task: str, num_labels: int, device: str) -> _Entry:
+    model, tokenizer = load_model(
+        key, task, num_labels=num_labels, cache_dir=settings.MODEL_CACHE_DIR
+    )
+    model.requires_grad_(False).to(device)
+    return _Entry(model, tokenizer, model_bytes(model), _versions(model))
+
+
+def _evict(limit: int) -> None:
+    """Drop the least recently used models until the rest fit `limit` (the newest stays)."""
+    while len(_models) > 1 and sum(entry.nbytes for entry in _models.values()) > limit:
+        _models.popitem(last=False)
+
+
+def limit_bytes() -> int:
+    return getattr(settings, "MODEL_CACHE_MB", DEFAULT_CACHE_MB) * 2**20
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of `model` whose parameters and buffers alias `model`'s storage.
+
+    Parameters are new objects (requires_grad off) so that `.to()`, `requires_grad_()` and
+    `.data =` on the copy leave the original alone; tied weights stay tied.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(param.detach(), requires_grad=False)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach()
+    return copy.deepcopy(model, memo)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Parameter + buffer bytes, each storage counted once (tied weights share one)."""
+    storages = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _versions(model: nn.Module) -> tuple[int, ...]:
+    return tuple(t._version for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def base_metrics(key: tuple, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """evaluate()'s result for `key`, computed on the first call only (LRU of 256 keys).
+
+    `key` must name all that the figures depend on: base model, task, labels, the dataset's
+    id and sha256, the eval settings (max_length, batch_size, eval_batches) and the device.
+    """
+    with _lock:
+        if key in _metrics:
+            _metrics.move_to_end(key)
+            return dict(_metrics[key])
+    metrics = evaluate()  # outside the lock: other threads may use the model cache meanwhile
+    with _lock:
+        _metrics[key] = dict(metrics)
+        while len(_metrics) > MAX_BASE_METRICS:
+            _metrics.popitem(last=False)
+    return metrics
+
+
+def cached_keys() -> list[tuple]:
+    """(key, task, num_labels, device) of the cached models, least recently used first."""
+    with _lock:
+        return list(_models)
 
 
 def clear() -> None:
     with _lock:
         _models.clear()
+        _metrics.clear()

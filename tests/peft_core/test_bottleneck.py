@@ -70,6 +70,33 @@ def test_parallel_adapter_adds_the_scaled_branch_of_the_ffn_input():
         assert_close(layer(x), ffn(x) + branch(layer, x, "relu", scaling=2.5))
 
 
+@pytest.mark.parametrize("placement,scaling", [("houlsby", 1.0), ("parallel", 2.5)])
+def test_in_place_sums_give_the_gradients_of_the_written_out_formula(placement, scaling):
+    """The branch is scaled and the residual added in place: autograd must still see y + s·branch."""
+    torch.manual_seed(0)
+    base = nn.Linear(D, D)
+    config = BottleneckConfig(placement=placement, bottleneck_dim=M, scaling=scaling)
+    layer = (
+        ParallelAdapter(base, D, config, residual=False)
+        if placement == "parallel"
+        else SequentialAdapter(base, D, config)
+    )
+    perturb(layer)
+    x = torch.randn(2, 5, D)
+
+    def written_out(x: torch.Tensor) -> torch.Tensor:
+        y = base(x)
+        return y + branch(layer, x if placement == "parallel" else y, "relu", scaling)
+
+    grads = []
+    for compute in (layer, written_out):
+        compute(x).sin().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+        layer.zero_grad(set_to_none=True)
+    for got, expected in zip(*grads, strict=True):
+        assert_close(got, expected)
+
+
 class AddAndNorm(nn.Module):
     """BertOutput's shape: LayerNorm(dense(h_ff) + residual)."""
 

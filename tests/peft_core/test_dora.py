@@ -103,6 +103,36 @@ def test_norm_is_detached_from_the_gradient(kind):
     assert not torch.allclose(ours[1], through_norm[1])
 
 
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_hand_written_step_matches_autograd_of_hf_peft_form(kind):
+    """DoraLinearFunction against the plain forward (h = y + (g−1)·W0x + g·s·BAx): same output,
+    same gradients for x, A, B and the magnitude."""
+    layer = make_layer(kind).double()
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(3, 4, D_IN, dtype=torch.float64)
+    results = []
+    for dropout in (nn.Identity(), nn.Dropout(0.0)):  # fast path, then the plain one
+        layer.lora_dropout = dropout
+        assert layer.fast_path_applies(x) == isinstance(dropout, nn.Identity)
+        x_in = x.clone().requires_grad_()
+        out = layer(x_in)
+        out.sin().sum().backward()
+        params = [p.grad for p in layer.parameters() if p.requires_grad]
+        results.append([out.detach(), x_in.grad, *params])
+        layer.zero_grad(set_to_none=True)
+    for got, expected in zip(*results, strict=True):
+        assert_close(got, expected)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_cached_base_row_norms_follow_in_place_changes_of_w0(kind):
+    layer = make_layer(kind)
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(2.0)  # bumps the weight's version counter
+    w = out_major(layer) + layer.scale * layer.lora_B.weight @ layer.lora_A.weight
+    assert_close(layer.weight_norm(), w.norm(dim=1))
+
+
 def test_dropout_feeds_the_dora_terms_as_hf_peft_does():
     """Training with dropout: h = W0·x + b + (g − 1)⊙W0·x̃ + g⊙s·B·A·x̃, x̃ the dropped input."""
     layer = make_layer("linear", dropout=0.5).train()

@@ -61,6 +61,24 @@ def test_vector_shape_init_and_forward(kind, feedforward):
         assert_close(layer(x), reference(layer, x))
 
 
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_feedforward_step_on_a_frozen_base_has_the_formula_s_gradients(kind):
+    """ScaledInputLinear scales W, not x: same output and same ∂x, ∂l as autograd of W·(l ⊙ x) + b."""
+    layer = make_layer(kind, feedforward=True).double()
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(3, 4, D_IN, dtype=torch.float64)
+    results = []
+    for compute in (layer, lambda x: reference(layer, x)):
+        x_in = x.clone().requires_grad_()
+        out = compute(x_in)
+        out.sin().sum().backward()
+        results.append([out.detach(), x_in.grad, layer.ia3_l.grad])
+        layer.zero_grad(set_to_none=True)
+    assert layer(x).grad_fn.name() == "ScaledInputLinearBackward"
+    for got, expected in zip(*results, strict=True):
+        assert_close(got, expected)
+
+
 @pytest.mark.parametrize("feedforward", [False, True])
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_merge_folds_into_weight_and_bias_and_unmerge_restores(kind, feedforward):

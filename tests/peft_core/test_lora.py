@@ -1,5 +1,6 @@
 """LoRA: config bounds, the layer's math, and the method battery on tiny Llama / GPT-2 / BERT."""
 
+import copy
 import dataclasses
 import math
 
@@ -10,7 +11,7 @@ from torch.testing import assert_close
 from transformers.pytorch_utils import Conv1D
 
 import peft_core
-from peft_core.lora import LoraConfig, LoraLinear
+from peft_core.lora import LoraConfig, LoraLinear, SharedInput, share_inputs
 from peft_core.tiny import build_tiny
 
 CASES = [
@@ -126,6 +127,121 @@ def test_lora_linear_forward_is_w0x_plus_scaled_bax(base_cls):
     layer.merge()
     assert_close(layer(x), expected, atol=1e-5, rtol=0)
     assert layer.delta_weight().shape == base.weight.shape
+
+
+def _forward_and_grads(layer: LoraLinear, x: torch.Tensor) -> list[torch.Tensor]:
+    """Output, then the gradients of x and of every trainable tensor, for a non-linear loss."""
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    out.sin().sum().backward()
+    grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    layer.zero_grad(set_to_none=True)
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("base_cls", [nn.Linear, Conv1D])
+def test_hand_written_step_matches_autograd_of_the_plain_forward(base_cls):
+    """LowRankLinear (dropout off, frozen base) against the plain path (dropout p=0 module)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 24) if base_cls is nn.Linear else Conv1D(24, 16)
+    base.requires_grad_(False)
+    layer = LoraLinear(base, r=4, alpha=8, dropout=0.0, rslora=False).double().train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    assert layer.fast_path_applies(x)
+    fast = _forward_and_grads(layer, x)
+    layer.lora_dropout = nn.Dropout(0.0)  # same math, but the plain autograd path
+    assert not layer.fast_path_applies(x)
+    plain = _forward_and_grads(layer, x)
+    for got, expected in zip(fast, plain, strict=True):
+        assert_close(got, expected)
+
+
+def test_hand_written_step_is_skipped_where_it_does_not_apply():
+    layer = LoraLinear(nn.Linear(8, 8), r=2, alpha=4, dropout=0.0, rslora=False)
+    x = torch.randn(2, 8)
+    assert not layer.fast_path_applies(x)  # the base weight is trainable here
+    layer.base_layer.requires_grad_(False)
+    assert layer.fast_path_applies(x)
+    assert not layer.fast_path_applies(x.double())  # dtypes differ
+    layer.lora_dropout = nn.Dropout(0.5)
+    assert not layer.train().fast_path_applies(x)
+    assert layer.eval().fast_path_applies(x)  # dropout is the identity in eval
+
+
+def _group_names(model: nn.Module) -> set[tuple[str, ...]]:
+    groups = {m.shared_input for m in model.modules() if getattr(m, "shared_input", None)}
+    names = {id(m): path.rsplit(".", 1)[-1] for path, m in model.named_modules()}
+    return {tuple(names[id(m)] for m in group.members) for group in groups}
+
+
+def test_siblings_called_on_one_input_share_it():
+    assert _group_names(adapted("llama", "causal-lm", "all-linear")) == {
+        ("q_proj", "k_proj", "v_proj"),
+        ("gate_proj", "up_proj"),
+    }
+    assert _group_names(adapted("llama", "causal-lm")) == {("q_proj", "v_proj")}
+    assert _group_names(adapted("gpt2", "causal-lm", "all-linear")) == set()  # fused c_attn
+    dora = peft_core.apply(build_tiny("llama"), peft_core.DoraConfig(target_modules="all-linear"))
+    assert _group_names(dora) == set()
+
+
+def _loss_and_grads(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return {"loss": loss.detach(), **grads}
+
+
+def test_shared_input_step_matches_the_per_layer_step(input_ids):
+    grouped = adapted("llama", "causal-lm", "all-linear").train()
+    perturb(grouped)
+    single = copy.deepcopy(grouped)
+    for layer in single.modules():
+        if isinstance(layer, LoraLinear):
+            layer.shared_input = None
+    expected = _loss_and_grads(single, input_ids)
+    got = _loss_and_grads(grouped, input_ids)
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        assert_close(value, expected[name], msg=name)
+    assert all(not m.pending and m.x is None for m in _shared_inputs(grouped))
+
+
+def _shared_inputs(model: nn.Module) -> list[SharedInput]:
+    return [m.shared_input for m in model.modules() if getattr(m, "shared_input", None)]
+
+
+class CrossAttentionProjections(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(8, 8) for _ in range(3))
+
+
+def test_a_group_whose_members_see_different_inputs_turns_itself_off():
+    torch.manual_seed(0)
+    model = CrossAttentionProjections().requires_grad_(False)
+    reference = copy.deepcopy(model)
+    paths = ["q_proj", "k_proj", "v_proj"]
+    for path in paths:
+        layer = LoraLinear(model.get_submodule(path), r=2, alpha=4, dropout=0.0, rslora=False)
+        nn.init.normal_(layer.lora_B.weight)
+        model.set_submodule(path, layer)
+    share_inputs(model, paths)
+    query, memory = torch.randn(3, 8), torch.randn(5, 8)
+    outputs = [model.q_proj(query), model.k_proj(memory), model.v_proj(memory)]
+    group = model.q_proj.shared_input
+    assert not group.shared and not group.pending and group.x is None
+    for out, path, x in zip(outputs, paths, (query, memory, memory), strict=True):
+        layer = model.get_submodule(path)
+        delta = 2.0 * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
+        assert_close(out, reference.get_submodule(path)(x) + delta)
+    share_inputs(model, paths)  # a fresh group, half used: k and v outputs are pending
+    model.q_proj(query)
+    assert set(model.q_proj.shared_input.pending) == {1, 2}
+    copied = copy.deepcopy(model)  # pending outputs (with a grad_fn) are not copied
+    assert not copied.q_proj.shared_input.pending
+    assert copied.k_proj.shared_input is copied.q_proj.shared_input
 
 
 def test_lora_linear_keeps_float32_adapter_on_bf16_base():

@@ -112,6 +112,45 @@ def test_hidden_states_cover_the_real_tokens_only(input_ids):
     assert {h.shape[1] for h in out.hidden_states} == {input_ids.shape[1]}
 
 
+@pytest.mark.parametrize(
+    ("kind", "task"), [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("llama", "seq-cls")]
+)
+def test_inference_reuses_the_virtual_tokens_states_with_the_same_logits(kind, task, input_ids):
+    model = _prompted(kind, task)
+    ids, mask = _left_padded(input_ids)
+    body_lengths = []
+    model.base_model.register_forward_hook(
+        lambda m, args, kwargs, out: body_lengths.append(out.last_hidden_state.shape[1]),
+        with_kwargs=True,
+    )
+    through_the_body = model(input_ids=ids, attention_mask=mask).logits  # grad on: training
+    with torch.no_grad():
+        reused = model(input_ids=ids, attention_mask=mask).logits
+        assert model(input_ids=ids, attention_mask=mask, use_cache=False).cache is None
+    assert_close(reused, through_the_body, atol=1e-5, rtol=0)
+    # P + n tokens while training; P alone once, then the n real tokens only
+    assert body_lengths[0] == body_lengths[2] == ids.shape[1] and body_lengths[1] == P
+
+
+def test_reused_states_follow_writes_to_the_prompt_and_the_base(input_ids):
+    model = _prompted()
+    with torch.no_grad():
+        model(input_ids=input_ids)  # computes the virtual tokens' states
+        _encoder(model).embedding.mul_(2.0)  # an optimizer step, a loaded adapter
+        after_prompt = model(input_ids=input_ids).logits
+        model.model.layers[0].self_attn.k_proj.weight.mul_(0.5)
+        after_base = model(input_ids=input_ids).logits
+    assert_close(after_base, model(input_ids=input_ids).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(after_prompt, after_base, atol=1e-4)
+
+
+def test_an_encoder_runs_the_virtual_tokens_through_the_body(input_ids):
+    model = _prompted("bert", "seq-cls")
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    assert _encoder(model)._states is None  # bidirectional: the prompt sees the input
+
+
 def test_decoder_classifier_pools_the_last_real_token_under_right_padding(input_ids):
     model = _prompted("llama", "seq-cls")
     padded = torch.cat([input_ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)

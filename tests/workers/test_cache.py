@@ -1,0 +1,155 @@
+"""The worker's base-model cache: bounded by memory, LRU, and copies that share the frozen
+weights without ever letting a run write into them."""
+
+import pytest
+import torch
+
+import peft_core
+from peft_core.profile import inference_latency, merged_privately
+from peft_core.tiny import build_tiny
+from workers import cache
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache(monkeypatch):
+    """A fake loader (tiny models, counted) and an empty cache around each test."""
+    loads = []
+
+    def load_model(key, task, *, num_labels, cache_dir):
+        loads.append((key, task, num_labels))
+        torch.manual_seed(0)
+        kind = "bert" if key == "tiny-bert" else "llama"
+        return build_tiny(kind, task, num_labels), object()
+
+    monkeypatch.setattr(cache, "load_model", load_model)
+    cache.clear()
+    yield loads
+    cache.clear()
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def _tied_llama() -> torch.nn.Module:
+    """Tiny Llama with SmolLM2's tied input embeddings and LM head."""
+    model = build_tiny("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def test_a_copy_shares_the_weights_in_new_frozen_parameters():
+    base = _tied_llama()
+    copied = cache.shared_copy(base)
+    pairs = list(zip(base.parameters(), copied.parameters(), strict=True))
+    assert all(a is not b and a.data_ptr() == b.data_ptr() for a, b in pairs)
+    assert not any(p.requires_grad for p in copied.parameters())
+    assert copied.lm_head.weight is copied.model.embed_tokens.weight  # still tied
+    assert copied.model.layers[0] is not base.model.layers[0]
+
+
+def test_a_copy_can_be_adapted_trained_and_moved_without_touching_the_base():
+    base = build_tiny("llama")
+    before = _snapshot(base)
+    model = peft_core.apply(cache.shared_copy(base), peft_core.LoraConfig(r=4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    model.double()
+    _assert_unchanged(base, before)
+    assert base.lm_head.weight.dtype == torch.float32
+    assert not hasattr(base, peft_core.model.CONFIG_ATTR)
+
+
+@pytest.mark.parametrize(
+    "config", [peft_core.LoraConfig(r=4), peft_core.DoraConfig(r=4), peft_core.IA3Config()]
+)
+def test_profiling_a_merged_adapter_leaves_the_shared_weights_bit_for_bit(config):
+    base = build_tiny("llama")
+    before = _snapshot(base)
+    model = peft_core.apply(cache.shared_copy(base), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1)  # a trained adapter: merging it changes the weights
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4)}
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        with merged_privately(model):
+            merged = model(**batch).logits
+        after = model(**batch).logits
+    assert torch.allclose(merged, adapted, atol=1e-5)
+    assert torch.equal(after, adapted)
+    latency = inference_latency(model, batch, repeats=2)
+    assert latency["merged_ms"] > 0
+    _assert_unchanged(base, before)
+
+
+def test_the_cache_loads_once_and_hands_out_fresh_copies(_empty_cache):
+    first, _ = cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    peft_core.apply(first, peft_core.LoraConfig(r=4))
+    second, _ = cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    assert _empty_cache == [("tiny-llama", "causal-lm", 2)]
+    assert not hasattr(second, peft_core.model.CONFIG_ATTR)  # untouched by the first run
+
+
+def test_the_least_recently_used_model_goes_when_memory_runs_out(settings, _empty_cache):
+    one_model = cache.model_bytes(build_tiny("llama"))
+    settings.MODEL_CACHE_MB = 2 * one_model / 2**20 + 0.01  # room for two tiny models
+    cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    cache.base_model_copy("tiny-llama", "seq-cls", 2)
+    cache.base_model_copy("tiny-llama", "causal-lm", 2)  # now the most recently used
+    cache.base_model_copy("tiny-llama", "seq-cls", 3)
+    assert cache.cached_keys() == [
+        ("tiny-llama", "causal-lm", 2, "cpu"),
+        ("tiny-llama", "seq-cls", 3, "cpu"),
+    ]
+    assert len(_empty_cache) == 3
+
+
+def test_a_model_over_the_limit_is_still_kept_while_it_is_the_newest(settings):
+    settings.MODEL_CACHE_MB = 0
+    cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    cache.base_model_copy("tiny-llama", "seq-cls", 2)
+    assert cache.cached_keys() == [("tiny-llama", "seq-cls", 2, "cpu")]
+
+
+def test_the_limit_counts_tied_weights_once():
+    model = _tied_llama()
+    expected = sum(p.numel() * p.element_size() for p in model.parameters())  # unique params
+    expected += sum(b.numel() * b.element_size() for b in model.buffers())
+    assert cache.model_bytes(model) == expected
+
+
+def test_a_cached_model_written_into_is_loaded_again(_empty_cache):
+    model, _ = cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # what an in-place merge of a shared weight would do
+    fresh, _ = cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    assert len(_empty_cache) == 2
+    assert cache._models[("tiny-llama", "causal-lm", 2, "cpu")].untouched()
+    assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_base_metrics_are_computed_once_per_key():
+    calls = []
+
+    def evaluate(loss):
+        calls.append(loss)
+        return {"eval_loss": loss}
+
+    key = ("tiny-llama", "causal-lm", None, 7, "sha", 128, 4, 8, "cpu")
+    assert cache.base_metrics(key, lambda: evaluate(1.5)) == {"eval_loss": 1.5}
+    assert cache.base_metrics(key, lambda: evaluate(9.9)) == {"eval_loss": 1.5}
+    other = (*key[:-2], 16, "cpu")  # another eval_batches
+    assert cache.base_metrics(other, lambda: evaluate(2.5)) == {"eval_loss": 2.5}
+    assert calls == [1.5, 2.5]
