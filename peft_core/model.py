@@ -311,3 +311,27 @@ def load_adapter_tensors(
                 f"{tuple(target.shape)} (was the adapter trained on another model size?)"
             )
         target.copy_(value)
+
+
+# ---------------------------------------------------------------- merge and unload
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the adapter into the base weights and remove every trace of it (mergeable methods).
+
+    Each adapter layer gives way to its `base_layer`, each modules_to_save wrapper to its
+    trained copy, and the peft_core config goes: what is left is the plain transformers
+    model, which `save_pretrained` writes and `from_pretrained` loads without peft_core.
+    The adapted model is consumed; its base weights are written into, so never call this
+    on a model sharing its weights with another (workers.cache copies do).
+    """
+    merge(model)
+    method = method_of(model)
+    layers = [path for path, m in model.named_modules() if isinstance(m, method.layer_types)]
+    for path in layers:
+        model.set_submodule(path, model.get_submodule(path).base_layer)
+    copies = [path for path, m in model.named_modules() if isinstance(m, TrainedCopy)]
+    for path in copies:
+        model.set_submodule(path, model.get_submodule(path).trained_module)
+    delattr(model, CONFIG_ATTR)
+    return model

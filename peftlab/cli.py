@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_login(commands)
     _add_runs(commands)
     _add_sweep(commands)
+    _add_ask(commands)
     for name, help_text in LOCAL_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)  # main hands these over
     return parser
@@ -282,6 +283,46 @@ def run_runs_download(args: argparse.Namespace) -> int:
     for path in files:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     print(f"load it with peft.PeftModel.from_pretrained(base, {directory!r})")
+    return 0
+
+
+# --- peftlab ask -------------------------------------------------------------
+
+
+def _add_ask(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "ask",
+        help="ask the base model and some runs' adapters the same prompt (the playground)",
+        description="A worker answers; the answers print side by side once they are in.",
+    )
+    parser.add_argument("runs", metavar="RUN_IDS", help="comma-separated run ids, e.g. 12,14")
+    parser.add_argument("text", metavar="PROMPT", help="a prompt, or a sentence to classify")
+    _add_interval(parser)
+    parser.set_defaults(run=run_ask)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    try:
+        run_ids = [int(part) for part in args.runs.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError("RUN_IDS must be numbers separated by commas, e.g. 12,14") from None
+    with _client() as client:
+        prompt = client.ask(run_ids, args.text)
+        print(f"asked: {prompt['url']}", file=sys.stderr)
+        prompt = client.wait_answers(prompt["id"], args.interval)
+    if prompt["status"] == "failed":
+        return _fail(prompt["error"])
+    answers = prompt["answers"]  # a JSON object: print in a fixed order, base model first
+    for key in ["base", *(str(run_id) for run_id in prompt["runs"])]:
+        if key not in answers:
+            continue  # a classifier's base model has no trained head, so no answer
+        answer = answers[key]
+        title = "base model" if key == "base" else f"run {key}"
+        if "text" in answer:
+            print(f"--- {title}\n{answer['text']}")
+        else:
+            scores = ", ".join(f"{label} {p:.3f}" for label, p in answer["scores"].items())
+            print(f"--- {title}\n{answer['label']} ({scores})")
     return 0
 
 

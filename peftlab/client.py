@@ -215,6 +215,24 @@ class Client:
     def cancel_run(self, run_id: int) -> dict:
         return self._call("POST", f"/api/v1/runs/{run_id}/cancel/")
 
+    # --- playground ---------------------------------------------------------
+
+    def ask(self, runs: Iterable[int], text: str) -> dict:
+        """Queue a playground prompt for the base model and these runs' adapters."""
+        return self._call("POST", "/api/v1/playground/", json={"runs": list(runs), "text": text})
+
+    def playground_prompt(self, prompt_id: int) -> dict:
+        return self._call("GET", f"/api/v1/playground/{prompt_id}/")
+
+    def wait_answers(self, prompt_id: int, interval: float = 1.0) -> dict:
+        """The prompt once a worker has answered it (or failed to)."""
+        *_, last = self._watch(
+            lambda: self.playground_prompt(prompt_id),
+            lambda prompt: prompt["status"] in ("done", "failed"),
+            interval,
+        )
+        return last
+
     def delete_run(self, run_id: int) -> None:
         self._call("DELETE", f"/api/v1/runs/{run_id}/")
 

@@ -293,7 +293,12 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_ROUTES = {"peftlab.train_run": {"queue": "gpu"}}
+# Playground answers have a queue of their own: a worker consuming both takes one between two
+# runs instead of behind every queued run; a worker with `-Q playground` alone answers at once.
+CELERY_TASK_ROUTES = {
+    "peftlab.train_run": {"queue": "gpu"},
+    "peftlab.playground_answer": {"queue": "playground"},
+}
 CELERY_TASK_DEFAULT_QUEUE = "gpu"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
@@ -313,6 +318,8 @@ RUN_CHECKPOINT_EVERY_STEPS = env_int("PEFTLAB_RUN_CHECKPOINT_EVERY_STEPS", 100, 
 # this long for the database before giving up on a write it cannot skip (the end of a run).
 RUN_DB_OUTAGE_S = env_int("PEFTLAB_RUN_DB_OUTAGE_S", 300, minimum=0)
 RUN_LOG_LINES = 200
+# Base models a worker keeps loaded between runs (parameter and buffer bytes), LRU.
+MODEL_CACHE_MB = env_int("PEFTLAB_MODEL_CACHE_MB", 4096, minimum=1)
 
 # CI sets this: a test run that needs PostgreSQL and Redis must fail, not skip, without them.
 REQUIRE_SERVICES = env_bool("PEFTLAB_REQUIRE_SERVICES", False)
@@ -322,6 +329,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    # django-axes logs every successful login at INFO; the audit log already has them.
+    "loggers": {"axes": {"level": "WARNING"}},
 }
 
 # REST API (/api/v1/): a personal token (Authorization: Bearer …) or the browser's session,

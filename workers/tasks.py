@@ -11,3 +11,10 @@ from workers.training import execute_run
 def train_run(self, run_id: int) -> str:
     worker = f"{self.request.hostname or 'local'}:{os.getpid()}"
     return execute_run(run_id, worker=worker)
+
+
+@shared_task(name="peftlab.playground_answer", ignore_result=True)
+def playground_answer(prompt_id: int) -> str:
+    from workers.playground import answer_prompt
+
+    return answer_prompt(prompt_id)

@@ -39,6 +39,7 @@ from peft_core.train import (
 from webapp.experiments import services
 from webapp.experiments.models import Dataset, FailureClass, Run, RunStatus
 from webapp.experiments.services import Point, StaleFenceError
+from workers import cache as model_cache
 from workers.cache import base_model_copy
 
 logger = logging.getLogger(__name__)
@@ -313,8 +314,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log(
         f"loading {run.base_model} ({len(train_rows)} train / {len(val_rows)} val rows)"
     )
-    model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
-    model.to(DEVICE)
+    model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2, device=DEVICE)
     try:
         method_config = peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)
         config = TrainConfig(**run.train_config)
@@ -330,8 +330,14 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log("evaluating the base model on the validation split")
     callbacks.flush()
 
+    # The base model's figures depend on model, data and eval settings only: the second run
+    # on the same base and dataset reuses them (a warm start reaches its first step sooner).
+    same_base = (run.base_model, task, tuple(labels or ()), run.dataset_id, run.dataset.sha256)
+    same_base += (config.max_length, config.batch_size, config.eval_batches, DEVICE)
     with peft_core.disabled(model):
-        base_metrics = evaluate(model, tokenizer, **evaluation)
+        base_metrics = model_cache.base_metrics(
+            same_base, lambda: evaluate(model, tokenizer, **evaluation)
+        )
     callbacks.on_eval(0, {f"base_{key}": value for key, value in base_metrics.items()})
     callbacks.on_log(f"base model: {_format(base_metrics)}")
 

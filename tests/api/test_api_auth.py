@@ -26,6 +26,7 @@ def _endpoints(cast, make_run) -> list[tuple[str, str, list]]:
     by_run = [("get", "api-run"), ("delete", "api-run"), ("post", "api-run-cancel")]
     by_run += [("get", "api-run-metrics"), ("post", "api-run-metrics")]
     by_run += [("post", "api-run-finish"), ("get", "api-run-artifacts")]
+    by_run += [("get", "api-run-merged")]
     return [
         *[("get", name, []) for name in plain],
         *[(verb, name, []) for name in lists for verb in ("get", "post")],
@@ -36,6 +37,8 @@ def _endpoints(cast, make_run) -> list[tuple[str, str, list]]:
         ("get", "api-artifact-download", [artifact.id]),
         ("get", "api-sweep", [sweep.id]),
         ("post", "api-adapter-upload", []),
+        ("post", "api-playground", []),
+        ("get", "api-playground-prompt", [1]),
     ]
 
 

@@ -184,3 +184,51 @@ def test_a_body_over_the_request_limit_is_a_413_unread(cast, api, settings):
     )
     assert response.status_code == 413 and "larger than" in response.json()["detail"]
     assert not MetricPoint.objects.exists()
+
+
+def test_a_batch_keeps_stored_points_and_drops_non_finite_ones(make_run):
+    """Both paths (bulk_create on SQLite, COPY on PostgreSQL): the first value stored wins,
+    and two runs' batches in one transaction stay apart."""
+    first, second = make_run(), make_run(name="second")
+    fences = {run.id: services.run_claim(run_id=run.id, worker="w") for run in (first, second)}
+    odd_keys = ["train_loss", 'a,"quoted"\tkey', "back\\slash", "ünï"]
+    batch = [services.Point(key, 1, 1.0, 0.5) for key in odd_keys]
+    batch += [services.Point("train_loss", 2, float("nan"), 0.5)]
+    batch += [services.Point("train_loss", 3, float("inf"), 0.5)]
+    assert services.metrics_record(run_id=first.id, fence=fences[first.id], points=batch) == 4
+    again = [services.Point("train_loss", 1, 9.0, 9.0), services.Point("train_loss", 4, 0.25, 1)]
+    assert services.metrics_record(run_id=first.id, fence=fences[first.id], points=again) == 2
+    services.metrics_record(run_id=second.id, fence=fences[second.id], points=again[1:])
+    stored = MetricPoint.objects.filter(run=first).values_list("key", "step", "value", "wall_time")
+    assert sorted(stored) == sorted(
+        [(key, 1, 1.0, 0.5) for key in odd_keys] + [("train_loss", 4, 0.25, 1.0)]
+    )
+    assert list(MetricPoint.objects.filter(run=second).values_list("step", flat=True)) == [4]
+    with pytest.raises(services.StaleFenceError):
+        services.metrics_record(run_id=first.id, fence=fences[first.id] + 1, points=again)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_postgresql_ingests_through_copy(cast, make_run, settings, monkeypatch):
+    """The COPY path itself: the staging table is per connection and left empty after each
+    commit. Runs wherever the suite runs on PostgreSQL (always in CI)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        if settings.REQUIRE_SERVICES:
+            pytest.fail("CI runs the suite on PostgreSQL")
+        pytest.skip("PostgreSQL only (set DATABASE_URL)")
+    copies = []
+    real_copy = services._metric_points_copy
+    monkeypatch.setattr(
+        services, "_metric_points_copy", lambda **kw: copies.append(kw) or real_copy(**kw)
+    )
+    run = make_run()
+    fence = services.run_claim(run_id=run.id, worker="w")
+    points = [services.Point("train_loss", step, 1.0 / (step + 1), step) for step in range(5000)]
+    for _ in range(2):
+        assert services.metrics_record(run_id=run.id, fence=fence, points=points) == 5000
+    assert len(copies) == 2 and MetricPoint.objects.filter(run=run).count() == 5000
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM metric_staging")
+        assert cursor.fetchone() == (0,)

@@ -284,3 +284,31 @@ def test_models_still_runs_the_local_command(peftlab):
     result = peftlab("models")
     assert result.code == 0
     assert "tiny-llama" in result.out
+
+
+def test_ask_prints_the_base_models_and_each_adapters_answer(peftlab, cast, monkeypatch):
+    from workers import tasks
+    from workers.playground import answer_prompt
+    from workers.training import execute_run
+
+    run = Run.objects.create(
+        project=cast.acme_project,
+        name="asked",
+        created_by=cast.alice,
+        base_model="tiny-llama",
+        dataset=cast.datasets["sample-instructions"],
+        method="lora",
+        method_config={"r": 4},
+        train_config={"steps": 2, "batch_size": 2, "max_length": 32},
+        total_steps=2,
+    )
+    assert execute_run(run.id, worker="w1:1") == "succeeded"
+    # The worker answers the moment the prompt is queued (a test has no broker round trip).
+    monkeypatch.setattr(tasks.playground_answer, "delay_on_commit", answer_prompt)
+    result = peftlab("ask", str(run.id), "Add 2 and 3.", "--interval", "0.01")
+    assert result.code == 0, result.err
+    assert "asked: http://testserver/playground/" in result.err
+    assert result.out.startswith("--- base model\n") and f"--- run {run.id}\n" in result.out
+    assert peftlab("ask", "12,x", "hi").code == 2
+    other = peftlab("ask", "999999", "hi")
+    assert other.code == 1 and "No such run" in other.err

@@ -107,6 +107,7 @@ def _unzip(response, directory: Path) -> Path:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         names = archive.namelist()
         assert sorted(Path(n).name for n in names) == [
+            "README.md",  # the model card
             "adapter_config.json",
             "adapter_model.safetensors",
         ]

@@ -223,3 +223,38 @@ def test_tags_are_added_removed_and_guarded(client, cast):
     client.post(url, {"remove": XSS})
     client.post(url, {"add": "x" * 51})
     assert not run.tags.exists()
+
+
+def test_finished_runs_curves_are_cached_running_ones_are_not(cast, make_run):
+    from django.core.cache import cache
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from webapp.experiments.comparison import curves
+
+    cache.clear()
+    done = _finished_run(cast, "done")
+    running = make_run(name="running")
+    fence = services.run_claim(run_id=running.id, worker="w")
+    services.metrics_record(
+        run_id=running.id, fence=fence, points=[services.Point("train_loss", 1, 2.0, 0.0)]
+    )
+    done.refresh_from_db()
+    first = curves([done, running])
+    assert list(first) == [done.id, running.id]
+    with CaptureQueriesContext(connection) as queries:
+        assert curves([done]) == {done.id: first[done.id]}
+    assert not queries.captured_queries
+    with CaptureQueriesContext(connection) as queries:
+        assert curves([running]) == {running.id: first[running.id]}
+    assert queries.captured_queries
+
+
+def test_runs_list_queries_do_not_grow_with_runs(client, cast, django_assert_max_num_queries):
+    for i in range(30):
+        run = _finished_run(cast, f"run {i}")
+        Tag.objects.create(run=run, name="t")
+    client.force_login(cast.alice)
+    with django_assert_max_num_queries(8):
+        page = client.get(reverse("runs")).context["page"]
+    assert len(page.object_list) == 25 and page.paginator.count == 30

@@ -45,3 +45,34 @@ def test_non_finite_values_become_json_null_and_do_not_hide_the_extremes():
     text = json.dumps(kept, allow_nan=False)  # raises on NaN or Infinity
     assert "null" in text
     assert 3.0 in kept and len(kept) <= 100
+
+
+@pytest.mark.django_db
+def test_stored_spikes_survive_the_databases_downsampling(make_run):
+    """The same spikes, read back through series_downsampled: numpy on SQLite, the database's
+    own buckets on PostgreSQL."""
+    from webapp.experiments.downsample import series_downsampled
+    from webapp.experiments.models import MetricPoint
+
+    run = make_run()
+    positions = [0, 1, 777, 50_001, N - 2, N - 1]
+    rng = np.random.default_rng(0)
+    expected = {}
+    for key, first_sign in (("up_first", 1.0), ("down_first", -1.0)):
+        values = 2.0 + 0.01 * rng.standard_normal(N)
+        signs = [first_sign * (-1) ** i for i in range(len(positions))]  # alternating
+        for position, sign in zip(positions, signs, strict=True):
+            values[position] = 2.0 + sign * 50.0
+        expected[key] = {position: values[position] for position in positions}
+        MetricPoint.objects.bulk_create(
+            MetricPoint(run=run, key=key, step=s, value=v, wall_time=0.0)
+            for s, v in enumerate(values)
+        )
+    series = series_downsampled(run_ids=[run.id], keys=("up_first", "down_first", "absent"))
+    assert set(series) == {(run.id, "up_first"), (run.id, "down_first")}
+    for key, spikes in expected.items():
+        steps, values, _ = series[(run.id, key)]
+        assert len(steps) <= 1000 and list(steps) == sorted(set(steps))
+        assert steps[0] == 0 and steps[-1] == N - 1
+        kept = dict(zip(steps.tolist(), values.tolist(), strict=True))
+        assert all(kept.get(position) == value for position, value in spikes.items()), key

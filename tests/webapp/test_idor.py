@@ -19,7 +19,15 @@ from webapp.accounts.models import ApiToken, AuditEvent, Invitation, Membership
 from webapp.accounts.secrets import secret_digest
 from webapp.accounts.services import api_token_create
 from webapp.experiments import services
-from webapp.experiments.models import Comment, Run, RunStatus, ShareLink, Sweep
+from webapp.experiments.models import (
+    Comment,
+    PlaygroundPrompt,
+    PlaygroundVote,
+    Run,
+    RunStatus,
+    ShareLink,
+    Sweep,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -55,7 +63,13 @@ def acme(cast, make_run):
         created_by=cast.alice,
         expires_at=timezone.now() + timedelta(days=1),
     )
+    prompt = PlaygroundPrompt.objects.create(
+        team=cast.acme, created_by=cast.bob, base_model="tiny-llama", task="causal-lm",
+        text=f"{SECRET}-prompt", status="done", answers={"base": {"text": SECRET}},
+    )  # fmt: skip
+    prompt.runs.set([finished])
     return {
+        "prompt": prompt,
         "run": run,
         "finished": finished,
         "sweep": sweep,
@@ -82,6 +96,7 @@ def _page_cases(o) -> list[tuple[str, str, str, str, dict]]:
         ("run", "update", "post", reverse("run_comment", args=[run]), {"body": "x"}),
         ("run", "delete", "post", reverse("run_delete", args=[done]), {}),
         ("run", "download", "get", reverse("run_adapter_download", args=[run]), {}),
+        ("run", "download", "get", reverse("run_merged_download", args=[done]), {}),
         ("run", "share", "post", reverse("run_share", args=[run]), {"days": "7"}),
         ("run", "launch", "get", reverse("run_new") + f"?clone={run}", {}),
         ("run", "cancel", "post", reverse("run_cancel", args=[run]), {}),
@@ -121,6 +136,14 @@ def _page_cases(o) -> list[tuple[str, str, str, str, dict]]:
         ("membership", "delete", "post", reverse("membership_remove", args=[mid]), {}),
         ("membership", "update", "post", reverse("ownership_transfer", args=[mid]), {}),
         ("api token", "delete", "post", reverse("api_token_revoke", args=[o["token"].id]), {}),
+        ("prompt", "read", "get", reverse("playground_prompt", args=[o["prompt"].id]), {}),
+        (
+            "prompt",
+            "update",
+            "post",
+            reverse("playground_vote", args=[o["prompt"].id]),
+            {"choice": "base"},
+        ),  # fmt: skip
     ]
 
 
@@ -138,6 +161,7 @@ def _assert_unchanged(o, cast):
     assert Membership.objects.get(id=o["membership"].id).role == "member"
     assert not AuditEvent.objects.filter(actor=cast.mallory, team=cast.acme).exists()
     assert cast.acme.projects.count() == 1 and cast.acme.invitations.count() == 1
+    assert not PlaygroundVote.objects.exists() and PlaygroundPrompt.objects.count() == 1
 
 
 def test_pages_answer_404_to_another_team_for_every_kind_and_verb(cast, acme):
@@ -163,6 +187,7 @@ def test_page_lists_never_show_another_teams_rows(cast, acme):
         reverse("adapter_upload"),
         reverse("compare") + "?" + ids,
         reverse("compare_csv") + "?" + ids,
+        reverse("playground") + f"?runs={acme['finished'].id},{acme['run'].id}",
         reverse("share_links"),
         reverse("teams"),
         reverse("api_tokens"),
@@ -202,6 +227,28 @@ def test_launching_into_another_teams_project_or_dataset_is_a_400_like_a_missing
     assert not Run.objects.filter(created_by=cast.mallory).exists()
 
 
+def test_the_launch_estimate_treats_another_teams_dataset_like_a_missing_id(cast, acme):
+    """The estimate panel reads the form's dataset and the team's past runs: another team's
+    dataset is no valid choice, and another team's runs never time mallory's."""
+    client = Client()
+    client.force_login(cast.mallory)
+    acme["finished"].profile = {"wall_s": 60.0, "peak_memory_mb": 1.0, "memory_kind": "cuda"}
+    acme["finished"].save(update_fields=["profile"])
+    form = {"name": "x", "project": cast.umbrella_project.id, "base_model": "tiny-llama"}
+    form |= {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "default"}
+    form |= {"steps": 5, "batch_size": 1, "learning_rate": 0.001, "max_length": 64}
+    form |= {"eval_every": 0}
+    url = reverse("run_estimate")
+    answers = [client.get(url, form | {"dataset": d}) for d in (acme["dataset"].id, 999_999)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].content == answers[1].content
+    assert b"Fix the form" in answers[0].content
+    builtin = client.get(url, form | {"dataset": cast.datasets["sample-instructions"].id})
+    body = builtin.content.decode()
+    assert builtin.status_code == 200 and "no similar run yet" in body
+    assert SECRET not in body
+
+
 # ---- the same matrix through the REST API, with mallory's own token ------------------------
 
 
@@ -216,6 +263,7 @@ def _api_cases(o) -> list[tuple[str, str, str, str, dict]]:
         ("run", "delete", "delete", f"/api/v1/runs/{done}/", {}),
         ("run", "cancel", "post", f"/api/v1/runs/{run}/cancel/", {}),
         ("run", "download", "get", f"/api/v1/runs/{run}/artifacts/", {}),
+        ("run", "download", "get", f"/api/v1/runs/{done}/merged/", {}),
         ("artifact", "download", "get", f"/api/v1/artifacts/{o['artifact'].id}/download/", {}),
         ("sweep", "read", "get", f"/api/v1/sweeps/{o['sweep'].id}/", {}),
         ("dataset", "read", "get", f"/api/v1/datasets/{o['dataset'].id}/", {}),

@@ -228,7 +228,11 @@ def test_adapter_zip_streams_every_chunk(client, cast, monkeypatch):
     assert response.status_code == 200
     assert response["Content-Disposition"].startswith("attachment;")
     archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
-    assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(archive.namelist()) == [
+        "README.md",  # the model card
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert archive.read("adapter_model.safetensors") == weights
     assert archive.read("adapter_config.json") == config
 

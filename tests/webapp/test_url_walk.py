@@ -20,11 +20,12 @@ ALLOWLIST = {
     "share_view": "share link: the 256-bit secret in the URL is the credential",
     "share_live": "share link: the secret is the credential",
     "share_adapter": "share link: the secret is the credential",
+    "share_merged": "share link: the secret is the credential",
     "invitation_accept": "invitation link: the secret is the credential; signs a person up",
     "api-auth-token": "exchanges a username and password for an API token (a login)",
 }
 # Allowlisted routes with a secret in them must treat a made-up secret as unknown.
-SECRET_ROUTES = {"share_view", "share_live", "share_adapter", "invitation_accept"}
+SECRET_ROUTES = {"share_view", "share_live", "share_adapter", "share_merged", "invitation_accept"}
 
 
 def _walk(patterns, prefix="", namespace=""):
@@ -64,7 +65,7 @@ def _refuses(response) -> bool:
 def test_every_route_is_walked():
     names = {name for name, _ in _all_routes()}
     # A sanity check that the walk reaches the app's pages, the API and the admin.
-    for expected in ("runs", "run_detail", "compare", "share_view", "admin:index"):
+    for expected in ("runs", "run_detail", "run_estimate", "compare", "share_view", "admin:index"):
         assert expected in names
     assert any(route.startswith("api/v1/") for _, route in _all_routes())
 
@@ -74,7 +75,7 @@ def _objects(cast, make_run) -> dict[str, int]:
     from webapp.accounts.models import ApiToken, Invitation
     from webapp.accounts.services import api_token_create
     from webapp.experiments import services
-    from webapp.experiments.models import Artifact, Sweep
+    from webapp.experiments.models import Artifact, PlaygroundPrompt, Sweep
 
     run = make_run(status="succeeded")
     sweep = Sweep.objects.create(
@@ -87,12 +88,15 @@ def _objects(cast, make_run) -> dict[str, int]:
     invitation = Invitation.objects.create(
         team=cast.acme, digest="0" * 64, expires_at=link.expires_at
     )
+    prompt = PlaygroundPrompt.objects.create(
+        team=cast.acme, base_model="tiny-llama", task="causal-lm", text="hi"
+    )
     membership = cast.bob.memberships.get()
     ids = {"run_id": run.id, "sweep_id": sweep.id, "dataset_id": run.dataset_id}
     ids |= {"comment_id": comment.id, "link_id": link.id, "artifact_id": artifact.id}
     ids |= {"team_id": cast.acme.id, "project_id": cast.acme_project.id}
     ids |= {"token_id": token.id, "invitation_id": invitation.id}
-    ids |= {"membership_id": membership.id, "pk": run.id, "id": run.id}
+    ids |= {"membership_id": membership.id, "pk": run.id, "id": run.id, "prompt_id": prompt.id}
     assert ApiToken.objects.exists()
     return ids
 

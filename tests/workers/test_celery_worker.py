@@ -88,6 +88,10 @@ def test_worker_takes_a_run_from_queued_to_downloaded(cast, worker, client):
     client.force_login(cast.bob)
     response = client.get(reverse("run_adapter_download", args=[run.id]))
     archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
-    assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(archive.namelist()) == [
+        "README.md",  # the model card
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     tensors = safetensors.torch.load(archive.read("adapter_model.safetensors"))
     assert any(key.endswith("lora_A.weight") for key in tensors)

@@ -18,6 +18,7 @@ from webapp.experiments.models import (
     FINISHED_STATUSES,
     Artifact,
     Dataset,
+    PlaygroundPrompt,
     Project,
     Run,
     Sweep,
@@ -454,3 +455,27 @@ class SweepDetailSerializer(SweepSerializer):
     @extend_schema_field(RunSerializer(many=True))
     def get_runs(self, sweep: Sweep) -> list:
         return RunSerializer(self.context["runs"], many=True, context=self.context).data
+
+
+class PlaygroundRequestSerializer(serializers.Serializer):
+    runs = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID), min_length=1, max_length=4
+    )
+    text = serializers.CharField(max_length=2000, trim_whitespace=False)
+
+
+class PlaygroundPromptSerializer(serializers.ModelSerializer):
+    runs = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    url = serializers.SerializerMethodField()
+    answers = serializers.DictField(read_only=True)
+
+    class Meta:
+        model = PlaygroundPrompt
+        fields = ["id", "url", "base_model", "task", "text", "runs", "status", "answers"]
+        fields += ["error", "created_at", "finished_at"]
+        read_only_fields = fields
+
+    def get_url(self, prompt) -> str:
+        return self.context["request"].build_absolute_uri(
+            reverse("playground_prompt", args=[prompt.id])
+        )

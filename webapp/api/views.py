@@ -8,7 +8,7 @@ from django.utils.http import content_disposition_header
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import generics, serializers, status
-from rest_framework.exceptions import Throttled, ValidationError
+from rest_framework.exceptions import NotFound, Throttled, ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
@@ -21,11 +21,11 @@ from webapp.accounts.views import LOCKED_OUT, login_cooloff_seconds
 from webapp.api import launch
 from webapp.api import selectors as api_selectors
 from webapp.api import serializers as s
-from webapp.api.errors import form_errors, service_errors
+from webapp.api.errors import Conflict, form_errors, service_errors
 from webapp.api.parsers import DepthSafeJSONParser, refuse_oversized_body
-from webapp.experiments import selectors, services
+from webapp.experiments import exports, selectors, services
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
-from webapp.experiments.zipstream import artifact_chunks
+from webapp.experiments.zipstream import artifact_chunks, stream_zip_directory
 
 ERRORS = {
     400: OpenApiResponse(description="Invalid: {field: [messages]} or {detail}."),
@@ -443,3 +443,66 @@ class AdapterUpload(APIView):
         with service_errors():
             run = services.adapter_upload_create(user=user, **form.upload_kwargs())
         return Response(run_data(request, run), status=status.HTTP_201_CREATED)
+
+
+# ---- exports ---------------------------------------------------------------------------------
+
+
+class RunMerged(APIView):
+    @extend_schema(
+        responses={
+            (200, "application/zip"): OpenApiResponse(
+                description="The adapter folded into the base model: config.json, "
+                "model.safetensors, the tokenizer and README.md (the model card)."
+            ),
+            **ERRORS,
+            **CONFLICT,
+        },
+        description="Mergeable methods only (LoRA, DoRA, (IA)³) and succeeded runs; "
+        "another method answers 404 with the reason.",
+    )
+    def get(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        try:
+            directory = exports.merged_model_dir(run)
+        except exports.ExportRefused as exc:
+            raise NotFound(str(exc)) from exc
+        except exports.ExportFailed as exc:
+            raise Conflict(str(exc)) from exc
+        response = StreamingHttpResponse(
+            stream_zip_directory(directory, remove=True), content_type="application/zip"
+        )
+        name = f"peftlab-run-{run.id}-merged.zip"
+        response["Content-Disposition"] = content_disposition_header(True, name)
+        response["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+class PlaygroundList(APIView):
+    """Ask the base model and up to four adapters the same prompt; a worker answers."""
+
+    parser_classes = [DepthSafeJSONParser]
+
+    @extend_schema(
+        request=s.PlaygroundRequestSerializer,
+        responses={201: s.PlaygroundPromptSerializer, **ERRORS},
+    )
+    def post(self, request):
+        body = validated(s.PlaygroundRequestSerializer, request.data)
+        visible = selectors.run_list_for_user(user=request.user)
+        runs = list(visible.filter(id__in=body["runs"]))
+        if len(runs) != len(set(body["runs"])):
+            raise NotFound("No such run.")  # another team's run reads like a missing one
+        with service_errors():
+            prompt = services.playground_prompt_create(
+                user=request.user, runs=runs, text=body["text"]
+            )
+        data = s.PlaygroundPromptSerializer(prompt, context={"request": request}).data
+        return Response(data, status=status.HTTP_201_CREATED)
+
+
+class PlaygroundDetail(APIView):
+    @extend_schema(responses={200: s.PlaygroundPromptSerializer, **ERRORS})
+    def get(self, request, prompt_id: int):
+        prompt = selectors.playground_prompt_get_for_user(user=request.user, prompt_id=prompt_id)
+        return Response(s.PlaygroundPromptSerializer(prompt, context={"request": request}).data)

@@ -6,9 +6,9 @@ import csv
 import io
 from collections import defaultdict
 
-import numpy as np
+from django.core.cache import cache
 
-from webapp.experiments.downsample import json_values, minmax_indices
+from webapp.experiments.downsample import Series, json_values, series_downsampled
 from webapp.experiments.models import MetricPoint, Run
 
 CURVE_KEYS = ("train_loss", "eval_loss", "learning_rate", "eval_accuracy")
@@ -16,32 +16,59 @@ MAX_POINTS = 1000
 
 
 def curves(runs: list[Run], *, max_points: int = MAX_POINTS) -> dict[int, dict[str, dict]]:
-    """{run_id: {key: {"step", "value", "wall", "tokens"}}}, each at most ~max_points long."""
-    rows = (
-        MetricPoint.objects.filter(run__in=runs, key__in=(*CURVE_KEYS, "tokens"))
-        .order_by("run_id", "key", "step")
-        .values_list("run_id", "key", "step", "value", "wall_time")
+    """{run_id: {key: {"step", "value", "wall", "tokens"}}}, each at most ~max_points long.
+
+    A finished run's points never change (writes need a running run), so its curves are
+    cached under its id and end time: a page of 20 finished 100 000-step runs reads no points.
+    """
+    keys = {run.id: _cache_key(run, max_points) for run in runs}
+    cached = cache.get_many([key for key in keys.values() if key])
+    result = {run_id: cached[key] for run_id, key in keys.items() if key in cached}
+    computed = _curves([run_id for run_id in keys if run_id not in result], max_points)
+    cache.set_many(
+        {keys[run_id]: value for run_id, value in computed.items() if keys[run_id]},
+        timeout=CACHE_SECONDS,
     )
-    raw: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for run_id, key, step, value, wall in rows.iterator(chunk_size=10_000):
-        raw[run_id][key].append((step, value, wall))
-    return {run_id: _run_curves(series, max_points) for run_id, series in raw.items()}
+    result |= computed
+    return {run.id: result[run.id] for run in runs if result.get(run.id)}
 
 
-def _run_curves(series: dict[str, list], max_points: int) -> dict[str, dict]:
-    tokens = dict((step, value) for step, value, _ in series.get("tokens", []))
-    start = min((points[0][2] for points in series.values() if points), default=0.0)
+CACHE_SECONDS = 24 * 3600
+
+
+def _cache_key(run: Run, max_points: int) -> str | None:
+    if not run.is_finished or run.finished_at is None:
+        return None
+    return f"curves:v1:{run.id}:{run.finished_at.timestamp()}:{max_points}"
+
+
+def _curves(run_ids: list[int], max_points: int) -> dict[int, dict[str, dict]]:
+    series = series_downsampled(run_ids=run_ids, keys=CURVE_KEYS, max_points=max_points)
+    by_run: dict[int, dict[str, Series]] = defaultdict(dict)
+    for (run_id, key), points in series.items():
+        by_run[run_id][key] = points
+    return {run_id: _run_curves(run_id, by_run[run_id]) for run_id in run_ids}
+
+
+def _run_curves(run_id: int, series: dict[str, Series]) -> dict[str, dict]:
+    """The curves of one run, wall times from its first point, tokens seen at each step."""
+    start = min((walls[0] for _, _, walls in series.values()), default=0.0)
+    kept = {int(step) for steps, _, _ in series.values() for step in steps}
+    tokens = dict(
+        MetricPoint.objects.filter(run_id=run_id, key="tokens", step__in=kept).values_list(
+            "step", "value"
+        )
+    )
     result = {}
     for key in CURVE_KEYS:
-        if not series.get(key):
+        if key not in series:
             continue
-        steps, values, walls = (np.array(column) for column in zip(*series[key], strict=True))
-        index = minmax_indices(values, max_points)
+        steps, values, walls = series[key]
         result[key] = {
-            "step": steps[index].tolist(),
-            "value": json_values(values[index]),
-            "wall": (walls[index] - start).round(3).tolist(),
-            "tokens": [tokens.get(int(step)) for step in steps[index]],
+            "step": steps.tolist(),
+            "value": json_values(values),
+            "wall": (walls - start).round(3).tolist(),
+            "tokens": [tokens.get(int(step)) for step in steps],
         }
     return result
 

@@ -20,7 +20,11 @@ class LaunchForm(forms.Form):
         max_length=120,
         help_text="A name, shown in lists and charts.",
     )
-    project = forms.ModelChoiceField(queryset=None, empty_label=None)
+    project = forms.ModelChoiceField(
+        queryset=None,
+        empty_label=None,
+        help_text="Where the run is filed; everyone in the project's team can see it.",
+    )
     base_model = forms.ChoiceField(
         label="Base model",
         choices=model_choices,
@@ -29,7 +33,8 @@ class LaunchForm(forms.Form):
     dataset = forms.ModelChoiceField(
         queryset=None,
         empty_label=None,
-        help_text="Built-in samples need no upload. The task of the dataset decides the head.",
+        help_text="What the model learns from. Built-in samples need no upload; a "
+        "classification dataset gets a classifier head, trained with the adapter.",
     )
     steps = forms.IntegerField(
         min_value=1,
@@ -38,7 +43,11 @@ class LaunchForm(forms.Form):
         help_text="Optimizer steps. 30 is enough to see the loss fall on the built-in samples.",
     )
     batch_size = forms.IntegerField(
-        min_value=1, max_value=256, initial=4, help_text="Examples per step."
+        min_value=1,
+        max_value=256,
+        initial=4,
+        help_text="Examples per optimizer step. Larger batches give steadier steps and need "
+        "more memory.",
     )
     learning_rate = forms.FloatField(
         min_value=1e-7,
@@ -52,7 +61,8 @@ class LaunchForm(forms.Form):
         min_value=16,
         max_value=4096,
         initial=128,
-        help_text="Longer examples are truncated.",
+        help_text="Tokens per example; longer examples are truncated. Memory and time grow "
+        "with it.",
     )
     eval_every = forms.IntegerField(
         min_value=0,
@@ -103,7 +113,8 @@ class RunForm(LaunchForm):
     method = forms.ChoiceField(
         choices=method_choices,
         initial="lora",
-        help_text="The parameter-efficient method; its own settings follow.",
+        help_text="The parameter-efficient method: the base model stays frozen and only a "
+        "small add-on is trained. Its own settings follow.",
     )
 
 
@@ -155,8 +166,10 @@ UPLOAD_FORM_OVERHEAD_BYTES = 64 * 1024  # the other fields and the multipart bou
 
 
 class DatasetUploadForm(forms.Form):
-    name = forms.CharField(max_length=100)
-    team = forms.ModelChoiceField(queryset=None, empty_label=None)
+    name = forms.CharField(max_length=100, help_text="A name, shown on the launch form.")
+    team = forms.ModelChoiceField(
+        queryset=None, empty_label=None, help_text="The team that can see and train on it."
+    )
     task = forms.ChoiceField(
         choices=TaskType.choices,
         help_text="Causal LM: columns prompt,completion (or text). Classification: text,label.",
@@ -203,7 +216,11 @@ class AdapterUploadForm(forms.Form):
     """An adapter trained elsewhere (HF PEFT layout), to compare, download and share."""
 
     name = forms.CharField(max_length=120, help_text="A name, shown in lists and charts.")
-    project = forms.ModelChoiceField(queryset=None, empty_label=None)
+    project = forms.ModelChoiceField(
+        queryset=None,
+        empty_label=None,
+        help_text="Where the adapter is filed, beside the runs it is compared with.",
+    )
     base_model = forms.ChoiceField(
         label="Base model",
         choices=upload_model_choices,
@@ -243,3 +260,24 @@ class AdapterUploadForm(forms.Form):
             "config_file": data["config"],
             "weights_file": data["weights"],
         }
+
+
+class PlaygroundForm(forms.Form):
+    runs = forms.ModelMultipleChoiceField(
+        queryset=None,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Up to 4 succeeded runs on one base model; the base model answers too.",
+    )
+    text = forms.CharField(
+        label="Prompt",
+        max_length=2000,
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "Put in alphabetical order: …"}),
+        help_text="A prompt for a causal LM, or a sentence to classify for a classifier.",
+    )
+
+    def __init__(self, *args, runs, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["runs"].queryset = runs
+        self.fields["runs"].label_from_instance = lambda run: (
+            f"{run.name} · {run.method} on {run.base_model}"
+        )

@@ -36,21 +36,22 @@ class LoraForm(MethodForm):
         min_value=1,
         max_value=256,
         initial=8,
-        help_text="Width of the low-rank update. Higher r: more capacity, more parameters "
-        "(r·(d_in + d_out) per adapted layer).",
+        help_text="Width of the low-rank update B·A, its rank: higher r, more capacity and "
+        "more parameters (r·(d_in + d_out) per adapted layer). 8 is a good start.",
     )
     alpha = forms.FloatField(
         label="Alpha",
         min_value=0.01,
         max_value=1024,
         initial=16,
-        help_text="Scales the update by alpha / r. 2·r is a common choice.",
+        help_text="Strength of the update, which is scaled by alpha / r. 2·r is a common choice.",
     )
     dropout = forms.FloatField(
         min_value=0,
         max_value=0.9,
         initial=0.05,
-        help_text="Dropout on the adapter's input while training (0 to disable).",
+        help_text="Dropout on the adapter's input while training, against overfitting "
+        "(0 to disable).",
     )
     target_modules = forms.ChoiceField(
         label="Adapted layers",
@@ -121,13 +122,16 @@ def _bottleneck_dim(initial: int) -> forms.IntegerField:
         min_value=1,
         max_value=4096,
         initial=initial,
-        help_text="Width of the adapter's down-projection: 2·d·m + m + d parameters per adapter.",
+        help_text="Bottleneck width: the adapter projects d down to m and back. Smaller m, "
+        "fewer parameters (2·d·m + m + d per adapter).",
     )
 
 
 def _activation() -> forms.ChoiceField:
     return forms.ChoiceField(
-        choices=ACTIVATION_CHOICES, initial="relu", help_text="Nonlinearity inside the adapter."
+        choices=ACTIVATION_CHOICES,
+        initial="relu",
+        help_text="Nonlinearity f between the adapter's down- and up-projection.",
     )
 
 
@@ -144,7 +148,9 @@ class PromptTuningForm(MethodForm):
         "else changes. Tiny and swappable; strongest on large models."
     )
     num_virtual_tokens = _virtual_tokens(
-        20, "How many soft tokens precede every input. They use up part of the context."
+        20,
+        "Prompt length: learned soft tokens placed before every input (p·d parameters). "
+        "They use up part of the context; 10 to 100 is usual.",
     )
     init = forms.ChoiceField(
         label="Initialisation",
@@ -183,7 +189,11 @@ class PrefixTuningForm(MethodForm):
         "Learns p key/value pairs that every attention layer attends to before the input: "
         "steers attention at each layer; p·L·2·d_kv parameters are saved."
     )
-    num_virtual_tokens = _virtual_tokens(20, "Prefix length: key/value pairs added at every layer.")
+    num_virtual_tokens = _virtual_tokens(
+        20,
+        "Prefix length: virtual key/value tokens that every attention layer attends to "
+        "before the input (p·L·2·d_kv parameters saved). Longer: more capacity, less context.",
+    )
     projection_dim = _projection_dim()
 
     def config_kwargs(self) -> dict:
@@ -215,7 +225,10 @@ class BottleneckForm(MethodForm):
         help_text="Parallel only: the adapter's output is multiplied by this (4 in the paper).",
     )
     dropout = forms.FloatField(
-        min_value=0, max_value=0.9, initial=0.0, help_text="Dropout on the adapter's input."
+        min_value=0,
+        max_value=0.9,
+        initial=0.0,
+        help_text="Dropout on the adapter's input while training (0 to disable).",
     )
 
     def clean(self):
@@ -233,11 +246,16 @@ class MAMForm(MethodForm):
         "“Mix-and-match”: a scaled parallel adapter beside the FFN plus prefix tuning in "
         "attention, trained together (He et al., 2022)."
     )
-    num_virtual_tokens = _virtual_tokens(30, "Prefix length of the attention half.")
+    num_virtual_tokens = _virtual_tokens(
+        30, "Prefix length of the attention half: virtual key/value tokens at every layer."
+    )
     projection_dim = _projection_dim()
     bottleneck_dim = _bottleneck_dim(64)
     scaling = forms.FloatField(
-        min_value=0.01, max_value=100, initial=4.0, help_text="Scale of the parallel adapter."
+        min_value=0.01,
+        max_value=100,
+        initial=4.0,
+        help_text="Multiplies the parallel adapter's output (4 in the paper).",
     )
     activation = _activation()
 

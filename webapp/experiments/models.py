@@ -318,3 +318,64 @@ class ArtifactChunk(models.Model):
 
     def __str__(self) -> str:
         return f"{self.artifact_id}#{self.index}"
+
+
+class PlaygroundStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+    FAILED = "failed", "Failed"
+
+
+class PlaygroundPrompt(models.Model):
+    """One prompt (or sentence to classify) answered by the base model and some adapters.
+
+    A worker computes the answers; `answers` maps "base" and each run id (as a string) to
+    {"text": …} (causal LM) or {"label": …, "scores": {label: probability}} (seq-cls).
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="playground_prompts")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    base_model = models.CharField(max_length=100)
+    task = models.CharField(max_length=20, choices=TaskType.choices)
+    text = models.TextField(max_length=2000)
+    runs = models.ManyToManyField(Run, related_name="playground_prompts")
+    max_new_tokens = models.PositiveIntegerField(default=48)
+    status = models.CharField(
+        max_length=10, choices=PlaygroundStatus.choices, default=PlaygroundStatus.QUEUED
+    )
+    answers = models.JSONField(default=dict)
+    error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"playground prompt {self.id}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (PlaygroundStatus.DONE, PlaygroundStatus.FAILED)
+
+
+class PlaygroundVote(models.Model):
+    """A person's pick of the best answer to a prompt: an adapter's run, or the base model."""
+
+    prompt = models.ForeignKey(PlaygroundPrompt, on_delete=models.CASCADE, related_name="votes")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    run = models.ForeignKey(
+        Run, on_delete=models.CASCADE, null=True, blank=True, related_name="playground_votes"
+    )  # None: the base model's answer was the best
+    created_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["prompt", "user"], name="playground_one_vote_each")
+        ]
+
+    def __str__(self) -> str:
+        return f"vote on {self.prompt_id} for {self.run_id or 'base'}"

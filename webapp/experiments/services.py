@@ -4,7 +4,9 @@ Every write of a worker names the fence number its claim returned: once another 
 taken the run (or the run ended), the stale worker's writes change nothing and raise.
 """
 
+import csv
 import hashlib
+import io
 import json
 import math
 from collections.abc import Iterable
@@ -13,7 +15,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -34,6 +36,9 @@ from webapp.experiments.models import (
     Dataset,
     FailureClass,
     MetricPoint,
+    PlaygroundPrompt,
+    PlaygroundStatus,
+    PlaygroundVote,
     Project,
     Run,
     RunStatus,
@@ -208,17 +213,56 @@ class Point:
 
 def metrics_record(*, run_id: int, fence: int, points: list[Point]) -> int:
     """Insert a batch of points; a point already stored (same run, key, step) is kept as it was."""
-    if not _owned(run_id, fence).exists():
-        raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
-    # A non-finite value is left out: JSON has no NaN, SQLite stores none, and the training
-    # loop already fails the run when its loss stops being finite.
-    rows = [
-        MetricPoint(run_id=run_id, key=p.key, step=p.step, value=p.value, wall_time=p.wall_time)
-        for p in points
-        if math.isfinite(p.value)
-    ]
-    MetricPoint.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=True)
-    return len(rows)
+    with transaction.atomic():
+        # The fence is checked under the run row's lock, so a new claim (an UPDATE of that
+        # row) waits for this batch and a zombie's batch cannot land after it.
+        if not _owned(run_id, fence).select_for_update(no_key=True).exists():
+            raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+        return _metric_points_insert(run_id=run_id, points=points)
+
+
+def _metric_points_insert(*, run_id: int, points: list[Point]) -> int:
+    """Store the finite points, skipping those already stored; returns how many were finite.
+
+    A non-finite value is left out: JSON has no NaN, SQLite stores none, and the training
+    loop already fails the run when its loss stops being finite. PostgreSQL takes the batch
+    in one COPY into a temporary table and one INSERT … ON CONFLICT DO NOTHING from it.
+    """
+    finite = [p for p in points if math.isfinite(p.value) and math.isfinite(p.wall_time)]
+    if connection.vendor == "postgresql":
+        _metric_points_copy(run_id=run_id, points=finite)
+    else:
+        rows = [
+            MetricPoint(run_id=run_id, key=p.key, step=p.step, value=p.value, wall_time=p.wall_time)
+            for p in finite
+        ]
+        MetricPoint.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=True)
+    return len(finite)
+
+
+# ON COMMIT DELETE ROWS empties the table at each commit; the DELETE … RETURNING empties it
+# at once, so a second batch in the same (outer) transaction never sees the first one's rows.
+METRIC_STAGING = """CREATE TEMPORARY TABLE IF NOT EXISTS metric_staging
+    (key varchar(64), step integer, value double precision, wall_time double precision)
+    ON COMMIT DELETE ROWS"""
+METRIC_COPY = "COPY metric_staging (key, step, value, wall_time) FROM STDIN WITH (FORMAT csv)"
+METRIC_MOVE = """WITH staged AS (DELETE FROM metric_staging RETURNING *)
+    INSERT INTO experiments_metricpoint (run_id, key, step, value, wall_time)
+    SELECT %s, key, step, value, wall_time FROM staged
+    ON CONFLICT (run_id, key, step) DO NOTHING"""
+
+
+def _metric_points_copy(*, run_id: int, points: list[Point]) -> None:
+    if not points:
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+    writer.writerows((p.key, int(p.step), float(p.value), float(p.wall_time)) for p in points)
+    buffer.seek(0)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(METRIC_STAGING)
+        cursor.copy_expert(METRIC_COPY, buffer)
+        cursor.execute(METRIC_MOVE, [run_id])
 
 
 def artifact_store(*, run_id: int, fence: int, kind: str, name: str, data: bytes) -> Artifact:
@@ -586,14 +630,7 @@ def metrics_ingest(*, user, run: Run, points: list[Point]) -> int:
         raise ValidationError(f"The run is {run.status}; metrics are taken while it runs.")
     if len(points) > MAX_INGEST_POINTS:
         raise ValidationError(f"At most {MAX_INGEST_POINTS:,} points per batch.")
-    MetricPoint.objects.bulk_create(
-        [
-            MetricPoint(run_id=run.id, key=p.key, step=p.step, value=p.value, wall_time=p.wall_time)
-            for p in points
-        ],
-        batch_size=1000,
-        ignore_conflicts=True,
-    )
+    _metric_points_insert(run_id=run.id, points=points)
     top = max((p.step for p in points), default=0)
     Run.objects.filter(id=run.id, step__lt=top).update(step=top, heartbeat_at=timezone.now())
     return len(points)
@@ -679,3 +716,69 @@ def _upload_dataset(*, task: str, dataset: Dataset | None) -> Dataset:
     if dataset.task != task:
         raise ValidationError(f"This adapter is for {task}; the dataset is {dataset.task}.")
     return dataset
+
+
+# ---- playground -----------------------------------------------------------------------------
+
+PLAYGROUND_MAX_RUNS = 4
+PLAYGROUND_MAX_CHARS = 2000
+
+
+def playground_prompt_create(*, user, runs: list[Run], text: str) -> PlaygroundPrompt:
+    """Queue one prompt for the base model and up to PLAYGROUND_MAX_RUNS adapters of one team,
+    one base model and one task; a worker answers it."""
+    from workers.tasks import playground_answer
+
+    text = text.strip()
+    if not text:
+        raise ValidationError("Type a prompt (or a sentence to classify).")
+    if len(text) > PLAYGROUND_MAX_CHARS:
+        raise ValidationError(f"A prompt holds at most {PLAYGROUND_MAX_CHARS} characters.")
+    if not 1 <= len(runs) <= PLAYGROUND_MAX_RUNS:
+        raise ValidationError(f"Pick between 1 and {PLAYGROUND_MAX_RUNS} runs.")
+    teams = {run.project.team_id for run in runs}
+    models_and_tasks = {(run.base_model, run.dataset.task) for run in runs}
+    if len(teams) != 1:
+        raise ValidationError("The runs must belong to one team.")
+    if len(models_and_tasks) != 1:
+        raise ValidationError("The runs must share one base model and task to answer side by side.")
+    if any(run.status != RunStatus.SUCCEEDED for run in runs):
+        raise ValidationError("Only finished, succeeded runs have an adapter to try.")
+    team = runs[0].project.team
+    require(user=user, team=team, action=Action.LAUNCH)
+    base_model, task = models_and_tasks.pop()
+    with transaction.atomic():
+        prompt = PlaygroundPrompt.objects.create(
+            team=team, created_by=user, base_model=base_model, task=task, text=text
+        )
+        prompt.runs.set(runs)
+        playground_answer.delay_on_commit(prompt.id)
+    return prompt
+
+
+def playground_claim(*, prompt_id: int) -> bool:
+    """Take a queued prompt for this worker; False for a duplicate delivery."""
+    claimed = PlaygroundPrompt.objects.filter(id=prompt_id, status=PlaygroundStatus.QUEUED)
+    return claimed.update(status=PlaygroundStatus.RUNNING) == 1
+
+
+def playground_finish(*, prompt_id: int, answers: dict | None = None, error: str = "") -> None:
+    PlaygroundPrompt.objects.filter(id=prompt_id, status=PlaygroundStatus.RUNNING).update(
+        status=PlaygroundStatus.FAILED if error else PlaygroundStatus.DONE,
+        answers=answers or {},
+        error=error[:2000],
+        finished_at=timezone.now(),
+    )
+
+
+def playground_vote(*, user, prompt: PlaygroundPrompt, run: Run | None) -> PlaygroundVote:
+    """Record (or change) this person's pick of the best answer: a run, or None for the base."""
+    require(user=user, team=prompt.team, action=Action.ANNOTATE)
+    if prompt.status != PlaygroundStatus.DONE:
+        raise ValidationError("Vote once the answers are in.")
+    if run is not None and not prompt.runs.filter(id=run.id).exists():
+        raise ValidationError("That run did not answer this prompt.")
+    vote, _ = PlaygroundVote.objects.update_or_create(
+        prompt=prompt, user=user, defaults={"run": run}
+    )
+    return vote

@@ -19,6 +19,7 @@ from webapp.experiments.views import (
     PLOTLY_WEBGL_CSP,
     adapter_response,
     compare_context,
+    merged_response,
     run_page_context,
 )
 
@@ -43,6 +44,7 @@ def _run_context(secret: str) -> dict:
         "shared": True,
         "live_url": reverse("share_live", args=[secret]),
         "download_url": reverse("share_adapter", args=[secret]),
+        "merged_url": reverse("share_merged", args=[secret]),
     }
 
 
@@ -74,3 +76,9 @@ def shared_live(request, secret: str):
 @require_GET
 def shared_adapter(request, secret: str):
     return _private(adapter_response(_shared_run(secret)))
+
+
+@never_cache
+@require_GET
+def shared_merged(request, secret: str):
+    return _private(merged_response(_shared_run(secret)))

@@ -7,22 +7,29 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
+from django.db.models import Count
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_htmx.http import HTMX_STOP_POLLING
+from django_htmx.http import HTMX_STOP_POLLING, trigger_client_event
 
 from peft_core.catalogue import CATALOGUE
 from peft_core.data import MAX_COLUMNS, MAX_VALUE_CHARS
 from webapp.accounts.permissions import Action, can
-from webapp.experiments import comparison, selectors, services
-from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm, RunForm, SweepForm
+from webapp.experiments import comparison, estimates, exports, selectors, services
+from webapp.experiments.forms import (
+    AdapterUploadForm,
+    DatasetUploadForm,
+    PlaygroundForm,
+    RunForm,
+    SweepForm,
+)
 from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep, method_form_initial
 from webapp.experiments.models import RunStatus
-from webapp.experiments.zipstream import stream_zip
+from webapp.experiments.zipstream import stream_zip, stream_zip_directory
 
 
 @require_GET
@@ -51,11 +58,15 @@ def _int_or_none(value: str) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+# What the list never shows and can be large: a run's log and JSON, a dataset's rows.
+RUN_LIST_UNSHOWN = ("log", "summary", "profile", "notes", "error", "dataset__content")
+
+
 @login_required
 @require_GET
 def run_list(request):
     runs = selectors.run_filter_for_user(user=request.user, **_run_filters(request))
-    page = Paginator(runs, 25).get_page(request.GET.get("page"))
+    page = Paginator(runs.defer(*RUN_LIST_UNSHOWN), 25).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
     context = {
@@ -110,7 +121,10 @@ def run_new(request):
 def run_method_fields(request):
     """The fieldset of one method, swapped in by htmx when the method select changes."""
     method_form = _method_form(request.GET.get("method", "lora"), None)
-    return render(request, "experiments/run_new.html#method-fields", {"method_form": method_form})
+    context = {"method_form": method_form}
+    response = render(request, "experiments/run_new.html#method-fields", context)
+    # The estimate panel listens for this: the new fields are in the form once it fires.
+    return trigger_client_event(response, "method-fields-swapped", after="settle")
 
 
 def _method_form(method: str, data, initial: dict | None = None):
@@ -135,6 +149,7 @@ def _run_context(request, run_id: int) -> dict:
     return run_page_context(run) | {
         "live_url": reverse("run_live", args=[run.id]),
         "download_url": reverse("run_adapter_download", args=[run.id]),
+        "merged_url": reverse("run_merged_download", args=[run.id]),
         "role_can": role_can(user=request.user, team=run.project.team),
     }
 
@@ -342,8 +357,34 @@ def adapter_response(run):
     artifacts = list(selectors.artifact_list_for_run(run=run).filter(kind="adapter"))
     if not artifacts:
         return HttpResponse("This run has no adapter yet.", status=404, content_type="text/plain")
-    response = StreamingHttpResponse(stream_zip(artifacts), content_type="application/zip")
+    card = {exports.MODEL_CARD: exports.model_card(run).encode()}
+    when = run.finished_at or run.created_at
+    stream = stream_zip(artifacts, extra=card, when=when)
+    response = StreamingHttpResponse(stream, content_type="application/zip")
     response["Content-Disposition"] = f'attachment; filename="peftlab-run-{run.id}-adapter.zip"'
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@login_required
+@require_GET
+def run_merged_download(request, run_id: int):
+    run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    return merged_response(run)
+
+
+def merged_response(run):
+    """The adapter folded into the base model: an HF model directory (safetensors) as a zip."""
+    try:
+        directory = exports.merged_model_dir(run)
+    except exports.ExportRefused as exc:
+        return HttpResponse(str(exc), status=404, content_type="text/plain")
+    except exports.ExportFailed as exc:
+        return HttpResponse(str(exc), status=409, content_type="text/plain")
+    stream = stream_zip_directory(directory, remove=True)
+    response = StreamingHttpResponse(stream, content_type="application/zip")
+    response["Content-Disposition"] = f'attachment; filename="peftlab-run-{run.id}-merged.zip"'
+    response["X-Content-Type-Options"] = "nosniff"
     return response
 
 
@@ -351,7 +392,8 @@ def adapter_response(run):
 @require_GET
 def dataset_list(request):
     datasets = selectors.dataset_list_for_user(user=request.user)
-    return render(request, "experiments/dataset_list.html", {"datasets": datasets})
+    context = {"datasets": datasets, "has_uploads": datasets.filter(team__isnull=False).exists()}
+    return render(request, "experiments/dataset_list.html", context)
 
 
 @login_required
@@ -588,6 +630,13 @@ def compare_context(runs: list) -> dict:
         "differing": differing,
         "tradeoff": payload["tradeoff"],
     }
+    tally = selectors.playground_tally(runs=runs)
+    if any(t["prompts"] for t in tally.values()):
+        context["playground_rows"] = [(run, tally[run.id]) for run in runs]
+    same_base = len({(r.base_model, r.dataset.task) for r in runs}) == 1
+    succeeded = [r for r in runs if r.status == RunStatus.SUCCEEDED]
+    if runs and same_base and 0 < len(succeeded) <= services.PLAYGROUND_MAX_RUNS:
+        context["playground_ids"] = ",".join(str(r.id) for r in succeeded)
     return context
 
 
@@ -620,3 +669,109 @@ def adapter_upload(request):
             return redirect("run_detail", run_id=run.id)
     status = 400 if form.errors else 200
     return render(request, "experiments/adapter_upload.html", {"form": form}, status=status)
+
+
+# ---- playground -----------------------------------------------------------------------------
+
+PLAYGROUND_CHOICES = 50  # the newest succeeded runs offered
+
+
+def _playground_runs(user):
+    runs = selectors.run_list_for_user(user=user).filter(status=RunStatus.SUCCEEDED)
+    return runs.order_by("-created_at", "-id")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def playground(request):
+    choices = _playground_runs(request.user)
+    offered = choices.filter(id__in=list(choices.values_list("id", flat=True)[:PLAYGROUND_CHOICES]))
+    if request.method == "POST":
+        form = PlaygroundForm(request.POST, runs=choices)
+        if form.is_valid():
+            try:
+                prompt = services.playground_prompt_create(
+                    user=request.user,
+                    runs=list(form.cleaned_data["runs"]),
+                    text=form.cleaned_data["text"],
+                )
+            except (ValidationError, PermissionDenied) as exc:
+                form.add_error(None, _error_text(exc))
+            else:
+                return redirect("playground_prompt", prompt_id=prompt.id)
+        form.fields["runs"].queryset = offered | choices.filter(id__in=request.POST.getlist("runs"))
+        status = 400
+    else:
+        picked = [i for i in (_int_or_none(v) for v in request.GET.get("runs", "").split(",")) if i]
+        form = PlaygroundForm(
+            initial={"runs": picked}, runs=offered | choices.filter(id__in=picked)
+        )
+        status = 200
+    recent = selectors.playground_prompt_list_for_user(user=request.user)[:10]
+    context = {"form": form, "recent": recent, "has_runs": choices.exists()}
+    return render(request, "experiments/playground.html", context, status=status)
+
+
+def _prompt_context(request, prompt_id: int) -> dict:
+    prompt = selectors.playground_prompt_get_for_user(user=request.user, prompt_id=prompt_id)
+    runs = list(prompt.runs.order_by("id"))
+    mine = prompt.votes.filter(user=request.user).first()
+    votes = {
+        str(v["run_id"] or "base"): v["n"]
+        for v in prompt.votes.values("run_id").annotate(n=Count("id"))
+    }
+    columns = [("base", "Base model", None)] if prompt.task == "causal-lm" else []
+    columns += [(str(run.id), run.name, run) for run in runs]
+    cells = [
+        {
+            "key": key,
+            "title": title,
+            "run": run,
+            "answer": prompt.answers.get(key),
+            "votes": votes.get(key, 0),
+            "mine": mine is not None and str(mine.run_id or "base") == key,
+        }
+        for key, title, run in columns
+    ]
+    can_vote = can(user=request.user, team=prompt.team, action=Action.ANNOTATE)
+    return {"prompt": prompt, "cells": cells, "can_vote": can_vote}
+
+
+@login_required
+@require_GET
+def playground_prompt(request, prompt_id: int):
+    context = _prompt_context(request, prompt_id)
+    if request.htmx:
+        response = render(request, "experiments/playground_prompt.html#answers", context)
+        if context["prompt"].is_finished:
+            response.status_code = HTMX_STOP_POLLING
+        return response
+    return render(request, "experiments/playground_prompt.html", context)
+
+
+@login_required
+@require_POST
+def playground_vote(request, prompt_id: int):
+    prompt = selectors.playground_prompt_get_for_user(user=request.user, prompt_id=prompt_id)
+    choice = request.POST.get("choice", "")
+    run = None
+    if choice != "base":
+        run_id = _int_or_none(choice)
+        run = prompt.runs.filter(id=run_id).first() if run_id else None
+        if run is None:
+            messages.error(request, "Pick one of the answers.")
+            return redirect("playground_prompt", prompt_id=prompt.id)
+    try:
+        services.playground_vote(user=request.user, prompt=prompt, run=run)
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _error_text(exc))
+    return redirect("playground_prompt", prompt_id=prompt.id)
+
+
+@login_required
+@require_GET
+def run_estimate(request):
+    """The launch forms' estimate panel (htmx): parameters, memory and time for the form's
+    current values; invalid values get a short note, never an error page."""
+    estimate = estimates.launch_estimate(user=request.user, data=request.GET)
+    return render(request, "experiments/_estimate.html", {"estimate": estimate})

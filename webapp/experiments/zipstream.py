@@ -1,8 +1,11 @@
 """Stream a zip of stored artifacts straight from their chunk rows, one chunk in memory at a time."""
 
 import io
+import shutil
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
 
 from webapp.experiments.models import Artifact, ArtifactChunk
 
@@ -44,13 +47,54 @@ def _member_info(artifact: Artifact) -> zipfile.ZipInfo:
     return info
 
 
-def stream_zip(artifacts: Iterable[Artifact]) -> Iterator[bytes]:
+def stream_zip(
+    artifacts: Iterable[Artifact], extra: Mapping[str, bytes] | None = None, when=None
+) -> Iterator[bytes]:
+    """The artifacts, then the small in-memory files of `extra` ({name: bytes}, dated `when`)
+    whose names no artifact takes."""
     sink = _Sink()
+    names = set()
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:
         for artifact in artifacts:
+            names.add(artifact.name)
             big = artifact.size >= 2**31
             with archive.open(_member_info(artifact), mode="w", force_zip64=big) as member:
                 for chunk in artifact_chunks(artifact):
                     member.write(chunk)
                     yield sink.drain()
+        for name, data in (extra or {}).items():
+            if name not in names:
+                archive.writestr(_file_info(name, when or datetime.now()), data)
+                yield sink.drain()
     yield sink.drain()
+
+
+def _file_info(name: str, when: datetime, stored: bool = False) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=when.timetuple()[:6])
+    info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+READ_BYTES = 2**20
+
+
+def stream_zip_directory(directory: Path, *, remove: bool = False) -> Iterator[bytes]:
+    """The files of `directory` (not below it), read 1 MiB at a time; the directory is
+    removed afterwards when `remove`, also when the client goes away mid-download.
+    Weights (.safetensors) are stored, not deflated: float bytes hardly compress."""
+    try:
+        sink = _Sink()
+        with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(p for p in directory.iterdir() if p.is_file()):
+                when = datetime.fromtimestamp(path.stat().st_mtime)
+                info = _file_info(path.name, when, stored=path.suffix == ".safetensors")
+                big = path.stat().st_size >= 2**31
+                with open(path, "rb") as source, archive.open(info, "w", force_zip64=big) as member:
+                    while data := source.read(READ_BYTES):
+                        member.write(data)
+                        yield sink.drain()
+        yield sink.drain()
+    finally:
+        if remove:
+            shutil.rmtree(directory, ignore_errors=True)

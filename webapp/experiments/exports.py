@@ -1,0 +1,404 @@
+"""What a finished run exports beside its adapter files: a model card and the merged model.
+
+model_card(run)        README.md for the adapter zip (and, merged=True, for the merged model):
+                       YAML front matter as the Hugging Face Hub reads it, then the run in
+                       Markdown: base model, method and its config, training settings, the
+                       dataset and its sha256, metrics, and how to load the files.
+merged_model_dir(run)  for a mergeable method (LoRA, DoRA, (IA)³): the base model from the
+                       catalogue with the adapter folded into its weights, saved as a plain
+                       transformers directory (config.json, model.safetensors, tokenizer,
+                       README.md) that loads with AutoModelFor*.from_pretrained, no PEFT.
+
+Every user string (run, dataset and project names, notes, method config values) reaches the
+card through `_yaml` (always double-quoted, escaped: it cannot end the front matter or add a
+key) or `_md` (HTML-escaped and Markdown-escaped: it cannot add markup when rendered).
+"""
+
+import dataclasses
+import html
+import json
+import re
+import shutil
+import tempfile
+import threading
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from django.conf import settings
+
+import peft_core
+from peft_core.catalogue import CATALOGUE, load_model
+from peft_core.methods import Method
+from peft_core.model import CONFIG_FILE, METHODS, WEIGHTS_FILE, merge_and_unload
+from peft_core.registry import METHOD_CONFIGS
+from peft_core.train import TrainConfig
+from webapp.experiments import selectors
+from webapp.experiments.models import Run, RunStatus, TaskType
+from webapp.experiments.zipstream import artifact_chunks
+
+MODEL_CARD = "README.md"
+# The Hub ids of the catalogue's pretrained models (their files come from pip packages here).
+HUB_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+}
+PIPELINE_TAGS = {TaskType.CAUSAL_LM: "text-generation", TaskType.SEQ_CLS: "text-classification"}
+AUTO_CLASSES = {
+    TaskType.CAUSAL_LM: "AutoModelForCausalLM",
+    TaskType.SEQ_CLS: "AutoModelForSequenceClassification",
+}
+# One merge at a time per process: each holds a whole base model in memory.
+_merge_lock = threading.Lock()
+
+
+class ExportRefused(Exception):
+    """This run has nothing to export this way (no adapter yet, a method that cannot merge)."""
+
+
+class ExportFailed(Exception):
+    """The export could not be built here (base model missing, adapter refused by peft_core)."""
+
+
+def run_method(run: Run) -> Method | None:
+    config_cls = METHOD_CONFIGS.get(run.method)
+    return next((m for m in METHODS if m.config_cls is config_cls), None)
+
+
+def is_mergeable(run: Run) -> bool:
+    method = run_method(run)
+    return method is not None and method.mergeable
+
+
+def base_model_id(key: str) -> str:
+    """What `base_model:` names: the Hub id of a catalogue model, else the catalogue key."""
+    return HUB_IDS.get(key, key)
+
+
+# ---- escaping --------------------------------------------------------------------------------
+
+
+class _QuotedDumper(yaml.SafeDumper):
+    """Every string double-quoted (newlines, '---', '#', ':' and quotes become escapes) but
+    for plain words and ids, which PyYAML still quotes where they would read as another type."""
+
+
+_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")  # no number, in any YAML version
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = None if _PLAIN.fullmatch(text) else '"'
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_QuotedDumper.add_representer(str, _represent_str)
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    """Block YAML, one line per scalar; '<' and '>' as escapes, so no renderer sees a tag."""
+    text = yaml.dump(
+        data, Dumper=_QuotedDumper, allow_unicode=False, sort_keys=False, width=float("inf")
+    )
+    # Only double-quoted scalars can hold these (our keys do not): there \x3C reads as '<'.
+    return text.replace("<", "\\x3C").replace(">", "\\x3E")
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}|#!~])")
+
+
+def _md(value: Any) -> str:
+    """One line of text that renders as itself: no HTML, no Markdown markup, no line breaks."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = "".join(c for c in text if unicodedata.category(c)[0] != "C" or c in "\t\n")
+    text = " ".join(text.split())  # newlines and U+2028 alike become one space
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def _py(text: str) -> str:
+    """A Python string literal for a code block: no backtick can close the block, no '<'."""
+    return json.dumps(text).replace("`", "\\u0060").replace("<", "\\u003c")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+# ---- the model card --------------------------------------------------------------------------
+
+
+def model_card(run: Run, *, merged: bool = False) -> str:
+    """README.md of the run's adapter (or, merged=True, of its merged model)."""
+    sections = [
+        _title(run, merged),
+        _base_model_section(run),
+        _method_section(run),
+        _training_section(run),
+        _dataset_section(run),
+        _results_section(run),
+        _usage_section(run, merged),
+        _notes_section(run),
+        ["Trained with PEFT Lab."],
+    ]
+    body = "\n\n".join("\n".join(lines) for lines in sections if lines)
+    return f"---\n{_yaml(_metadata(run, merged))}---\n\n{body}\n"
+
+
+def _metadata(run: Run, merged: bool) -> dict[str, Any]:
+    """The front matter: the Hub's keys first, then ours under `peftlab`."""
+    dataset = run.dataset
+    meta: dict[str, Any] = {
+        "library_name": "transformers" if merged else "peft",
+        "base_model": base_model_id(run.base_model),
+        "base_model_relation": "finetune" if merged else "adapter",
+        "pipeline_tag": PIPELINE_TAGS.get(dataset.task, "text-generation"),
+        "tags": ["peft", run.method, "peftlab", *(["merged"] if merged else [])],
+        "model_name": run.name,
+    }
+    meta["peftlab"] = {
+        "run_id": run.id,
+        "run_name": run.name,
+        "method": run.method,
+        "catalogue_model": run.base_model,
+        "dataset": dataset.name,
+        "dataset_rows": dataset.row_count,
+        "dataset_sha256": dataset.sha256 or None,
+        "builtin_dataset": dataset.builtin_key or None,
+    }
+    return meta
+
+
+def _title(run: Run, merged: bool) -> list[str]:
+    method = run_method(run)
+    method_name, base = _md(method.name if method else run.method), _md(run.base_model)
+    what = (
+        f"{base} with a {method_name} adapter merged into its weights"
+        if merged
+        else f"A {method_name} adapter for {base}"
+    )
+    return [
+        f"# {_md(run.name)}",
+        "",
+        f"{what}: run {run.id} of project {_md(run.project.name)} in PEFT Lab.",
+    ]
+
+
+def _base_model_section(run: Run) -> list[str]:
+    spec = CATALOGUE.get(run.base_model)
+    rows: list[tuple[str, str]] = [("Catalogue key", run.base_model)]
+    if spec is not None:
+        rows += [("Title", spec.title), ("Source", spec.source)]
+    if run.base_model in HUB_IDS:
+        rows.append(("Hub id", HUB_IDS[run.base_model]))
+    lines = ["## Base model", "", *_table(("", ""), rows)]
+    if spec is not None:
+        lines += ["", _md(spec.description)]
+    return lines
+
+
+def _method_config(run: Run) -> dict[str, Any]:
+    """The method's full config (defaults filled in), or the stored fields if it is refused."""
+    try:
+        config = peft_core.build_config(run.method, run.method_config)
+    except (TypeError, ValueError):
+        return dict(run.method_config)
+    return dataclasses.asdict(config)
+
+
+def _method_section(run: Run) -> list[str]:
+    method = run_method(run)
+    name = method.name if method else run.method
+    mergeable = "yes" if method and method.mergeable else "no"
+    rows = [(key, value) for key, value in _method_config(run).items()]
+    return [
+        "## Method",
+        "",
+        f"{_md(name)} (`{_md(run.method)}`), mergeable into the base weights: {mergeable}.",
+        "",
+        *_table(("Setting", "Value"), rows),
+    ]
+
+
+def _training_section(run: Run) -> list[str]:
+    if run.external:
+        return ["## Training", "", "Trained elsewhere; uploaded, checked and evaluated here."]
+    try:
+        config = dataclasses.asdict(TrainConfig(**run.train_config))
+    except (TypeError, ValueError):
+        config = dict(run.train_config)
+    lines = ["## Training", "", *_table(("Setting", "Value"), list(config.items()))]
+    wall_s = run.profile.get("wall_s")
+    if wall_s:
+        lines += ["", f"{run.step} steps in {wall_s:.1f} s (attempt {run.attempt})."]
+    return lines
+
+
+def _dataset_section(run: Run) -> list[str]:
+    dataset = run.dataset
+    rows = [("Name", dataset.name), ("Task", dataset.task), ("Rows", dataset.row_count)]
+    if dataset.is_builtin:
+        rows.append(("Origin", "built-in sample generated by PEFT Lab's code (peft_core.samples)"))
+    else:
+        rows.append(("sha256 of the uploaded file", dataset.sha256 or "unknown"))
+    if dataset.label_names:
+        rows.append(("Labels (by class id)", ", ".join(map(str, dataset.label_names))))
+    return ["## Dataset", "", *_table(("", ""), rows)]
+
+
+def _results_section(run: Run) -> list[str]:
+    summary, profile = run.summary or {}, run.profile or {}
+    lines = ["## Results", ""]
+    keys = [key for key in summary if not key.startswith("base_")]
+    if keys:
+        rows = [(key, _number(summary.get(f"base_{key}")), _number(summary[key])) for key in keys]
+        lines += [*_table(("Metric (validation split)", "Base model", "With adapter"), rows), ""]
+    if profile.get("trainable_params") is not None:
+        lines += _table(("", ""), _profile_rows(profile))
+    return lines if len(lines) > 2 else []
+
+
+def _profile_rows(profile: dict[str, Any]) -> list[tuple[str, str]]:
+    trainable, total = profile["trainable_params"], profile.get("total_params") or 0
+    share = f" ({100 * trainable / total:.3f} % of {total:,})" if total else ""
+    rows = [("Trainable parameters", f"{trainable:,}{share}")]
+    if profile.get("adapter_bytes") is not None:
+        size = profile["adapter_bytes"]
+        rows.append(("Adapter size", f"{size:,} bytes ({size / 2**20:.3f} MiB)"))
+    if profile.get("base_ms") and profile.get("adapter_ms"):
+        latency = f"base {profile['base_ms']:.1f} ms, adapter {profile['adapter_ms']:.1f} ms"
+        if profile.get("merged_ms"):
+            latency += f", merged {profile['merged_ms']:.1f} ms"
+        rows.append(("Inference latency", latency))
+    return rows
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "—" if value is None else str(value)
+
+
+def _usage_section(run: Run, merged: bool) -> list[str]:
+    task = run.dataset.task
+    auto = AUTO_CLASSES.get(task, "AutoModelForCausalLM")
+    if merged:
+        folder = f"peftlab-run-{run.id}-merged"
+        code = [
+            f"from transformers import {auto}, AutoTokenizer",
+            "",
+            f'model = {auto}.from_pretrained("{folder}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+        ]
+        intro = "The adapter is folded into the weights: load it as a plain model, no PEFT."
+        return ["## How to use", "", intro, "", "```python", *code, "```"]
+    return ["## How to use", "", *_hf_peft_usage(run, auto), "", *_peft_core_usage(run)]
+
+
+def _hf_peft_usage(run: Run, auto: str) -> list[str]:
+    folder = f"peftlab-run-{run.id}-adapter"
+    labels = len(run.dataset.label_names) or 2
+    extra = f", num_labels={labels}" if run.dataset.task == TaskType.SEQ_CLS else ""
+    base = base_model_id(run.base_model)
+    if run.base_model in HUB_IDS:
+        where = _py(base)
+    else:  # a catalogue model without a Hub twin: its local directory
+        where = f"model_dir({_py(run.base_model)})"
+    code = [
+        "from peft import PeftModel",
+        f"from transformers import {auto}",
+        *([] if run.base_model in HUB_IDS else ["from peft_core.catalogue import model_dir"]),
+        "",
+        f"base = {auto}.from_pretrained({where}{extra})",
+        f'model = PeftModel.from_pretrained(base, "{folder}")',
+    ]
+    return ["With Hugging Face PEFT (unzipped into `" + folder + "`):", "", "```python"] + [
+        *code,
+        "```",
+    ]
+
+
+def _peft_core_usage(run: Run) -> list[str]:
+    folder = f"peftlab-run-{run.id}-adapter"
+    task = run.dataset.task
+    labels = f", num_labels={len(run.dataset.label_names) or 2}" if task == "seq-cls" else ""
+    code = [
+        "import peft_core",
+        "from peft_core.catalogue import load_model",
+        "",
+        f"model, tokenizer = load_model({_py(run.base_model)}, {_py(task)}{labels})",
+        f'model = peft_core.load_adapter(model, "{folder}")',
+    ]
+    if is_mergeable(run):
+        code.append("peft_core.merge(model)  # optional: the base model's inference cost")
+    return ["With peft_core (PEFT Lab's library):", "", "```python", *code, "```"]
+
+
+def _notes_section(run: Run) -> list[str]:
+    lines = [line for line in run.notes.splitlines() if line.strip()]
+    if not lines:
+        return []
+    # A leading "-", "+" or "=" would make a list item or a rule of the line: escape it too.
+    quoted = (re.sub(r"^([-+=])", r"\\\1", _md(line)) for line in lines)
+    return ["## Notes", "", *(f"> {line}  " for line in quoted)]
+
+
+# ---- the merged model ------------------------------------------------------------------------
+
+
+def merged_model_dir(run: Run) -> Path:
+    """The run's merged model in a new private directory; the caller removes it.
+
+    Raises ExportRefused when the run has no finished adapter or its method does not merge,
+    ExportFailed when the base model or the adapter cannot be loaded here.
+    """
+    method = run_method(run)
+    if method is None or not method.mergeable:
+        name = method.name if method else run.method
+        raise ExportRefused(
+            f"{name} adapters cannot be merged into the base model's weights; "
+            "download the adapter instead."
+        )
+    if run.status != RunStatus.SUCCEEDED:
+        raise ExportRefused("This run has not succeeded: there is no trained adapter to merge.")
+    directory = Path(tempfile.mkdtemp(prefix="peftlab-merged-"))
+    try:
+        with _merge_lock:
+            _build_merged(run, directory)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return directory
+
+
+def _build_merged(run: Run, directory: Path) -> None:
+    task, labels = run.dataset.task, list(run.dataset.label_names)
+    try:
+        model, tokenizer = load_model(
+            run.base_model, task, num_labels=len(labels) or 2, cache_dir=settings.MODEL_CACHE_DIR
+        )
+        with tempfile.TemporaryDirectory(prefix="peftlab-adapter-") as adapter:
+            _write_adapter(run, Path(adapter))
+            model = merge_and_unload(peft_core.load_adapter(model, adapter))
+    except (KeyError, FileNotFoundError, ValueError) as exc:
+        raise ExportFailed(f"The merged model could not be built: {exc}") from exc
+    if labels:
+        model.config.id2label = dict(enumerate(map(str, labels)))
+        model.config.label2id = {label: index for index, label in model.config.id2label.items()}
+    model.config.name_or_path = base_model_id(run.base_model)  # not this server's cache path
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    (directory / MODEL_CARD).write_text(model_card(run, merged=True), encoding="utf-8")
+
+
+def _write_adapter(run: Run, directory: Path) -> None:
+    """The run's adapter files under our own fixed names (never a stored name as a path)."""
+    wanted = {CONFIG_FILE: directory / CONFIG_FILE, WEIGHTS_FILE: directory / WEIGHTS_FILE}
+    artifacts = selectors.artifact_list_for_run(run=run).filter(kind="adapter")
+    for artifact in artifacts.filter(name__in=list(wanted)):
+        with open(wanted[artifact.name], "wb") as handle:
+            for chunk in artifact_chunks(artifact):
+                handle.write(chunk)
+    if not all(path.is_file() for path in wanted.values()):
+        raise ExportRefused("This run has no stored adapter to merge.")
