@@ -1,0 +1,245 @@
+"""A newcomer's first hour, in Chromium against a real Celery worker: log in, upload a CSV
+and see its preview, launch a "compare all methods" sweep on tiny-llama, watch the progress
+move, read a run's curve and the compare page, download an adapter, share a run with someone
+outside the team, ask the playground, then launch a long run, watch its curve grow and cancel
+it. Each page is saved as docs/screenshots/first-hour-*.png (the README shows them), and the
+browser reports no console error or CSP violation on the way."""
+
+import io
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from tests.e2e.test_csp import REPORT_VIOLATIONS, _is_problem
+from tests.workers.test_celery_worker import _worker_env
+from webapp.celery import app as celery_app
+from webapp.experiments.models import Run, RunStatus
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+SCREENSHOTS = Path(settings.BASE_DIR) / "docs" / "screenshots"
+QUEUES = ("gpu", "playground")
+SWEEP_S = 240  # nine tiny-llama runs of 6 steps, one after another, on two CPU cores
+TRAIN = {"steps": "6", "batch_size": "2", "max_length": "48", "eval_every": "3"}
+
+
+@pytest.fixture
+def worker(tmp_path):
+    """A Celery worker process consuming both queues, as `make run` starts it."""
+    with celery_app.connection_for_write() as conn:
+        for queue in QUEUES:
+            conn.default_channel.queue_declare(queue, durable=True, auto_delete=False)
+            conn.default_channel.queue_purge(queue)
+    log_path = tmp_path / "worker.log"
+    command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-Q", ",".join(QUEUES)]
+    command += ["--concurrency", "1", "--without-gossip", "--without-mingle", "-l", "info"]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, cwd=settings.BASE_DIR
+        )
+    process.log_path = log_path
+    yield process
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def watched(page):
+    """The page, with every console error or warning and uncaught exception in page.problems."""
+    page.problems = []
+    page.add_init_script(REPORT_VIOLATIONS)
+    page.on("console", lambda m: _is_problem(m) and page.problems.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda exc: page.problems.append(f"exception: {exc}"))
+    return page
+
+
+def _shot(page, number: int, name: str) -> None:
+    page.screenshot(path=SCREENSHOTS / f"first-hour-{number:02d}-{name}.png", full_page=True)
+
+
+def _csv(rows: int = 30) -> bytes:
+    lines = ["prompt,completion"]
+    for i in range(rows):
+        words = ["pear", "apple", f"fig{i}", "kiwi"][: 2 + i % 3]
+        lines.append(f'"Sort: {", ".join(words)}","{", ".join(sorted(words))}"')
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _fill_training(page) -> None:
+    for field, value in TRAIN.items():
+        page.fill(f"#id_{field}", value)
+
+
+def _steps_done(page) -> int:
+    """The sum of N over the sweep table's "N/M" progress cells."""
+    cells = page.locator("#sweep-runs tbody td:nth-child(3)").all_inner_texts()
+    return sum(int(re.search(r"(\d+)/\d+", cell).group(1)) for cell in cells)
+
+
+def _wait_for(condition, what: str, worker, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert worker.poll() is None, f"worker died:\n{worker.log_path.read_text()[-3000:]}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} after {timeout_s}s:\n{worker.log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _curve_points(page) -> int:
+    return page.evaluate(
+        "() => (document.getElementById('loss-chart').data || [])"
+        ".reduce((n, trace) => n + (trace.x || []).length, 0)"
+    )
+
+
+def test_first_hour(watched, browser, live_server, cast, worker):
+    page, base = watched, live_server.url
+
+    # 1. Log in.
+    page.goto(f"{base}/login/")
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", "alice-pw-9")
+    _shot(page, 1, "login")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}/")
+    _shot(page, 2, "runs-empty")
+
+    # 2. Upload a CSV dataset and see its preview.
+    page.click("nav >> text=Datasets")
+    page.click("text=Upload a dataset")
+    page.fill("#id_name", "fruit sorting")
+    page.set_input_files(
+        "#id_file", {"name": "fruit.csv", "mimeType": "text/csv", "buffer": _csv()}
+    )
+    _shot(page, 3, "dataset-upload")
+    page.click("text=Upload and validate")
+    page.wait_for_url(re.compile(r"/datasets/\d+/$"))
+    dataset_id = page.url.rstrip("/").rsplit("/", 1)[1]
+    assert "30 rows" in page.locator(".page-head").inner_text()
+    assert page.locator("table.preview thead th").all_inner_texts() == ["prompt", "completion"]
+    assert page.locator("table.preview tbody tr").count() > 0
+    assert "Sort: pear, apple" in page.locator("table.preview").inner_text()
+    _shot(page, 4, "dataset-preview")
+
+    # 3. Compare all methods: the preset checks every method the form offers.
+    page.click("nav >> text=New sweep")
+    page.click("text=Preset: compare all methods")
+    offered = page.locator("input[name=methods]")
+    assert offered.count() == 7 and all(box.is_checked() for box in offered.all())
+    page.fill("#id_name", "first shoot-out")
+    page.select_option("#id_base_model", "tiny-llama")
+    page.select_option("#id_dataset", dataset_id)
+    _fill_training(page)
+    page.wait_for_selector("#estimate .estimate-figures")
+    _shot(page, 5, "sweep-new")
+    page.click("text=Launch sweep")
+    page.wait_for_url(re.compile(r"/sweeps/\d+/$"))
+    sweep_id = page.url.rstrip("/").rsplit("/", 1)[1]
+    runs = page.locator("#sweep-runs tbody tr")
+    assert runs.count() == 9  # seven methods, bottleneck in its three placements
+
+    _wait_for(lambda: _steps_done(page) > 0, "no step done", worker, SWEEP_S)
+    first = _steps_done(page)
+    _shot(page, 6, "sweep-running")
+    _wait_for(lambda: _steps_done(page) > first, f"progress stuck at {first}", worker, SWEEP_S)
+    widths = page.locator("#sweep-runs .progress div").evaluate_all(
+        "bars => bars.map(bar => parseFloat(bar.style.width))"
+    )
+    assert max(widths) > 0
+    _wait_for(
+        lambda: page.locator("#sweep-runs >> text=Succeeded").count() == 9,
+        "the sweep did not succeed",
+        worker,
+        SWEEP_S,
+    )
+    statuses = page.locator("#sweep-runs .badge").all_inner_texts()
+    assert statuses == ["Succeeded"] * 9, statuses
+    assert _steps_done(page) == 9 * 6
+    _shot(page, 7, "sweep-done")
+
+    # 4. A run's curve, then the compare page's trade-off table.
+    page.click("#sweep-runs tbody tr >> nth=0 >> a")
+    page.wait_for_selector("#loss-chart .main-svg")
+    assert _curve_points(page) >= 6
+    run_url = page.url
+    run_id = int(run_url.rstrip("/").rsplit("/", 1)[1])
+    _shot(page, 8, "run")
+    page.goto(f"{base}/sweeps/{sweep_id}/")
+    page.click("text=Compare these runs")
+    for chart in ("curves", "scatter", "parcoords"):
+        page.wait_for_selector(f"#{chart} .main-svg")
+    tradeoff = page.locator("table.tradeoff tbody tr")
+    assert tradeoff.count() == 9
+    methods = {row.locator("td >> nth=1").inner_text() for row in tradeoff.all()}
+    assert methods == {"lora", "dora", "ia3", "prompt", "prefix", "bottleneck", "mam"}
+    _shot(page, 9, "compare")
+
+    # 5. Download the adapter.
+    page.goto(run_url)
+    with page.expect_download() as download:
+        page.click("text=Download adapter")
+    archive = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(archive.namelist())
+
+    # 6. A read-only link, opened by someone without an account.
+    page.click("form.share-form button")
+    url = page.input_value("input.share-url")
+    assert url.startswith(f"{base}/s/pls_")
+    _shot(page, 10, "share-created")
+    stranger = browser.new_context(viewport={"width": 1280, "height": 900})
+    visit = stranger.new_page()
+    assert visit.goto(url).status == 200
+    visit.wait_for_selector("#loss-chart .main-svg")
+    assert "read-only" in visit.locator(".flash-info").inner_text()
+    assert visit.locator("text=Delete run").count() == 0
+    assert visit.locator("text=Cancel run").count() == 0
+    assert visit.locator("textarea, form.share-form, #comments").count() == 0
+    visit.screenshot(path=SCREENSHOTS / "first-hour-11-shared.png", full_page=True)
+    stranger.close()
+
+    # 7. The playground: the base model and the run answer the same prompt.
+    page.goto(run_url)
+    page.click("text=Try in the playground")
+    assert page.is_checked(f"input[name=runs][value='{run_id}']")
+    page.fill("#id_text", "Sort: pear, apple")
+    page.click("text=Ask them")
+    page.wait_for_url(re.compile(r"/playground/\d+/$"))
+    page.wait_for_selector("#answers:not([hx-trigger])", timeout=120_000)
+    assert page.locator("#answers .flash-error").count() == 0
+    assert page.locator("#answers article.answer").count() == 2
+    assert page.locator("#answers pre.answer-text").count() == 2
+    _shot(page, 12, "playground")
+
+    # 8. A long run: its curve grows while it trains, then it is cancelled.
+    page.click("nav >> text=New run")
+    page.fill("#id_name", "long lora")
+    page.select_option("#id_base_model", "tiny-llama")
+    page.select_option("#id_dataset", dataset_id)
+    _fill_training(page)
+    page.fill("#id_steps", "500")
+    page.click("text=Launch run")
+    page.wait_for_url(re.compile(r"/runs/\d+/$"))
+    long_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    page.wait_for_selector("#loss-chart .main-svg", timeout=120_000)
+    _wait_for(lambda: _curve_points(page) > 0, "no point on the curve", worker, 120)
+    points = _curve_points(page)
+    _wait_for(lambda: _curve_points(page) > points, "the curve did not grow", worker, 60)
+    _shot(page, 13, "run-live")
+    page.click("text=Cancel run")
+    page.wait_for_selector("#live >> text=Cancelled", timeout=60_000)
+    _shot(page, 14, "run-cancelled")
+    run = Run.objects.get(id=long_id)
+    assert run.status == RunStatus.CANCELLED and 0 < run.step < 500
+
+    assert page.problems == []
