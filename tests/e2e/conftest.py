@@ -33,7 +33,13 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.dialogs = []
-    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
+    page.answer_dialogs = "dismiss"  # a test that means to confirm sets "accept"
+
+    def answer(dialog) -> None:
+        page.dialogs.append(dialog.message)
+        dialog.accept() if page.answer_dialogs == "accept" else dialog.dismiss()
+
+    page.on("dialog", answer)
     yield page
     context.close()
 

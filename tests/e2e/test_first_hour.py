@@ -2,10 +2,12 @@
 and see its preview, launch a "compare all methods" sweep on tiny-llama, watch the progress
 move, read a run's curve and the compare page, download an adapter, share a run with someone
 outside the team, ask the playground, then launch a long run, watch its curve grow and cancel
-it. Each page is saved as docs/screenshots/first-hour-*.png (the README shows them), and the
-browser reports no console error or CSP violation on the way."""
+it. Each page is saved as first-hour-*.png (in the test's var folder; PEFTLAB_SCREENSHOTS=
+docs/screenshots refreshes the committed ones), and the browser reports no console error or
+CSP violation on the way."""
 
 import io
+import os
 import re
 import signal
 import subprocess
@@ -24,34 +26,51 @@ from webapp.experiments.models import Run, RunStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-SCREENSHOTS = Path(settings.BASE_DIR) / "docs" / "screenshots"
+# Into the test's var folder, so a test run leaves the checkout clean; to refresh the
+# committed ones: PEFTLAB_SCREENSHOTS=docs/screenshots make test PYTEST_ARGS=-k first_hour
+SCREENSHOTS = Path(os.environ.get("PEFTLAB_SCREENSHOTS") or settings.VAR_DIR / "screenshots")
+SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 QUEUES = ("gpu", "playground")
-SWEEP_S = 240  # nine tiny-llama runs of 6 steps, one after another, on two CPU cores
-TRAIN = {"steps": "6", "batch_size": "2", "max_length": "48", "eval_every": "3"}
+SWEEP_S = 240  # nine tiny-llama runs of 200 steps one after another: ~20 s on two CPU cores
+LONG_STEPS = 50_000
+TRAIN = {"steps": "200", "batch_size": "2", "max_length": "48", "eval_every": "50"}
 
 
 @pytest.fixture
-def worker(tmp_path):
-    """A Celery worker process consuming both queues, as `make run` starts it."""
+def start_worker(tmp_path):
+    """start_worker(): a Celery worker process consuming both queues, as `make run` starts it;
+    stopped at the end. Started on demand, so a page can first show the sweep all queued."""
     with celery_app.connection_for_write() as conn:
         for queue in QUEUES:
             conn.default_channel.queue_declare(queue, durable=True, auto_delete=False)
             conn.default_channel.queue_purge(queue)
-    log_path = tmp_path / "worker.log"
-    command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-Q", ",".join(QUEUES)]
-    command += ["--concurrency", "1", "--without-gossip", "--without-mingle", "-l", "info"]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, cwd=settings.BASE_DIR
-        )
-    process.log_path = log_path
-    yield process
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    processes = []
+
+    def start():
+        log_path = tmp_path / "worker.log"
+        command = [sys.executable, "-m", "celery", "-A", "webapp", "worker"]
+        command += ["-Q", ",".join(QUEUES), "--concurrency", "1"]
+        command += ["--without-gossip", "--without-mingle", "-l", "info"]
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                command,
+                env=_worker_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=settings.BASE_DIR,
+            )
+        process.log_path = log_path
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
@@ -65,14 +84,24 @@ def watched(page):
 
 
 def _shot(page, number: int, name: str) -> None:
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")  # no focus ring
     page.screenshot(path=SCREENSHOTS / f"first-hour-{number:02d}-{name}.png", full_page=True)
 
 
-def _csv(rows: int = 30) -> bytes:
-    lines = ["prompt,completion"]
-    for i in range(rows):
-        words = ["pear", "apple", f"fig{i}", "kiwi"][: 2 + i % 3]
-        lines.append(f'"Sort: {", ".join(words)}","{", ".join(sorted(words))}"')
+FRUITS = ["mango", "apple", "lemon", "cherry", "kiwi", "banana", "grape", "fig", "pear", "date"]
+
+
+def _rows(count: int = 30) -> list[tuple[str, str]]:
+    """Distinct "sort these fruits" prompts, two to four fruits each."""
+    rows = []
+    for i in range(count):
+        words = [FRUITS[(i + 3 * k) % len(FRUITS)] for k in range(2 + i % 3)]
+        rows.append((f"Sort: {', '.join(words)}", ", ".join(sorted(words))))
+    return rows
+
+
+def _csv(rows: list[tuple[str, str]]) -> bytes:
+    lines = ["prompt,completion", *(f'"{prompt}","{completion}"' for prompt, completion in rows)]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -85,6 +114,13 @@ def _steps_done(page) -> int:
     """The sum of N over the sweep table's "N/M" progress cells."""
     cells = page.locator("#sweep-runs tbody td:nth-child(3)").all_inner_texts()
     return sum(int(re.search(r"(\d+)/\d+", cell).group(1)) for cell in cells)
+
+
+def _bars_width(page) -> float:
+    """The sum of the sweep table's progress bars' widths, in percent."""
+    return page.locator("#sweep-runs .progress div").evaluate_all(
+        "bars => bars.reduce((sum, bar) => sum + parseFloat(bar.style.width), 0)"
+    )
 
 
 def _wait_for(condition, what: str, worker, timeout_s: float) -> None:
@@ -103,7 +139,7 @@ def _curve_points(page) -> int:
     )
 
 
-def test_first_hour(watched, browser, live_server, cast, worker):
+def test_first_hour(watched, browser, live_server, cast, start_worker):
     page, base = watched, live_server.url
 
     # 1. Log in.
@@ -120,7 +156,7 @@ def test_first_hour(watched, browser, live_server, cast, worker):
     page.click("text=Upload a dataset")
     page.fill("#id_name", "fruit sorting")
     page.set_input_files(
-        "#id_file", {"name": "fruit.csv", "mimeType": "text/csv", "buffer": _csv()}
+        "#id_file", {"name": "fruit.csv", "mimeType": "text/csv", "buffer": _csv(_rows())}
     )
     _shot(page, 3, "dataset-upload")
     page.click("text=Upload and validate")
@@ -129,7 +165,8 @@ def test_first_hour(watched, browser, live_server, cast, worker):
     assert "30 rows" in page.locator(".page-head").inner_text()
     assert page.locator("table.preview thead th").all_inner_texts() == ["prompt", "completion"]
     assert page.locator("table.preview tbody tr").count() > 0
-    assert "Sort: pear, apple" in page.locator("table.preview").inner_text()
+    preview = page.locator("table.preview tbody tr >> nth=0 >> td").all_inner_texts()
+    assert preview == list(_rows()[0])
     _shot(page, 4, "dataset-preview")
 
     # 3. Compare all methods: the preset checks every method the form offers.
@@ -149,14 +186,13 @@ def test_first_hour(watched, browser, live_server, cast, worker):
     runs = page.locator("#sweep-runs tbody tr")
     assert runs.count() == 9  # seven methods, bottleneck in its three placements
 
+    assert page.locator("#sweep-runs >> text=Queued").count() == 9
+    assert (_steps_done(page), _bars_width(page)) == (0, 0)
+
+    worker = start_worker()  # now the runs move, and the page follows them every 3 s
     _wait_for(lambda: _steps_done(page) > 0, "no step done", worker, SWEEP_S)
-    first = _steps_done(page)
+    assert _bars_width(page) > 0
     _shot(page, 6, "sweep-running")
-    _wait_for(lambda: _steps_done(page) > first, f"progress stuck at {first}", worker, SWEEP_S)
-    widths = page.locator("#sweep-runs .progress div").evaluate_all(
-        "bars => bars.map(bar => parseFloat(bar.style.width))"
-    )
-    assert max(widths) > 0
     _wait_for(
         lambda: page.locator("#sweep-runs >> text=Succeeded").count() == 9,
         "the sweep did not succeed",
@@ -165,13 +201,13 @@ def test_first_hour(watched, browser, live_server, cast, worker):
     )
     statuses = page.locator("#sweep-runs .badge").all_inner_texts()
     assert statuses == ["Succeeded"] * 9, statuses
-    assert _steps_done(page) == 9 * 6
+    assert _steps_done(page) == 9 * 200
     _shot(page, 7, "sweep-done")
 
     # 4. A run's curve, then the compare page's trade-off table.
     page.click("#sweep-runs tbody tr >> nth=0 >> a")
     page.wait_for_selector("#loss-chart .main-svg")
-    assert _curve_points(page) >= 6
+    assert _curve_points(page) >= 200
     run_url = page.url
     run_id = int(run_url.rstrip("/").rsplit("/", 1)[1])
     _shot(page, 8, "run")
@@ -212,7 +248,7 @@ def test_first_hour(watched, browser, live_server, cast, worker):
     page.goto(run_url)
     page.click("text=Try in the playground")
     assert page.is_checked(f"input[name=runs][value='{run_id}']")
-    page.fill("#id_text", "Sort: pear, apple")
+    page.fill("#id_text", "Sort: pear, mango, fig")
     page.click("text=Ask them")
     page.wait_for_url(re.compile(r"/playground/\d+/$"))
     page.wait_for_selector("#answers:not([hx-trigger])", timeout=120_000)
@@ -227,7 +263,8 @@ def test_first_hour(watched, browser, live_server, cast, worker):
     page.select_option("#id_base_model", "tiny-llama")
     page.select_option("#id_dataset", dataset_id)
     _fill_training(page)
-    page.fill("#id_steps", "500")
+    page.fill("#id_steps", str(LONG_STEPS))  # ~100 steps/s here: minutes, cancelled in seconds
+    page.fill("#id_eval_every", "100")
     page.click("text=Launch run")
     page.wait_for_url(re.compile(r"/runs/\d+/$"))
     long_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
@@ -236,10 +273,12 @@ def test_first_hour(watched, browser, live_server, cast, worker):
     points = _curve_points(page)
     _wait_for(lambda: _curve_points(page) > points, "the curve did not grow", worker, 60)
     _shot(page, 13, "run-live")
+    page.answer_dialogs = "accept"
     page.click("text=Cancel run")
     page.wait_for_selector("#live >> text=Cancelled", timeout=60_000)
+    assert page.dialogs[-1].startswith("Cancel this run?")  # a misclick is asked about
     _shot(page, 14, "run-cancelled")
     run = Run.objects.get(id=long_id)
-    assert run.status == RunStatus.CANCELLED and 0 < run.step < 500
+    assert run.status == RunStatus.CANCELLED and 0 < run.step < LONG_STEPS
 
     assert page.problems == []

@@ -251,3 +251,13 @@ def test_a_run_trained_elsewhere_has_no_lease_to_expire(cast):
     assert _reap() == services.Reaped(lost=[], failed=[])
     assert services.runs_unclaimed(older_than_s=0) == []
     assert Run.objects.get(id=external.id).status == RunStatus.RUNNING
+
+
+def test_a_running_run_with_only_a_checkpoint_offers_no_adapter_download(make_run, client, cast):
+    run = make_run()
+    fence = services.run_claim(run_id=run.id, worker="w1:1")
+    services.checkpoint_store(run_id=run.id, fence=fence, files={"checkpoint.json": b"{}"})
+    client.force_login(cast.bob)
+    page = client.get(reverse("run_detail", args=[run.id])).content.decode()
+    assert "Download adapter" not in page
+    assert client.get(reverse("run_adapter_download", args=[run.id])).status_code == 404

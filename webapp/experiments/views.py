@@ -160,7 +160,7 @@ def run_page_context(run) -> dict:
         "run": run,
         "series": selectors.metric_series(run=run),
         "eta_seconds": selectors.run_eta_seconds(run=run),
-        "artifacts": selectors.artifact_list_for_run(run=run),
+        "artifacts": selectors.artifact_list_for_run(run=run).filter(kind="adapter"),
         "model_spec": CATALOGUE.get(run.base_model),
     }
 
