@@ -17,13 +17,13 @@ neither "modules_to_save" nor the adapter name in the key). A
 import copy
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from peft_core import bottleneck, dora, ia3, lora, mam, prefix_tuning, prompt_tuning
@@ -282,6 +282,21 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     tensors = load_file(weights)
     apply(model, config)
     load_adapter_tensors(model, tensors, source=str(weights))
+    return model
+
+
+def load_adapter_files(model: nn.Module, files: Mapping[str, bytes]) -> nn.Module:
+    """load_adapter from the two files' bytes, {file name: bytes} (nothing on disk)."""
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if name not in files:
+            raise FileNotFoundError(f"no {name} among the adapter's files")
+    hf = json.loads(files[CONFIG_FILE])
+    if not isinstance(hf, dict):
+        raise ValueError(f"{CONFIG_FILE} does not hold a JSON object")
+    config = _config_from_hf(model, hf)
+    tensors = load(files[WEIGHTS_FILE])
+    apply(model, config)
+    load_adapter_tensors(model, tensors, source=WEIGHTS_FILE)
     return model
 
 

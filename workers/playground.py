@@ -6,8 +6,6 @@ the same prompt gives the same answers again.
 """
 
 import logging
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -57,10 +55,7 @@ def _answers(prompt: PlaygroundPrompt) -> dict[str, dict]:
 
 def _with_adapter(model, run: Run):
     files = services.artifact_files(run_id=run.id, kind="adapter")
-    with tempfile.TemporaryDirectory(prefix="peftlab-playground-") as tmp:
-        for name, data in files.items():  # our own names: adapter_config.json, …
-            (Path(tmp) / name).write_bytes(data)
-        return peft_core.load_adapter(model, tmp)
+    return peft_core.load_adapter_files(model, files)
 
 
 @torch.no_grad()

@@ -394,11 +394,7 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log(f"loading {run.base_model} and the uploaded adapter")
     model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
     files = _retrying(services.artifact_files, run_id=run.id, kind="adapter")
-    with tempfile.TemporaryDirectory(prefix="peftlab-upload-") as tmp:
-        for name, data in files.items():  # names are ours: adapter_config.json, …
-            (Path(tmp) / name).write_bytes(data)
-        model = peft_core.load_adapter(model, tmp)
-    model.to(DEVICE)
+    model = peft_core.load_adapter_files(model, files).to(DEVICE)
     config = TrainConfig()
     evaluation = {"task": task, "rows": val_rows, "config": config, "label_names": labels}
     callbacks.on_log(f"evaluating on {len(val_rows)} validation rows of {run.dataset.name}")

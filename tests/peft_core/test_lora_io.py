@@ -137,3 +137,19 @@ def test_a_method_that_cannot_merge_says_so(monkeypatch):
     assert peft_core.trainable_parameters(model) == 0
     with pytest.raises(ValueError, match="Prompt tuning adapters cannot be merged"):
         peft_core.merge(model)
+
+
+def test_load_adapter_files_loads_from_bytes_what_load_adapter_loads_from_disk(tmp_path):
+    model, _, _ = saved(tmp_path)
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    from_disk = peft_core.load_adapter(build_tiny("llama"), tmp_path)
+    from_bytes = peft_core.load_adapter_files(build_tiny("llama"), files)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert torch.equal(from_bytes(input_ids=ids).logits, from_disk(input_ids=ids).logits)
+        assert torch.equal(from_bytes(input_ids=ids).logits, expected)
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        peft_core.load_adapter_files(build_tiny("llama"), {"adapter_config.json": b"{}"})
+    with pytest.raises(ValueError, match="JSON object"):
+        peft_core.load_adapter_files(build_tiny("llama"), files | {"adapter_config.json": b"[]"})

@@ -34,9 +34,8 @@ from peft_core.methods import Method
 from peft_core.model import CONFIG_FILE, METHODS, WEIGHTS_FILE, merge_and_unload
 from peft_core.registry import METHOD_CONFIGS
 from peft_core.train import TrainConfig
-from webapp.experiments import selectors
+from webapp.experiments import services
 from webapp.experiments.models import Run, RunStatus, TaskType
-from webapp.experiments.zipstream import artifact_chunks
 
 MODEL_CARD = "README.md"
 # The Hub ids of the catalogue's pretrained models (their files come from pip packages here).
@@ -378,9 +377,7 @@ def _build_merged(run: Run, directory: Path) -> None:
         model, tokenizer = load_model(
             run.base_model, task, num_labels=len(labels) or 2, cache_dir=settings.MODEL_CACHE_DIR
         )
-        with tempfile.TemporaryDirectory(prefix="peftlab-adapter-") as adapter:
-            _write_adapter(run, Path(adapter))
-            model = merge_and_unload(peft_core.load_adapter(model, adapter))
+        model = merge_and_unload(peft_core.load_adapter_files(model, _adapter_files(run)))
     except (KeyError, FileNotFoundError, ValueError) as exc:
         raise ExportFailed(f"The merged model could not be built: {exc}") from exc
     if labels:
@@ -392,13 +389,9 @@ def _build_merged(run: Run, directory: Path) -> None:
     (directory / MODEL_CARD).write_text(model_card(run, merged=True), encoding="utf-8")
 
 
-def _write_adapter(run: Run, directory: Path) -> None:
-    """The run's adapter files under our own fixed names (never a stored name as a path)."""
-    wanted = {CONFIG_FILE: directory / CONFIG_FILE, WEIGHTS_FILE: directory / WEIGHTS_FILE}
-    artifacts = selectors.artifact_list_for_run(run=run).filter(kind="adapter")
-    for artifact in artifacts.filter(name__in=list(wanted)):
-        with open(wanted[artifact.name], "wb") as handle:
-            for chunk in artifact_chunks(artifact):
-                handle.write(chunk)
-    if not all(path.is_file() for path in wanted.values()):
+def _adapter_files(run: Run) -> dict[str, bytes]:
+    """The run's two adapter files, by their fixed names (never a stored name as a path)."""
+    files = services.artifact_files(run_id=run.id, kind="adapter")
+    if not {CONFIG_FILE, WEIGHTS_FILE} <= files.keys():
         raise ExportRefused("This run has no stored adapter to merge.")
+    return {name: files[name] for name in (CONFIG_FILE, WEIGHTS_FILE)}
