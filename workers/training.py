@@ -185,6 +185,14 @@ class RunCallbacks(Callbacks):
         if self.db_down_since is not None:
             raise OperationalError("the database is still unreachable")
 
+    def finish(self, status: str, **fields) -> None:
+        """Write what is buffered, then end the run (services.run_finish), waiting out a
+        database outage of up to RUN_DB_OUTAGE_S for both."""
+        self.flush_until_written()
+        _retrying(
+            services.run_finish, run_id=self.run_id, fence=self.fence, status=status, **fields
+        )
+
     def _database_away(self, exc: Exception) -> None:
         if self.db_down_since is None:
             self.db_down_since = time.monotonic()
@@ -281,15 +289,7 @@ def _record_failure(callbacks: RunCallbacks, exc: BaseException) -> None:
         reason = str(exc)
     callbacks.on_log(f"failed ({failure.label.lower()}): {reason}")
     try:
-        callbacks.flush_until_written()
-        _retrying(
-            services.run_finish,
-            run_id=callbacks.run_id,
-            fence=callbacks.fence,
-            status=RunStatus.FAILED,
-            error=reason,
-            failure_class=failure,
-        )
+        callbacks.finish(RunStatus.FAILED, error=reason, failure_class=failure)
     except StaleFenceError:
         logger.warning("run %s: failure not recorded, the run is no longer ours", callbacks.run_id)
 
@@ -356,10 +356,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     )
     if result.stopped:
         callbacks.on_log(f"cancelled at step {result.steps_done}")
-        callbacks.flush_until_written()
-        _retrying(
-            services.run_finish, run_id=run.id, fence=callbacks.fence, status=RunStatus.CANCELLED
-        )
+        callbacks.finish(RunStatus.CANCELLED)
         return "cancelled"
 
     # train() evaluated (and reported) at its last step; keep its eval figures.
@@ -372,15 +369,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     profile = _profile(model, tokenizer, task, val_rows, result, adapter_bytes, peak_mb)
     summary = {f"base_{key}": value for key, value in base_metrics.items()} | final_metrics
     callbacks.on_log(f"done: {_format(final_metrics)}")
-    callbacks.flush_until_written()
-    _retrying(
-        services.run_finish,
-        run_id=run.id,
-        fence=callbacks.fence,
-        status=RunStatus.SUCCEEDED,
-        summary=summary,
-        profile=profile,
-    )
+    callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
     return "succeeded"
 
 
@@ -410,15 +399,7 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
     for key in ("peak_memory_mb", "memory_kind", "wall_s", "tokens_per_s"):
         profile.pop(key)  # about training, which happened elsewhere
     callbacks.on_log(f"base model: {_format(base_metrics)}; adapter: {_format(adapter_metrics)}")
-    callbacks.flush_until_written()
-    _retrying(
-        services.run_finish,
-        run_id=run.id,
-        fence=callbacks.fence,
-        status=RunStatus.SUCCEEDED,
-        summary=summary,
-        profile=profile,
-    )
+    callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
     return "succeeded"
 
 
