@@ -23,6 +23,7 @@ from torch.testing import assert_close
 
 import peft_core
 from peft_core.tiny import build_tiny
+from tests.peft_core.test_lora import perturb
 from webapp.accounts.services import api_token_create
 from webapp.experiments import services
 from webapp.experiments.models import Artifact, Dataset, MetricPoint, Run, RunStatus
@@ -34,15 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 INPUT_IDS = torch.tensor([[1, 5, 9, 14, 3, 7]])
 
 
-def _perturbed(model):
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
-
-
 def _logits(model):
     with torch.no_grad():
         return model.eval()(INPUT_IDS).logits
@@ -51,7 +43,8 @@ def _logits(model):
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
     """A LoRA on the catalogue's tiny Llama, saved by peft_core: (config bytes, weights, logits)."""
-    model = _perturbed(peft_core.apply(build_tiny("llama"), peft_core.LoraConfig(r=4)))
+    model = peft_core.apply(build_tiny("llama"), peft_core.LoraConfig(r=4))
+    perturb(model, seed=3)
     directory = tmp_path_factory.mktemp("lora")
     peft_core.save_adapter(model, directory, base_model_name_or_path="tiny-llama")
     config = (directory / "adapter_config.json").read_bytes()
@@ -202,9 +195,8 @@ def test_unknown_and_dangerous_config_keys_are_dropped_from_the_rebuilt_config(c
 
 
 def test_a_seq_cls_adapter_on_tiny_bert_keeps_its_head(cast, upload, tmp_path):
-    model = _perturbed(
-        peft_core.apply(build_tiny("bert", "seq-cls", num_labels=3), peft_core.IA3Config())
-    )
+    model = peft_core.apply(build_tiny("bert", "seq-cls", num_labels=3), peft_core.IA3Config())
+    perturb(model, seed=3)
     peft_core.save_adapter(model, tmp_path, base_model_name_or_path="tiny-bert")
     response = upload(
         (tmp_path / "adapter_config.json").read_bytes(),

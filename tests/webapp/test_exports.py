@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import peft_core
 from peft_core.catalogue import load_model
+from tests.peft_core.test_lora import perturb
 from webapp.accounts.services import api_token_create
 from webapp.experiments import exports, services
 from webapp.experiments.models import Run, RunStatus
@@ -26,15 +27,6 @@ pytestmark = pytest.mark.django_db
 
 INPUT_IDS = torch.tensor([[1, 40, 77, 90, 120, 33, 7]])
 HOSTILE_NAME = "---\nfoo: bar\n---\n<script>alert(1)</script> | [x](javascript:1)"
-
-
-def _perturbed(model):
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
 
 
 def _logits(model):
@@ -47,7 +39,8 @@ def _trained_run(make_run, tmp_path, *, base_model, task, method, config, datase
     """A succeeded run whose stored adapter is a perturbed `config` on the catalogue model."""
     labels = len(dataset.label_names) or 2
     model, _ = load_model(base_model, task, num_labels=labels, cache_dir=settings.MODEL_CACHE_DIR)
-    model = _perturbed(peft_core.apply(model, config))
+    model = peft_core.apply(model, config)
+    perturb(model, seed=3)
     peft_core.save_adapter(model, tmp_path, base_model_name_or_path=base_model)
     run = make_run(base_model=base_model, method=method, dataset=dataset, **fields)
     fence = services.run_claim(run_id=run.id, worker="test")
