@@ -126,10 +126,9 @@ def sample_generations(
     samples = []
     for row in rows:
         prompt = row.get("prompt") or row.get("text", "")
-        inputs = _prompt_inputs(tokenizer, prompt)
         with peft_model.disabled(model):
-            base = _greedy(model, tokenizer, inputs, max_new_tokens)
-        adapted = _greedy(model, tokenizer, inputs, max_new_tokens)
+            base = greedy_answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        adapted = greedy_answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
         samples.append(
             {
                 "prompt": prompt,
@@ -142,20 +141,19 @@ def sample_generations(
     return samples
 
 
-def _prompt_inputs(tokenizer: PreTrainedTokenizerBase, prompt: str) -> dict[str, torch.Tensor]:
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _greedy(model, tokenizer, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> str:
+@torch.no_grad()
+def greedy_answer(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_new_tokens: int = 32
+) -> str:
+    """The model's greedy continuation of `prompt`, formatted as training formats prompts."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
     output = model.generate(
-        **inputs,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -10,7 +10,8 @@ import logging
 import torch
 
 import peft_core
-from peft_core.data import label_names, prompt_ids
+from peft_core.data import label_names
+from peft_core.profile import greedy_answer
 from webapp.experiments import services
 from webapp.experiments.models import PlaygroundPrompt, Run
 from workers.cache import base_model_copy
@@ -58,19 +59,9 @@ def _with_adapter(model, run: Run):
     return peft_core.load_adapter_files(model, files)
 
 
-@torch.no_grad()
 def _generate(model, tokenizer, prompt: PlaygroundPrompt) -> str:
     model.eval()
-    ids = torch.tensor([prompt_ids(tokenizer, prompt.text)], device=DEVICE)
-    output = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=prompt.max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return greedy_answer(model, tokenizer, prompt.text, max_new_tokens=prompt.max_new_tokens)
 
 
 @torch.no_grad()
