@@ -25,16 +25,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 TIMEOUT_S = 240
 
 
-def _worker_env() -> dict:
-    env = dict(os.environ)
+def database_env(host: str | None = None, port: int | None = None) -> dict:
+    """The variables that point a subprocess at the test database (on another host or port
+    if given, e.g. a proxy in front of PostgreSQL)."""
     db = connection.settings_dict
     if db["ENGINE"].endswith("sqlite3"):
-        env["PEFTLAB_SQLITE_PATH"] = str(db["NAME"])
-    else:
-        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-        port = db["PORT"] or 5432
-        env["DATABASE_URL"] = f"postgres://{auth}@{db['HOST']}:{port}/{db['NAME']}"
-    return env
+        return {"PEFTLAB_SQLITE_PATH": str(db["NAME"])}
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    host, port = host or db["HOST"], port or db["PORT"] or 5432
+    return {"DATABASE_URL": f"postgres://{auth}@{host}:{port}/{db['NAME']}"}
+
+
+def _worker_env() -> dict:
+    return {**os.environ, **database_env()}
 
 
 @pytest.fixture

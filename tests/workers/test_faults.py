@@ -28,6 +28,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from tests.workers.test_celery_worker import database_env
 from webapp.celery import app as celery_app
 from webapp.experiments.models import Artifact, MetricPoint, Run, RunStatus
 from workers.tasks import train_run
@@ -45,15 +46,6 @@ FAST_LEASES = {
 }
 
 
-def _database_url(host: str | None = None, port: int | None = None) -> dict:
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        return {"PEFTLAB_SQLITE_PATH": str(db["NAME"])}
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    host, port = host or db["HOST"], port or db["PORT"] or 5432
-    return {"DATABASE_URL": f"postgres://{auth}@{host}:{port}/{db['NAME']}"}
-
-
 class Processes:
     """Workers and reapers started by a test; all killed at its end."""
 
@@ -64,7 +56,7 @@ class Processes:
         log = (self.tmp_path / f"{name}.log").open("w")
         process = subprocess.Popen(
             [sys.executable, *command],
-            env={**os.environ, **FAST_LEASES, **_database_url(), **env},
+            env={**os.environ, **FAST_LEASES, **database_env(), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=settings.BASE_DIR,
@@ -346,7 +338,7 @@ def test_postgresql_away_for_30_s_mid_run_loses_no_metric(cast, processes, empty
         pytest.skip("a database outage needs a database server (CI runs this on PostgreSQL)")
     proxy = _CuttableProxy((db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)))
     try:
-        through_proxy = _database_url("127.0.0.1", proxy.port)
+        through_proxy = database_env("127.0.0.1", proxy.port)
         steps = 300
         run = _queued_run(cast, steps=steps, checkpoint_every=50)
         processes.worker(**through_proxy)
