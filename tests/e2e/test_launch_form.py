@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import log_in
+from tests.e2e.conftest import CHROMIUM, log_in
 from webapp.experiments.models import Run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -95,6 +95,58 @@ def test_the_method_swap_updates_the_estimate(page, live_server, cast):
     page.wait_for_selector("#id_num_virtual_tokens")
     prefix = _wait_for_estimate_other_than(page, lora)
     assert "Fix the form" not in prefix and "Trainable parameters" in prefix
+    assert not errors
+
+
+@pytest.fixture
+def page_with_history_cache(browser):
+    """A page in a Chromium that keeps pages for Back and Forward (the back/forward cache),
+    as browsers do; Playwright turns that cache off by default."""
+    with_cache = browser.browser_type.launch(
+        executable_path=str(CHROMIUM),
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        ignore_default_args=["--disable-back-forward-cache"],
+    )
+    yield with_cache.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    with_cache.close()
+
+
+def test_the_sweep_preset_keeps_what_was_typed_and_its_flash_shows_once(
+    page_with_history_cache, live_server, cast
+):
+    """From the keyboard: type, choose the preset (a button of the form), the typed values
+    stay; Enter in a field still launches. The launch's flash is not shown again when Back
+    brings the page back."""
+    page, base = page_with_history_cache, live_server.url
+    errors = _errors(page)
+    page.add_init_script("addEventListener('pageshow', (e) => { window.restored = e.persisted; })")
+    log_in(page, live_server, "alice", "alice-pw-9")
+    page.goto(f"{base}/sweeps/new/")
+    page.fill("#id_steps", "7")
+    _tab_to(page, "id_name")
+    _type(page, "typed shoot-out")
+    _tab_to(page, "id_base_model")
+    page.keyboard.type("Tiny Llama")
+    _tab_to(page, "preset")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    boxes = page.locator("input[name=methods]")
+    assert boxes.count() == 7 and all(box.is_checked() for box in boxes.all())
+    kept = [page.input_value(f"#id_{field}") for field in ("name", "base_model", "steps")]
+    assert kept == ["typed shoot-out", "tiny-llama", "7"]
+    assert "bottleneck.placement" in page.input_value("#id_grid")  # it was empty
+
+    _tab_to(page, "id_name")
+    page.keyboard.press("Enter")  # the form's default button launches
+    page.wait_for_url(re.compile(r"/sweeps/\d+/$"))
+    flash = page.locator(".flash-success")
+    assert "“typed shoot-out” launched: 9 runs" in flash.inner_text()
+    page.click("nav >> text=Runs")
+    page.wait_for_url(f"{base}/")
+    page.go_back(wait_until="commit")  # a page from the back/forward cache fires no load
+    page.wait_for_selector("#sweep-runs")
+    assert page.evaluate("window.restored")  # the page as it was left, flash and all
+    assert page.locator(".flash-success").count() == 0
     assert not errors
 
 

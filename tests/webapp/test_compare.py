@@ -2,6 +2,7 @@
 
 import csv
 import io
+import re
 
 import pytest
 from django.urls import reverse
@@ -9,7 +10,7 @@ from django.urls import reverse
 from webapp.experiments import services
 from webapp.experiments.comparison import csv_cell
 from webapp.experiments.forms import parse_grid
-from webapp.experiments.method_forms import expand_sweep
+from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep
 from webapp.experiments.models import Run, RunStatus, Sweep, Tag
 
 pytestmark = pytest.mark.django_db
@@ -128,6 +129,55 @@ def test_clone_prefills_the_form(client, cast):
     assert client.get(reverse("sweep_detail", args=[sweep.id])).status_code == 404
 
 
+ALL_PLACEMENTS = "bottleneck.placement = houlsby, pfeiffer, parallel"
+
+
+def test_the_preset_button_keeps_what_was_typed(client, cast):
+    """Chosen on a filled-in form, the preset checks every method; the rest stays as typed,
+    and a field left empty gets the preset's value."""
+    client.force_login(cast.alice)
+    typed = _sweep_form(cast, name="my shoot-out", steps=7, grid="", preset="all-methods")
+    response = client.post(reverse("sweep_new"), typed)
+    assert response.status_code == 200 and not Sweep.objects.exists()
+    initial = response.context["form"].initial
+    assert initial["methods"] == list(METHOD_FORMS)
+    assert (initial["name"], initial["base_model"], initial["steps"]) == (
+        "my shoot-out",
+        "tiny-llama",
+        "7",
+    )
+    assert initial["dataset"] == str(cast.datasets["sample-instructions"].id)
+    assert initial["grid"] == ALL_PLACEMENTS  # it was empty
+    page = response.content.decode()
+    assert 'value="my shoot-out"' in page and '<option value="tiny-llama" selected>' in page
+    assert len(re.findall(r'name="methods" value="\w+"[^>]* checked', page)) == len(METHOD_FORMS)
+
+    kept = client.post(reverse("sweep_new"), _sweep_form(cast, preset="all-methods"))
+    assert kept.context["form"].initial["grid"] == "lora.r = 4, 8, 16"  # a typed grid stays
+
+
+def test_the_preset_is_a_button_of_the_form(client, cast):
+    """A button, so what was typed travels with it; Enter in a field still launches."""
+    client.force_login(cast.alice)
+    page = client.get(reverse("sweep_new")).content.decode()
+    assert "?preset=" not in page  # no link that drops the form
+    start = page.index('<form method="post" class="card')
+    form = page[start : page.index("</form>", start)]
+    buttons = re.findall(r"<button[^>]*>", form)
+    assert 'name="preset" value="all-methods"' in " ".join(buttons)
+    assert 'name="preset"' not in buttons[0]  # the form's default button launches
+
+
+def test_the_preset_link_alone_gives_the_whole_preset(client, cast):
+    """The runs list links to ?preset=all-methods: every method on the default model, short."""
+    client.force_login(cast.alice)
+    initial = client.get(reverse("sweep_new"), {"preset": "all-methods"}).context["form"].initial
+    assert initial["methods"] == list(METHOD_FORMS) and initial["grid"] == ALL_PLACEMENTS
+    assert (initial["base_model"], initial["steps"]) == ("smollm2-135m-instruct", 20)
+    runs_page = client.get(reverse("runs")).content.decode()
+    assert reverse("sweep_new") + "?preset=all-methods" in runs_page
+
+
 def test_runs_list_filters_search_and_sort(client, cast):
     a, b = _finished_run(cast, "alpha run"), _finished_run(cast, "beta run", method="dora")
     Tag.objects.create(run=b, name="baseline")
@@ -163,6 +213,43 @@ def test_compare_page_shows_every_view_with_measured_numbers(client, cast):
     assert payload["curves"][a.id]["train_loss"]["wall"] == [0.0, 1.0, 2.0]
     assert [row["trainable_params"] for row in payload["tradeoff"]] == [1000, 50]
     assert payload["tradeoff"][0]["merged_overhead"] == pytest.approx(1.01)
+
+
+@pytest.mark.parametrize(
+    ("mib", "kind", "text"),
+    [
+        (0.0, "rss", "—"),  # RSS did not grow: nothing measured, not "0 MiB"
+        (None, None, "—"),  # an uploaded adapter: trained elsewhere
+        (0.04, "rss", "&lt;0.1 MiB"),
+        (0.42, "rss", "0.4 MiB"),
+        (12.0, "cuda", "12 MiB"),
+        (20_480.4, "cuda", "20,480 MiB"),
+    ],
+)
+def test_peak_memory_reads_at_its_own_precision(mib, kind, text):
+    from webapp.experiments.templatetags.measures import peak_memory
+
+    html = str(peak_memory(mib, kind))
+    assert re.fullmatch(r'<span title="[^"]+">(.*)</span>', html).group(1) == text
+
+
+def test_a_cpu_run_that_grew_no_memory_reads_not_measured(client, cast):
+    """Tiny models on a CPU train in memory the worker already holds: its RSS grows by 0,
+    which the pages must not show as "0 MiB"."""
+    cpu = {"memory_kind": "rss", "wall_s": 2.0}
+    flat = _finished_run(cast, "flat", peak_memory_mb=0.0, tokens_per_s=123456.7, **cpu)
+    small = _finished_run(cast, "small", peak_memory_mb=0.42, **cpu)
+    client.force_login(cast.alice)
+    page = client.get(reverse("compare"), {"runs": [flat.id, small.id]}).content.decode()
+    table = page[page.index('<table class="table tradeoff">') : page.index("</table>")]
+    assert " 0 MiB" not in table and ">0 MiB" not in table
+    assert "Not measured on this device" in table and ">0.4 MiB<" in table
+    assert ">123,000<" in table  # three significant figures, not 123457
+    run_page = client.get(reverse("run_detail", args=[flat.id])).content.decode()
+    assert "Not measured on this device" in run_page and ">0 MiB" not in run_page
+    rows = client.get(reverse("compare_csv"), {"runs": [small.id]}).content.decode()
+    row = next(csv.DictReader(io.StringIO(rows)))
+    assert (row["peak_memory_mb"], row["memory_kind"], row["train_s"]) == ("0.42", "rss", "2.0")
 
 
 def test_compare_never_shows_another_teams_runs(client, cast):

@@ -3,6 +3,7 @@ Another team's objects are 404; a viewer cannot launch."""
 
 import io
 import json
+import re
 import zipfile
 
 import pytest
@@ -102,6 +103,35 @@ def test_launch_creates_a_queued_run(client, cast):
     assert run.created_by == cast.bob
 
 
+def _flashes(response) -> list[str]:
+    return re.findall(r'<div class="flash flash-\w+" role="status" data-once>([^<]*)</div>',
+                      response.content.decode())  # fmt: skip
+
+
+def test_the_launch_flash_tells_the_event_once(client, cast):
+    """'… launched', never a state that the live status would contradict a moment later;
+    shown on the page the launch leads to, and on no later one."""
+    client.force_login(cast.bob)
+    response = client.post(reverse("run_new"), _form(cast), follow=True)
+    run = Run.objects.get()
+    assert response.redirect_chain == [(reverse("run_detail", args=[run.id]), 302)]
+    [flash] = _flashes(response)
+    assert flash.startswith("Run “first run” launched.") and "queued" not in flash.lower()
+    Run.objects.filter(id=run.id).update(status=RunStatus.SUCCEEDED)
+    for url in (reverse("run_detail", args=[run.id]), reverse("runs")):
+        assert _flashes(client.get(url)) == [], url
+
+
+def test_the_sweep_flash_tells_the_event_once(client, cast):
+    from tests.webapp.test_compare import _sweep_form
+
+    client.force_login(cast.bob)
+    response = client.post(reverse("sweep_new"), _sweep_form(cast), follow=True)
+    [flash] = _flashes(response)
+    assert flash.startswith("Sweep “shoot-out” launched: 3 runs.") and "queued" not in flash
+    assert _flashes(client.get(response.redirect_chain[-1][0])) == []
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("r", 0), ("r", 100000), ("steps", 0), ("learning_rate", 5), ("dropout", 1.5)],
@@ -172,6 +202,26 @@ def test_live_partial_polls_until_finished(client, cast):
     assert "hx-trigger" not in finished.content.decode()
 
 
+def test_the_live_panel_estimates_before_it_tells_a_time_left(client, cast):
+    run = _run(cast, total_steps=100)
+    fence = services.run_claim(run_id=run.id, worker="w")
+    client.force_login(cast.alice)
+    url = reverse("run_live", args=[run.id])
+
+    def steps(elapsed: dict[int, float]) -> str:
+        points = [services.Point("elapsed", s, t, 1000.0 + t) for s, t in elapsed.items()]
+        services.metrics_record(run_id=run.id, fence=fence, points=points)
+        services.run_heartbeat(run_id=run.id, fence=fence, step=max(elapsed))
+        return " ".join(client.get(url).content.decode().split())
+
+    assert "loading the model" in " ".join(client.get(url).content.decode().split())
+    early = steps({1: 3.0, 2: 3.5})  # a slow first step, then two
+    assert "estimating the time left…" in early and " left" not in early.replace("time left", "")
+    assert "about 40 s left" in steps({s: 2.5 + 0.5 * s for s in range(3, 21)})  # 80 × 0.5 s
+    assert "about 2 min left" in steps({s: 12.5 + 2.0 * (s - 20) for s in range(21, 41)})
+    assert "measuring the adapter" in steps({100: 300.0})
+
+
 def test_run_page_shows_curve_data_and_escapes_names(client, cast):
     run = _run(cast, name="<img src=x onerror=alert(1)>")
     fence = services.run_claim(run_id=run.id, worker="w")
@@ -189,17 +239,19 @@ def test_run_page_shows_curve_data_and_escapes_names(client, cast):
 def test_cancel_queued_run_is_immediate(client, cast):
     run = _run(cast)
     client.force_login(cast.bob)
-    client.post(reverse("run_cancel", args=[run.id]))
+    response = client.post(reverse("run_cancel", args=[run.id]), follow=True)
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED
+    assert _flashes(response) == ["Run “lora-r8” cancelled."]  # not "stops within one step"
 
 
 def test_cancel_running_run_sets_the_flag(client, cast):
     run = _run(cast, status=RunStatus.RUNNING)
     client.force_login(cast.alice)
-    client.post(reverse("run_cancel", args=[run.id]))
+    response = client.post(reverse("run_cancel", args=[run.id]), follow=True)
     run.refresh_from_db()
     assert run.status == RunStatus.RUNNING and run.cancel_requested
+    assert _flashes(response) == ["Cancel requested: the run stops within one training step."]
 
 
 def test_viewer_cannot_cancel(client, cast):

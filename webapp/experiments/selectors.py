@@ -20,6 +20,7 @@ from webapp.experiments.models import (
     PlaygroundVote,
     Project,
     Run,
+    RunStatus,
     ShareLink,
     Sweep,
 )
@@ -157,16 +158,45 @@ def metric_series(
     }
 
 
+# No time left is told before this much training: the first steps are slow (warm-up, lazy
+# allocations) and a pace read from two or three of them is a guess.
+ETA_MIN_STEPS = 3
+ETA_MIN_SECONDS = 5.0
+ETA_WINDOW_S = 30.0  # the pace is that of the last half minute of training
+ETA_POINTS = 200  # at most this many of the latest steps are read
+
+
 def run_eta_seconds(*, run: Run) -> float | None:
-    """Time left at the pace of the steps so far (model loading and evaluation excluded)."""
-    if run.status != "running":
+    """Seconds left at the recent pace of training; None while there is no pace to trust yet
+    (fewer than ETA_MIN_STEPS steps or ETA_MIN_SECONDS of training in this attempt).
+
+    The pace is read from the `elapsed` each reported step carries (seconds since this
+    attempt's training began, evaluations included) over the last ETA_WINDOW_S, from the end
+    of a step on: the first step's warm-up never counts, the next slow ones stop counting as
+    training moves on, and a resumed run's earlier attempt never counts."""
+    if run.status != RunStatus.RUNNING:
         return None
-    times = MetricPoint.objects.filter(run=run, key="train_loss").order_by("step")
-    first, last = times.first(), times.last()
-    if first is None or last.step <= first.step:
+    attempt = _attempt_elapsed(run)
+    if len(attempt) < ETA_MIN_STEPS or attempt[0][1] < ETA_MIN_SECONDS:
         return None
-    per_step = (last.wall_time - first.wall_time) / (last.step - first.step)
+    last_step, last_s = attempt[0]
+    start_step, start_s = next(
+        (point for point in attempt if last_s - point[1] >= ETA_WINDOW_S), attempt[-1]
+    )
+    per_step = (last_s - start_s) / (last_step - start_step)
     return max(0.0, per_step * (run.total_steps - run.step))
+
+
+def _attempt_elapsed(run: Run) -> list[tuple[int, float]]:
+    """(step, elapsed) of the latest reported steps, newest first, of this attempt only: an
+    earlier attempt's elapsed ran from another start, so going back it stops decreasing."""
+    latest = MetricPoint.objects.filter(run=run, key="elapsed").order_by("-step")
+    attempt: list[tuple[int, float]] = []
+    for step, seconds in latest.values_list("step", "value")[:ETA_POINTS]:
+        if attempt and seconds >= attempt[-1][1]:
+            break
+        attempt.append((step, seconds))
+    return attempt
 
 
 def artifact_list_for_user(*, user) -> QuerySet[Artifact]:

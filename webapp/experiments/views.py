@@ -86,6 +86,12 @@ def _default_dataset_id(datasets) -> int | None:
     return datasets.filter(builtin_key="sample-instructions").values_list("id", flat=True).first()
 
 
+# The flashes after a launch tell what happened, never a state ("queued"): the page's live
+# status says where the runs are, and a flash stating one would soon contradict it.
+LAUNCHED_RUN = "It starts when a worker is free; its status below follows it live."
+LAUNCHED_SWEEP = "Each starts when a worker is free; the table below follows them live."
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def run_new(request):
@@ -109,7 +115,7 @@ def run_new(request):
             method_config=method_form.config_kwargs(),
             **form.launch_kwargs(),
         )
-        messages.success(request, f"Run “{run.name}” is queued.")
+        messages.success(request, f"Run “{run.name}” launched. {LAUNCHED_RUN}")
         return redirect("run_detail", run_id=run.id)
     context = {"form": form, "method_form": method_form, "catalogue": CATALOGUE}
     status = 400 if request.method == "POST" else 200  # reached on POST only when invalid
@@ -322,12 +328,20 @@ def run_live(request, run_id: int):
 def run_cancel(request, run_id: int):
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
     try:
-        services.run_cancel_request(user=request.user, run=run)
+        run = services.run_cancel_request(user=request.user, run=run)
     except PermissionDenied as exc:
         messages.error(request, str(exc))
     else:
-        messages.info(request, "Cancel requested: the run stops within one training step.")
+        messages.info(request, _cancel_message(run))
     return redirect("run_detail", run_id=run.id)
+
+
+def _cancel_message(run) -> str:
+    if run.status == RunStatus.RUNNING:
+        return "Cancel requested: the run stops within one training step."
+    if run.status == RunStatus.CANCELLED:  # it had not started: cancelled at once
+        return f"Run “{run.name}” cancelled."
+    return f"Run “{run.name}” had already ended ({run.get_status_display().lower()})."
 
 
 @login_required
@@ -493,6 +507,11 @@ def sweep_new(request):
     projects = selectors.project_list_for_launch(user=request.user)
     datasets = selectors.dataset_list_for_user(user=request.user)
     initial = _sweep_initial(request, datasets)
+    if request.POST.get("preset") == ALL_METHODS:
+        # The preset button: the form again, every method checked, what was typed kept.
+        initial |= _typed_sweep_fields(request.POST) | {"methods": ALL_METHODS_PRESET["methods"]}
+        form = SweepForm(initial=initial, projects=projects, datasets=datasets)
+        return render(request, "experiments/sweep_new.html", {"form": form})
     form = SweepForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
@@ -504,10 +523,22 @@ def sweep_new(request):
             sweep = services.sweep_create(
                 user=request.user, items=items, grid=data["grid"], **form.launch_kwargs()
             )
-            messages.success(request, f"Sweep “{sweep.name}”: {len(items)} runs queued.")
+            launched = f"Sweep “{sweep.name}” launched: {len(items)} runs. {LAUNCHED_SWEEP}"
+            messages.success(request, launched)
             return redirect("sweep_detail", sweep_id=sweep.id)
     status = 400 if request.method == "POST" else 200  # reached on POST only when invalid
     return render(request, "experiments/sweep_new.html", {"form": form}, status=status)
+
+
+# "Compare all methods": every method, bottleneck adapters in their three placements, on a
+# short budget. Chosen on a filled-in form, it changes the methods only; the grid and the
+# steps fill fields that were left empty.
+ALL_METHODS = "all-methods"
+ALL_METHODS_PRESET = {
+    "methods": list(METHOD_FORMS),
+    "grid": "bottleneck.placement = houlsby, pfeiffer, parallel",
+    "steps": 20,
+}
 
 
 def _sweep_initial(request, datasets) -> dict:
@@ -518,10 +549,8 @@ def _sweep_initial(request, datasets) -> dict:
         "dataset": _default_dataset_id(datasets),
         "methods": ["lora"],
     }
-    if request.GET.get("preset") == "all-methods":
-        initial["methods"] = list(METHOD_FORMS)
-        initial["grid"] = "bottleneck.placement = houlsby, pfeiffer, parallel"
-        initial["steps"] = 20
+    if ALL_METHODS in (request.GET.get("preset"), request.POST.get("preset")):
+        initial |= ALL_METHODS_PRESET
     clone_id = _int_or_none(request.GET.get("clone", ""))
     if clone_id is not None:
         sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=clone_id)
@@ -536,6 +565,12 @@ def _sweep_initial(request, datasets) -> dict:
             **grid.get("train", {}),
         }
     return initial
+
+
+def _typed_sweep_fields(data) -> dict:
+    """The launch form's fields as submitted, those left empty out (the methods aside)."""
+    fields = (name for name in SweepForm.base_fields if name != "methods")
+    return {name: value for name in fields if (value := data.get(name, "").strip())}
 
 
 def _sweep_context(request, sweep_id: int) -> dict:

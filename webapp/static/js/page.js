@@ -21,4 +21,14 @@
   }
   document.addEventListener("focusin", selectAll);
   document.addEventListener("click", selectAll);
+
+  // <div data-once>: a flash that tells what just happened ("Run … launched"). Back and
+  // Forward show a page as it was, from the browser's caches, and would tell it again as if
+  // it had just happened; the live parts of the page say what is true now.
+  window.addEventListener("pageshow", (event) => {
+    const navigation = performance.getEntriesByType("navigation")[0];
+    if (event.persisted || (navigation && navigation.type === "back_forward")) {
+      document.querySelectorAll("[data-once]").forEach((element) => element.remove());
+    }
+  });
 })();
