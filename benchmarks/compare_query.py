@@ -5,20 +5,24 @@
 
 A throwaway database on that server (created, migrated, dropped). Each run gets train_loss
 and tokens at every step and eval_loss every 500 steps, written through
-services.metrics_record (COPY), then finishes. Timed, p50/p95 over the requests:
+services.metrics_record (COPY, which also keeps the rollups), then finishes. Timed,
+p50/p95 over the requests, the cold variants interleaved:
 
-    cold curves   comparison.curves() with the cache emptied first: PostgreSQL buckets every
-                  point (covering index, index-only scan) and sends ~1000 per series
-    old curves    the path it replaced: every point read into Python, numpy picks (a few
-                  requests only, interleaved with cold ones)
+    cold curves   comparison.curves() with the cache emptied first: the series' rollups
+                  (~800 rows per 100 000-step series) folded into ~1000 points each
+    SQL buckets   the path the rollups replaced: PostgreSQL buckets every point (index-only
+                  scan of the covering unique index) and sends ~1000 per series
+    old curves    the path before that: every point read into Python, numpy picks
     warm curves   comparison.curves() again: finished runs' curves come from the cache
-    page          GET /compare/?runs=… through Django's test client, cache warm
+    page, cold    GET /compare/?runs=… through Django's test client, cache emptied first
+    page, warm    the same, cache warm
     run page      selectors.metric_series() of one 100 000-step run (never cached)
 
-The goal (issue 6, part 3): the compare query for 20 runs x 100 000 points <= 300 ms p95.
+The goal (issue 8, part 3): the compare query for 20 runs x 100 000 points <= 300 ms p95.
 """
 
 import argparse
+import statistics
 import time
 
 from _throwaway_pg import percentiles_ms, throwaway_database
@@ -70,6 +74,39 @@ def _points(seed: int, steps: int) -> list:
     return points
 
 
+# The bucketing query the rollups replaced (webapp/experiments/downsample.py before them):
+# equal step ranges over every stored point, each bucket's extremes picked in PostgreSQL.
+BUCKETS_SQL = """
+WITH series AS (
+    SELECT r.run_id, k.key, head.step AS lo, tail.step AS hi
+    FROM unnest(%(run_ids)s::bigint[]) AS r (run_id)
+    CROSS JOIN unnest(%(keys)s::varchar[]) AS k (key)
+    CROSS JOIN LATERAL (
+        SELECT step FROM experiments_metricpoint
+        WHERE run_id = r.run_id AND key = k.key ORDER BY step LIMIT 1
+    ) AS head
+    CROSS JOIN LATERAL (
+        SELECT step FROM experiments_metricpoint
+        WHERE run_id = r.run_id AND key = k.key ORDER BY step DESC LIMIT 1
+    ) AS tail
+)
+SELECT p.run_id, p.key,
+       min(ARRAY[p.value, p.step, p.wall_time]), max(ARRAY[p.value, p.step, p.wall_time])
+FROM series AS s
+JOIN experiments_metricpoint AS p ON p.run_id = s.run_id AND p.key = s.key
+GROUP BY p.run_id, p.key, (p.step - s.lo)::bigint * %(buckets)s / (s.hi - s.lo + 1)
+"""
+
+
+def _sql_buckets(run_ids: list[int], keys: tuple[str, ...]) -> int:
+    from django.db import connection, transaction
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL work_mem = '64MB'")
+        cursor.execute(BUCKETS_SQL, {"run_ids": run_ids, "keys": list(keys), "buckets": 499})
+        return len(cursor.fetchall())
+
+
 def _timed(call, times: list[float]):
     started = time.perf_counter()
     result = call()
@@ -82,7 +119,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=30)
-    parser.add_argument("--cold", type=int, default=10)
+    parser.add_argument("--cold", type=int, default=20)
     parser.add_argument("--old", type=int, default=3)
     args = parser.parse_args()
     throwaway_database("compare")
@@ -98,42 +135,50 @@ def main() -> None:
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE experiments_metricpoint")  # as autovacuum would
     ids = [run.id for run in runs]
-    times: dict[str, list[float]] = {"cold": [], "old": [], "warm": [], "page": [], "run": []}
+    times: dict[str, list[float]] = {
+        name: [] for name in ("cold", "buckets", "old", "warm", "page_cold", "page", "run")
+    }
 
     def old_curves():
         series = downsample._series_by_numpy(ids, comparison.CURVE_KEYS, comparison.MAX_POINTS)
         return len(series)
 
+    setup_test_environment()
+    client = Client()
+    client.force_login(user)
+    url = reverse("compare") + "?" + "&".join(f"runs={i}" for i in ids)
     for number in range(args.cold):
         cache.clear()
         curves = _timed(lambda: comparison.curves(runs), times["cold"])
+        _timed(lambda: _sql_buckets(ids, comparison.CURVE_KEYS), times["buckets"])
         if number < args.old:
             _timed(old_curves, times["old"])
+        cache.clear()
+        response = _timed(lambda: client.get(url), times["page_cold"])
+        assert response.status_code == 200, response.status_code
     kept = sum(len(c["train_loss"]["step"]) for c in curves.values())
     spikes = sum(max(c["train_loss"]["value"]) > 5.0 for c in curves.values())
     print(f"train_loss points sent: {kept:,} for {args.runs} runs; spikes kept: {spikes}")
     for _ in range(args.requests):
         _timed(lambda: comparison.curves(runs), times["warm"])
-    setup_test_environment()
-    client = Client()
-    client.force_login(user)
-    url = reverse("compare") + "?" + "&".join(f"runs={i}" for i in ids)
     for _ in range(args.requests):
         response = _timed(lambda: client.get(url), times["page"])
         assert response.status_code == 200, response.status_code
     for _ in range(args.requests):
         _timed(lambda: selectors.metric_series(run=runs[0]), times["run"])
     labels = {
-        "cold": "curves, cold (SQL buckets)",
-        "old": "curves, old (all points to numpy)",
+        "cold": "curves, cold (rollups)",
+        "buckets": "curves' query, SQL buckets of all points",
+        "old": "curves, all points to numpy",
         "warm": "curves, warm (finished runs cached)",
+        "page_cold": "compare page, cold (test client)",
         "page": "compare page, warm (test client)",
-        "run": "run page series, 1 run (SQL)",
+        "run": "run page series, 1 run (rollups)",
     }
     for name, label in labels.items():
-        print(f"{label:38s} {percentiles_ms(times[name])}")
-    old_vs_cold = [a / b for a, b in zip(times["old"], times["cold"], strict=False)]
-    print(f"old / cold, paired: x{sum(old_vs_cold) / len(old_vs_cold):.1f}")
+        print(f"{label:42s} {percentiles_ms(times[name])}")
+    buckets_vs_cold = [a / b for a, b in zip(times["buckets"], times["cold"], strict=True)]
+    print(f"SQL buckets / rollups, paired: x{statistics.median(buckets_vs_cold):.1f}")
     print(f"page size: {len(response.content) / 1024:.0f} KiB")
 
 

@@ -52,7 +52,6 @@ def test_stored_spikes_survive_the_databases_downsampling(make_run):
     """The same spikes, read back through series_downsampled: numpy on SQLite, the database's
     own buckets on PostgreSQL."""
     from webapp.experiments.downsample import series_downsampled
-    from webapp.experiments.models import MetricPoint
 
     run = make_run()
     positions = [0, 1, 777, 50_001, N - 2, N - 1]
@@ -64,10 +63,7 @@ def test_stored_spikes_survive_the_databases_downsampling(make_run):
         for position, sign in zip(positions, signs, strict=True):
             values[position] = 2.0 + sign * 50.0
         expected[key] = {position: values[position] for position in positions}
-        MetricPoint.objects.bulk_create(
-            MetricPoint(run=run, key=key, step=s, value=v, wall_time=0.0)
-            for s, v in enumerate(values)
-        )
+        _store(run, key, values)
     series = series_downsampled(run_ids=[run.id], keys=("up_first", "down_first", "absent"))
     assert set(series) == {(run.id, "up_first"), (run.id, "down_first")}
     for key, spikes in expected.items():
@@ -76,3 +72,106 @@ def test_stored_spikes_survive_the_databases_downsampling(make_run):
         assert steps[0] == 0 and steps[-1] == N - 1
         kept = dict(zip(steps.tolist(), values.tolist(), strict=True))
         assert all(kept.get(position) == value for position, value in spikes.items()), key
+
+
+def _store(run, key, values, steps=None, batch=1000):
+    """Stored the way the workers store them: batches through the service's insert, which on
+    PostgreSQL also keeps the series' rollups."""
+    from webapp.experiments.services import Point, _metric_points_insert
+
+    steps = range(len(values)) if steps is None else steps
+    points = [
+        Point(key, int(s), float(v), float(s) / 10) for s, v in zip(steps, values, strict=True)
+    ]
+    for start in range(0, len(points), batch):
+        _metric_points_insert(run_id=run.id, points=points[start : start + batch])
+
+
+def _rollups_from_points(run_id: int) -> dict:
+    """What the rollups must hold, computed in Python from the stored points."""
+    from webapp.experiments.models import ROLLUP_WIDTHS, MetricPoint
+
+    expected: dict[tuple, dict] = {}
+    for key, step, value, wall in MetricPoint.objects.filter(run_id=run_id).values_list(
+        "key", "step", "value", "wall_time"
+    ):
+        for width in ROLLUP_WIDTHS:
+            row = expected.setdefault(
+                (key, width, step // width),
+                {"count": 0, "first": None, "last": None, "low": None, "high": None},
+            )
+            row["count"] += 1
+            point = (step, value, wall)
+            row["first"] = min(row["first"] or point, point)
+            row["last"] = max(row["last"] or point, point)
+            row["low"] = min(row["low"] or point, point, key=lambda p: (p[1], p[0]))
+            row["high"] = max(row["high"] or point, point, key=lambda p: (p[1], p[0]))
+    return expected
+
+
+def _rollups_stored(run_id: int) -> dict:
+    from webapp.experiments.models import MetricRollup
+
+    return {
+        (r.key, r.width, r.bucket): {
+            "count": r.count,
+            "first": (r.first_step, r.first_value, r.first_wall),
+            "last": (r.last_step, r.last_value, r.last_wall),
+            "low": (r.low_step, r.low_value, r.low_wall),
+            "high": (r.high_step, r.high_value, r.high_wall),
+        }
+        for r in MetricRollup.objects.filter(run_id=run_id)
+    }
+
+
+@pytest.mark.django_db
+def test_rollups_match_the_points_after_resent_overlapping_and_shuffled_batches(make_run):
+    """Batches arrive out of order, overlap, repeat (a resumed run sends steps again) and carry
+    ties: the rollups still equal a summary computed from the stored points, and a repeated
+    point is counted once."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("rollups are kept on PostgreSQL; CI runs this there")
+    run = make_run()
+    rng = np.random.default_rng(7)
+    values = np.round(rng.standard_normal(5000), 1)  # rounded: many equal values (ties)
+    steps = np.arange(5000)
+    order = rng.permutation(50)
+    for chunk in order:  # 50 batches of 100 steps, shuffled
+        part = slice(chunk * 100, chunk * 100 + 100)
+        _store(run, "train_loss", values[part], steps[part])
+    _store(run, "train_loss", values[1200:3400], steps[1200:3400], batch=700)  # resent, overlapping
+    _store(run, "eval_loss", values[::500], steps[::500])
+    expected = _rollups_from_points(run.id)
+    assert sum(row["count"] for (k, w, _), row in expected.items() if w == 16) == 5000 + 10
+    assert _rollups_stored(run.id) == expected
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("length", [900, 1001, 20_000, 300_000])
+def test_long_series_read_through_rollups_keep_ends_and_extremes(make_run, length):
+    """Every length the reader distinguishes (points, each rollup width, and longer than the
+    coarsest covers in max_points rows): first and last points, the global extremes, and a
+    one-point spike in the middle survive, at most ~max_points points, in step order."""
+    from webapp.experiments.downsample import series_downsampled
+
+    run = make_run()
+    rng = np.random.default_rng(length)
+    values = 2.0 + 0.01 * rng.standard_normal(length)
+    values[length // 2 + 3] = 60.0
+    values[length // 3] = -60.0
+    _store(run, "train_loss", values, batch=5000)
+    steps, kept, walls = series_downsampled(run_ids=[run.id], keys=("train_loss",))[
+        (run.id, "train_loss")
+    ]
+    assert len(steps) <= min(length, 1000)
+    assert list(steps) == sorted(set(steps.tolist()))
+    assert steps[0] == 0 and steps[-1] == length - 1
+    assert kept[0] == values[0] and kept[-1] == values[-1]
+    by_step = dict(zip(steps.tolist(), kept.tolist(), strict=True))
+    assert by_step[length // 2 + 3] == 60.0 and by_step[length // 3] == -60.0
+    assert all(by_step[s] == values[s] for s in by_step)  # real points, not averages
+    assert np.allclose(walls, steps / 10)
+    if length > 1000:
+        assert len(steps) > 100  # a chart, not a handful of points

@@ -69,15 +69,60 @@ def test_log_keeps_the_last_lines(run, settings):
     assert run.log_lines() == ["2", "3", "4"]
 
 
-def test_eta_follows_the_pace_of_training_steps(run):
+def _steps(run, fence, elapsed: dict[int, float], started: float = 1000.0) -> float | None:
+    """Report steps as the training loop does (train_loss and elapsed, each with its wall
+    time), then read the run's ETA."""
     from webapp.experiments import selectors
 
-    fence = services.run_claim(run_id=run.id, worker="a")
-    points = [Point("train_loss", step, 1.0, 100.0 + 2.0 * step) for step in (1, 2, 3, 4)]
+    points = []
+    for step, seconds in elapsed.items():
+        points += [Point("train_loss", step, 1.0, started + seconds)]
+        points += [Point("elapsed", step, seconds, started + seconds)]
     services.metrics_record(run_id=run.id, fence=fence, points=points)
-    services.run_heartbeat(run_id=run.id, fence=fence, step=4)
+    services.run_heartbeat(run_id=run.id, fence=fence, step=max(elapsed))
     run.refresh_from_db()
-    assert selectors.run_eta_seconds(run=run) == pytest.approx(12.0)  # 6 steps left × 2 s
+    return selectors.run_eta_seconds(run=run)
+
+
+def test_eta_follows_the_pace_of_training_steps(run):
+    fence = services.run_claim(run_id=run.id, worker="a")
+    # The first step takes 4 s (warm-up), then 2 s each.
+    eta = _steps(run, fence, {1: 4.0, 2: 6.0, 3: 8.0, 4: 10.0})
+    assert eta == pytest.approx(12.0)  # 6 steps left × 2 s
+
+
+def test_no_eta_before_three_steps_and_five_seconds(run):
+    fence = services.run_claim(run_id=run.id, worker="a")
+    assert _steps(run, fence, {1: 1.0, 2: 3.5}) is None  # two steps
+    assert _steps(run, fence, {3: 4.5}) is None  # three steps, but 4.5 s
+    assert _steps(run, fence, {4: 5.5}) == pytest.approx(6 * 1.5)
+
+
+def test_eta_reads_the_recent_pace_not_the_warm_up(cast):
+    run = Run.objects.create(
+        project=cast.acme_project,
+        name="long",
+        base_model="tiny-llama",
+        dataset=cast.datasets["sample-instructions"],
+        method="lora",
+        total_steps=100,
+    )
+    fence = services.run_claim(run_id=run.id, worker="a")
+    slow = {step: 5.0 * step for step in range(1, 11)}  # 5 s a step while warming up: 50 s
+    fast = {step: 50.0 + (step - 10) for step in range(11, 51)}  # then 1 s a step: 90 s
+    assert _steps(run, fence, slow | fast) == pytest.approx(50 * 1.0)  # not 50 × 1.73
+
+
+def test_a_resumed_runs_eta_ignores_the_earlier_attempt(run):
+    Run.objects.filter(id=run.id).update(total_steps=100)
+    fence = services.run_claim(run_id=run.id, worker="a")
+    _steps(run, fence, {step: 0.5 * step for step in range(1, 31)})  # 0.5 s a step
+    Run.objects.filter(id=run.id).update(status=RunStatus.LOST)
+    fence = services.run_claim(run_id=run.id, worker="b")
+    # Resumed from a checkpoint at step 20 on a slower worker: steps 21-30 are stored
+    # already, so its first new points are from step 31, on a clock that started again.
+    resumed = {step: 4.0 + 3.0 * (step - 31) for step in range(31, 41)}  # 3 s a step
+    assert _steps(run, fence, resumed) == pytest.approx(60 * 3.0)
 
 
 def test_run_page_series_are_downsampled_and_keep_a_spike(run):
@@ -110,3 +155,19 @@ def test_metrics_record_leaves_out_non_finite_values(cast):
     points = [services.Point("eval_loss", s, v, 0.0) for s, v in [(1, 2.0), (2, float("nan"))]]
     assert services.metrics_record(run_id=run.id, fence=fence, points=points) == 1
     assert list(MetricPoint.objects.values_list("step", flat=True)) == [1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_rolled_back_with_its_new_staging_table_does_not_break_the_next(run):
+    """The staging table is created once per database session, but a transaction that rolls
+    back takes a table it created along: the next batch must create it again, not fail."""
+    from django.db import connection, transaction
+
+    connection.close()  # a new session, whose first batch creates the staging table
+    fence = services.run_claim(run_id=run.id, worker="a")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        services.metrics_record(run_id=run.id, fence=fence, points=[Point("x", 1, 1.0, 0.0)])
+        raise RuntimeError("the batch's transaction fails after the staging")
+    services.metrics_record(run_id=run.id, fence=fence, points=[Point("x", 2, 2.0, 0.0)])
+    services.metrics_record(run_id=run.id, fence=fence, points=[Point("x", 3, 3.0, 0.0)])
+    assert list(MetricPoint.objects.filter(run=run).values_list("step", flat=True)) == [2, 3]

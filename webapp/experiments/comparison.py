@@ -6,10 +6,11 @@ import csv
 import io
 from collections import defaultdict
 
+import numpy as np
 from django.core.cache import cache
 
-from webapp.experiments.downsample import Series, json_values, series_downsampled
-from webapp.experiments.models import MetricPoint, Run
+from webapp.experiments.downsample import Series, json_values, series_downsampled, step_anchors
+from webapp.experiments.models import Run
 
 CURVE_KEYS = ("train_loss", "eval_loss", "learning_rate", "eval_accuracy")
 MAX_POINTS = 1000
@@ -39,7 +40,7 @@ CACHE_SECONDS = 24 * 3600
 def _cache_key(run: Run, max_points: int) -> str | None:
     if not run.is_finished or run.finished_at is None:
         return None
-    return f"curves:v1:{run.id}:{run.finished_at.timestamp()}:{max_points}"
+    return f"curves:v2:{run.id}:{run.finished_at.timestamp()}:{max_points}"
 
 
 def _curves(run_ids: list[int], max_points: int) -> dict[int, dict[str, dict]]:
@@ -47,18 +48,17 @@ def _curves(run_ids: list[int], max_points: int) -> dict[int, dict[str, dict]]:
     by_run: dict[int, dict[str, Series]] = defaultdict(dict)
     for (run_id, key), points in series.items():
         by_run[run_id][key] = points
-    return {run_id: _run_curves(run_id, by_run[run_id]) for run_id in run_ids}
+    tokens = step_anchors(run_ids=run_ids, key="tokens")
+    return {run_id: _run_curves(by_run[run_id], tokens.get(run_id)) for run_id in run_ids}
 
 
-def _run_curves(run_id: int, series: dict[str, Series]) -> dict[str, dict]:
-    """The curves of one run, wall times from its first point, tokens seen at each step."""
+def _run_curves(series: dict[str, Series], tokens: Series | None) -> dict[str, dict]:
+    """The curves of one run, wall times from its first point, tokens seen at each step.
+
+    Tokens are a counter, read as anchors (every point of a short series, the ends of each
+    rollup bucket of a long one): exact at an anchor, interpolated between two (at most one
+    bucket, 128 steps of a 100 000-step run, apart), none outside the counted steps."""
     start = min((walls[0] for _, _, walls in series.values()), default=0.0)
-    kept = {int(step) for steps, _, _ in series.values() for step in steps}
-    tokens = dict(
-        MetricPoint.objects.filter(run_id=run_id, key="tokens", step__in=kept).values_list(
-            "step", "value"
-        )
-    )
     result = {}
     for key in CURVE_KEYS:
         if key not in series:
@@ -68,9 +68,17 @@ def _run_curves(run_id: int, series: dict[str, Series]) -> dict[str, dict]:
             "step": steps.tolist(),
             "value": json_values(values),
             "wall": (walls - start).round(3).tolist(),
-            "tokens": [tokens.get(int(step)) for step in steps],
+            "tokens": _tokens_at(steps, tokens),
         }
     return result
+
+
+def _tokens_at(steps: np.ndarray, tokens: Series | None) -> list[float | None]:
+    if tokens is None or not len(steps):
+        return [None] * len(steps)
+    anchors, counts, _ = tokens
+    inside = (steps >= anchors[0]) & (steps <= anchors[-1])
+    return json_values(np.where(inside, np.interp(steps, anchors, counts), np.nan))
 
 
 def hyperparameters(runs: list[Run]) -> tuple[list[str], list[dict], set[str]]:
@@ -111,7 +119,9 @@ def tradeoff_rows(runs: list[Run]) -> list[dict]:
                 "base_quality": run.summary.get(f"base_{metric}"),
                 "adapter_bytes": profile.get("adapter_bytes"),
                 "peak_memory_mb": profile.get("peak_memory_mb"),
+                "memory_kind": profile.get("memory_kind"),  # "cuda" peak or CPU "rss" growth
                 "tokens_per_s": profile.get("tokens_per_s"),
+                "train_s": profile.get("wall_s"),
                 "status": run.status,
             }
         )

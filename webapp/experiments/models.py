@@ -270,7 +270,12 @@ class ShareLink(models.Model):
 
 
 class MetricPoint(models.Model):
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="metric_points")
+    # No index of its own on run: the unique (run, key, step) index starts with it. On
+    # PostgreSQL that index also carries value and wall time (migration 0008), so curves are
+    # read from the index alone, and a point costs two index entries, not four.
+    run = models.ForeignKey(
+        Run, on_delete=models.CASCADE, related_name="metric_points", db_index=False
+    )
     key = models.CharField(max_length=64)
     step = models.PositiveIntegerField()
     value = models.FloatField()
@@ -283,6 +288,46 @@ class MetricPoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key}@{self.step}={self.value:g}"
+
+
+class MetricRollup(models.Model):
+    """A summary of one series' points in one bucket of `width` steps (steps
+    bucket * width … bucket * width + width - 1): how many, the first and the last, the lowest
+    and the highest. Kept up to date with every batch stored on PostgreSQL
+    (services._metric_points_copy), at the widths in ROLLUP_WIDTHS, so a chart of a long
+    series reads about a thousand of these rows instead of every point (downsample.py).
+    """
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="+", db_index=False)
+    key = models.CharField(max_length=64)
+    width = models.PositiveIntegerField()
+    bucket = models.PositiveIntegerField()
+    count = models.PositiveIntegerField()
+    first_step = models.PositiveIntegerField()
+    first_value = models.FloatField()
+    first_wall = models.FloatField()
+    last_step = models.PositiveIntegerField()
+    last_value = models.FloatField()
+    last_wall = models.FloatField()
+    low_step = models.PositiveIntegerField()
+    low_value = models.FloatField()
+    low_wall = models.FloatField()
+    high_step = models.PositiveIntegerField()
+    high_value = models.FloatField()
+    high_wall = models.FloatField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "key", "width", "bucket"], name="metric_rollup_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key}[{self.bucket * self.width}:+{self.width}] of run {self.run_id}"
+
+
+ROLLUP_WIDTHS = (16, 128, 1024)
 
 
 class Artifact(models.Model):
