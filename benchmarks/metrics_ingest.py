@@ -6,10 +6,18 @@
 A throwaway database on that server (created, migrated, dropped). Each writer is a process
 with its own claimed run, writing batches of 1000 points (train_loss, learning_rate and
 tokens of 333 steps, what the training loop sends) through the real service function:
-fence check under the run's lock, then COPY into a temporary table and one INSERT … ON
-CONFLICT DO NOTHING. The rounds alternate today's COPY path with the bulk_create path it
-replaced (patched in, nothing else changes), so a busy machine moves both alike. The goal
-(issue 6, part 3): >= 100 000 points/s sustained from 8 writers.
+fence check under the run's lock, COPY, and the series' rollups kept up to date. The rounds
+alternate three paths, patched in one at a time (nothing else changes), so a busy machine
+moves them alike:
+
+    copy          today's path: a batch that only appends (as training's do) is copied
+                  straight into the table, then its points folded into the rollups
+    copy-staged   every batch through the staging table and INSERT … ON CONFLICT DO
+                  NOTHING, rollups kept (the path for batches that may repeat points)
+    copy-plain    copy-staged without the rollups (the path before them)
+    bulk_create   the path before COPY: bulk_create(ignore_conflicts=True)
+
+The goal (issue 8, part 3): >= 100 000 points/s sustained from 8 writers.
 """
 
 import argparse
@@ -45,6 +53,15 @@ def _bulk_create(*, run_id: int, points) -> None:
     MetricPoint.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=True)
 
 
+# The move without the rollups: the points only.
+PLAIN_MOVE = """WITH staged AS (DELETE FROM metric_staging RETURNING *)
+    INSERT INTO experiments_metricpoint (run_id, key, step, value, wall_time)
+    SELECT %(run_id)s, key, step, value, wall_time FROM staged
+    ON CONFLICT (run_id, key, step) DO NOTHING"""
+
+MODES = ("copy", "copy-staged", "copy-plain", "bulk_create")
+
+
 def _writer(run_id: int, fence: int, mode: str, seconds: float, barrier, results) -> None:
     from django.db import connections
 
@@ -53,6 +70,10 @@ def _writer(run_id: int, fence: int, mode: str, seconds: float, barrier, results
     connections.close_all()  # never share the parent's socket
     if mode == "bulk_create":
         services._metric_points_copy = _bulk_create
+    if mode in ("copy-staged", "copy-plain"):
+        services._appends = lambda *args: False
+    if mode == "copy-plain":
+        services.METRIC_MOVE = PLAIN_MOVE
     step, points, latencies = 0, 0, []
     barrier.wait()
     start = time.perf_counter()
@@ -124,8 +145,8 @@ def main() -> None:
     project = Project.objects.create(team=team, name="ingest")
     user = get_user_model().objects.create_user(username="bench")
     dataset = Dataset.objects.filter(team=None).first()
-    rates: dict[str, list[float]] = {"copy": [], "bulk_create": []}
-    latencies: dict[str, list[float]] = {"copy": [], "bulk_create": []}
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
     print(f"{args.writers} writers x {args.seconds:.0f} s per round, batches of 1000 points")
     for number in range(args.rounds):
         for mode in rates:
@@ -142,8 +163,9 @@ def main() -> None:
             f"{mode:12s} median {statistics.median(values):10,.0f} points/s; "
             f"batch latency {percentiles_ms(latencies[mode])}"
         )
-    ratios = [a / b for a, b in zip(rates["copy"], rates["bulk_create"], strict=True)]
-    print(f"copy / bulk_create: x{statistics.median(ratios):.2f} (median of paired rounds)")
+    for other in MODES[1:]:
+        ratios = [a / b for a, b in zip(rates["copy"], rates[other], strict=True)]
+        print(f"copy / {other}: x{statistics.median(ratios):.2f} (median of paired rounds)")
     print(f"rows stored: {MetricPoint.objects.count():,}")
 
 

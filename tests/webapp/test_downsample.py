@@ -175,3 +175,34 @@ def test_long_series_read_through_rollups_keep_ends_and_extremes(make_run, lengt
     assert np.allclose(walls, steps / 10)
     if length > 1000:
         assert len(steps) > 100  # a chart, not a handful of points
+
+
+@pytest.mark.django_db
+def test_appending_batches_skip_the_staging_table_and_repeats_take_it(make_run):
+    """Training appends: such a batch is copied straight into the table. A batch that repeats
+    a stored step, or holds one twice, goes through the staging table, which skips what is
+    stored. Either way the rollups equal the points' summary."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from webapp.experiments.models import MetricPoint
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the COPY paths are PostgreSQL's; CI runs this there")
+    run = make_run()
+    values = np.arange(3000, dtype=float) % 17
+
+    def staged(steps, batch_values) -> bool:
+        with CaptureQueriesContext(connection) as queries:
+            _store(run, "train_loss", batch_values, steps, batch=len(steps))
+        return any("metric_staging" in query["sql"] for query in queries)
+
+    assert not staged(range(0, 1000), values[:1000])
+    assert not staged(range(1000, 2000), values[1000:2000])
+    assert staged(range(1500, 2500), values[1500:2500])  # repeats 1500-1999
+    assert staged([2600, 2600, 2601], [1.0, 2.0, 3.0])  # step 2600 twice in one batch
+    assert not staged(range(2700, 3000), values[2700:3000])
+    stored = dict(MetricPoint.objects.filter(run=run).values_list("step", "value"))
+    assert len(stored) == 2500 + 2 + 300
+    assert stored[1700] == values[1700] and stored[2600] == 1.0  # the first one stays
+    assert _rollups_stored(run.id) == _rollups_from_points(run.id)

@@ -264,13 +264,14 @@ def _rollup_merge(part: str, compare: str, *columns: str) -> str:
     )
 
 
-METRIC_MOVE = f"""
-WITH staged AS (DELETE FROM metric_staging RETURNING *),
-inserted AS (
-    INSERT INTO experiments_metricpoint (run_id, key, step, value, wall_time)
-    SELECT %(run_id)s, key, step, value, wall_time FROM staged
-    ON CONFLICT (run_id, key, step) DO NOTHING
-    RETURNING key, step, value, wall_time
+# Folds the points of the CTE `new_points` (key, step, value, wall_time: points that were not
+# stored before) into the rollups, each width merged into what the rollup rows hold.
+ROLLUP_FOLD = f"""
+finest AS (  -- the new points summed up at the finest width; the coarser widths from these
+    SELECT key, step / %(finest)s AS bucket, count(*) AS n,
+        min(ARRAY[step, value, wall_time]) AS f, max(ARRAY[step, value, wall_time]) AS l,
+        min(ARRAY[value, step, wall_time]) AS lo, max(ARRAY[value, step, wall_time]) AS hi
+    FROM new_points GROUP BY key, step / %(finest)s
 )
 INSERT INTO experiments_metricrollup AS r (run_id, key, width, bucket, count,
     first_step, first_value, first_wall, last_step, last_value, last_wall,
@@ -278,11 +279,11 @@ INSERT INTO experiments_metricrollup AS r (run_id, key, width, bucket, count,
 SELECT %(run_id)s, key, width, bucket, n, f[1]::integer, f[2], f[3], l[1]::integer, l[2], l[3],
     lo[2]::integer, lo[1], lo[3], hi[2]::integer, hi[1], hi[3]
 FROM (
-    SELECT key, width, step / width AS bucket, count(*) AS n,
-        min(ARRAY[step, value, wall_time]) AS f, max(ARRAY[step, value, wall_time]) AS l,
-        min(ARRAY[value, step, wall_time]) AS lo, max(ARRAY[value, step, wall_time]) AS hi
-    FROM inserted CROSS JOIN unnest(%(widths)s::integer[]) AS w (width)
-    GROUP BY key, width, step / width
+    SELECT key, %(finest)s AS width, bucket, n, f, l, lo, hi FROM finest
+    UNION ALL
+    SELECT key, width, bucket * %(finest)s / width, sum(n), min(f), max(l), min(lo), max(hi)
+    FROM finest CROSS JOIN unnest(%(coarser)s::integer[]) AS w (width)
+    GROUP BY key, width, bucket * %(finest)s / width
 ) AS buckets
 ON CONFLICT (run_id, key, width, bucket) DO UPDATE SET count = r.count + EXCLUDED.count,
     {_rollup_merge("first", "<", "step")},
@@ -290,24 +291,90 @@ ON CONFLICT (run_id, key, width, bucket) DO UPDATE SET count = r.count + EXCLUDE
     {_rollup_merge("low", "<", "value", "step")},
     {_rollup_merge("high", ">", "value", "step")}
 """
+# Each coarser width is a multiple of the finest, so its buckets are unions of finest ones.
+ROLLUP_WIDTH_PARAMS = {"finest": ROLLUP_WIDTHS[0], "coarser": list(ROLLUP_WIDTHS[1:])}
+assert all(width % ROLLUP_WIDTHS[0] == 0 for width in ROLLUP_WIDTHS)
+
+# Any batch: staged, moved in skipping the points already stored, the new ones folded in.
+METRIC_MOVE = (
+    """
+WITH staged AS (DELETE FROM metric_staging RETURNING *),
+new_points AS (
+    INSERT INTO experiments_metricpoint (run_id, key, step, value, wall_time)
+    SELECT %(run_id)s, key, step, value, wall_time FROM staged
+    ON CONFLICT (run_id, key, step) DO NOTHING
+    RETURNING key, step, value, wall_time
+),"""
+    + ROLLUP_FOLD
+)
+
+# A batch that only appends (each key's steps after its last stored one, none twice) cannot
+# conflict: it is copied straight into the table, and its points, each series' steps from the
+# batch's first on, read back from the (covering) unique index to be folded in.
+METRIC_LAST_STEPS = """
+SELECT k.key, r.last_step
+FROM unnest(%(keys)s::varchar[]) AS k (key)
+CROSS JOIN LATERAL (
+    SELECT last_step FROM experiments_metricrollup
+    WHERE run_id = %(run_id)s AND key = k.key AND width = %(coarsest)s
+    ORDER BY bucket DESC LIMIT 1
+) AS r
+"""
+METRIC_COPY_DIRECT = """COPY experiments_metricpoint (run_id, key, step, value, wall_time)
+    FROM STDIN WITH (FORMAT csv)"""
+METRIC_FOLD_APPENDED = (
+    """
+WITH new_points AS (
+    SELECT b.key, p.step, p.value, p.wall_time
+    FROM unnest(%(keys)s::varchar[], %(from_steps)s::integer[]) AS b (key, step)
+    CROSS JOIN LATERAL (
+        SELECT step, value, wall_time FROM experiments_metricpoint
+        WHERE run_id = %(run_id)s AND key = b.key AND step >= b.step
+    ) AS p
+),"""
+    + ROLLUP_FOLD
+)
 
 
 def _metric_points_copy(*, run_id: int, points: list[Point]) -> None:
+    """Store a batch on PostgreSQL, with its series' rollups. The caller holds the run's row
+    lock, so no other batch of the run lands between the check for appending and the copy."""
     if not points:
         return
+    rows = [(p.key, int(p.step), float(p.value), float(p.wall_time)) for p in points]
+    first_steps: dict[str, int] = {}
+    for key, step, _, _ in rows:
+        first_steps[key] = min(step, first_steps.get(key, step))
     buffer = io.StringIO()
     writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
-    writer.writerows((p.key, int(p.step), float(p.value), float(p.wall_time)) for p in points)
-    buffer.seek(0)
-    # Inside metrics_record's transaction no savepoint is needed (the batch is all or nothing
-    # with it); alone (metrics_ingest) this is the transaction the staged rows live in.
     with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        keys = {"keys": list(first_steps), "run_id": run_id}
+        if _appends(cursor, keys, first_steps, rows):
+            writer.writerows((run_id, *row) for row in rows)
+            buffer.seek(0)
+            cursor.copy_expert(METRIC_COPY_DIRECT, buffer)
+            from_steps = {"from_steps": list(first_steps.values())}
+            cursor.execute(METRIC_FOLD_APPENDED, ROLLUP_WIDTH_PARAMS | keys | from_steps)
+            return
+        writer.writerows(rows)
+        buffer.seek(0)
+        # Inside metrics_record's transaction no savepoint is needed (the batch is all or
+        # nothing with it); alone, this is the transaction the staged rows live in.
         if (raw := connection.connection) not in _STAGING_CREATED:  # once per session
             cursor.execute(METRIC_STAGING)
             # Only once committed: a rolled-back transaction takes the new table with it.
             transaction.on_commit(lambda: _STAGING_CREATED.add(raw))
         cursor.copy_expert(METRIC_COPY, buffer)
-        cursor.execute(METRIC_MOVE, {"run_id": run_id, "widths": list(ROLLUP_WIDTHS)})
+        cursor.execute(METRIC_MOVE, ROLLUP_WIDTH_PARAMS | {"run_id": run_id})
+
+
+def _appends(cursor, keys: dict, first_steps: dict[str, int], rows: list[tuple]) -> bool:
+    """Whether every point is new: no (key, step) twice in the batch, and each key's first
+    step after the last one stored (read from the coarsest rollups)."""
+    if len({(key, step) for key, step, _, _ in rows}) != len(rows):
+        return False
+    cursor.execute(METRIC_LAST_STEPS, keys | {"coarsest": ROLLUP_WIDTHS[-1]})
+    return all(first_steps[key] > last_step for key, last_step in cursor.fetchall())
 
 
 # The database connections (DB-API objects; a reconnect makes a new one) whose session
@@ -680,9 +747,13 @@ def metrics_ingest(*, user, run: Run, points: list[Point]) -> int:
         raise ValidationError(f"The run is {run.status}; metrics are taken while it runs.")
     if len(points) > MAX_INGEST_POINTS:
         raise ValidationError(f"At most {MAX_INGEST_POINTS:,} points per batch.")
-    _metric_points_insert(run_id=run.id, points=points)
-    top = max((p.step for p in points), default=0)
-    Run.objects.filter(id=run.id, step__lt=top).update(step=top, heartbeat_at=timezone.now())
+    with transaction.atomic():
+        # Under the run's row lock, as the workers' batches: two clients sending at once
+        # store one batch after the other.
+        Run.objects.select_for_update(no_key=True).filter(id=run.id).exists()
+        _metric_points_insert(run_id=run.id, points=points)
+        top = max((p.step for p in points), default=0)
+        Run.objects.filter(id=run.id, step__lt=top).update(step=top, heartbeat_at=timezone.now())
     return len(points)
 
 
