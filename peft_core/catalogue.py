@@ -280,10 +280,15 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def gguf_source(spec: ModelSpec) -> tuple[Path, str]:
+    """The installed package's directory and the name of its one GGUF file."""
+    directory = _require_package(spec)
+    return directory, _single_gguf_file(directory)
+
+
 def _write_gguf_model(spec: ModelSpec, staging: Path) -> None:
     """Dequantise the package's GGUF into a plain float32 safetensors directory."""
-    directory = _require_package(spec)
-    gguf_file = _single_gguf_file(directory)
+    directory, gguf_file = gguf_source(spec)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
     loaded = AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=gguf_file, local_files_only=True, dtype=torch.float32

@@ -108,8 +108,28 @@ def test_a_larger_rank_shows_more_parameters(cast):
     assert f"{counts[0]:,}" in small and f"{counts[1]:,}" in large
 
 
-def test_a_model_never_used_is_unknown_until_first_use(cast):
-    body = _client(cast.alice).get(URL, _form(cast, base_model="smollm2-135m-instruct"))
+def test_a_gguf_model_never_converted_is_counted_from_its_files_header(cast):
+    """A fresh install (nothing converted yet) still shows the exact count: SmolLM2-135M
+    (30 layers, hidden 576, 3 key/value heads of 64) with LoRA r=8 on q_proj and v_proj."""
+    body = _client(cast.alice).get(URL, _form(cast, base_model="smollm2-135m-instruct", r=8))
+    assert body.status_code == 200
+    hidden, kv, layers, r = 576, 3 * 64, 30, 8
+    lora = layers * (r * (hidden + hidden) + r * (hidden + kv))
+    assert lora == 460_800  # what the real run's profile reported on the loaded model
+    text = body.content.decode()
+    assert f"{lora:,}" in text and "unknown until first use" not in text
+
+
+def test_a_model_whose_package_is_missing_is_unknown_until_first_use(cast, monkeypatch):
+    def missing(spec):
+        raise FileNotFoundError(f"model {spec.key!r} needs its package")
+
+    monkeypatch.setattr(estimates, "gguf_source", missing)
+    estimates._gguf_config.cache_clear()
+    try:
+        body = _client(cast.alice).get(URL, _form(cast, base_model="smollm2-135m-instruct"))
+    finally:
+        estimates._gguf_config.cache_clear()
     assert body.status_code == 200
     assert "unknown until first use" in body.content.decode()
 

@@ -6,7 +6,9 @@ Trainable parameters (exact)
     are counted: the same number the run's profile will report. The architecture comes
     from the model's config.json (the model's cache directory once it has been used, the
     package for an HF-package model, `peft_core.tiny` for a tiny one); a GGUF model that
-    has never been converted has none yet, so its count is "unknown until first use".
+    has never been converted gives it from its file's header (transformers reads the GGUF
+    metadata, no tensors: ~4 s once per process, so a fresh install counts too). Without
+    any of those the count is "unknown until first use".
     Counts are cached per (model, task, labels, method, config): a keystroke costs ms.
 
 Memory (rough estimate), in bytes, for float32 training with AdamW:
@@ -48,7 +50,7 @@ from transformers import (
 )
 
 import peft_core
-from peft_core.catalogue import CATALOGUE, package_dir, quiet_transformers
+from peft_core.catalogue import CATALOGUE, gguf_source, package_dir, quiet_transformers
 from peft_core.registry import build_config
 from peft_core.tiny import tiny_config
 from webapp.experiments import selectors
@@ -180,7 +182,25 @@ def _shared_config(model_key: str) -> PretrainedConfig:
         return _read_config(str(path), path.stat().st_mtime_ns)
     if spec.source_kind == "tiny":
         return _tiny_config(spec.source_detail)
+    if spec.source_kind == "gguf-package":
+        return _gguf_config(model_key)
     raise UnknownArchitecture(model_key)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(model_key: str) -> PretrainedConfig:
+    """The config in the GGUF file's header, as the conversion will write it."""
+    try:
+        directory, gguf_file = gguf_source(CATALOGUE[model_key])
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(
+                directory, gguf_file=gguf_file, local_files_only=True
+            )
+    except (FileNotFoundError, OSError, ValueError) as exc:  # the package is not installed
+        raise UnknownArchitecture(model_key) from exc
+    if hasattr(config, "quantization_config"):  # as _write_gguf_model drops it
+        del config.quantization_config
+    return config
 
 
 @functools.lru_cache(maxsize=8)
@@ -210,8 +230,8 @@ def parameter_count(
     """Trainable and total parameters of `method` on the model; raises UnknownArchitecture."""
     path = config_path(model_key)
     version = path.stat().st_mtime_ns if path else 0
-    if path is None and CATALOGUE[model_key].source_kind != "tiny":
-        raise UnknownArchitecture(model_key)
+    if path is None:
+        _shared_config(model_key)  # raises UnknownArchitecture when there is none
     key = tuple(sorted((name, _hashable(value)) for name, value in config.items()))
     return _count(model_key, version, task, num_labels, method, key)
 
