@@ -359,6 +359,11 @@ def test_smollm2_dora_merged_zip_matches_the_adapter(cast, make_run, tmp_path):
     assert archive.getinfo("model.safetensors").compress_type == zipfile.ZIP_STORED
     archive.extractall(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
-    assert_close(_logits(merged), expected, atol=1e-4, rtol=1e-4)
+    # fp32 through 30 layers: the merged weights sum in another order than the adapter's
+    # separate branch and magnitude (CI once saw 1.04e-4 on 3 of 344 064 logits), while the
+    # adapter itself moves the logits by far more than this tolerance.
+    assert_close(_logits(merged), expected, atol=5e-4, rtol=1e-4)
+    base, _ = load_model("smollm2-135m-instruct", "causal-lm", cache_dir=settings.MODEL_CACHE_DIR)
+    assert (expected - _logits(base)).abs().max() > 100 * 5e-4
     meta, _ = _front_matter(archive.read("README.md").decode())
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
