@@ -171,3 +171,42 @@ def test_a_batch_rolled_back_with_its_new_staging_table_does_not_break_the_next(
     services.metrics_record(run_id=run.id, fence=fence, points=[Point("x", 2, 2.0, 0.0)])
     services.metrics_record(run_id=run.id, fence=fence, points=[Point("x", 3, 3.0, 0.0)])
     assert list(MetricPoint.objects.filter(run=run).values_list("step", flat=True)) == [2, 3]
+
+
+def test_deleting_a_finished_run_deletes_its_points_and_rollups(run, cast):
+    """No database constraint ties points to their run any more (it cost a fifth of every
+    batch): the delete takes them, and on PostgreSQL the rollups, along."""
+    from webapp.experiments.models import MetricRollup
+
+    fence = services.run_claim(run_id=run.id, worker="a")
+    services.metrics_record(
+        run_id=run.id, fence=fence, points=[Point("train_loss", s, 1.0, 0.0) for s in range(50)]
+    )
+    services.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
+    other = Run.objects.create(
+        project=run.project, name="o", base_model="tiny-llama", dataset=run.dataset, method="lora"
+    )
+    other_fence = services.run_claim(run_id=other.id, worker="b")
+    services.metrics_record(
+        run_id=other.id, fence=other_fence, points=[Point("train_loss", 1, 2.0, 0.0)]
+    )
+    rollups_before = MetricRollup.objects.filter(run_id=other.id).count()
+    services.run_delete(user=cast.alice, run=Run.objects.get(id=run.id))
+    assert not MetricPoint.objects.filter(run_id=run.id).exists()
+    assert not MetricRollup.objects.filter(run_id=run.id).exists()
+    assert MetricPoint.objects.filter(run_id=other.id).count() == 1  # another run's stay
+    assert MetricRollup.objects.filter(run_id=other.id).count() == rollups_before
+
+
+def test_a_lost_run_is_not_deleted_under_the_reaper(run, cast):
+    """A lost run is about to be sent again and claimed: deleting it is refused, as for a
+    queued or running one, until it is cancelled."""
+    from django.core.exceptions import ValidationError
+
+    services.run_claim(run_id=run.id, worker="a")
+    Run.objects.filter(id=run.id).update(status=RunStatus.LOST)
+    with pytest.raises(ValidationError, match="Cancel the run first"):
+        services.run_delete(user=cast.alice, run=Run.objects.get(id=run.id))
+    services.run_cancel_request(user=cast.alice, run=Run.objects.get(id=run.id))
+    services.run_delete(user=cast.alice, run=Run.objects.get(id=run.id))
+    assert not Run.objects.filter(id=run.id).exists()

@@ -273,8 +273,17 @@ class MetricPoint(models.Model):
     # No index of its own on run: the unique (run, key, step) index starts with it. On
     # PostgreSQL that index also carries value and wall time (migration 0008), so curves are
     # read from the index alone, and a point costs two index entries, not four.
+    # No foreign-key constraint in the database either (db_constraint=False): checked per
+    # point at commit, it cost a fifth of every metric batch (docs/BENCHMARKS.md). What it
+    # guarded holds without it: points are written only under the run's row lock while the
+    # run is running (services.metrics_record / metrics_ingest), a run is deleted only
+    # finished and under that lock (services.run_delete), and Django deletes its points.
     run = models.ForeignKey(
-        Run, on_delete=models.CASCADE, related_name="metric_points", db_index=False
+        Run,
+        on_delete=models.CASCADE,
+        related_name="metric_points",
+        db_index=False,
+        db_constraint=False,
     )
     key = models.CharField(max_length=64)
     step = models.PositiveIntegerField()
@@ -298,7 +307,10 @@ class MetricRollup(models.Model):
     series reads about a thousand of these rows instead of every point (downsample.py).
     """
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="+", db_index=False)
+    # Written with the points, under the same rules (see MetricPoint.run).
+    run = models.ForeignKey(
+        Run, on_delete=models.CASCADE, related_name="+", db_index=False, db_constraint=False
+    )
     key = models.CharField(max_length=64)
     width = models.PositiveIntegerField()
     bucket = models.PositiveIntegerField()

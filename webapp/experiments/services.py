@@ -612,21 +612,28 @@ def run_delete(*, user, run: Run, ip: str | None = None) -> None:
     """Delete a finished run with its metrics and adapter; a live run must be cancelled first."""
     team = run.project.team
     require(user=user, team=team, action=Action.DELETE)
-    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
-        raise ValidationError("Cancel the run first: a queued or running run cannot be deleted.")
     target = f"run {run.id} “{run.name}”"
-    run.delete()
+    with transaction.atomic():
+        # Under the run's row lock: no claim (an UPDATE of the row) and no metric batch (it
+        # locks the row too) can slip in between the check and the delete of its points.
+        locked = Run.objects.select_for_update().filter(id=run.id).first()
+        if locked is not None and not locked.is_finished:  # a lost run is sent again
+            raise ValidationError(
+                "Cancel the run first: a queued, running or lost run cannot be deleted."
+            )
+        run.delete()
     audit_record(actor=user, team=team, action="run.delete", target=target, ip=ip)
 
 
 def sweep_delete(*, user, sweep: Sweep, ip: str | None = None) -> int:
-    """Delete a sweep and its runs; refused while any of them is queued or running."""
+    """Delete a sweep and its runs; refused while any of them is unfinished (queued, running, lost)."""
     team = sweep.project.team
     require(user=user, team=team, action=Action.DELETE)
-    if sweep.runs.filter(status__in=(RunStatus.QUEUED, RunStatus.RUNNING)).exists():
-        raise ValidationError("Cancel the sweep's live runs first.")
     target = f"sweep {sweep.id} “{sweep.name}”"
     with transaction.atomic():
+        statuses = sweep.runs.select_for_update().order_by("id").values_list("status", flat=True)
+        if any(status not in FINISHED_STATUSES for status in statuses):  # locked as run_delete
+            raise ValidationError("Cancel the sweep's live runs first.")
         deleted, _ = sweep.runs.all().delete()
         sweep.delete()
     audit_record(actor=user, team=team, action="sweep.delete", target=target, ip=ip)
