@@ -360,10 +360,12 @@ def test_smollm2_dora_merged_zip_matches_the_adapter(cast, make_run, tmp_path):
     archive.extractall(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
     # fp32 through 30 layers: the merged weights sum in another order than the adapter's
-    # separate branch and magnitude (CI once saw 1.04e-4 on 3 of 344 064 logits), while the
-    # adapter itself moves the logits by far more than this tolerance.
-    assert_close(_logits(merged), expected, atol=5e-4, rtol=1e-4)
+    # separate branch and magnitude, and CPU matmuls round differently from run to run (the
+    # same test alone gave 7.5e-5 to 2.4e-4, a CI run 7.1e-4, on logits up to ~33). The
+    # adapter itself moves the logits by ~30: far more than this tolerance, checked below.
+    tolerance = 2e-3
+    assert_close(_logits(merged), expected, atol=tolerance, rtol=1e-4)
     base, _ = load_model("smollm2-135m-instruct", "causal-lm", cache_dir=settings.MODEL_CACHE_DIR)
-    assert (expected - _logits(base)).abs().max() > 100 * 5e-4
+    assert (expected - _logits(base)).abs().max() > 1000 * tolerance
     meta, _ = _front_matter(archive.read("README.md").decode())
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
