@@ -508,8 +508,9 @@ def sweep_new(request):
     datasets = selectors.dataset_list_for_user(user=request.user)
     initial = _sweep_initial(request, datasets)
     if request.POST.get("preset") == ALL_METHODS:
-        # The preset button: the form again, every method checked, what was typed kept.
-        initial |= _typed_sweep_fields(request.POST) | {"methods": ALL_METHODS_PRESET["methods"]}
+        # The preset button: the form again, the preset (every method checked, by
+        # _sweep_initial) under what was typed.
+        initial |= _typed_sweep_fields(request.POST)
         form = SweepForm(initial=initial, projects=projects, datasets=datasets)
         return render(request, "experiments/sweep_new.html", {"form": form})
     form = SweepForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
