@@ -5,7 +5,7 @@
 
 A throwaway database on that server (created, migrated, dropped). Each run gets train_loss
 and tokens at every step and eval_loss every 500 steps, written through
-services.metrics_record (COPY, which also keeps the rollups), then finishes. Timed,
+metrics.metrics_record (COPY, which also keeps the rollups), then finishes. Timed,
 p50/p95 over the requests, the cold variants interleaved:
 
     cold curves   comparison.curves() with the cache emptied first: the series' rollups
@@ -32,7 +32,7 @@ def _seed(runs: int, steps: int) -> list:
     from django.contrib.auth import get_user_model
 
     from webapp.accounts.models import Membership, Role, Team
-    from webapp.experiments import services
+    from webapp.experiments import leases, metrics
     from webapp.experiments.models import Dataset, Project, Run, RunStatus
 
     team = Team.objects.create(name="Bench")
@@ -52,9 +52,9 @@ def _seed(runs: int, steps: int) -> list:
             method_config={"r": 4 + i},
             total_steps=steps,
         )
-        fence = services.run_claim(run_id=run.id, worker="bench")
-        services.metrics_record(run_id=run.id, fence=fence, points=_points(i, steps))
-        services.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
+        fence = leases.run_claim(run_id=run.id, worker="bench")
+        metrics.metrics_record(run_id=run.id, fence=fence, points=_points(i, steps))
+        leases.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
     seconds = time.perf_counter() - started
     print(f"seeded {runs} runs x {steps:,} steps in {seconds:.0f} s")
     return user, list(Run.objects.filter(project=project).order_by("id"))
@@ -63,7 +63,7 @@ def _seed(runs: int, steps: int) -> list:
 def _points(seed: int, steps: int) -> list:
     import numpy as np
 
-    from webapp.experiments.services import Point
+    from webapp.experiments.metrics import Point
 
     rng = np.random.default_rng(seed)
     loss = 3.0 / np.sqrt(1 + np.arange(steps)) + 0.05 * rng.standard_normal(steps)

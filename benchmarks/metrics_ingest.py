@@ -1,4 +1,4 @@
-"""Metric ingest: points/s sustained by 8 concurrent writers through services.metrics_record.
+"""Metric ingest: points/s sustained by 8 concurrent writers through metrics.metrics_record.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \\
         .venv/bin/python benchmarks/metrics_ingest.py [--writers 8] [--seconds 10] [--rounds 2]
@@ -10,7 +10,7 @@ fence check under the run's lock, COPY, and the series' rollups kept up to date.
 alternate these paths, patched in one at a time (nothing else changes), their order reversed
 every other round, so a busy machine moves them alike:
 
-    copy          today's path: a batch that only appends (as training's do) is copied
+    copy          the workers' path: a batch that only appends (as training's do) is copied
                   straight into the table, then its points folded into the rollups
     copy-staged   every batch through the staging table and INSERT … ON CONFLICT DO
                   NOTHING, rollups kept (the path for batches that may repeat points)
@@ -38,7 +38,7 @@ STEPS_PER_BATCH = 1000 // len(KEYS) + 1
 
 
 def _batch(step: int):
-    from webapp.experiments.services import Point
+    from webapp.experiments.metrics import Point
 
     now = time.time()
     return [
@@ -71,22 +71,22 @@ MODES = ("copy", "copy-staged", "copy-fk", "copy-plain", "bulk_create")
 def _writer(run_id: int, fence: int, mode: str, seconds: float, barrier, results) -> None:
     from django.db import connections
 
-    from webapp.experiments import services
+    from webapp.experiments import metrics
 
     connections.close_all()  # never share the parent's socket
     if mode == "bulk_create":
-        services._metric_points_copy = _bulk_create
+        metrics._metric_points_copy = _bulk_create
     if mode in ("copy-staged", "copy-plain"):
-        services._appends = lambda *args: False
+        metrics._appends = lambda *args: False
     if mode == "copy-plain":
-        services.METRIC_MOVE = PLAIN_MOVE
+        metrics.METRIC_MOVE = PLAIN_MOVE
     step, points, latencies = 0, 0, []
     barrier.wait()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         batch = _batch(step)
         began = time.perf_counter()
-        points += services.metrics_record(run_id=run_id, fence=fence, points=batch)
+        points += metrics.metrics_record(run_id=run_id, fence=fence, points=batch)
         latencies.append(time.perf_counter() - began)
         step += STEPS_PER_BATCH
     results.put((points, time.perf_counter() - start, latencies))
@@ -145,7 +145,7 @@ def _foreign_keys(wanted: bool):
 
 
 def _claimed_runs(project, dataset, user, count: int, label: str) -> list[tuple[int, int]]:
-    from webapp.experiments import services
+    from webapp.experiments import leases
     from webapp.experiments.models import Run
 
     runs = []
@@ -159,7 +159,7 @@ def _claimed_runs(project, dataset, user, count: int, label: str) -> list[tuple[
             method="lora",
             total_steps=10**6,
         )
-        runs.append((run.id, services.run_claim(run_id=run.id, worker=f"bench-{i}")))
+        runs.append((run.id, leases.run_claim(run_id=run.id, worker=f"bench-{i}")))
     return runs
 
 

@@ -7,7 +7,7 @@ The real worker path, in this process: workers.training.execute_run on queued Lo
 (the built-in instruction set) in a throwaway SQLite database. A run is cancelled right
 after its first step. Marks along the way (patched in, nothing else changes):
 
-    claimed      services.run_claim returned
+    claimed      leases.run_claim returned
     rows         dataset_rows returned (train / validation rows)
     model        base_model_copy returned (cache hit or load)
     adapted      peft_core.apply returned
@@ -21,7 +21,7 @@ the same base model:
                          with the base model evaluated again (the memo switched off)
     warm (deepcopy)      the copy shared_copy replaced: copy.deepcopy of the cached model,
                          base model evaluated again
-    + base metrics       today's worker path: shared copy, and the base evaluation
+    + base metrics       the worker's path: shared copy, and the base evaluation
                          remembered per (model, data, eval settings) by
                          workers.cache.base_metrics (the cold run fills it)
 Figures are medians over the rounds. Goal (issue 6, part 2): warm claim -> step 1 <= 2 s.
@@ -53,7 +53,7 @@ django.setup()
 from django.core.management import call_command  # noqa: E402
 
 import peft_core  # noqa: E402
-from webapp.experiments import services  # noqa: E402
+from webapp.experiments import leases  # noqa: E402
 from workers import cache, training  # noqa: E402
 
 PHASES = (
@@ -108,7 +108,7 @@ def _base_metrics(memoised):
 
 
 def instrument() -> None:
-    services.run_claim = _after("claimed", services.run_claim)
+    leases.run_claim = _after("claimed", leases.run_claim)
     training.dataset_rows = _after("rows", training.dataset_rows)
     training.base_model_copy = _after("model", training.base_model_copy)
     peft_core.apply = _after("adapted", peft_core.apply)

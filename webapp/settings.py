@@ -53,6 +53,8 @@ def env_list(name: str, default: str) -> list[str]:
 
 VAR_DIR = Path(env_str("PEFTLAB_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Where the web server listens (bin/serve, the demo banner of bootstrap_demo).
+BIND_ADDRESS = env_str("PEFTLAB_BIND", "127.0.0.1:8000")
 MODEL_CACHE_DIR = Path(env_str("PEFTLAB_CACHE_DIR", str(BASE_DIR / "var" / "cache"))).resolve()
 
 
@@ -253,6 +255,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = DATASET_MAX_BYTES + 1024 * 1024
 
 # Adapter uploads: checked in a separate, resource-limited process, killed after the timeout.
+# A merged export still queued or building after this long (its worker died) is sent again
+# when someone asks for it.
+MERGED_EXPORT_STALE_S = env_int("PEFTLAB_MERGED_EXPORT_STALE_S", 3600, minimum=60)
 ADAPTER_MAX_BYTES = env_int("PEFTLAB_ADAPTER_MAX_BYTES", 512 * 1024 * 1024, minimum=1024)
 ADAPTER_CHECK_TIMEOUT_S = env_int("PEFTLAB_ADAPTER_CHECK_TIMEOUT_S", 120, minimum=5)
 
@@ -293,12 +298,11 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Playground answers have a queue of their own: a worker consuming both takes one between two
-# runs instead of behind every queued run; a worker with `-Q playground` alone answers at once.
-CELERY_TASK_ROUTES = {
-    "peftlab.train_run": {"queue": "gpu"},
-    "peftlab.playground_answer": {"queue": "playground"},
-}
+# Tasks are routed by name (webapp.experiments.queue.QUEUES). Playground answers and merged
+# exports have queues of their own: a worker consuming them beside "gpu" takes one between
+# two runs instead of behind every queued run; a worker with `-Q playground,export` alone
+# answers at once.
+CELERY_TASK_ROUTES = ("webapp.experiments.queue.route",)
 CELERY_TASK_DEFAULT_QUEUE = "gpu"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False

@@ -35,7 +35,6 @@ from peft_core.catalogue import load_model
 logger = logging.getLogger(__name__)
 
 # Used until webapp/settings.py defines MODEL_CACHE_MB (env PEFTLAB_MODEL_CACHE_MB).
-DEFAULT_CACHE_MB = 4096
 MAX_BASE_METRICS = 256
 
 
@@ -89,7 +88,7 @@ def _evict(limit: int) -> None:
 
 
 def limit_bytes() -> int:
-    return getattr(settings, "MODEL_CACHE_MB", DEFAULT_CACHE_MB) * 2**20
+    return settings.MODEL_CACHE_MB * 2**20
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

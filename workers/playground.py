@@ -12,8 +12,8 @@ import torch
 import peft_core
 from peft_core.data import label_names
 from peft_core.profile import greedy_answer
-from webapp.experiments import services
-from webapp.experiments.models import PlaygroundPrompt, Run
+from webapp.experiments import artifacts, services
+from webapp.experiments.models import ArtifactKind, PlaygroundPrompt, Run
 from workers.cache import base_model_copy
 from workers.training import DEVICE, dataset_rows
 
@@ -55,7 +55,7 @@ def _answers(prompt: PlaygroundPrompt) -> dict[str, dict]:
 
 
 def _with_adapter(model, run: Run):
-    files = services.artifact_files(run_id=run.id, kind="adapter")
+    files = artifacts.artifact_files(run_id=run.id, kind=ArtifactKind.ADAPTER)
     return peft_core.load_adapter_files(model, files)
 
 

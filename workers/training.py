@@ -36,9 +36,10 @@ from peft_core.train import (
     evaluate,
     train,
 )
-from webapp.experiments import services
-from webapp.experiments.models import Dataset, FailureClass, Run, RunStatus
-from webapp.experiments.services import Point, StaleFenceError
+from webapp.experiments import artifacts, leases, metrics
+from webapp.experiments.leases import StaleFenceError
+from webapp.experiments.metrics import Point
+from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, RunStatus
 from workers import cache as model_cache
 from workers.cache import base_model_copy
 
@@ -70,7 +71,7 @@ class Lease(threading.Thread):
         try:
             while not self._stopped.wait(self.every_s):
                 try:
-                    self.cancel_requested = services.run_heartbeat(
+                    self.cancel_requested = leases.run_heartbeat(
                         run_id=self.run_id, fence=self.fence
                     )
                 except StaleFenceError:
@@ -139,7 +140,7 @@ class RunCallbacks(Callbacks):
             return
         files = checkpoint_to_files(checkpoint)
         try:
-            services.checkpoint_store(run_id=self.run_id, fence=self.fence, files=files)
+            leases.checkpoint_store(run_id=self.run_id, fence=self.fence, files=files)
         except DB_DOWN as exc:
             self._database_away(exc)
             return
@@ -162,12 +163,12 @@ class RunCallbacks(Callbacks):
         ids = {"run_id": self.run_id, "fence": self.fence}
         try:
             if self.points:
-                services.metrics_record(**ids, points=self.points)
+                metrics.metrics_record(**ids, points=self.points)
                 self.points = []
             if self.lines:
-                services.run_log_append(**ids, lines=self.lines)
+                leases.run_log_append(**ids, lines=self.lines)
                 self.lines = []
-            self.cancel_requested = services.run_heartbeat(**ids, step=self.step)
+            self.cancel_requested = leases.run_heartbeat(**ids, step=self.step)
         except DB_DOWN as exc:
             self._database_away(exc)
             return
@@ -186,12 +187,10 @@ class RunCallbacks(Callbacks):
             raise OperationalError("the database is still unreachable")
 
     def finish(self, status: str, **fields) -> None:
-        """Write what is buffered, then end the run (services.run_finish), waiting out a
+        """Write what is buffered, then end the run (leases.run_finish), waiting out a
         database outage of up to RUN_DB_OUTAGE_S for both."""
         self.flush_until_written()
-        _retrying(
-            services.run_finish, run_id=self.run_id, fence=self.fence, status=status, **fields
-        )
+        _retrying(leases.run_finish, run_id=self.run_id, fence=self.fence, status=status, **fields)
 
     def _database_away(self, exc: Exception) -> None:
         if self.db_down_since is None:
@@ -241,7 +240,7 @@ class RunConfigError(ValueError):
 
 def execute_run(run_id: int, *, worker: str) -> str:
     """Claim, train, record the end. Returns what happened, for the worker's log."""
-    fence = _retrying(services.run_claim, run_id=run_id, worker=worker)
+    fence = _retrying(leases.run_claim, run_id=run_id, worker=worker)
     if fence is None:
         logger.info("run %s is not waiting for a worker (duplicate delivery or cancel)", run_id)
         return "skipped"
@@ -295,7 +294,7 @@ def _record_failure(callbacks: RunCallbacks, exc: BaseException) -> None:
 
 
 def _resume_point(run_id: int, callbacks: RunCallbacks) -> Checkpoint | None:
-    files = _retrying(services.checkpoint_files, run_id=run_id)
+    files = _retrying(leases.checkpoint_files, run_id=run_id)
     if not files:
         return None
     try:
@@ -382,7 +381,7 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
     labels = (run.dataset.label_names or label_names(train_rows)) if task == "seq-cls" else None
     callbacks.on_log(f"loading {run.base_model} and the uploaded adapter")
     model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
-    files = _retrying(services.artifact_files, run_id=run.id, kind="adapter")
+    files = _retrying(artifacts.artifact_files, run_id=run.id, kind=ArtifactKind.ADAPTER)
     model = peft_core.load_adapter_files(model, files).to(DEVICE)
     config = TrainConfig()
     evaluation = {"task": task, "rows": val_rows, "config": config, "label_names": labels}
@@ -410,10 +409,10 @@ def _store_adapter(run: Run, fence: int, model) -> int:
         for path in sorted(Path(tmp).iterdir()):
             data = path.read_bytes()
             _retrying(
-                services.artifact_store,
+                leases.artifact_store,
                 run_id=run.id,
                 fence=fence,
-                kind="adapter",
+                kind=ArtifactKind.ADAPTER,
                 name=path.name,
                 data=data,
             )

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 from django.urls import reverse
 
-from webapp.experiments import services
+from webapp.experiments import artifacts, leases, metrics
 from webapp.experiments.models import MetricPoint, Run, RunStatus
 
 pytestmark = pytest.mark.django_db
@@ -126,10 +126,10 @@ def test_a_nan_literal_and_a_huge_batch_are_refused(cast, api):
 
 def test_metric_series_are_downsampled_within_bounds(cast, api, make_run):
     run = make_run()
-    fence = services.run_claim(run_id=run.id, worker="w")
-    points = [services.Point("train_loss", step, 1.0 / (step + 1), 0.0) for step in range(3000)]
-    points += [services.Point("lr", step, 1e-3, 0.0) for step in range(10)]
-    services.metrics_record(run_id=run.id, fence=fence, points=points)
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    points = [metrics.Point("train_loss", step, 1.0 / (step + 1), 0.0) for step in range(3000)]
+    points += [metrics.Point("lr", step, 1e-3, 0.0) for step in range(10)]
+    metrics.metrics_record(run_id=run.id, fence=fence, points=points)
     client, url = api(cast.carol), reverse("api-run-metrics", args=[run.id])
 
     every = client.get(url).json()["series"]
@@ -144,11 +144,11 @@ def test_metric_series_are_downsampled_within_bounds(cast, api, make_run):
 
 
 def test_artifact_download_streams_the_stored_bytes(cast, api, make_run, monkeypatch):
-    monkeypatch.setattr(services, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(artifacts, "CHUNK_BYTES", 1000)
     run = make_run()
-    fence = services.run_claim(run_id=run.id, worker="w")
+    fence = leases.run_claim(run_id=run.id, worker="w")
     weights = bytes(range(256)) * 20  # 5 120 bytes: six chunks
-    services.artifact_store(
+    leases.artifact_store(
         run_id=run.id, fence=fence, kind="adapter", name="adapter_model.safetensors", data=weights
     )
     listing = api(cast.carol).get(reverse("api-run-artifacts", args=[run.id])).json()
@@ -190,22 +190,22 @@ def test_a_batch_keeps_stored_points_and_drops_non_finite_ones(make_run):
     """Both paths (bulk_create on SQLite, COPY on PostgreSQL): the first value stored wins,
     and two runs' batches in one transaction stay apart."""
     first, second = make_run(), make_run(name="second")
-    fences = {run.id: services.run_claim(run_id=run.id, worker="w") for run in (first, second)}
+    fences = {run.id: leases.run_claim(run_id=run.id, worker="w") for run in (first, second)}
     odd_keys = ["train_loss", 'a,"quoted"\tkey', "back\\slash", "ünï"]
-    batch = [services.Point(key, 1, 1.0, 0.5) for key in odd_keys]
-    batch += [services.Point("train_loss", 2, float("nan"), 0.5)]
-    batch += [services.Point("train_loss", 3, float("inf"), 0.5)]
-    assert services.metrics_record(run_id=first.id, fence=fences[first.id], points=batch) == 4
-    again = [services.Point("train_loss", 1, 9.0, 9.0), services.Point("train_loss", 4, 0.25, 1)]
-    assert services.metrics_record(run_id=first.id, fence=fences[first.id], points=again) == 2
-    services.metrics_record(run_id=second.id, fence=fences[second.id], points=again[1:])
+    batch = [metrics.Point(key, 1, 1.0, 0.5) for key in odd_keys]
+    batch += [metrics.Point("train_loss", 2, float("nan"), 0.5)]
+    batch += [metrics.Point("train_loss", 3, float("inf"), 0.5)]
+    assert metrics.metrics_record(run_id=first.id, fence=fences[first.id], points=batch) == 4
+    again = [metrics.Point("train_loss", 1, 9.0, 9.0), metrics.Point("train_loss", 4, 0.25, 1)]
+    assert metrics.metrics_record(run_id=first.id, fence=fences[first.id], points=again) == 2
+    metrics.metrics_record(run_id=second.id, fence=fences[second.id], points=again[1:])
     stored = MetricPoint.objects.filter(run=first).values_list("key", "step", "value", "wall_time")
     assert sorted(stored) == sorted(
         [(key, 1, 1.0, 0.5) for key in odd_keys] + [("train_loss", 4, 0.25, 1.0)]
     )
     assert list(MetricPoint.objects.filter(run=second).values_list("step", flat=True)) == [4]
-    with pytest.raises(services.StaleFenceError):
-        services.metrics_record(run_id=first.id, fence=fences[first.id] + 1, points=again)
+    with pytest.raises(leases.StaleFenceError):
+        metrics.metrics_record(run_id=first.id, fence=fences[first.id] + 1, points=again)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -219,15 +219,15 @@ def test_postgresql_ingests_through_copy(cast, make_run, settings, monkeypatch):
             pytest.fail("CI runs the suite on PostgreSQL")
         pytest.skip("PostgreSQL only (set DATABASE_URL)")
     copies = []
-    real_copy = services._metric_points_copy
+    real_copy = metrics._metric_points_copy
     monkeypatch.setattr(
-        services, "_metric_points_copy", lambda **kw: copies.append(kw) or real_copy(**kw)
+        metrics, "_metric_points_copy", lambda **kw: copies.append(kw) or real_copy(**kw)
     )
     run = make_run()
-    fence = services.run_claim(run_id=run.id, worker="w")
-    points = [services.Point("train_loss", step, 1.0 / (step + 1), step) for step in range(5000)]
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    points = [metrics.Point("train_loss", step, 1.0 / (step + 1), step) for step in range(5000)]
     for _ in range(2):
-        assert services.metrics_record(run_id=run.id, fence=fence, points=points) == 5000
+        assert metrics.metrics_record(run_id=run.id, fence=fence, points=points) == 5000
     assert len(copies) == 2 and MetricPoint.objects.filter(run=run).count() == 5000
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM metric_staging")

@@ -4,7 +4,7 @@ swaps its partials, the delete buttons ask first, and the browser reports no vio
 import pytest
 
 from tests.e2e.conftest import log_in
-from webapp.experiments import services
+from webapp.experiments import leases, metrics
 from webapp.experiments.models import Run, RunStatus, Sweep
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -42,14 +42,14 @@ def _run(cast, *, name: str, status: str = RunStatus.SUCCEEDED, sweep=None) -> R
         train_config={"steps": 3, "learning_rate": 1e-3},
         total_steps=3,
     )
-    fence = services.run_claim(run_id=run.id, worker="w")
-    points = [services.Point("train_loss", s, 3.0 - s / 2, 100.0 + s) for s in (1, 2)]
-    services.metrics_record(run_id=run.id, fence=fence, points=points)
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    points = [metrics.Point("train_loss", s, 3.0 - s / 2, 100.0 + s) for s in (1, 2)]
+    metrics.metrics_record(run_id=run.id, fence=fence, points=points)
     Run.objects.filter(id=run.id).update(step=2)
     if status != RunStatus.RUNNING:
         profile = {"trainable_params": 1234, "overhead": 1.1, "mergeable": True}
         summary = {"eval_loss": 1.5, "base_eval_loss": 2.0}
-        services.run_finish(
+        leases.run_finish(
             run_id=run.id, fence=fence, status=status, summary=summary, profile=profile
         )
     return run

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 # committed ones: PEFTLAB_SCREENSHOTS=docs/screenshots make test PYTEST_ARGS=-k first_hour
 SCREENSHOTS = Path(os.environ.get("PEFTLAB_SCREENSHOTS") or settings.VAR_DIR / "screenshots")
 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-QUEUES = ("gpu", "playground")
+QUEUES = ("gpu", "playground", "export")
 SWEEP_S = 240  # nine tiny-llama runs of 200 steps one after another: ~20 s on two CPU cores
 LONG_STEPS = 50_000
 TRAIN = {"steps": "200", "batch_size": "2", "max_length": "48", "eval_every": "50"}
@@ -38,7 +38,7 @@ TRAIN = {"steps": "200", "batch_size": "2", "max_length": "48", "eval_every": "5
 
 @pytest.fixture
 def start_worker(tmp_path):
-    """start_worker(): a Celery worker process consuming both queues, as `make run` starts it;
+    """start_worker(): a Celery worker process consuming every queue, as `make run` starts it;
     stopped at the end. Started on demand, so a page can first show the sweep all queued."""
     with celery_app.connection_for_write() as conn:
         for queue in QUEUES:
@@ -227,6 +227,22 @@ def test_first_hour(watched, browser, live_server, cast, start_worker):
         page.click("text=Download adapter")
     archive = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(archive.namelist())
+
+    # 5b. The merged model of the LoRA run: the worker builds it, the page follows it.
+    lora_id = Run.objects.get(sweep_id=int(sweep_id), method="lora").id
+    page.goto(f"{base}/runs/{lora_id}/")
+    page.click("text=Build merged model")
+    # The button's answer is the panel with the build queued (a worker takes a second or
+    # more to load the base model): it polls from there through merging and writing.
+    page.wait_for_selector("#merged .progress[aria-label='Merged model']")
+    page.screenshot(path=SCREENSHOTS / "first-hour-09b-merged-building.png", full_page=True)
+    ready = page.locator("#merged >> text=Download merged model")
+    _wait_for(lambda: ready.count() == 1, "the merged model was not built", worker, 120)
+    with page.expect_download() as download:
+        ready.click()
+    archive = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
+    assert {"config.json", "model.safetensors", "README.md"} <= set(archive.namelist())
+    page.goto(run_url)
 
     # 6. A read-only link, opened by someone without an account.
     page.click("form.share-form button")

@@ -6,7 +6,7 @@ import pytest
 
 from tests.e2e.conftest import log_in
 from tests.e2e.test_xss import _finished_run
-from webapp.experiments import services
+from webapp.experiments import leases
 from webapp.experiments.models import Run, RunStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -14,11 +14,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 def _with_adapter(run: Run) -> Run:
     Run.objects.filter(id=run.id).update(status=RunStatus.QUEUED)
-    fence = services.run_claim(run_id=run.id, worker="w")
-    services.artifact_store(
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    leases.artifact_store(
         run_id=run.id, fence=fence, kind="adapter", name="adapter_config.json", data=b"{}"
     )
-    services.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
+    leases.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
     return run
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from tests.e2e.conftest import log_in
-from webapp.experiments import services
+from webapp.experiments import leases, metrics
 from webapp.experiments.models import Run, RunStatus, Tag
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -21,11 +21,11 @@ def _finished_run(cast) -> Run:
         train_config={"steps": 3},
         total_steps=3,
     )
-    fence = services.run_claim(run_id=run.id, worker="w")
-    points = [services.Point("train_loss", s, 3.0 - s / 2, 100.0 + s) for s in (1, 2, 3)]
-    services.metrics_record(run_id=run.id, fence=fence, points=points)
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    points = [metrics.Point("train_loss", s, 3.0 - s / 2, 100.0 + s) for s in (1, 2, 3)]
+    metrics.metrics_record(run_id=run.id, fence=fence, points=points)
     profile = {"trainable_params": 1234, "overhead": 1.1, "mergeable": True, "adapter_bytes": 9}
-    services.run_finish(
+    leases.run_finish(
         run_id=run.id,
         fence=fence,
         status=RunStatus.SUCCEEDED,

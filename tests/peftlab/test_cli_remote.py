@@ -8,7 +8,7 @@ import threading
 import pytest
 from django.db import connection
 
-from webapp.experiments import services
+from webapp.experiments import leases
 from webapp.experiments.models import Artifact, ArtifactChunk, Dataset, Run, RunStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -151,8 +151,8 @@ def test_watch_an_external_run_to_success(peftlab, client, sample_id):
 
 
 def test_watch_a_failed_run_exits_1_with_its_error(peftlab, queued_run):
-    fence = services.run_claim(run_id=queued_run["id"], worker="test")
-    services.run_finish(run_id=queued_run["id"], fence=fence, status="failed",
+    fence = leases.run_claim(run_id=queued_run["id"], worker="test")
+    leases.run_finish(run_id=queued_run["id"], fence=fence, status="failed",
                         error="CUDA out of memory at step 3")  # fmt: skip
     result = peftlab("runs", "watch", queued_run["id"])
     assert result.code == 1
@@ -180,10 +180,10 @@ def test_launch_and_watch_until_cancelled_elsewhere(peftlab):
 
 def test_download_writes_the_adapter(peftlab, queued_run, tmp_path):
     data = b'{"peft_type": "LORA", "r": 4}'
-    fence = services.run_claim(run_id=queued_run["id"], worker="test")
-    services.artifact_store(run_id=queued_run["id"], fence=fence, kind="adapter",
+    fence = leases.run_claim(run_id=queued_run["id"], worker="test")
+    leases.artifact_store(run_id=queued_run["id"], fence=fence, kind="adapter",
                             name="adapter_config.json", data=data)  # fmt: skip
-    services.artifact_store(run_id=queued_run["id"], fence=fence, kind="log",
+    leases.artifact_store(run_id=queued_run["id"], fence=fence, kind="log",
                             name="train.log", data=b"not the adapter")  # fmt: skip
     result = peftlab("runs", "download", queued_run["id"], "-o", tmp_path / "adapter")
     assert result.code == 0, result.err
@@ -193,8 +193,8 @@ def test_download_writes_the_adapter(peftlab, queued_run, tmp_path):
 
 
 def test_download_to_the_default_directory(peftlab, queued_run, tmp_path, monkeypatch):
-    fence = services.run_claim(run_id=queued_run["id"], worker="test")
-    services.artifact_store(run_id=queued_run["id"], fence=fence, kind="adapter",
+    fence = leases.run_claim(run_id=queued_run["id"], worker="test")
+    leases.artifact_store(run_id=queued_run["id"], fence=fence, kind="adapter",
                             name="adapter_config.json", data=b"{}")  # fmt: skip
     monkeypatch.chdir(tmp_path)
     assert peftlab("runs", "download", queued_run["id"]).code == 0
@@ -255,8 +255,8 @@ def test_sweep_watch_reports_each_run(peftlab, client, sample_id):
     sweep = client.launch_sweep(base_model="tiny-llama", dataset=sample_id, methods=["lora", "ia3"],
                                 train_config={"steps": 4}, name="s")  # fmt: skip
     first, second = (run["id"] for run in sweep["runs"])
-    fence = services.run_claim(run_id=first, worker="test")
-    services.run_finish(run_id=first, fence=fence, status="succeeded")
+    fence = leases.run_claim(run_id=first, worker="test")
+    leases.run_finish(run_id=first, fence=fence, status="succeeded")
     client.cancel_run(second)
     result = peftlab("sweep", "watch", sweep["id"], "--interval", 0.01)
     assert result.code == 1  # one run was cancelled
@@ -287,7 +287,7 @@ def test_models_still_runs_the_local_command(peftlab):
 
 
 def test_ask_prints_the_base_models_and_each_adapters_answer(peftlab, cast, monkeypatch):
-    from workers import tasks
+    from webapp.experiments import queue
     from workers.playground import answer_prompt
     from workers.training import execute_run
 
@@ -304,7 +304,9 @@ def test_ask_prints_the_base_models_and_each_adapters_answer(peftlab, cast, monk
     )
     assert execute_run(run.id, worker="w1:1") == "succeeded"
     # The worker answers the moment the prompt is queued (a test has no broker round trip).
-    monkeypatch.setattr(tasks.playground_answer, "delay_on_commit", answer_prompt)
+    monkeypatch.setattr(
+        queue, "enqueue_on_commit", lambda name, prompt_id: answer_prompt(prompt_id)
+    )
     result = peftlab("ask", str(run.id), "Add 2 and 3.", "--interval", "0.01")
     assert result.code == 0, result.err
     assert "asked: http://testserver/playground/" in result.err

@@ -5,16 +5,16 @@ import hashlib
 import pytest
 
 from peftlab.client import ApiError, Client, DownloadError, ServerUnreachable, login
-from webapp.experiments import services
+from webapp.experiments import leases
 from webapp.experiments.models import Artifact, ArtifactChunk, MetricPoint, Run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def _store_adapter(run_id: int, files: dict[str, bytes]) -> None:
-    fence = services.run_claim(run_id=run_id, worker="test")
+    fence = leases.run_claim(run_id=run_id, worker="test")
     for name, data in files.items():
-        services.artifact_store(run_id=run_id, fence=fence, kind="adapter", name=name, data=data)
+        leases.artifact_store(run_id=run_id, fence=fence, kind="adapter", name=name, data=data)
 
 
 def _hostile_artifact(run_id: int, name: str, data: bytes = b"x", sha256: str | None = None):

@@ -7,7 +7,7 @@ import re
 import pytest
 from django.urls import reverse
 
-from webapp.experiments import services
+from webapp.experiments import leases, metrics
 from webapp.experiments.comparison import csv_cell
 from webapp.experiments.forms import parse_grid
 from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep
@@ -46,11 +46,11 @@ def _finished_run(cast, name: str, method: str = "lora", **profile) -> Run:
         train_config={"steps": 3, "learning_rate": 1e-3},
         total_steps=3,
     )
-    fence = services.run_claim(run_id=run.id, worker="w")
-    points = [services.Point("train_loss", s, 3.0 - s * 0.5, 10.0 + s) for s in (1, 2, 3)]
-    points += [services.Point("tokens", s, 100.0 * s, 10.0 + s) for s in (1, 2, 3)]
-    services.metrics_record(run_id=run.id, fence=fence, points=points)
-    services.run_finish(
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    points = [metrics.Point("train_loss", s, 3.0 - s * 0.5, 10.0 + s) for s in (1, 2, 3)]
+    points += [metrics.Point("tokens", s, 100.0 * s, 10.0 + s) for s in (1, 2, 3)]
+    metrics.metrics_record(run_id=run.id, fence=fence, points=points)
+    leases.run_finish(
         run_id=run.id,
         fence=fence,
         status=RunStatus.SUCCEEDED,
@@ -322,9 +322,9 @@ def test_finished_runs_curves_are_cached_running_ones_are_not(cast, make_run):
     cache.clear()
     done = _finished_run(cast, "done")
     running = make_run(name="running")
-    fence = services.run_claim(run_id=running.id, worker="w")
-    services.metrics_record(
-        run_id=running.id, fence=fence, points=[services.Point("train_loss", 1, 2.0, 0.0)]
+    fence = leases.run_claim(run_id=running.id, worker="w")
+    metrics.metrics_record(
+        run_id=running.id, fence=fence, points=[metrics.Point("train_loss", 1, 2.0, 0.0)]
     )
     done.refresh_from_db()
     first = curves([done, running])

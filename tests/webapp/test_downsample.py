@@ -77,7 +77,7 @@ def test_stored_spikes_survive_the_databases_downsampling(make_run):
 def _store(run, key, values, steps=None, batch=1000):
     """Stored the way the workers store them: batches through the service's insert, which on
     PostgreSQL also keeps the series' rollups."""
-    from webapp.experiments.services import Point, _metric_points_insert
+    from webapp.experiments.metrics import Point, _metric_points_insert
 
     steps = range(len(values)) if steps is None else steps
     points = [

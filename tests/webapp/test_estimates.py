@@ -8,7 +8,7 @@ from django.urls import reverse
 import peft_core
 from peft_core.registry import build_config
 from peft_core.tiny import build_tiny
-from webapp.experiments import estimates
+from webapp.experiments import architecture, estimates
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm, RunForm, SweepForm
 from webapp.experiments.method_forms import METHOD_FORMS, method_defaults
 from webapp.experiments.models import RunStatus
@@ -74,12 +74,12 @@ def test_a_classifier_counts_its_head_for_the_datasets_labels():
 
 
 def test_a_count_is_computed_once_then_cached():
-    estimates._count.cache_clear()
+    architecture._count.cache_clear()
     kwargs = {"model_key": "tiny-llama", "task": "causal-lm", "num_labels": 2, "method": "ia3"}
     first = estimates.parameter_count(**kwargs, config={})
     second = estimates.parameter_count(**kwargs, config={})
     assert first == second
-    assert estimates._count.cache_info().hits == 1
+    assert architecture._count.cache_info().hits == 1
 
 
 def test_the_panel_shows_the_exact_count_and_a_rough_memory_figure(cast):
@@ -124,12 +124,12 @@ def test_a_model_whose_package_is_missing_is_unknown_until_first_use(cast, monke
     def missing(spec):
         raise FileNotFoundError(f"model {spec.key!r} needs its package")
 
-    monkeypatch.setattr(estimates, "gguf_source", missing)
-    estimates._gguf_config.cache_clear()
+    monkeypatch.setattr(architecture, "gguf_source", missing)
+    architecture._gguf_config.cache_clear()
     try:
         body = _client(cast.alice).get(URL, _form(cast, base_model="smollm2-135m-instruct"))
     finally:
-        estimates._gguf_config.cache_clear()
+        architecture._gguf_config.cache_clear()
     assert body.status_code == 200
     assert "unknown until first use" in body.content.decode()
 

@@ -1,6 +1,7 @@
 """Exports: the model card (README.md) in the adapter zip, and the merged model download for
 mergeable methods: an HF directory (safetensors, no pickle) that loads with transformers
-offline and gives the adapted model's logits. Same team scoping as the adapter download."""
+offline and gives the adapted model's logits. A worker builds it (workers.exports), never
+the web request; the page follows its progress. Same team scoping as the adapter download."""
 
 import io
 import json
@@ -20,8 +21,9 @@ import peft_core
 from peft_core.catalogue import load_model
 from tests.peft_core.test_lora import perturb
 from webapp.accounts.services import api_token_create
-from webapp.experiments import exports, services
-from webapp.experiments.models import Run, RunStatus
+from webapp.experiments import exports, leases, services
+from webapp.experiments.models import ExportStatus, MergedExport, Run, RunStatus
+from workers.exports import build_merged_export
 
 pytestmark = pytest.mark.django_db
 
@@ -43,9 +45,9 @@ def _trained_run(make_run, tmp_path, *, base_model, task, method, config, datase
     perturb(model, seed=3)
     peft_core.save_adapter(model, tmp_path, base_model_name_or_path=base_model)
     run = make_run(base_model=base_model, method=method, dataset=dataset, **fields)
-    fence = services.run_claim(run_id=run.id, worker="test")
+    fence = leases.run_claim(run_id=run.id, worker="test")
     for path in sorted(tmp_path.iterdir()):
-        services.artifact_store(
+        leases.artifact_store(
             run_id=run.id, fence=fence, kind="adapter", name=path.name, data=path.read_bytes()
         )
     profile = {"mergeable": True, "trainable_params": 1234, "total_params": 99999}
@@ -93,6 +95,22 @@ def _zip(response) -> zipfile.ZipFile:
     return zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
 
 
+def _built_by_a_worker(run) -> None:
+    """What the `export` queue's worker does with the message the first request queued."""
+    export = MergedExport.objects.get(run=run)
+    assert export.status == ExportStatus.QUEUED
+    assert build_merged_export(export.id) == "ready"
+
+
+def _merged(client, url: str, run, *, page_url: str):
+    """The merged zip as a visitor gets it: the first GET queues the build and sends them to
+    the page (which shows its progress); once a worker has built it, the GET downloads it."""
+    first = client.get(url)
+    assert first.status_code == 302 and first["Location"] == f"{page_url}#merged"
+    _built_by_a_worker(run)
+    return client.get(url)
+
+
 def _front_matter(card: str) -> tuple[dict, str]:
     assert card.startswith("---\n")
     front, _, body = card[4:].partition("\n---\n")
@@ -117,7 +135,10 @@ def test_lora_merged_zip_loads_in_transformers_with_the_adapters_logits(cast, lo
     run, expected = lora_run
     client = Client()
     client.force_login(cast.bob)
-    response = client.get(reverse("run_merged_download", args=[run.id]))
+    page_url = reverse("run_detail", args=[run.id])
+    response = _merged(
+        client, reverse("run_merged_download", args=[run.id]), run, page_url=page_url
+    )
     assert response["Content-Disposition"] == (
         f'attachment; filename="peftlab-run-{run.id}-merged.zip"'
     )
@@ -145,7 +166,11 @@ def test_ia3_seq_cls_merged_zip_loads_as_a_classifier_with_the_adapters_logits(
     run, expected = ia3_run
     client = Client()
     client.force_login(cast.carol)  # a viewer may download, as the adapter
-    _zip(client.get(reverse("run_merged_download", args=[run.id]))).extractall(tmp_path / "m")
+    url, page_url = (
+        reverse("run_merged_download", args=[run.id]),
+        reverse("run_detail", args=[run.id]),
+    )
+    _zip(_merged(client, url, run, page_url=page_url)).extractall(tmp_path / "m")
     merged = AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "m", local_files_only=True
     )
@@ -166,7 +191,8 @@ def test_non_mergeable_methods_answer_404_with_a_reason(cast, make_run, method):
     assert response["Content-Type"].startswith("text/plain")
     assert "cannot be merged" in response.content.decode()
     page = client.get(reverse("run_detail", args=[run.id])).content.decode()
-    assert "Download merged model" not in page
+    assert "merged model" not in page
+    assert not MergedExport.objects.exists()
 
 
 def test_a_run_without_a_finished_adapter_answers_404(cast, make_run):
@@ -190,22 +216,67 @@ def test_merged_download_is_team_scoped(cast, lora_run):
     assert client.get(url).status_code == 404
 
 
-def test_run_page_offers_the_merged_model_for_a_succeeded_mergeable_run(cast, lora_run):
+def test_run_page_follows_the_merged_build_from_button_to_download(
+    cast, lora_run, django_capture_on_commit_callbacks, published
+):
     run, _ = lora_run
     client = Client()
-    client.force_login(cast.bob)
+    client.force_login(cast.carol)  # a viewer reads the run, so may have it merged
+    page_url = reverse("run_detail", args=[run.id])
+    build_url = reverse("run_merged_build", args=[run.id])
+    assert build_url in client.get(page_url).content.decode()
+    with django_capture_on_commit_callbacks(execute=True):
+        panel = client.post(build_url, HTTP_HX_REQUEST="true").content.decode()
+        client.post(build_url, HTTP_HX_REQUEST="true")  # a second request waits for the first
+    export = MergedExport.objects.get(run=run)
+    assert published == [("peftlab.merged_export", (export.id,))]
+    assert "Queued" in panel and 'hx-trigger="every 2s"' in panel
+    MergedExport.objects.filter(id=export.id).update(status=ExportStatus.MERGING)
+    status_url = reverse("run_merged_status", args=[run.id])
+    panel = client.get(status_url, HTTP_HX_REQUEST="true")
+    assert panel.status_code == 200 and 'aria-valuenow="50"' in panel.content.decode()
+    MergedExport.objects.filter(id=export.id).update(status=ExportStatus.QUEUED)
+    assert build_merged_export(export.id) == "ready"
+    assert build_merged_export(export.id) == "skipped"  # a duplicate delivery
+    panel = client.get(status_url, HTTP_HX_REQUEST="true")
+    assert panel.status_code == 286  # htmx stops polling
+    assert "Download merged model (.zip," in panel.content.decode()
+    assert reverse("run_merged_download", args=[run.id]) in client.get(page_url).content.decode()
+
+
+def test_a_failed_build_shows_its_reason_and_can_be_tried_again(
+    cast, lora_run, monkeypatch, django_capture_on_commit_callbacks, published
+):
+    run, _ = lora_run
+    client = Client()
+    client.force_login(cast.alice)
+    url = reverse("run_merged_download", args=[run.id])
+    client.get(url)
+    monkeypatch.setattr("workers.exports._save_merged", _refuse)
+    assert build_merged_export(MergedExport.objects.get(run=run).id) == "failed"
+    response = client.get(url)
+    assert response.status_code == 409 and "disk full" in response.content.decode()
     page = client.get(reverse("run_detail", args=[run.id])).content.decode()
-    assert "Download merged model" in page
-    assert reverse("run_merged_download", args=[run.id]) in page
-    Run.objects.filter(id=run.id).update(profile={"mergeable": False})
-    page = client.get(reverse("run_detail", args=[run.id])).content.decode()
-    assert "Download merged model" not in page
+    assert "disk full" in page and "Try again" in page
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(reverse("run_merged_build", args=[run.id]))
+    assert MergedExport.objects.get(run=run).status == ExportStatus.QUEUED
+    assert len(published) == 1
+
+
+def _refuse(run, directory):
+    raise OSError("disk full")
 
 
 def test_api_merged_endpoint(cast, lora_run, api):
     run, _ = lora_run
     url = reverse("api-run-merged", args=[run.id])
     assert url == f"/api/v1/runs/{run.id}/merged/"
+    building = api(cast.bob).get(url)
+    assert building.status_code == 202 and building.json()["status"] == "queued"
+    assert building["Retry-After"] == "5"
+    assert api(cast.bob).post(url).status_code == 202  # kept: one build
+    _built_by_a_worker(run)
     archive = _zip(api(cast.bob).get(url))
     assert "model.safetensors" in archive.namelist()
     assert Client().get(url).status_code == 401
@@ -219,12 +290,23 @@ def test_api_merged_endpoint_refuses_a_non_mergeable_method(cast, make_run, api)
     assert "cannot be merged" in response.json()["detail"]
 
 
-def test_share_link_downloads_the_merged_model(cast, lora_run):
+def test_share_link_builds_and_downloads_the_merged_model(cast, lora_run):
+    """The share link's page has no forms: its link to the zip queues the build once and
+    comes back to the page, which follows the build to the download."""
     run, _ = lora_run
     _, secret = services.share_link_create(user=cast.bob, team=cast.acme, scope="run", run=run)
-    page = Client().get(reverse("share_view", args=[secret])).content.decode()
-    assert reverse("share_merged", args=[secret]) in page
-    response = Client().get(reverse("share_merged", args=[secret]))
+    visitor = Client()
+    page_url = reverse("share_view", args=[secret])
+    zip_url = reverse("share_merged", args=[secret])
+    page = visitor.get(page_url).content.decode()
+    assert zip_url in page and "Build merged model" in page and "csrfmiddlewaretoken" not in page
+    first = visitor.get(zip_url)
+    assert first.status_code == 302 and first["Location"] == f"{page_url}#merged"
+    status = visitor.get(reverse("share_merged_status", args=[secret]))
+    assert status.status_code == 200 and "Queued" in status.content.decode()
+    _built_by_a_worker(run)
+    assert "Download merged model (.zip," in visitor.get(page_url).content.decode()
+    response = visitor.get(zip_url)
     assert response["Referrer-Policy"] == "no-referrer"
     assert "model.safetensors" in _zip(response).namelist()
 
@@ -329,9 +411,9 @@ def test_hostile_names_cannot_break_the_front_matter_or_inject_html(cast, make_r
 
 def test_adapter_zip_keeps_a_stored_readme_rather_than_doubling_it(cast, make_run):
     run = make_run()
-    fence = services.run_claim(run_id=run.id, worker="w")
+    fence = leases.run_claim(run_id=run.id, worker="w")
     for name, data in (("adapter_config.json", b"{}"), ("README.md", b"theirs")):
-        services.artifact_store(run_id=run.id, fence=fence, kind="adapter", name=name, data=data)
+        leases.artifact_store(run_id=run.id, fence=fence, kind="adapter", name=name, data=data)
     client = Client()
     client.force_login(cast.alice)
     archive = _zip(client.get(reverse("run_adapter_download", args=[run.id])))
@@ -355,7 +437,11 @@ def test_smollm2_dora_merged_zip_matches_the_adapter(cast, make_run, tmp_path):
     )
     client = Client()
     client.force_login(cast.alice)
-    archive = _zip(client.get(reverse("run_merged_download", args=[run.id])))
+    url, page_url = (
+        reverse("run_merged_download", args=[run.id]),
+        reverse("run_detail", args=[run.id]),
+    )
+    archive = _zip(_merged(client, url, run, page_url=page_url))
     assert archive.getinfo("model.safetensors").compress_type == zipfile.ZIP_STORED
     archive.extractall(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)

@@ -18,7 +18,7 @@ from django.utils import timezone
 from webapp.accounts.models import ApiToken, AuditEvent, Invitation, Membership
 from webapp.accounts.secrets import secret_digest
 from webapp.accounts.services import api_token_create
-from webapp.experiments import services
+from webapp.experiments import leases, services
 from webapp.experiments.models import (
     Comment,
     PlaygroundPrompt,
@@ -49,8 +49,8 @@ def acme(cast, make_run):
         project=cast.acme_project, name=f"{SECRET}-sweep", base_model="tiny-llama", dataset=dataset
     )
     run = make_run(name=f"{SECRET}-run", dataset=dataset, sweep=sweep)
-    fence = services.run_claim(run_id=run.id, worker="w")
-    artifact = services.artifact_store(
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    artifact = leases.artifact_store(
         run_id=run.id, fence=fence, kind="adapter", name="adapter_config.json", data=b"{}"
     )
     finished = make_run(name=f"{SECRET}-finished", status=RunStatus.SUCCEEDED, dataset=dataset)

@@ -10,7 +10,7 @@ import pytest
 from django.core.management import call_command
 from django.urls import reverse
 
-from webapp.experiments import services
+from webapp.experiments import artifacts, leases, metrics
 from webapp.experiments.models import Dataset, Run, RunStatus
 
 pytestmark = pytest.mark.django_db
@@ -204,14 +204,14 @@ def test_live_partial_polls_until_finished(client, cast):
 
 def test_the_live_panel_estimates_before_it_tells_a_time_left(client, cast):
     run = _run(cast, total_steps=100)
-    fence = services.run_claim(run_id=run.id, worker="w")
+    fence = leases.run_claim(run_id=run.id, worker="w")
     client.force_login(cast.alice)
     url = reverse("run_live", args=[run.id])
 
     def steps(elapsed: dict[int, float]) -> str:
-        points = [services.Point("elapsed", s, t, 1000.0 + t) for s, t in elapsed.items()]
-        services.metrics_record(run_id=run.id, fence=fence, points=points)
-        services.run_heartbeat(run_id=run.id, fence=fence, step=max(elapsed))
+        points = [metrics.Point("elapsed", s, t, 1000.0 + t) for s, t in elapsed.items()]
+        metrics.metrics_record(run_id=run.id, fence=fence, points=points)
+        leases.run_heartbeat(run_id=run.id, fence=fence, step=max(elapsed))
         return " ".join(client.get(url).content.decode().split())
 
     assert "loading the model" in " ".join(client.get(url).content.decode().split())
@@ -224,9 +224,9 @@ def test_the_live_panel_estimates_before_it_tells_a_time_left(client, cast):
 
 def test_run_page_shows_curve_data_and_escapes_names(client, cast):
     run = _run(cast, name="<img src=x onerror=alert(1)>")
-    fence = services.run_claim(run_id=run.id, worker="w")
-    services.metrics_record(
-        run_id=run.id, fence=fence, points=[services.Point("train_loss", 1, 2.5, 0.0)]
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    metrics.metrics_record(
+        run_id=run.id, fence=fence, points=[metrics.Point("train_loss", 1, 2.5, 0.0)]
     )
     client.force_login(cast.bob)
     page = client.get(reverse("run_detail", args=[run.id])).content.decode()
@@ -263,15 +263,15 @@ def test_viewer_cannot_cancel(client, cast):
 
 
 def test_adapter_zip_streams_every_chunk(client, cast, monkeypatch):
-    monkeypatch.setattr(services, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(artifacts, "CHUNK_BYTES", 1000)
     run = _run(cast)
-    fence = services.run_claim(run_id=run.id, worker="w")
+    fence = leases.run_claim(run_id=run.id, worker="w")
     weights = bytes(range(256)) * 20  # 5 120 bytes: six chunks
     config = json.dumps({"peft_type": "LORA"}).encode()
-    services.artifact_store(
+    leases.artifact_store(
         run_id=run.id, fence=fence, kind="adapter", name="adapter_model.safetensors", data=weights
     )
-    services.artifact_store(
+    leases.artifact_store(
         run_id=run.id, fence=fence, kind="adapter", name="adapter_config.json", data=config
     )
     assert run.artifacts.get(name="adapter_model.safetensors").chunks.count() == 6

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from webapp.accounts.models import AuditEvent, Membership, Role
 from webapp.accounts.secrets import secret_digest
-from webapp.experiments import services
+from webapp.experiments import leases, services
 from webapp.experiments.models import Comment, Run, RunStatus, ShareLink, Sweep
 
 pytestmark = pytest.mark.django_db
@@ -204,15 +204,15 @@ def test_anonymous_visitor_reads_the_shared_run_and_downloads_its_adapter(client
 
 def _store_adapter(run) -> int:
     Run.objects.filter(id=run.id).update(status=RunStatus.QUEUED)
-    fence = services.run_claim(run_id=run.id, worker="test")
-    services.artifact_store(
+    fence = leases.run_claim(run_id=run.id, worker="test")
+    leases.artifact_store(
         run_id=run.id,
         fence=fence,
         kind="adapter",
         name="adapter_config.json",
         data=b'{"peft_type": "LORA"}',
     )
-    services.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
+    leases.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
     return fence
 
 

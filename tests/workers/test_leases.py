@@ -13,10 +13,11 @@ from django.utils import timezone
 from peft_core.data import DatasetError
 from peft_core.train import NonFiniteLossError
 from webapp.celery import app as celery_app
-from webapp.experiments import services
+from webapp.experiments import leases, metrics, services
+from webapp.experiments.leases import StaleFenceError
+from webapp.experiments.metrics import Point
 from webapp.experiments.models import Artifact, FailureClass, MetricPoint, Run, RunStatus
-from webapp.experiments.services import Point, StaleFenceError
-from workers.reaper import Reaper, queue_length
+from webapp.experiments.reaper import Reaper, queue_length
 from workers.training import RunConfigError, execute_run, failure_class_of
 
 pytestmark = pytest.mark.django_db
@@ -37,21 +38,21 @@ def empty_queue():
 def _running(make_run, *, silent_for_s: float, attempt: int = 1) -> tuple[Run, int]:
     """A run claimed by worker w1 whose last heartbeat was `silent_for_s` ago."""
     run = make_run()
-    fence = services.run_claim(run_id=run.id, worker="w1:42")
+    fence = leases.run_claim(run_id=run.id, worker="w1:42")
     beat = timezone.now() - timedelta(seconds=silent_for_s)
     Run.objects.filter(id=run.id).update(heartbeat_at=beat, attempt=attempt)
     return run, fence
 
 
-def _reap(max_attempts: int = 3) -> services.Reaped:
-    return services.runs_reap(lease_s=LEASE_S, max_attempts=max_attempts)
+def _reap(max_attempts: int = 3) -> leases.Reaped:
+    return leases.runs_reap(lease_s=LEASE_S, max_attempts=max_attempts)
 
 
 def test_an_expired_lease_makes_the_run_lost_and_fences_the_old_worker_off(make_run):
     run, fence = _running(make_run, silent_for_s=LEASE_S + 1)
     alive, alive_fence = _running(make_run, silent_for_s=LEASE_S - 5)
 
-    assert _reap() == services.Reaped(lost=[run.id], failed=[])
+    assert _reap() == leases.Reaped(lost=[run.id], failed=[])
     run.refresh_from_db()
     assert run.status == RunStatus.LOST and run.fence == fence + 1
     assert "worker w1:42 stopped sending heartbeats" in run.error
@@ -60,13 +61,13 @@ def test_an_expired_lease_makes_the_run_lost_and_fences_the_old_worker_off(make_
     # the presumed-dead worker wakes up: every write it tries is refused
     point = Point("train_loss", 7, 1.0, 0.0)
     with pytest.raises(StaleFenceError):
-        services.metrics_record(run_id=run.id, fence=fence, points=[point])
+        metrics.metrics_record(run_id=run.id, fence=fence, points=[point])
     with pytest.raises(StaleFenceError):
-        services.run_heartbeat(run_id=run.id, fence=fence, step=7)
+        leases.run_heartbeat(run_id=run.id, fence=fence, step=7)
     with pytest.raises(StaleFenceError):
-        services.checkpoint_store(run_id=run.id, fence=fence, files={"a": b"x"})
+        leases.checkpoint_store(run_id=run.id, fence=fence, files={"a": b"x"})
     with pytest.raises(StaleFenceError):
-        services.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
+        leases.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
     assert not MetricPoint.objects.filter(run=run).exists()
 
     alive.refresh_from_db()
@@ -77,9 +78,9 @@ def test_a_lost_run_is_claimed_once_and_keeps_its_first_start(make_run):
     run, fence = _running(make_run, silent_for_s=LEASE_S + 1)
     started = Run.objects.get(id=run.id).started_at
     _reap()
-    new_fence = services.run_claim(run_id=run.id, worker="w2:7")
+    new_fence = leases.run_claim(run_id=run.id, worker="w2:7")
     assert new_fence == fence + 2  # one for the reaper, one for the claim
-    assert services.run_claim(run_id=run.id, worker="w3:8") is None  # the duplicate message
+    assert leases.run_claim(run_id=run.id, worker="w3:8") is None  # the duplicate message
     run.refresh_from_db()
     assert (run.status, run.worker, run.attempt) == (RunStatus.RUNNING, "w2:7", 2)
     assert run.started_at == started and run.error == ""
@@ -87,7 +88,7 @@ def test_a_lost_run_is_claimed_once_and_keeps_its_first_start(make_run):
 
 def test_out_of_attempts_the_run_fails_as_worker_lost(make_run, client, cast):
     run, _ = _running(make_run, silent_for_s=LEASE_S + 1, attempt=3)
-    assert _reap(max_attempts=3) == services.Reaped(lost=[], failed=[run.id])
+    assert _reap(max_attempts=3) == leases.Reaped(lost=[], failed=[run.id])
     run.refresh_from_db()
     assert (run.status, run.failure_class) == (RunStatus.FAILED, FailureClass.WORKER_LOST)
     assert "gave up after 3 attempts" in run.error and run.finished_at is not None
@@ -103,7 +104,7 @@ def test_cancelling_a_lost_run_ends_it_at_once(make_run, cast):
     services.run_cancel_request(user=cast.bob, run=Run.objects.get(id=run.id))
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED
-    assert services.run_claim(run_id=run.id, worker="w2:7") is None
+    assert leases.run_claim(run_id=run.id, worker="w2:7") is None
 
 
 def test_the_reaper_judges_nobody_before_it_has_watched_a_whole_lease(
@@ -115,7 +116,7 @@ def test_the_reaper_judges_nobody_before_it_has_watched_a_whole_lease(
     assert reaper.tick(now=1000.0 + LEASE_S - 1) is None
     assert Run.objects.get(id=run.id).status == RunStatus.RUNNING
     reaped = reaper.tick(now=1000.0 + LEASE_S)
-    assert reaped == services.Reaped(lost=[run.id], failed=[])
+    assert reaped == leases.Reaped(lost=[run.id], failed=[])
     assert published == [("peftlab.train_run", (run.id,))]
     assert queue_length() == 1
 
@@ -165,13 +166,13 @@ def test_a_config_the_library_refuses_fails_as_config_with_advice(make_run, clie
 
 def test_a_finished_run_keeps_no_checkpoint(make_run):
     run = make_run()
-    fence = services.run_claim(run_id=run.id, worker="w1:1")
-    services.checkpoint_store(run_id=run.id, fence=fence, files={"a.json": b"{}", "b": b"12"})
-    assert services.checkpoint_files(run_id=run.id) == {"a.json": b"{}", "b": b"12"}
-    services.checkpoint_store(run_id=run.id, fence=fence, files={"a.json": b"[]"})
-    assert services.checkpoint_files(run_id=run.id) == {"a.json": b"[]"}  # replaced whole
-    services.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
-    assert services.checkpoint_files(run_id=run.id) == {}
+    fence = leases.run_claim(run_id=run.id, worker="w1:1")
+    leases.checkpoint_store(run_id=run.id, fence=fence, files={"a.json": b"{}", "b": b"12"})
+    assert leases.checkpoint_files(run_id=run.id) == {"a.json": b"{}", "b": b"12"}
+    leases.checkpoint_store(run_id=run.id, fence=fence, files={"a.json": b"[]"})
+    assert leases.checkpoint_files(run_id=run.id) == {"a.json": b"[]"}  # replaced whole
+    leases.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
+    assert leases.checkpoint_files(run_id=run.id) == {}
     assert not Artifact.objects.filter(run=run).exists()
 
 
@@ -186,7 +187,7 @@ def test_the_lease_thread_renews_until_the_run_is_taken_away(make_run):
         deadline = timezone.now() + timedelta(seconds=10)
         while Run.objects.get(id=run.id).heartbeat_at < timezone.now() - timedelta(seconds=5):
             assert timezone.now() < deadline, "the lease was never renewed"
-        assert _reap() == services.Reaped(lost=[], failed=[])
+        assert _reap() == leases.Reaped(lost=[], failed=[])
         Run.objects.filter(id=run.id).update(cancel_requested=True)
         while not lease.cancel_requested:
             assert timezone.now() < deadline
@@ -248,15 +249,15 @@ def test_a_run_trained_elsewhere_has_no_lease_to_expire(cast):
         train_config={"steps": 10},
     )
     Run.objects.filter(id=external.id).update(started_at=timezone.now() - timedelta(hours=5))
-    assert _reap() == services.Reaped(lost=[], failed=[])
-    assert services.runs_unclaimed(older_than_s=0) == []
+    assert _reap() == leases.Reaped(lost=[], failed=[])
+    assert leases.runs_unclaimed(older_than_s=0) == []
     assert Run.objects.get(id=external.id).status == RunStatus.RUNNING
 
 
 def test_a_running_run_with_only_a_checkpoint_offers_no_adapter_download(make_run, client, cast):
     run = make_run()
-    fence = services.run_claim(run_id=run.id, worker="w1:1")
-    services.checkpoint_store(run_id=run.id, fence=fence, files={"checkpoint.json": b"{}"})
+    fence = leases.run_claim(run_id=run.id, worker="w1:1")
+    leases.checkpoint_store(run_id=run.id, fence=fence, files={"checkpoint.json": b"{}"})
     client.force_login(cast.bob)
     page = client.get(reverse("run_detail", args=[run.id])).content.decode()
     assert "Download adapter" not in page

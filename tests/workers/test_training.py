@@ -144,7 +144,7 @@ def test_a_lost_run_resumes_from_its_checkpoint_to_the_same_adapter(cast, monkey
 
     from django.utils import timezone
 
-    from webapp.experiments import services
+    from webapp.experiments import leases
     from workers import training
 
     config = {"steps": 8, "batch_size": 2, "max_length": 64, "checkpoint_every": 3}
@@ -163,13 +163,13 @@ def test_a_lost_run_resumes_from_its_checkpoint_to_the_same_adapter(cast, monkey
     with pytest.raises(_Crash):
         execute_run(crashed.id, worker="w1")
     monkeypatch.undo()
-    assert set(services.checkpoint_files(run_id=crashed.id)) == {
+    assert set(leases.checkpoint_files(run_id=crashed.id)) == {
         "checkpoint.json",
         "checkpoint.safetensors",
     }
     old = timezone.now() - timedelta(minutes=5)
     Run.objects.filter(id=crashed.id).update(heartbeat_at=old)
-    assert services.runs_reap(lease_s=30, max_attempts=3).lost == [crashed.id]
+    assert leases.runs_reap(lease_s=30, max_attempts=3).lost == [crashed.id]
 
     assert execute_run(crashed.id, worker="w2") == "succeeded"
     crashed.refresh_from_db()

@@ -23,17 +23,10 @@ from webapp.accounts.forms import ApiTokenForm, InvitationForm, ProjectForm, Rol
 from webapp.accounts.models import Role
 from webapp.accounts.permissions import ROLE_ACTIONS, ROLE_RANK, Action, role_of
 from webapp.experiments.selectors import project_list_for_user
+from webapp.http import client_ip, error_text
 
 AUDIT_PAGE_SIZE = 50
 LOCKED_OUT = "Too many failed logins for this username from your address."
-
-
-def _client_ip(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
-
-def _error_text(exc) -> str:
-    return " ".join(getattr(exc, "messages", None) or [str(exc)])
 
 
 class AuditedLoginView(auth_views.LoginView):
@@ -41,12 +34,12 @@ class AuditedLoginView(auth_views.LoginView):
 
     def form_valid(self, form):
         response = super().form_valid(form)
-        services.login_record(user=form.get_user(), ip=_client_ip(self.request))
+        services.login_record(user=form.get_user(), ip=client_ip(self.request))
         return response
 
     def form_invalid(self, form):
         username = self.request.POST.get("username", "")
-        services.login_failure_record(username=username, ip=_client_ip(self.request))
+        services.login_failure_record(username=username, ip=client_ip(self.request))
         return super().form_invalid(form)
 
 
@@ -90,7 +83,7 @@ def team_list(request):
     if request.method == "POST" and form.is_valid():
         try:
             team = services.team_create(
-                user=request.user, name=form.cleaned_data["name"], ip=_client_ip(request)
+                user=request.user, name=form.cleaned_data["name"], ip=client_ip(request)
             )
         except ValidationError as exc:
             form.add_error("name", exc)
@@ -152,10 +145,10 @@ def project_create(request, team_id: int):
         return redirect("team_detail", team_id=team.id)
     try:
         project = services.project_create(
-            user=request.user, team=team, name=form.cleaned_data["name"], ip=_client_ip(request)
+            user=request.user, team=team, name=form.cleaned_data["name"], ip=client_ip(request)
         )
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     else:
         messages.success(request, f"Project “{project.name}” created.")
     return redirect("team_detail", team_id=team.id)
@@ -168,7 +161,7 @@ def team_audit(request, team_id: int):
     try:
         events = selectors.audit_list_for_team(user=request.user, team=team)
     except PermissionDenied as exc:
-        context = {"team": team, "message": _error_text(exc)}
+        context = {"team": team, "message": error_text(exc)}
         return render(request, "accounts/forbidden.html", context, status=403)
     page = Paginator(events, AUDIT_PAGE_SIZE).get_page(request.GET.get("page"))
     return render(request, "accounts/team_audit.html", {"team": team, "page": page})
@@ -186,10 +179,10 @@ def team_invite(request, team_id: int):
         return _team_page(request, team, invite_form=form, status=400)
     try:
         _, secret = services.invitation_create(
-            user=request.user, team=team, role=form.cleaned_data["role"], ip=_client_ip(request)
+            user=request.user, team=team, role=form.cleaned_data["role"], ip=client_ip(request)
         )
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
         return redirect("team_detail", team_id=team.id)
     url = request.build_absolute_uri(reverse("invitation_accept", args=[secret]))
     return _team_page(request, team, invite_url=url)
@@ -200,9 +193,9 @@ def team_invite(request, team_id: int):
 def invitation_revoke(request, invitation_id: int):
     invitation = selectors.invitation_get_for_user(user=request.user, invitation_id=invitation_id)
     try:
-        services.invitation_revoke(user=request.user, invitation=invitation, ip=_client_ip(request))
+        services.invitation_revoke(user=request.user, invitation=invitation, ip=client_ip(request))
     except PermissionDenied as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     else:
         messages.info(request, "Invitation revoked: its link now answers 404.")
     return redirect("team_detail", team_id=invitation.team_id)
@@ -222,10 +215,10 @@ def _accept_as_user(request, invitation):
     if request.method == "POST":
         try:
             services.invitation_accept(
-                user=request.user, invitation=invitation, ip=_client_ip(request)
+                user=request.user, invitation=invitation, ip=client_ip(request)
             )
         except ValidationError as exc:
-            messages.error(request, _error_text(exc))
+            messages.error(request, error_text(exc))
         else:
             messages.success(request, f"Welcome to {invitation.team}.")
         return redirect("team_detail", team_id=invitation.team_id)
@@ -243,11 +236,11 @@ def _accept_with_signup(request, invitation):
             username=form.cleaned_data["username"],
             password=form.cleaned_data["password1"],
             invitation=invitation,
-            ip=_client_ip(request),
+            ip=client_ip(request),
         )
         # Just created, no password checked: the session belongs to the model backend.
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        services.login_record(user=user, ip=_client_ip(request))
+        services.login_record(user=user, ip=client_ip(request))
         messages.success(request, f"Welcome to {invitation.team}, {user.get_username()}.")
         return redirect("runs")
     context = {"invitation": invitation, "form": form}
@@ -271,10 +264,10 @@ def membership_role(request, membership_id: int):
             user=request.user,
             membership=membership,
             role=form.cleaned_data["role"],
-            ip=_client_ip(request),
+            ip=client_ip(request),
         )
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     else:
         messages.success(request, f"{membership.user} is now {membership.get_role_display()}.")
     return redirect("team_detail", team_id=membership.team_id)
@@ -287,9 +280,9 @@ def membership_remove(request, membership_id: int):
     membership = selectors.membership_get_for_user(user=request.user, membership_id=membership_id)
     leaving = membership.user_id == request.user.id
     try:
-        services.membership_remove(user=request.user, membership=membership, ip=_client_ip(request))
+        services.membership_remove(user=request.user, membership=membership, ip=client_ip(request))
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
         return redirect("team_detail", team_id=membership.team_id)
     if leaving:
         messages.info(request, f"You left {membership.team}.")
@@ -307,10 +300,10 @@ def ownership_transfer(request, membership_id: int):
             user=request.user,
             team=membership.team,
             new_owner_membership=membership,
-            ip=_client_ip(request),
+            ip=client_ip(request),
         )
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     else:
         messages.success(request, f"{membership.user} now owns {membership.team}; you are admin.")
     return redirect("team_detail", team_id=membership.team_id)
@@ -326,7 +319,7 @@ def api_tokens(request):
     secret = ""
     if request.method == "POST" and form.is_valid():
         _, secret = services.api_token_create(
-            user=request.user, name=form.cleaned_data["name"], ip=_client_ip(request)
+            user=request.user, name=form.cleaned_data["name"], ip=client_ip(request)
         )
         form = ApiTokenForm()
     context = {
@@ -346,6 +339,6 @@ def api_tokens(request):
 @require_POST
 def api_token_revoke(request, token_id: int):
     token = selectors.api_token_get_for_user(user=request.user, token_id=token_id)
-    services.api_token_revoke(user=request.user, token=token, ip=_client_ip(request))
+    services.api_token_revoke(user=request.user, token=token, ip=client_ip(request))
     messages.info(request, f"Token “{token.name}” revoked: it no longer authenticates.")
     return redirect("api_tokens")

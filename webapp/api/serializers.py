@@ -14,6 +14,7 @@ from rest_framework import serializers
 from webapp.api.selectors import LATEST_KEYS
 from webapp.experiments.downsample import DEFAULT_MAX_POINTS
 from webapp.experiments.forms import MAX_GRID_LINES, MAX_GRID_VALUES
+from webapp.experiments.metrics import MAX_INGEST_POINTS
 from webapp.experiments.models import (
     FINISHED_STATUSES,
     Artifact,
@@ -25,7 +26,6 @@ from webapp.experiments.models import (
     TaskType,
 )
 from webapp.experiments.selectors import RUN_SORTS
-from webapp.experiments.services import MAX_INGEST_POINTS
 
 MAX_ID = 2**63 - 1  # larger ids would overflow the database's integer, not just miss
 METRIC_KEY = r"^[A-Za-z0-9_./-]{1,64}\Z"

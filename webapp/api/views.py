@@ -3,6 +3,7 @@ browser's forms validate launches (webapp.api.launch); errors.service_errors map
 services raise onto 403, 400 and 409."""
 
 from django.contrib.auth import authenticate
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import HttpResponse, StreamingHttpResponse
 from django.utils.http import content_disposition_header
 from drf_spectacular.types import OpenApiTypes
@@ -23,9 +24,11 @@ from webapp.api import selectors as api_selectors
 from webapp.api import serializers as s
 from webapp.api.errors import Conflict, form_errors, service_errors
 from webapp.api.parsers import DepthSafeJSONParser, refuse_oversized_body
-from webapp.experiments import exports, selectors, services
+from webapp.experiments import exports, metrics, selectors, services
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
-from webapp.experiments.zipstream import artifact_chunks, stream_zip_directory
+from webapp.experiments.models import ArtifactKind, ExportStatus
+from webapp.experiments.zipstream import artifact_chunks, stream_zip
+from webapp.http import client_ip, error_text
 
 ERRORS = {
     400: OpenApiResponse(description="Invalid: {field: [messages]} or {detail}."),
@@ -45,10 +48,6 @@ def validated(serializer_class, data) -> dict:
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
-
-
-def client_ip(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
 
 
 def run_data(request, runs, *, many: bool = False):
@@ -297,8 +296,8 @@ class RunMetrics(APIView):
         run = selectors.run_get_for_user(user=request.user, run_id=run_id)
         points = validated(s.MetricsIngestSerializer, request.data)["points"]
         with service_errors(conflict=True):
-            received = services.metrics_ingest(
-                user=request.user, run=run, points=[services.Point(**point) for point in points]
+            received = metrics.metrics_ingest(
+                user=request.user, run=run, points=[metrics.Point(**point) for point in points]
             )
         return Response({"received": received})
 
@@ -449,32 +448,59 @@ class AdapterUpload(APIView):
 
 
 class RunMerged(APIView):
+    """The adapter folded into the base model, built once by a worker (queue "export")."""
+
     @extend_schema(
         responses={
             (200, "application/zip"): OpenApiResponse(
                 description="The adapter folded into the base model: config.json, "
                 "model.safetensors, the tokenizer and README.md (the model card)."
             ),
+            202: OpenApiResponse(
+                description="Being built: {status, detail}. Ask again after Retry-After."
+            ),
             **ERRORS,
             **CONFLICT,
         },
         description="Mergeable methods only (LoRA, DoRA, (IA)³) and succeeded runs; "
-        "another method answers 404 with the reason.",
+        "another method answers 404 with the reason. The first request queues the build "
+        "and answers 202 until a worker has stored it; a failed build answers 409 until "
+        "a POST asks for it again.",
     )
     def get(self, request, run_id: int):
         run = selectors.run_get_for_user(user=request.user, run_id=run_id)
-        try:
-            directory = exports.merged_model_dir(run)
-        except exports.ExportRefused as exc:
-            raise NotFound(str(exc)) from exc
-        except exports.ExportFailed as exc:
-            raise Conflict(str(exc)) from exc
-        response = StreamingHttpResponse(
-            stream_zip_directory(directory, remove=True), content_type="application/zip"
-        )
+        export = self._request(run)
+        if export.status == ExportStatus.FAILED:
+            raise Conflict(f"The merged model could not be built: {export.error}")
+        if export.status != ExportStatus.READY:
+            return self._building(export)
+        files = selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.MERGED)
+        response = StreamingHttpResponse(stream_zip(list(files)), content_type="application/zip")
         name = f"peftlab-run-{run.id}-merged.zip"
         response["Content-Disposition"] = content_disposition_header(True, name)
         response["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    @extend_schema(
+        request=None, responses={202: OpenApiResponse(description="{status, detail}"), **ERRORS}
+    )
+    def post(self, request, run_id: int):
+        """Build the merged model (again, after a failure); a build in progress is kept."""
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        return self._building(self._request(run, retry=True))
+
+    @staticmethod
+    def _request(run, retry: bool = False):
+        try:
+            return exports.merged_export_request(run=run, retry=retry)
+        except DjangoValidationError as exc:
+            raise NotFound(error_text(exc)) from exc
+
+    @staticmethod
+    def _building(export) -> Response:
+        detail = export.get_status_display()
+        response = Response({"status": export.status, "detail": detail}, status=202)
+        response["Retry-After"] = "5"
         return response
 
 

@@ -9,10 +9,10 @@ from collections import defaultdict
 import numpy as np
 from django.core.cache import cache
 
+from webapp.experiments.displayed_metrics import COMPARE_KEYS
 from webapp.experiments.downsample import Series, json_values, series_downsampled, step_anchors
 from webapp.experiments.models import Run
 
-CURVE_KEYS = ("train_loss", "eval_loss", "learning_rate", "eval_accuracy")
 MAX_POINTS = 1000
 
 
@@ -44,7 +44,7 @@ def _cache_key(run: Run, max_points: int) -> str | None:
 
 
 def _curves(run_ids: list[int], max_points: int) -> dict[int, dict[str, dict]]:
-    series = series_downsampled(run_ids=run_ids, keys=CURVE_KEYS, max_points=max_points)
+    series = series_downsampled(run_ids=run_ids, keys=COMPARE_KEYS, max_points=max_points)
     by_run: dict[int, dict[str, Series]] = defaultdict(dict)
     for (run_id, key), points in series.items():
         by_run[run_id][key] = points
@@ -60,7 +60,7 @@ def _run_curves(series: dict[str, Series], tokens: Series | None) -> dict[str, d
     bucket, 128 steps of a 100 000-step run, apart), none outside the counted steps."""
     start = min((walls[0] for _, _, walls in series.values()), default=0.0)
     result = {}
-    for key in CURVE_KEYS:
+    for key in COMPARE_KEYS:
         if key not in series:
             continue
         steps, values, walls = series[key]

@@ -4,10 +4,13 @@ model_card(run)        README.md for the adapter zip (and, merged=True, for the 
                        YAML front matter as the Hugging Face Hub reads it, then the run in
                        Markdown: base model, method and its config, training settings, the
                        dataset and its sha256, metrics, and how to load the files.
-merged_model_dir(run)  for a mergeable method (LoRA, DoRA, (IA)³): the base model from the
-                       catalogue with the adapter folded into its weights, saved as a plain
-                       transformers directory (config.json, model.safetensors, tokenizer,
-                       README.md) that loads with AutoModelFor*.from_pretrained, no PEFT.
+merged_export_*       for a mergeable method (LoRA, DoRA, (IA)³): the adapter folded into the
+                       base model's weights, a plain transformers directory (config.json,
+                       model.safetensors, tokenizer, README.md) that loads with
+                       AutoModelFor*.from_pretrained, no PEFT. A worker builds it on the
+                       `export` queue (workers/exports.py); it is stored as the run's
+                       `merged` artifacts and served like the adapter. This module never
+                       loads a model: the web process imports it.
 
 Every user string (run, dataset and project names, notes, method config values) reaches the
 card through `_yaml` (always double-quoted, escaped: it cannot end the front matter or add a
@@ -18,24 +21,31 @@ import dataclasses
 import html
 import json
 import re
-import shutil
-import tempfile
-import threading
 import unicodedata
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import yaml
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
 
-import peft_core
-from peft_core.catalogue import CATALOGUE, load_model
-from peft_core.methods import Method
-from peft_core.model import CONFIG_FILE, METHODS, WEIGHTS_FILE, merge_and_unload
-from peft_core.registry import METHOD_CONFIGS
-from peft_core.train import TrainConfig
-from webapp.experiments import services
-from webapp.experiments.models import Run, RunStatus, TaskType
+from peft_core.catalogue import CATALOGUE
+from peft_core.registry import build_config
+from webapp.experiments import queue
+from webapp.experiments.artifacts import artifact_insert
+from webapp.experiments.models import (
+    EXPORT_BUSY_STATUSES,
+    Artifact,
+    ArtifactKind,
+    ExportStatus,
+    MergedExport,
+    Run,
+    RunStatus,
+    TaskType,
+)
 
 MODEL_CARD = "README.md"
 # The Hub ids of the catalogue's pretrained models (their files come from pip packages here).
@@ -48,26 +58,25 @@ AUTO_CLASSES = {
     TaskType.CAUSAL_LM: "AutoModelForCausalLM",
     TaskType.SEQ_CLS: "AutoModelForSequenceClassification",
 }
-# One merge at a time per process: each holds a whole base model in memory.
-_merge_lock = threading.Lock()
 
 
-class ExportRefused(Exception):
-    """This run has nothing to export this way (no adapter yet, a method that cannot merge)."""
+def _method_entry(method: str):  # TEMPORARY until the torch-free method list lands
+    from peft_core.model import METHODS
+    from peft_core.registry import METHOD_CONFIGS
 
-
-class ExportFailed(Exception):
-    """The export could not be built here (base model missing, adapter refused by peft_core)."""
-
-
-def run_method(run: Run) -> Method | None:
-    config_cls = METHOD_CONFIGS.get(run.method)
+    config_cls = METHOD_CONFIGS.get(method)
     return next((m for m in METHODS if m.config_cls is config_cls), None)
 
 
-def is_mergeable(run: Run) -> bool:
-    method = run_method(run)
-    return method is not None and method.mergeable
+def method_title(method: str) -> str:
+    """The method's name for people ("LoRA"), or the stored key when it is not ours."""
+    entry = _method_entry(method)
+    return entry.name if entry else method
+
+
+def mergeable(method: str) -> bool:
+    entry = _method_entry(method)
+    return entry is not None and entry.mergeable
 
 
 def base_model_id(key: str) -> str:
@@ -170,8 +179,7 @@ def _metadata(run: Run, merged: bool) -> dict[str, Any]:
 
 
 def _title(run: Run, merged: bool) -> list[str]:
-    method = run_method(run)
-    method_name, base = _md(method.name if method else run.method), _md(run.base_model)
+    method_name, base = _md(method_title(run.method)), _md(run.base_model)
     what = (
         f"{base} with a {method_name} adapter merged into its weights"
         if merged
@@ -200,21 +208,20 @@ def _base_model_section(run: Run) -> list[str]:
 def _method_config(run: Run) -> dict[str, Any]:
     """The method's full config (defaults filled in), or the stored fields if it is refused."""
     try:
-        config = peft_core.build_config(run.method, run.method_config)
+        config = build_config(run.method, run.method_config)
     except (TypeError, ValueError):
         return dict(run.method_config)
     return dataclasses.asdict(config)
 
 
 def _method_section(run: Run) -> list[str]:
-    method = run_method(run)
-    name = method.name if method else run.method
-    mergeable = "yes" if method and method.mergeable else "no"
+    merges = "yes" if mergeable(run.method) else "no"
     rows = [(key, value) for key, value in _method_config(run).items()]
     return [
         "## Method",
         "",
-        f"{_md(name)} (`{_md(run.method)}`), mergeable into the base weights: {mergeable}.",
+        f"{_md(method_title(run.method))} (`{_md(run.method)}`), mergeable into the base "
+        f"weights: {merges}.",
         "",
         *_table(("Setting", "Value"), rows),
     ]
@@ -224,6 +231,8 @@ def _training_section(run: Run) -> list[str]:
     if run.external:
         return ["## Training", "", "Trained elsewhere; uploaded, checked and evaluated here."]
     try:
+        from peft_core.train import TrainConfig  # TEMPORARY
+
         config = dataclasses.asdict(TrainConfig(**run.train_config))
     except (TypeError, ValueError):
         config = dict(run.train_config)
@@ -329,7 +338,7 @@ def _peft_core_usage(run: Run) -> list[str]:
         f"model, tokenizer = load_model({_py(run.base_model)}, {_py(task)}{labels})",
         f'model = peft_core.load_adapter(model, "{folder}")',
     ]
-    if is_mergeable(run):
+    if mergeable(run.method):
         code.append("peft_core.merge(model)  # optional: the base model's inference cost")
     return ["With peft_core (PEFT Lab's library):", "", "```python", *code, "```"]
 
@@ -343,55 +352,82 @@ def _notes_section(run: Run) -> list[str]:
     return ["## Notes", "", *(f"> {line}  " for line in quoted)]
 
 
-# ---- the merged model ------------------------------------------------------------------------
+# ---- the merged model: built by a worker, stored as the run's `merged` artifacts ------------
 
 
-def merged_model_dir(run: Run) -> Path:
-    """The run's merged model in a new private directory; the caller removes it.
+def merged_export_request(*, run: Run, retry: bool = False) -> MergedExport:
+    """The run's merged export, queued now unless one is ready or building (a second request
+    waits for the first); a failed one is queued again only when `retry`. Anyone who can read
+    the run may ask: it only derives what the run already holds. ValidationError when the
+    run has nothing to merge."""
+    refusal = merged_export_refusal(run)
+    if refusal:
+        raise ValidationError(refusal)
+    with transaction.atomic():
+        export, created = MergedExport.objects.select_for_update().get_or_create(run=run)
+        stale = timezone.now() - timedelta(seconds=settings.MERGED_EXPORT_STALE_S)
+        failed = retry and export.status == ExportStatus.FAILED
+        if created or failed or (export.is_busy and export.updated_at < stale):
+            export.status, export.error = ExportStatus.QUEUED, ""
+            export.save(update_fields=["status", "error", "updated_at"])
+            queue.enqueue_on_commit(queue.MERGED_EXPORT, export.id)
+    return export
 
-    Raises ExportRefused when the run has no finished adapter or its method does not merge,
-    ExportFailed when the base model or the adapter cannot be loaded here.
-    """
-    method = run_method(run)
-    if method is None or not method.mergeable:
-        name = method.name if method else run.method
-        raise ExportRefused(
-            f"{name} adapters cannot be merged into the base model's weights; "
-            "download the adapter instead."
+
+def merged_export_refusal(run: Run) -> str:
+    """Why this run has no merged model to build ("" when it has one)."""
+    if not mergeable(run.method):
+        return (
+            f"{method_title(run.method)} adapters cannot be merged into the base model's "
+            "weights; download the adapter instead."
         )
     if run.status != RunStatus.SUCCEEDED:
-        raise ExportRefused("This run has not succeeded: there is no trained adapter to merge.")
-    directory = Path(tempfile.mkdtemp(prefix="peftlab-merged-"))
-    try:
-        with _merge_lock:
-            _build_merged(run, directory)
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    return directory
+        return "This run has not succeeded: there is no trained adapter to merge."
+    if not Artifact.objects.filter(run=run, kind=ArtifactKind.ADAPTER).exists():
+        return "This run has no stored adapter to merge."
+    return ""
 
 
-def _build_merged(run: Run, directory: Path) -> None:
-    task, labels = run.dataset.task, list(run.dataset.label_names)
-    try:
-        model, tokenizer = load_model(
-            run.base_model, task, num_labels=len(labels) or 2, cache_dir=settings.MODEL_CACHE_DIR
+def merged_export_claim(*, export_id: int) -> int | None:
+    """Take a queued export for this worker: its new attempt number, or None (a duplicate)."""
+    with transaction.atomic():
+        claimed = MergedExport.objects.filter(id=export_id, status=ExportStatus.QUEUED).update(
+            status=ExportStatus.MERGING, attempt=F("attempt") + 1, updated_at=timezone.now()
         )
-        model = merge_and_unload(peft_core.load_adapter_files(model, _adapter_files(run)))
-    except (KeyError, FileNotFoundError, ValueError) as exc:
-        raise ExportFailed(f"The merged model could not be built: {exc}") from exc
-    if labels:
-        model.config.id2label = dict(enumerate(map(str, labels)))
-        model.config.label2id = {label: index for index, label in model.config.id2label.items()}
-    model.config.name_or_path = base_model_id(run.base_model)  # not this server's cache path
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    (directory / MODEL_CARD).write_text(model_card(run, merged=True), encoding="utf-8")
+        if claimed != 1:
+            return None
+        return MergedExport.objects.values_list("attempt", flat=True).get(id=export_id)
 
 
-def _adapter_files(run: Run) -> dict[str, bytes]:
-    """The run's two adapter files, by their fixed names (never a stored name as a path)."""
-    files = services.artifact_files(run_id=run.id, kind="adapter")
-    if not {CONFIG_FILE, WEIGHTS_FILE} <= files.keys():
-        raise ExportRefused("This run has no stored adapter to merge.")
-    return {name: files[name] for name in (CONFIG_FILE, WEIGHTS_FILE)}
+def _export_owned(export_id: int, attempt: int):
+    return MergedExport.objects.filter(
+        id=export_id, attempt=attempt, status__in=EXPORT_BUSY_STATUSES
+    )
+
+
+def merged_export_progress(*, export_id: int, attempt: int, status: str) -> bool:
+    """Move a build on to `status`; False when another attempt has taken it over."""
+    return bool(_export_owned(export_id, attempt).update(status=status, updated_at=timezone.now()))
+
+
+def merged_export_store(*, export_id: int, attempt: int, files: dict[str, bytes]) -> bool:
+    """Store the built files as the run's `merged` artifacts and mark the export ready, all or
+    nothing; False (storing nothing) when another attempt has taken the build over."""
+    with transaction.atomic():
+        export = _export_owned(export_id, attempt).select_for_update().first()
+        if export is None:
+            return False
+        Artifact.objects.filter(run_id=export.run_id, kind=ArtifactKind.MERGED).delete()
+        for name, data in sorted(files.items()):
+            artifact_insert(run_id=export.run_id, kind=ArtifactKind.MERGED, name=name, data=data)
+        size = sum(len(data) for data in files.values())
+        _export_owned(export_id, attempt).update(
+            status=ExportStatus.READY, size=size, error="", updated_at=timezone.now()
+        )
+    return True
+
+
+def merged_export_fail(*, export_id: int, attempt: int, error: str) -> None:
+    _export_owned(export_id, attempt).update(
+        status=ExportStatus.FAILED, error=error[:2000], updated_at=timezone.now()
+    )

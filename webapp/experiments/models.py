@@ -96,6 +96,7 @@ class RunStatus(models.TextChoices):
 FINISHED_STATUSES = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
 # A lost run waits for a worker to claim it again, as a queued one does.
 CLAIMABLE_STATUSES = (RunStatus.QUEUED, RunStatus.LOST)
+EXTERNAL_WORKER = "external"  # the worker field of a run whose metrics arrive by the API
 
 
 class FailureClass(models.TextChoices):
@@ -276,7 +277,7 @@ class MetricPoint(models.Model):
     # No foreign-key constraint in the database either (db_constraint=False): checked per
     # point at commit, it cost a fifth of every metric batch (docs/BENCHMARKS.md). What it
     # guarded holds without it: points are written only under the run's row lock while the
-    # run is running (services.metrics_record / metrics_ingest), a run is deleted only
+    # run is running (metrics.metrics_record / metrics_ingest), a run is deleted only
     # finished and under that lock (services.run_delete), and Django deletes its points.
     run = models.ForeignKey(
         Run,
@@ -303,7 +304,7 @@ class MetricRollup(models.Model):
     """A summary of one series' points in one bucket of `width` steps (steps
     bucket * width … bucket * width + width - 1): how many, the first and the last, the lowest
     and the highest. Kept up to date with every batch stored on PostgreSQL
-    (services._metric_points_copy), at the widths in ROLLUP_WIDTHS, so a chart of a long
+    (metrics._metric_points_copy), at the widths in ROLLUP_WIDTHS, so a chart of a long
     series reads about a thousand of these rows instead of every point (downsample.py).
     """
 
@@ -342,11 +343,19 @@ class MetricRollup(models.Model):
 ROLLUP_WIDTHS = (16, 128, 1024)
 
 
+class ArtifactKind(models.TextChoices):
+    ADAPTER = "adapter", "Adapter"
+    CHECKPOINT = "checkpoint", "Checkpoint"
+    MERGED = "merged", "Merged model"
+
+
 class Artifact(models.Model):
     """A stored file of a run (the adapter's files), kept as chunk rows in the database."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="artifacts")
-    kind = models.CharField(max_length=20, default="adapter")
+    kind = models.CharField(
+        max_length=20, choices=ArtifactKind.choices, default=ArtifactKind.ADAPTER
+    )
     name = models.CharField(max_length=100)
     size = models.PositiveBigIntegerField(default=0)
     sha256 = models.CharField(max_length=64)
@@ -375,6 +384,43 @@ class ArtifactChunk(models.Model):
 
     def __str__(self) -> str:
         return f"{self.artifact_id}#{self.index}"
+
+
+class ExportStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    MERGING = "merging", "Loading the base model and merging"
+    WRITING = "writing", "Writing the files"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Failed"
+
+
+EXPORT_BUSY_STATUSES = (ExportStatus.QUEUED, ExportStatus.MERGING, ExportStatus.WRITING)
+
+
+class MergedExport(models.Model):
+    """A run's adapter folded into its base model, built once by a worker on the `export`
+    queue and kept as the run's `merged` artifacts; the pages follow `status`.
+
+    `attempt` fences the build: a request that finds a build stuck for longer than
+    MERGED_EXPORT_STALE_S sends it again, and the stuck worker's late writes change nothing.
+    """
+
+    run = models.OneToOneField(Run, on_delete=models.CASCADE, related_name="merged_export")
+    status = models.CharField(
+        max_length=10, choices=ExportStatus.choices, default=ExportStatus.QUEUED
+    )
+    attempt = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True, default="")
+    size = models.PositiveBigIntegerField(default=0)  # of the stored files, once ready
+    requested_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"merged export of run {self.run_id}: {self.status}"
+
+    @property
+    def is_busy(self) -> bool:
+        return self.status in EXPORT_BUSY_STATUSES
 
 
 class PlaygroundStatus(models.TextChoices):

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from webapp.accounts.models import Membership, Role, Team
 from webapp.accounts.secrets import secret_digest
+from webapp.experiments.displayed_metrics import RUN_PAGE_KEYS
 from webapp.experiments.downsample import DEFAULT_MAX_POINTS, json_values, series_downsampled
 from webapp.experiments.models import (
     Artifact,
@@ -144,11 +145,8 @@ def artifact_list_for_run(*, run: Run) -> QuerySet[Artifact]:
     return Artifact.objects.filter(run=run)
 
 
-RUN_PAGE_CURVES = ("train_loss", "eval_loss", "base_eval_loss")
-
-
 def metric_series(
-    *, run: Run, keys: tuple[str, ...] = RUN_PAGE_CURVES, max_points: int = DEFAULT_MAX_POINTS
+    *, run: Run, keys: tuple[str, ...] = RUN_PAGE_KEYS, max_points: int = DEFAULT_MAX_POINTS
 ) -> dict[str, dict]:
     """{key: {"step": [...], "value": [...]}} by step, min/max-downsampled to ~max_points."""
     series = series_downsampled(run_ids=[run.id], keys=keys, max_points=max_points)

@@ -15,10 +15,11 @@ from django_htmx.http import HTMX_STOP_POLLING
 
 from webapp.experiments import selectors
 from webapp.experiments.models import ShareScope
-from webapp.experiments.views import (
+from webapp.experiments.pages import (
     PLOTLY_WEBGL_CSP,
     adapter_response,
     compare_context,
+    merged_panel,
     merged_response,
     run_page_context,
 )
@@ -40,12 +41,14 @@ def _shared_run(secret: str):
 
 def _run_context(secret: str) -> dict:
     run = _shared_run(secret)
-    return run_page_context(run) | {
-        "shared": True,
+    urls = {
+        "page_url": reverse("share_view", args=[secret]),
         "live_url": reverse("share_live", args=[secret]),
         "download_url": reverse("share_adapter", args=[secret]),
         "merged_url": reverse("share_merged", args=[secret]),
+        "merged_status_url": reverse("share_merged_status", args=[secret]),
     }
+    return run_page_context(run, urls=urls) | {"shared": True}
 
 
 @never_cache
@@ -81,4 +84,13 @@ def shared_adapter(request, secret: str):
 @never_cache
 @require_GET
 def shared_merged(request, secret: str):
-    return _private(merged_response(_shared_run(secret)))
+    """The merged model; the first request queues its build (a share link's page has no
+    forms: it only derives what the shared run already holds, once per run)."""
+    page_url = reverse("share_view", args=[secret])
+    return _private(merged_response(_shared_run(secret), page_url=page_url))
+
+
+@never_cache
+@require_GET
+def shared_merged_status(request, secret: str):
+    return _private(merged_panel(request, _run_context(secret)))

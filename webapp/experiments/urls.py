@@ -40,5 +40,10 @@ urlpatterns = [
     path("s/<str:secret>/live/", share_views.shared_live, name="share_live"),
     path("s/<str:secret>/adapter.zip", share_views.shared_adapter, name="share_adapter"),
     path("runs/<int:run_id>/merged.zip", views.run_merged_download, name="run_merged_download"),
+    path("runs/<int:run_id>/merged/build", views.run_merged_build, name="run_merged_build"),
+    path("runs/<int:run_id>/merged/status", views.run_merged_status, name="run_merged_status"),
     path("s/<str:secret>/merged.zip", share_views.shared_merged, name="share_merged"),
+    path(
+        "s/<str:secret>/merged/status", share_views.shared_merged_status, name="share_merged_status"
+    ),
 ]

@@ -1,6 +1,5 @@
 """Pages and htmx partials. Thin: selectors read, services write."""
 
-from csp.constants import UNSAFE_EVAL
 from csp.decorators import csp_update
 from django.conf import settings
 from django.contrib import messages
@@ -8,7 +7,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -19,7 +18,7 @@ from django_htmx.http import HTMX_STOP_POLLING, trigger_client_event
 from peft_core.catalogue import CATALOGUE
 from peft_core.data import MAX_COLUMNS, MAX_VALUE_CHARS
 from webapp.accounts.permissions import Action, can
-from webapp.experiments import comparison, estimates, exports, selectors, services
+from webapp.experiments import comparison, estimates, selectors, services
 from webapp.experiments.forms import (
     AdapterUploadForm,
     DatasetUploadForm,
@@ -29,7 +28,17 @@ from webapp.experiments.forms import (
 )
 from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep, method_form_initial
 from webapp.experiments.models import RunStatus
-from webapp.experiments.zipstream import stream_zip, stream_zip_directory
+from webapp.experiments.pages import (
+    PLOTLY_WEBGL_CSP,
+    adapter_response,
+    compare_context,
+    merged_build,
+    merged_panel,
+    merged_response,
+    role_can,
+    run_page_context,
+)
+from webapp.http import client_ip, error_text
 
 
 @require_GET
@@ -152,36 +161,17 @@ def _clone_initial(run) -> dict:
 
 def _run_context(request, run_id: int) -> dict:
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
-    return run_page_context(run) | {
+    urls = {
+        "page_url": reverse("run_detail", args=[run.id]),
         "live_url": reverse("run_live", args=[run.id]),
         "download_url": reverse("run_adapter_download", args=[run.id]),
         "merged_url": reverse("run_merged_download", args=[run.id]),
+        "merged_build_url": reverse("run_merged_build", args=[run.id]),
+        "merged_status_url": reverse("run_merged_status", args=[run.id]),
+    }
+    return run_page_context(run, urls=urls) | {
         "role_can": role_can(user=request.user, team=run.project.team),
     }
-
-
-def run_page_context(run) -> dict:
-    """What the run page shows, for members and for share-link visitors alike."""
-    return {
-        "run": run,
-        "series": selectors.metric_series(run=run),
-        "eta_seconds": selectors.run_eta_seconds(run=run),
-        "artifacts": selectors.artifact_list_for_run(run=run).filter(kind="adapter"),
-        "model_spec": CATALOGUE.get(run.base_model),
-    }
-
-
-def role_can(*, user, team) -> dict[str, bool]:
-    """{action: allowed} for the template, so it offers only what the role may do."""
-    return {action.value: can(user=user, team=team, action=action) for action in Action}
-
-
-def _client_ip(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
-
-def _error_text(exc) -> str:
-    return " ".join(getattr(exc, "messages", None) or [str(exc)])
 
 
 @login_required
@@ -209,7 +199,7 @@ def run_notes(request, run_id: int):
     try:
         services.run_notes_update(user=request.user, run=run, notes=request.POST.get("notes", ""))
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     else:
         messages.success(request, "Notes saved.")
     return redirect("run_detail", run_id=run.id)
@@ -222,7 +212,7 @@ def run_comment(request, run_id: int):
     try:
         services.comment_create(user=request.user, run=run, body=request.POST.get("body", ""))
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     return redirect(reverse("run_detail", args=[run.id]) + "#comments")
 
 
@@ -233,7 +223,7 @@ def comment_delete(request, comment_id: int):
     try:
         services.comment_delete(user=request.user, comment=comment)
     except PermissionDenied as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     return redirect(reverse("run_detail", args=[comment.run_id]) + "#comments")
 
 
@@ -242,9 +232,9 @@ def comment_delete(request, comment_id: int):
 def run_delete(request, run_id: int):
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
     try:
-        services.run_delete(user=request.user, run=run, ip=_client_ip(request))
+        services.run_delete(user=request.user, run=run, ip=client_ip(request))
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
         return redirect("run_detail", run_id=run.id)
     messages.success(request, f"Run “{run.name}” deleted.")
     return redirect("runs")
@@ -279,10 +269,10 @@ def _share_create(request, team, *, scope, run=None, run_ids=None, back=None):
             run=run,
             run_ids=run_ids,
             days=days,
-            ip=_client_ip(request),
+            ip=client_ip(request),
         )
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
         return redirect("run_detail", run_id=run.id) if run else redirect("compare")
     url = request.build_absolute_uri(reverse("share_view", args=[secret]))
     # The secret is shown on this response only: it is not stored, nor put in a message.
@@ -295,9 +285,9 @@ def _share_create(request, team, *, scope, run=None, run_ids=None, back=None):
 def share_link_revoke(request, link_id: int):
     link = selectors.share_link_get_for_user(user=request.user, link_id=link_id)
     try:
-        services.share_link_revoke(user=request.user, link=link, ip=_client_ip(request))
+        services.share_link_revoke(user=request.user, link=link, ip=client_ip(request))
     except PermissionDenied as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     else:
         messages.info(request, "Share link revoked: it now answers 404.")
     if link.run_id:
@@ -355,7 +345,7 @@ def run_tags(request, run_id: int):
         else:
             services.run_tag_add(user=request.user, run=run, name=request.POST.get("add", ""))
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, " ".join(getattr(exc, "messages", [str(exc)])))
+        messages.error(request, error_text(exc))
     return redirect("run_detail", run_id=run.id)
 
 
@@ -366,40 +356,24 @@ def run_adapter_download(request, run_id: int):
     return adapter_response(run)
 
 
-def adapter_response(run):
-    """The adapter's files as one streamed zip (HF PEFT layout)."""
-    artifacts = list(selectors.artifact_list_for_run(run=run).filter(kind="adapter"))
-    if not artifacts:
-        return HttpResponse("This run has no adapter yet.", status=404, content_type="text/plain")
-    card = {exports.MODEL_CARD: exports.model_card(run).encode()}
-    when = run.finished_at or run.created_at
-    stream = stream_zip(artifacts, extra=card, when=when)
-    response = StreamingHttpResponse(stream, content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="peftlab-run-{run.id}-adapter.zip"'
-    response["X-Content-Type-Options"] = "nosniff"
-    return response
-
-
 @login_required
 @require_GET
 def run_merged_download(request, run_id: int):
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
-    return merged_response(run)
+    return merged_response(run, page_url=reverse("run_detail", args=[run.id]))
 
 
-def merged_response(run):
-    """The adapter folded into the base model: an HF model directory (safetensors) as a zip."""
-    try:
-        directory = exports.merged_model_dir(run)
-    except exports.ExportRefused as exc:
-        return HttpResponse(str(exc), status=404, content_type="text/plain")
-    except exports.ExportFailed as exc:
-        return HttpResponse(str(exc), status=409, content_type="text/plain")
-    stream = stream_zip_directory(directory, remove=True)
-    response = StreamingHttpResponse(stream, content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="peftlab-run-{run.id}-merged.zip"'
-    response["X-Content-Type-Options"] = "nosniff"
-    return response
+@login_required
+@require_POST
+def run_merged_build(request, run_id: int):
+    context = _run_context(request, run_id)
+    return merged_build(request, context["run"], context, page_url=context["page_url"])
+
+
+@login_required
+@require_GET
+def run_merged_status(request, run_id: int):
+    return merged_panel(request, _run_context(request, run_id))
 
 
 @login_required
@@ -438,7 +412,7 @@ def _dataset_upload(request):
                 task=form.cleaned_data["task"],
             )
         except (ValidationError, PermissionDenied) as exc:
-            form.add_error("file", _error_text(exc))
+            form.add_error("file", error_text(exc))
         else:
             messages.success(request, f"Dataset “{dataset.name}”: {dataset.row_count} rows.")
             return redirect("dataset_detail", dataset_id=dataset.id)
@@ -493,9 +467,9 @@ def dataset_download(request, dataset_id: int):
 def dataset_delete(request, dataset_id: int):
     dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
     try:
-        services.dataset_delete(user=request.user, dataset=dataset, ip=_client_ip(request))
+        services.dataset_delete(user=request.user, dataset=dataset, ip=client_ip(request))
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
         return redirect("dataset_detail", dataset_id=dataset.id)
     messages.success(request, f"Dataset “{dataset.name}” deleted.")
     return redirect("datasets")
@@ -596,9 +570,9 @@ def sweep_detail(request, sweep_id: int):
 def sweep_delete(request, sweep_id: int):
     sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=sweep_id)
     try:
-        count = services.sweep_delete(user=request.user, sweep=sweep, ip=_client_ip(request))
+        count = services.sweep_delete(user=request.user, sweep=sweep, ip=client_ip(request))
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
         return redirect("sweep_detail", sweep_id=sweep.id)
     messages.success(request, f"Sweep “{sweep.name}” and its {count} runs deleted.")
     return redirect("runs")
@@ -626,12 +600,6 @@ def _compared_runs(request, params=None) -> list:
     return list(runs.select_related("dataset")[:MAX_COMPARED])
 
 
-# The compare page's parallel-coordinates chart is WebGL: plotly.js draws it with regl, which
-# compiles its shaders with Function(). The plotly package ships no eval-free ("strict") build,
-# so the pages that show it, and only they, allow eval (settings.CONTENT_SECURITY_POLICY).
-PLOTLY_WEBGL_CSP = {"script-src": [UNSAFE_EVAL]}
-
-
 @login_required
 @require_GET
 @csp_update(PLOTLY_WEBGL_CSP)
@@ -642,38 +610,6 @@ def compare(request):
         "share_days": SHARE_DAY_CHOICES,
     }
     return render(request, "experiments/compare.html", context)
-
-
-def compare_context(runs: list) -> dict:
-    """What the compare page shows, for members and for share-link visitors alike."""
-    columns, hparams, differing = comparison.hyperparameters(runs)
-    payload = {
-        "runs": [
-            {"id": r.id, "name": r.name, "method": r.method, "status": r.status} for r in runs
-        ],
-        "curves": comparison.curves(runs),
-        "hparams": hparams,
-        "tradeoff": comparison.tradeoff_rows(runs),
-    }
-    context = {
-        "runs": runs,
-        "payload": payload,
-        "columns": columns,
-        "hparam_rows": [
-            (run, [(row.get(c, "—"), c in differing) for c in columns])
-            for run, row in zip(runs, hparams, strict=True)
-        ],
-        "differing": differing,
-        "tradeoff": payload["tradeoff"],
-    }
-    tally = selectors.playground_tally(runs=runs)
-    if any(t["prompts"] for t in tally.values()):
-        context["playground_rows"] = [(run, tally[run.id]) for run in runs]
-    same_base = len({(r.base_model, r.dataset.task) for r in runs}) == 1
-    succeeded = [r for r in runs if r.status == RunStatus.SUCCEEDED]
-    if runs and same_base and 0 < len(succeeded) <= services.PLAYGROUND_MAX_RUNS:
-        context["playground_ids"] = ",".join(str(r.id) for r in succeeded)
-    return context
 
 
 @login_required
@@ -699,7 +635,7 @@ def adapter_upload(request):
         try:
             run = services.adapter_upload_create(user=request.user, **form.upload_kwargs())
         except (ValidationError, PermissionDenied) as exc:
-            form.add_error("weights", _error_text(exc))
+            form.add_error("weights", error_text(exc))
         else:
             messages.success(request, f"Adapter “{run.name}” checked and stored.")
             return redirect("run_detail", run_id=run.id)
@@ -732,7 +668,7 @@ def playground(request):
                     text=form.cleaned_data["text"],
                 )
             except (ValidationError, PermissionDenied) as exc:
-                form.add_error(None, _error_text(exc))
+                form.add_error(None, error_text(exc))
             else:
                 return redirect("playground_prompt", prompt_id=prompt.id)
         form.fields["runs"].queryset = offered | choices.filter(id__in=request.POST.getlist("runs"))
@@ -800,7 +736,7 @@ def playground_vote(request, prompt_id: int):
     try:
         services.playground_vote(user=request.user, prompt=prompt, run=run)
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _error_text(exc))
+        messages.error(request, error_text(exc))
     return redirect("playground_prompt", prompt_id=prompt.id)
 
 

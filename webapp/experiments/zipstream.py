@@ -1,11 +1,9 @@
 """Stream a zip of stored artifacts straight from their chunk rows, one chunk in memory at a time."""
 
 import io
-import shutil
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
-from pathlib import Path
 
 from webapp.experiments.models import Artifact, ArtifactChunk
 
@@ -41,10 +39,8 @@ def artifact_chunks(artifact: Artifact) -> Iterator[bytes]:
 
 
 def _member_info(artifact: Artifact) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(artifact.name, date_time=artifact.created_at.timetuple()[:6])
-    info.compress_type = zipfile.ZIP_DEFLATED
-    info.external_attr = 0o644 << 16  # rw-r--r-- when unzipped
-    return info
+    stored = artifact.name.endswith(".safetensors")
+    return _file_info(artifact.name, artifact.created_at, stored=stored)
 
 
 def stream_zip(
@@ -74,27 +70,3 @@ def _file_info(name: str, when: datetime, stored: bool = False) -> zipfile.ZipIn
     info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
     info.external_attr = 0o644 << 16
     return info
-
-
-READ_BYTES = 2**20
-
-
-def stream_zip_directory(directory: Path, *, remove: bool = False) -> Iterator[bytes]:
-    """The files of `directory` (not below it), read 1 MiB at a time; the directory is
-    removed afterwards when `remove`, also when the client goes away mid-download.
-    Weights (.safetensors) are stored, not deflated: float bytes hardly compress."""
-    try:
-        sink = _Sink()
-        with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(p for p in directory.iterdir() if p.is_file()):
-                when = datetime.fromtimestamp(path.stat().st_mtime)
-                info = _file_info(path.name, when, stored=path.suffix == ".safetensors")
-                big = path.stat().st_size >= 2**31
-                with open(path, "rb") as source, archive.open(info, "w", force_zip64=big) as member:
-                    while data := source.read(READ_BYTES):
-                        member.write(data)
-                        yield sink.drain()
-        yield sink.drain()
-    finally:
-        if remove:
-            shutil.rmtree(directory, ignore_errors=True)

@@ -22,15 +22,17 @@
 
   function drawCurves(data) {
     const metric = document.getElementById("curve-metric").value;
+    // The curves the picker offers, with how each is drawn (displayed_metrics.py).
+    const metrics = JSON.parse(document.getElementById("metrics-data").textContent);
+    const shown = metrics.find((m) => m.key === metric);
     const xKey = document.getElementById("curve-x").value;
     const weight = parseFloat(document.getElementById("curve-smoothing").value);
     document.getElementById("curve-smoothing-value").textContent = weight.toFixed(2);
     const traces = data.runs.filter((run) => (data.curves[run.id] || {})[metric]).map((run, i) => {
       const series = data.curves[run.id][metric];
-      const y = metric === "train_loss" ? smooth(series.value, weight) : series.value;
+      const y = shown.smoothed ? smooth(series.value, weight) : series.value;
       return {
-        x: series[xKey], y: y, name: text(run.name), type: "scatter",
-        mode: metric.startsWith("eval") ? "lines+markers" : "lines",
+        x: series[xKey], y: y, name: text(run.name), type: "scatter", mode: shown.mode,
         line: { color: COLORS[i % COLORS.length] },
         hovertemplate: "%{fullData.name}<br>" + xKey + " %{x}<br>" + metric + " %{y:.4f}<extra></extra>",
       };
@@ -38,7 +40,7 @@
     const xTitle = { step: "step", tokens: "tokens", wall: "wall time (s)" }[xKey];
     Plotly.react("curves", traces, {
       margin: { l: 55, r: 10, t: 10, b: 45 }, height: 380,
-      xaxis: { title: { text: xTitle } }, yaxis: { title: { text: metric.replace("_", " ") } },
+      xaxis: { title: { text: xTitle } }, yaxis: { title: { text: shown.label } },
       legend: { orientation: "h", y: -0.2 },
     }, CONFIG);
   }
@@ -59,7 +61,7 @@
     Plotly.react("scatter", traces, {
       margin: { l: 55, r: 10, t: 10, b: 45 }, height: 340,
       xaxis: { type: "log", title: { text: "trainable parameters (log)" } },
-      yaxis: { title: { text: metric.replace("_", " ") } },
+      yaxis: { title: { text: shown.label } },
     }, CONFIG);
   }
 

@@ -2,22 +2,17 @@
 (function () {
   "use strict";
 
-  const CURVES = [
-    ["train_loss", "train loss", "lines"],
-    ["eval_loss", "eval loss", "lines+markers"],
-    ["base_eval_loss", "base model eval loss", "markers"],
-  ];
-
   function draw() {
     const chart = document.getElementById("loss-chart");
     const data = document.getElementById("series-data");
-    if (!chart || !data || typeof Plotly === "undefined") return;
+    const metrics = document.getElementById("metrics-data");  // displayed_metrics.py
+    if (!chart || !data || !metrics || typeof Plotly === "undefined") return;
     const series = JSON.parse(data.textContent);
-    const traces = CURVES.filter(([key]) => series[key]).map(([key, name, mode]) => ({
-      x: series[key].step,
-      y: series[key].value,
-      name: name,
-      mode: mode,
+    const traces = JSON.parse(metrics.textContent).filter((m) => series[m.key]).map((m) => ({
+      x: series[m.key].step,
+      y: series[m.key].value,
+      name: m.label,
+      mode: m.mode,
       type: "scatter",
     }));
     const layout = {

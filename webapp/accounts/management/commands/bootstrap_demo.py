@@ -3,9 +3,9 @@
 The password is random and printed a single time; a second call leaves everything as it is.
 """
 
-import os
 import secrets
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
@@ -36,7 +36,7 @@ class Command(BaseCommand):
         user = user_model.objects.create_user(username=username, password=password)
         Membership.objects.create(team=team_obj, user=user, role=Role.OWNER)
         banner = "=" * 60
-        address = os.environ.get("PEFTLAB_BIND", "127.0.0.1:8000")  # where bin/serve listens
+        address = settings.BIND_ADDRESS  # where bin/serve listens
         self.stdout.write(
             self.style.SUCCESS(
                 f"\n{banner}\n  Log in at http://{address}/\n"

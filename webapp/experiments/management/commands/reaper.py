@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from workers.reaper import Reaper
+from webapp.experiments.reaper import Reaper
 
 
 class Command(BaseCommand):

@@ -1,7 +1,8 @@
 """The reaper: finds runs whose worker stopped heartbeating and sends them to a worker again.
 
 It runs as its own small process (`python manage.py reaper`, the `reaper` service of
-docker-compose.yml), never on a GPU worker, whose one slot is busy training.
+docker-compose.yml), never on a GPU worker, whose one slot is busy training; it needs only
+the leases' queries and Celery, so it lives beside its command on the web side.
 
 A run is presumed lost only when the reaper itself has been connected to PostgreSQL for a
 whole lease: after a database outage every heartbeat looks old, and the workers need one
@@ -16,11 +17,9 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 from webapp.celery import app as celery_app
-from webapp.experiments import services
+from webapp.experiments import leases, queue
 
 logger = logging.getLogger(__name__)
-
-QUEUE = "gpu"
 
 
 @dataclass
@@ -30,7 +29,7 @@ class Reaper:
     resend_after_s: float = field(default_factory=lambda: settings.RUN_RESEND_AFTER_S)
     connected_since: float | None = None  # monotonic time of the first pass in a row that worked
 
-    def tick(self, now: float | None = None) -> services.Reaped | None:
+    def tick(self, now: float | None = None) -> leases.Reaped | None:
         """One pass. Returns what it reaped, or None while it may not judge (or the DB is down)."""
         now = time.monotonic() if now is None else now
         try:
@@ -43,8 +42,8 @@ class Reaper:
         if now - self.connected_since < self.lease_s:
             return None
         try:
-            reaped = services.runs_reap(lease_s=self.lease_s, max_attempts=self.max_attempts)
-            unclaimed = services.runs_unclaimed(older_than_s=self.resend_after_s)
+            reaped = leases.runs_reap(lease_s=self.lease_s, max_attempts=self.max_attempts)
+            unclaimed = leases.runs_unclaimed(older_than_s=self.resend_after_s)
         except (OperationalError, InterfaceError) as exc:
             self._disconnected(exc)
             return None
@@ -87,9 +86,7 @@ class Reaper:
 
 
 def send(run_id: int) -> None:
-    from workers.tasks import train_run
-
-    train_run.delay(run_id)
+    queue.enqueue(queue.TRAIN_RUN, run_id)
 
 
 def queue_length() -> int | None:
@@ -97,7 +94,9 @@ def queue_length() -> int | None:
     try:
         with celery_app.connection_for_write() as conn:
             # Not passive: Redis drops an empty list, and a passive declaration of it fails.
-            declared = conn.default_channel.queue_declare(QUEUE, durable=True, auto_delete=False)
+            declared = conn.default_channel.queue_declare(
+                queue.TRAINING_QUEUE, durable=True, auto_delete=False
+            )
             return declared.message_count
     except Exception:  # a broker that cannot count: never resend blindly
         logger.exception("reaper: could not count the queue")

@@ -1,0 +1,40 @@
+"""A run's stored files: written in chunk rows, read back only when their sha256 still holds.
+
+Every reader of stored bytes goes through `artifact_files` (or the download streams, which
+hash as they send): bytes that no longer match the digest written with them are never
+handed on as if they were the file.
+"""
+
+import hashlib
+
+from webapp.experiments.models import Artifact, ArtifactChunk
+
+CHUNK_BYTES = 4 * 1024 * 1024
+
+
+class ArtifactDamaged(RuntimeError):
+    """A stored file's bytes no longer match the sha256 recorded when it was written."""
+
+
+def artifact_insert(*, run_id: int, kind: str, name: str, data: bytes) -> Artifact:
+    artifact = Artifact.objects.create(
+        run_id=run_id, kind=kind, name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    ArtifactChunk.objects.bulk_create(
+        ArtifactChunk(artifact=artifact, index=i, data=data[start : start + CHUNK_BYTES])
+        for i, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES))
+    )
+    return artifact
+
+
+def artifact_files(*, run_id: int, kind: str) -> dict[str, bytes]:
+    """The run's files of one kind as {file name: bytes}, for a worker (no user check).
+    Raises ArtifactDamaged when a file's bytes do not hash to its recorded sha256."""
+    files = {}
+    for artifact in Artifact.objects.filter(run_id=run_id, kind=kind):
+        chunks = artifact.chunks.order_by("index").values_list("data", flat=True)
+        data = b"".join(bytes(chunk) for chunk in chunks)
+        if hashlib.sha256(data).hexdigest() != artifact.sha256:
+            raise ArtifactDamaged(f"run {run_id}: stored {artifact.name} fails its sha256 check")
+        files[artifact.name] = data
+    return files

@@ -1,0 +1,35 @@
+"""The metric curves the pages draw, named once: the run page's chart and the compare page's
+curve picker read this list (the server chooses the series, `json_script` hands the list to
+run.js and compare.js), so a new metric is one line here."""
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class DisplayedMetric:
+    key: str  # the metric's key in MetricPoint
+    label: str  # as the legend, the axis and the picker say it
+    mode: str  # Plotly's scatter mode: a per-step series draws lines, an eval adds markers
+    run_page: bool = False  # drawn on the run page's chart
+    compare: bool = False  # offered by the compare page's curve picker
+    smoothed: bool = False  # the compare page's smoothing applies (noisy per-step series)
+
+
+DISPLAYED_METRICS = (
+    DisplayedMetric("train_loss", "train loss", "lines", True, True, smoothed=True),
+    DisplayedMetric("eval_loss", "eval loss", "lines+markers", True, True),
+    DisplayedMetric("base_eval_loss", "base model eval loss", "markers", run_page=True),
+    DisplayedMetric("learning_rate", "learning rate", "lines", compare=True),
+    DisplayedMetric("eval_accuracy", "eval accuracy", "lines+markers", compare=True),
+)
+RUN_PAGE_KEYS = tuple(metric.key for metric in DISPLAYED_METRICS if metric.run_page)
+COMPARE_KEYS = tuple(metric.key for metric in DISPLAYED_METRICS if metric.compare)
+
+
+def displayed(*, run_page: bool = False, compare: bool = False) -> list[dict]:
+    """The list a page's script draws from, as plain dicts for `json_script`."""
+    return [
+        asdict(metric)
+        for metric in DISPLAYED_METRICS
+        if (run_page and metric.run_page) or (compare and metric.compare)
+    ]

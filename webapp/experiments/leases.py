@@ -1,0 +1,188 @@
+"""The fenced writes of a claimed run, and the reaper's queries.
+
+A worker claims a run (`run_claim`), which moves its fence on and returns it; every later
+write names that fence. Once another claim has taken the run, or the run ended or was
+marked lost, the stale worker's writes change nothing and raise StaleFenceError. The
+reaper (`runs_reap`, `runs_unclaimed`) finds runs whose lease expired and moves their
+fence on, so a presumed-dead worker's late writes are refused even before a new claim.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from webapp.experiments.artifacts import artifact_files, artifact_insert
+from webapp.experiments.models import (
+    CLAIMABLE_STATUSES,
+    EXTERNAL_WORKER,
+    Artifact,
+    ArtifactKind,
+    FailureClass,
+    Run,
+    RunStatus,
+)
+
+
+class StaleFenceError(RuntimeError):
+    """The run was claimed again or ended: this worker no longer owns it."""
+
+
+def run_claim(*, run_id: int, worker: str) -> int | None:
+    """Take a queued (or lost) run for this worker. Returns the new fence, or None.
+
+    None means someone else holds or ended it: a duplicate delivery, a cancel, or a second
+    message sent by the reaper for a run another worker already took.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        claimed = Run.objects.filter(id=run_id, status__in=CLAIMABLE_STATUSES).update(
+            status=RunStatus.RUNNING,
+            fence=F("fence") + 1,
+            attempt=F("attempt") + 1,
+            worker=worker[:255],
+            started_at=Coalesce(F("started_at"), now),
+            heartbeat_at=now,
+            error="",
+            failure_class="",
+        )
+        if claimed != 1:
+            return None
+        return Run.objects.values_list("fence", flat=True).get(id=run_id)
+
+
+def owned(run_id: int, fence: int):
+    """The run, if `fence` still holds it (claimed by this worker, not ended, not lost)."""
+    return Run.objects.filter(id=run_id, fence=fence, status=RunStatus.RUNNING)
+
+
+def run_heartbeat(*, run_id: int, fence: int, step: int | None = None) -> bool:
+    """Renew the lease (and record progress); returns whether a cancel was requested."""
+    fields = {"heartbeat_at": timezone.now()}
+    if step is not None:
+        fields["step"] = step
+    if not owned(run_id, fence).update(**fields):
+        raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+    return Run.objects.values_list("cancel_requested", flat=True).get(id=run_id)
+
+
+def run_log_append(*, run_id: int, fence: int, lines: Iterable[str]) -> None:
+    with transaction.atomic():
+        run = owned(run_id, fence).select_for_update().only("log").first()
+        if run is None:
+            raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+        owned(run_id, fence).update(log=_log_with(run.log, list(lines)))
+
+
+def artifact_store(*, run_id: int, fence: int, kind: str, name: str, data: bytes) -> Artifact:
+    """Store one file of a run as chunk rows; replaces an earlier file of the same name."""
+    with transaction.atomic():
+        if not owned(run_id, fence).select_for_update().exists():
+            raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+        Artifact.objects.filter(run_id=run_id, kind=kind, name=name).delete()
+        return artifact_insert(run_id=run_id, kind=kind, name=name, data=data)
+
+
+def run_finish(
+    *,
+    run_id: int,
+    fence: int,
+    status: str,
+    error: str = "",
+    failure_class: str = "",
+    summary: dict | None = None,
+    profile: dict | None = None,
+) -> None:
+    """End the run; its checkpoints go with it (a finished run is never resumed)."""
+    fields = {
+        "status": status,
+        "finished_at": timezone.now(),
+        "error": error[:10_000],
+        "failure_class": failure_class,
+    }
+    if summary is not None:
+        fields["summary"] = summary
+    if profile is not None:
+        fields["profile"] = profile
+    with transaction.atomic():
+        if not owned(run_id, fence).update(**fields):
+            raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+        Artifact.objects.filter(run_id=run_id, kind=ArtifactKind.CHECKPOINT).delete()
+
+
+def checkpoint_store(*, run_id: int, fence: int, files: dict[str, bytes]) -> None:
+    """Replace the run's checkpoint with `files`, all or nothing (one transaction)."""
+    with transaction.atomic():
+        if not owned(run_id, fence).select_for_update().exists():
+            raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+        Artifact.objects.filter(run_id=run_id, kind=ArtifactKind.CHECKPOINT).delete()
+        for name, data in sorted(files.items()):
+            artifact_insert(run_id=run_id, kind=ArtifactKind.CHECKPOINT, name=name, data=data)
+
+
+def checkpoint_files(*, run_id: int) -> dict[str, bytes]:
+    """The run's last checkpoint as {file name: bytes}; empty when it has none."""
+    return artifact_files(run_id=run_id, kind=ArtifactKind.CHECKPOINT)
+
+
+@dataclass(frozen=True)
+class Reaped:
+    lost: list[int]  # marked lost: to be sent to a worker again
+    failed: list[int]  # out of attempts: failed as worker-lost
+
+
+def runs_reap(*, lease_s: float, max_attempts: int) -> Reaped:
+    """Mark runs whose lease expired lost (or failed, once out of attempts).
+
+    Marking a run lost moves its fence on, so the presumed-dead worker's late writes are
+    refused even before another worker claims it. The caller sends the lost runs' ids to
+    the queue after this returns (committed).
+    """
+    now = timezone.now()
+    lost, failed = [], []
+    with transaction.atomic():
+        stale = (
+            Run.objects.select_for_update(skip_locked=True)
+            .filter(status=RunStatus.RUNNING, heartbeat_at__lt=now - timedelta(seconds=lease_s))
+            .exclude(worker=EXTERNAL_WORKER)  # trained elsewhere: no lease to expire
+            .only("id", "attempt", "worker", "heartbeat_at", "log")
+        )
+        for run in stale:
+            since = run.heartbeat_at.strftime("%H:%M:%S UTC")
+            reason = f"worker {run.worker} stopped sending heartbeats at {since}"
+            if run.attempt >= max_attempts:
+                fields = {
+                    "status": RunStatus.FAILED,
+                    "failure_class": FailureClass.WORKER_LOST,
+                    "error": f"{reason}; gave up after {run.attempt} attempts",
+                    "finished_at": now,
+                }
+                failed.append(run.id)
+            else:
+                fields = {
+                    "status": RunStatus.LOST,
+                    "error": f"{reason}; sent again (attempt {run.attempt + 1} of {max_attempts})",
+                    "heartbeat_at": now,  # from here on: since when it waits as lost
+                }
+                lost.append(run.id)
+            Run.objects.filter(id=run.id).update(
+                fence=F("fence") + 1, log=_log_with(run.log, [f"lost: {fields['error']}"]), **fields
+            )
+    return Reaped(lost=lost, failed=failed)
+
+
+def runs_unclaimed(*, older_than_s: float) -> list[int]:
+    """Queued or lost runs no worker has claimed for a while (oldest first)."""
+    since = timezone.now() - timedelta(seconds=older_than_s)
+    queued = Q(status=RunStatus.QUEUED, created_at__lt=since)
+    lost = Q(status=RunStatus.LOST, heartbeat_at__lt=since)
+    return list(Run.objects.filter(queued | lost).order_by("id").values_list("id", flat=True))
+
+
+def _log_with(log: str, lines: list[str]) -> str:
+    return "\n".join((log.splitlines() + lines)[-settings.RUN_LOG_LINES :])

@@ -1,0 +1,147 @@
+"""What the run and compare pages show, for members and for share-link visitors alike: the
+page-context builders and the download responses that `views` and `share_views` both serve.
+"""
+
+from csp.constants import UNSAFE_EVAL
+from django.core.exceptions import ValidationError
+from django.http import HttpResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django_htmx.http import HTMX_STOP_POLLING
+
+from peft_core.catalogue import CATALOGUE
+from webapp.accounts.permissions import Action, can
+from webapp.experiments import comparison, exports, selectors
+from webapp.experiments.displayed_metrics import displayed
+from webapp.experiments.models import ArtifactKind, ExportStatus, MergedExport, RunStatus
+from webapp.experiments.services import PLAYGROUND_MAX_RUNS
+from webapp.experiments.zipstream import stream_zip
+from webapp.http import error_text
+
+# The compare page's parallel-coordinates chart is WebGL: plotly.js draws it with regl, which
+# compiles its shaders with Function(). The plotly package ships no eval-free ("strict") build,
+# so the pages that show it, and only they, allow eval (settings.CONTENT_SECURITY_POLICY).
+PLOTLY_WEBGL_CSP = {"script-src": [UNSAFE_EVAL]}
+
+# The merged export's steps, as the progress bar shows them.
+EXPORT_STEPS = (ExportStatus.QUEUED, ExportStatus.MERGING, ExportStatus.WRITING, ExportStatus.READY)
+
+
+def run_page_context(run, *, urls: dict[str, str]) -> dict:
+    """The run page's context; `urls` names its live partial, downloads and merged export
+    routes (a member's or a share link's)."""
+    return urls | {
+        "run": run,
+        "series": selectors.metric_series(run=run),
+        "eta_seconds": selectors.run_eta_seconds(run=run),
+        "artifacts": selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.ADAPTER),
+        "model_spec": CATALOGUE.get(run.base_model),
+        "merged": merged_context(run),
+        "displayed_metrics": displayed(run_page=True),
+    }
+
+
+def merged_context(run) -> dict | None:
+    """The merged-model panel: None where the run has nothing to merge."""
+    if run.status != RunStatus.SUCCEEDED or not exports.mergeable(run.method):
+        return None
+    export = MergedExport.objects.filter(run=run).first()
+    status = export.status if export else ""
+    step = EXPORT_STEPS.index(status) + 1 if status in EXPORT_STEPS else 0
+    return {
+        "export": export,
+        "busy": bool(export and export.is_busy),
+        "percent": round(100 * step / len(EXPORT_STEPS)),
+    }
+
+
+def role_can(*, user, team) -> dict[str, bool]:
+    """{action: allowed} for the template, so it offers only what the role may do."""
+    return {action.value: can(user=user, team=team, action=action) for action in Action}
+
+
+def _zip_response(stream, filename: str) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(stream, content_type="application/zip")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def adapter_response(run):
+    """The adapter's files as one streamed zip (HF PEFT layout)."""
+    artifacts = list(selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.ADAPTER))
+    if not artifacts:
+        return HttpResponse("This run has no adapter yet.", status=404, content_type="text/plain")
+    card = {exports.MODEL_CARD: exports.model_card(run).encode()}
+    when = run.finished_at or run.created_at
+    stream = stream_zip(artifacts, extra=card, when=when)
+    return _zip_response(stream, f"peftlab-run-{run.id}-adapter.zip")
+
+
+def merged_response(run, *, page_url: str):
+    """The merged model's zip once a worker has built it. Until then the build is asked for
+    (once: a second request waits for the first) and the visitor goes back to the page,
+    which shows its progress; a build that failed answers 409 with its reason."""
+    try:
+        export = exports.merged_export_request(run=run)
+    except ValidationError as exc:
+        return HttpResponse(error_text(exc), status=404, content_type="text/plain")
+    if export.status == ExportStatus.FAILED:
+        message = f"The merged model could not be built: {export.error}"
+        return HttpResponse(message, status=409, content_type="text/plain")
+    if export.status != ExportStatus.READY:
+        return redirect(f"{page_url}#merged")
+    files = list(selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.MERGED))
+    return _zip_response(stream_zip(files), f"peftlab-run-{run.id}-merged.zip")
+
+
+def merged_build(request, run, context: dict, *, page_url: str):
+    """POST: build (or, after a failure, rebuild) the merged model; htmx gets the panel."""
+    try:
+        exports.merged_export_request(run=run, retry=True)
+    except ValidationError as exc:
+        return HttpResponse(error_text(exc), status=404, content_type="text/plain")
+    if not request.htmx:
+        return redirect(f"{page_url}#merged")
+    return merged_panel(request, context | {"merged": merged_context(run)})
+
+
+def merged_panel(request, context: dict):
+    """The polled merged-model panel; 286 stops the polling once the build is not busy."""
+    response = render(request, "experiments/run_detail.html#merged", context)
+    merged = context.get("merged")
+    if not (merged and merged["busy"]):
+        response.status_code = HTMX_STOP_POLLING
+    return response
+
+
+def compare_context(runs: list) -> dict:
+    """What the compare page shows, for members and for share-link visitors alike."""
+    columns, hparams, differing = comparison.hyperparameters(runs)
+    payload = {
+        "runs": [
+            {"id": r.id, "name": r.name, "method": r.method, "status": r.status} for r in runs
+        ],
+        "curves": comparison.curves(runs),
+        "hparams": hparams,
+        "tradeoff": comparison.tradeoff_rows(runs),
+    }
+    context = {
+        "runs": runs,
+        "payload": payload,
+        "columns": columns,
+        "hparam_rows": [
+            (run, [(row.get(c, "—"), c in differing) for c in columns])
+            for run, row in zip(runs, hparams, strict=True)
+        ],
+        "differing": differing,
+        "tradeoff": payload["tradeoff"],
+        "displayed_metrics": displayed(compare=True),
+    }
+    tally = selectors.playground_tally(runs=runs)
+    if any(t["prompts"] for t in tally.values()):
+        context["playground_rows"] = [(run, tally[run.id]) for run in runs]
+    same_base = len({(r.base_model, r.dataset.task) for r in runs}) == 1
+    succeeded = [r for r in runs if r.status == RunStatus.SUCCEEDED]
+    if runs and same_base and 0 < len(succeeded) <= PLAYGROUND_MAX_RUNS:
+        context["playground_ids"] = ",".join(str(r.id) for r in succeeded)
+    return context
