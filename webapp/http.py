@@ -9,3 +9,8 @@ def client_ip(request) -> str | None:
 def error_text(exc: Exception) -> str:
     """A ValidationError's messages (or any exception's text) as one sentence to show."""
     return " ".join(getattr(exc, "messages", None) or [str(exc)])
+
+
+def int_or_none(value: str) -> int | None:
+    """A query or form value as a non-negative int, or None when it is not one."""
+    return int(value) if value.isdigit() else None

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.experiments import share_views, views
+from webapp.experiments import dataset_views, playground_views, share_views, views
 
 urlpatterns = [
     path("", views.run_list, name="runs"),
@@ -25,14 +25,22 @@ urlpatterns = [
     path("compare/", views.compare, name="compare"),
     path("compare/tradeoffs.csv", views.compare_csv, name="compare_csv"),
     path("compare/share/", views.compare_share, name="compare_share"),
-    path("playground/", views.playground, name="playground"),
-    path("playground/<int:prompt_id>/", views.playground_prompt, name="playground_prompt"),
-    path("playground/<int:prompt_id>/vote/", views.playground_vote, name="playground_vote"),
-    path("datasets/", views.dataset_list, name="datasets"),
-    path("datasets/upload/", views.dataset_upload, name="dataset_upload"),
-    path("datasets/<int:dataset_id>/", views.dataset_detail, name="dataset_detail"),
-    path("datasets/<int:dataset_id>/rows.jsonl", views.dataset_download, name="dataset_download"),
-    path("datasets/<int:dataset_id>/delete/", views.dataset_delete, name="dataset_delete"),
+    path("playground/", playground_views.playground, name="playground"),
+    path(
+        "playground/<int:prompt_id>/", playground_views.playground_prompt, name="playground_prompt"
+    ),
+    path(
+        "playground/<int:prompt_id>/vote/", playground_views.playground_vote, name="playground_vote"
+    ),
+    path("datasets/", dataset_views.dataset_list, name="datasets"),
+    path("datasets/upload/", dataset_views.dataset_upload, name="dataset_upload"),
+    path("datasets/<int:dataset_id>/", dataset_views.dataset_detail, name="dataset_detail"),
+    path(
+        "datasets/<int:dataset_id>/rows.jsonl",
+        dataset_views.dataset_download,
+        name="dataset_download",
+    ),
+    path("datasets/<int:dataset_id>/delete/", dataset_views.dataset_delete, name="dataset_delete"),
     path("share-links/", views.share_link_list, name="share_links"),
     path("share-links/<int:link_id>/revoke/", views.share_link_revoke, name="share_link_revoke"),
     # Read-only pages for people holding a share link; no login, the secret is the key.

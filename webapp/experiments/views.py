@@ -1,28 +1,21 @@
 """Pages and htmx partials. Thin: selectors read, services write."""
 
 from csp.decorators import csp_update
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
-from django.db.models import Count
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
-from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HTMX_STOP_POLLING, trigger_client_event
 
 from peft_core.catalogue import CATALOGUE
-from peft_core.data import MAX_COLUMNS, MAX_VALUE_CHARS
-from webapp.accounts.permissions import Action, can
 from webapp.experiments import comparison, estimates, selectors, services
 from webapp.experiments.forms import (
     AdapterUploadForm,
-    DatasetUploadForm,
-    PlaygroundForm,
     RunForm,
     SweepForm,
 )
@@ -38,7 +31,7 @@ from webapp.experiments.pages import (
     role_can,
     run_page_context,
 )
-from webapp.http import client_ip, error_text
+from webapp.http import client_ip, error_text, int_or_none
 
 
 @require_GET
@@ -54,17 +47,13 @@ def _run_filters(request) -> dict:
     return {
         "method": params["method"],
         "base_model": params["base_model"],
-        "dataset_id": _int_or_none(params["dataset"]),
+        "dataset_id": int_or_none(params["dataset"]),
         "status": params["status"],
         "tag": params["tag"],
         "search": params["q"],
-        "sweep_id": _int_or_none(params["sweep"]),
+        "sweep_id": int_or_none(params["sweep"]),
         "sort": params["sort"] or "newest",
     }
-
-
-def _int_or_none(value: str) -> int | None:
-    return int(value) if value.isdigit() else None
 
 
 # What the list never shows and can be large: a run's log and JSON, a dataset's rows.
@@ -109,7 +98,7 @@ def run_new(request):
     initial = {"base_model": "smollm2-135m-instruct", "name": "first run"}
     initial["dataset"] = request.GET.get("dataset") or _default_dataset_id(datasets)
     method_initial = None
-    clone_id = _int_or_none(request.GET.get("clone", ""))
+    clone_id = int_or_none(request.GET.get("clone", ""))
     if clone_id is not None and request.method == "GET":
         source = selectors.run_get_for_user(user=request.user, run_id=clone_id)
         initial |= _clone_initial(source)
@@ -260,7 +249,7 @@ def compare_share(request):
 
 
 def _share_create(request, team, *, scope, run=None, run_ids=None, back=None):
-    days = _int_or_none(request.POST.get("days", "")) or 0
+    days = int_or_none(request.POST.get("days", "")) or 0
     try:
         link, secret = services.share_link_create(
             user=request.user,
@@ -377,105 +366,6 @@ def run_merged_status(request, run_id: int):
 
 
 @login_required
-@require_GET
-def dataset_list(request):
-    datasets = selectors.dataset_list_for_user(user=request.user)
-    context = {"datasets": datasets, "has_uploads": datasets.filter(team__isnull=False).exists()}
-    return render(request, "experiments/dataset_list.html", context)
-
-
-@login_required
-@csrf_exempt  # checked by _dataset_upload: CsrfViewMiddleware would parse the body first
-@require_http_methods(["GET", "POST"])
-def dataset_upload(request):
-    """An oversized body is refused from its Content-Length, unread; the rest as a form."""
-    if request.method == "POST" and DatasetUploadForm.body_too_large(request):
-        teams = selectors.team_list_for_user(user=request.user)
-        form, error = DatasetUploadForm(teams=teams), DatasetUploadForm.too_large_message()
-        return _dataset_upload_page(request, form, status=413, error=error)
-    return _dataset_upload(request)
-
-
-@csrf_protect
-def _dataset_upload(request):
-    teams = selectors.team_list_for_user(user=request.user)
-    form = DatasetUploadForm(request.POST or None, request.FILES or None, teams=teams)
-    if request.method == "POST" and form.is_valid():
-        upload = form.cleaned_data["file"]
-        try:
-            dataset = services.dataset_upload_create(
-                user=request.user,
-                team=form.cleaned_data["team"],
-                name=form.cleaned_data["name"],
-                filename=upload.name,
-                data=upload.read(),
-                task=form.cleaned_data["task"],
-            )
-        except (ValidationError, PermissionDenied) as exc:
-            form.add_error("file", error_text(exc))
-        else:
-            messages.success(request, f"Dataset “{dataset.name}”: {dataset.row_count} rows.")
-            return redirect("dataset_detail", dataset_id=dataset.id)
-    return _dataset_upload_page(request, form, status=400 if form.errors else 200)
-
-
-def _dataset_upload_page(request, form, *, status: int, error: str = ""):
-    limits = {
-        "mib": settings.DATASET_MAX_BYTES / (1024 * 1024),
-        "rows": settings.DATASET_MAX_ROWS,
-        "columns": MAX_COLUMNS,
-        "value_chars": MAX_VALUE_CHARS,
-    }
-    context = {"form": form, "limits": limits, "error": error}
-    return render(request, "experiments/dataset_upload.html", context, status=status)
-
-
-@login_required
-@require_GET
-def dataset_detail(request, dataset_id: int):
-    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-    preview = selectors.dataset_preview(dataset=dataset)
-    columns = list(preview[0].keys()) if preview else []
-    return render(
-        request,
-        "experiments/dataset_detail.html",
-        {
-            "dataset": dataset,
-            "preview": preview,
-            "columns": columns,
-            "can_delete": dataset.team is not None
-            and can(user=request.user, team=dataset.team, action=Action.DELETE),
-        },
-    )
-
-
-@login_required
-@require_GET
-def dataset_download(request, dataset_id: int):
-    """The stored rows as JSON lines, under a name the server picks."""
-    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-    response = HttpResponse(
-        selectors.dataset_jsonl(dataset=dataset), content_type="application/x-ndjson"
-    )
-    response["Content-Disposition"] = f'attachment; filename="dataset-{dataset.id}.jsonl"'
-    response["X-Content-Type-Options"] = "nosniff"
-    return response
-
-
-@login_required
-@require_POST
-def dataset_delete(request, dataset_id: int):
-    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-    try:
-        services.dataset_delete(user=request.user, dataset=dataset, ip=client_ip(request))
-    except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, error_text(exc))
-        return redirect("dataset_detail", dataset_id=dataset.id)
-    messages.success(request, f"Dataset “{dataset.name}” deleted.")
-    return redirect("datasets")
-
-
-@login_required
 @require_http_methods(["GET", "POST"])
 def sweep_new(request):
     projects = selectors.project_list_for_launch(user=request.user)
@@ -526,7 +416,7 @@ def _sweep_initial(request, datasets) -> dict:
     }
     if ALL_METHODS in (request.GET.get("preset"), request.POST.get("preset")):
         initial |= ALL_METHODS_PRESET
-    clone_id = _int_or_none(request.GET.get("clone", ""))
+    clone_id = int_or_none(request.GET.get("clone", ""))
     if clone_id is not None:
         sweep = selectors.sweep_get_for_user(user=request.user, sweep_id=clone_id)
         grid = sweep.grid
@@ -641,103 +531,6 @@ def adapter_upload(request):
             return redirect("run_detail", run_id=run.id)
     status = 400 if form.errors else 200
     return render(request, "experiments/adapter_upload.html", {"form": form}, status=status)
-
-
-# ---- playground -----------------------------------------------------------------------------
-
-PLAYGROUND_CHOICES = 50  # the newest succeeded runs offered
-
-
-def _playground_runs(user):
-    runs = selectors.run_list_for_user(user=user).filter(status=RunStatus.SUCCEEDED)
-    return runs.order_by("-created_at", "-id")
-
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def playground(request):
-    choices = _playground_runs(request.user)
-    offered = choices.filter(id__in=list(choices.values_list("id", flat=True)[:PLAYGROUND_CHOICES]))
-    if request.method == "POST":
-        form = PlaygroundForm(request.POST, runs=choices)
-        if form.is_valid():
-            try:
-                prompt = services.playground_prompt_create(
-                    user=request.user,
-                    runs=list(form.cleaned_data["runs"]),
-                    text=form.cleaned_data["text"],
-                )
-            except (ValidationError, PermissionDenied) as exc:
-                form.add_error(None, error_text(exc))
-            else:
-                return redirect("playground_prompt", prompt_id=prompt.id)
-        form.fields["runs"].queryset = offered | choices.filter(id__in=request.POST.getlist("runs"))
-        status = 400
-    else:
-        picked = [i for i in (_int_or_none(v) for v in request.GET.get("runs", "").split(",")) if i]
-        form = PlaygroundForm(
-            initial={"runs": picked}, runs=offered | choices.filter(id__in=picked)
-        )
-        status = 200
-    recent = selectors.playground_prompt_list_for_user(user=request.user)[:10]
-    context = {"form": form, "recent": recent, "has_runs": choices.exists()}
-    return render(request, "experiments/playground.html", context, status=status)
-
-
-def _prompt_context(request, prompt_id: int) -> dict:
-    prompt = selectors.playground_prompt_get_for_user(user=request.user, prompt_id=prompt_id)
-    runs = list(prompt.runs.order_by("id"))
-    mine = prompt.votes.filter(user=request.user).first()
-    votes = {
-        str(v["run_id"] or "base"): v["n"]
-        for v in prompt.votes.values("run_id").annotate(n=Count("id"))
-    }
-    columns = [("base", "Base model", None)] if prompt.task == "causal-lm" else []
-    columns += [(str(run.id), run.name, run) for run in runs]
-    cells = [
-        {
-            "key": key,
-            "title": title,
-            "run": run,
-            "answer": prompt.answers.get(key),
-            "votes": votes.get(key, 0),
-            "mine": mine is not None and str(mine.run_id or "base") == key,
-        }
-        for key, title, run in columns
-    ]
-    can_vote = can(user=request.user, team=prompt.team, action=Action.ANNOTATE)
-    return {"prompt": prompt, "cells": cells, "can_vote": can_vote}
-
-
-@login_required
-@require_GET
-def playground_prompt(request, prompt_id: int):
-    context = _prompt_context(request, prompt_id)
-    if request.htmx:
-        response = render(request, "experiments/playground_prompt.html#answers", context)
-        if context["prompt"].is_finished:
-            response.status_code = HTMX_STOP_POLLING
-        return response
-    return render(request, "experiments/playground_prompt.html", context)
-
-
-@login_required
-@require_POST
-def playground_vote(request, prompt_id: int):
-    prompt = selectors.playground_prompt_get_for_user(user=request.user, prompt_id=prompt_id)
-    choice = request.POST.get("choice", "")
-    run = None
-    if choice != "base":
-        run_id = _int_or_none(choice)
-        run = prompt.runs.filter(id=run_id).first() if run_id else None
-        if run is None:
-            messages.error(request, "Pick one of the answers.")
-            return redirect("playground_prompt", prompt_id=prompt.id)
-    try:
-        services.playground_vote(user=request.user, prompt=prompt, run=run)
-    except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, error_text(exc))
-    return redirect("playground_prompt", prompt_id=prompt.id)
 
 
 @login_required

@@ -1,0 +1,122 @@
+"""The dataset pages: list, upload with row-level errors, preview, download, delete."""
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from peft_core.data import MAX_COLUMNS, MAX_VALUE_CHARS
+from webapp.accounts.permissions import Action, can
+from webapp.experiments import selectors, services
+from webapp.experiments.forms import (
+    DatasetUploadForm,
+)
+from webapp.http import client_ip, error_text
+
+
+@require_GET
+def health(request):
+    return JsonResponse({"status": "ok"})
+
+
+@login_required
+@require_GET
+def dataset_list(request):
+    datasets = selectors.dataset_list_for_user(user=request.user)
+    context = {"datasets": datasets, "has_uploads": datasets.filter(team__isnull=False).exists()}
+    return render(request, "experiments/dataset_list.html", context)
+
+
+@login_required
+@csrf_exempt  # checked by _dataset_upload: CsrfViewMiddleware would parse the body first
+@require_http_methods(["GET", "POST"])
+def dataset_upload(request):
+    """An oversized body is refused from its Content-Length, unread; the rest as a form."""
+    if request.method == "POST" and DatasetUploadForm.body_too_large(request):
+        teams = selectors.team_list_for_user(user=request.user)
+        form, error = DatasetUploadForm(teams=teams), DatasetUploadForm.too_large_message()
+        return _dataset_upload_page(request, form, status=413, error=error)
+    return _dataset_upload(request)
+
+
+@csrf_protect
+def _dataset_upload(request):
+    teams = selectors.team_list_for_user(user=request.user)
+    form = DatasetUploadForm(request.POST or None, request.FILES or None, teams=teams)
+    if request.method == "POST" and form.is_valid():
+        upload = form.cleaned_data["file"]
+        try:
+            dataset = services.dataset_upload_create(
+                user=request.user,
+                team=form.cleaned_data["team"],
+                name=form.cleaned_data["name"],
+                filename=upload.name,
+                data=upload.read(),
+                task=form.cleaned_data["task"],
+            )
+        except (ValidationError, PermissionDenied) as exc:
+            form.add_error("file", error_text(exc))
+        else:
+            messages.success(request, f"Dataset “{dataset.name}”: {dataset.row_count} rows.")
+            return redirect("dataset_detail", dataset_id=dataset.id)
+    return _dataset_upload_page(request, form, status=400 if form.errors else 200)
+
+
+def _dataset_upload_page(request, form, *, status: int, error: str = ""):
+    limits = {
+        "mib": settings.DATASET_MAX_BYTES / (1024 * 1024),
+        "rows": settings.DATASET_MAX_ROWS,
+        "columns": MAX_COLUMNS,
+        "value_chars": MAX_VALUE_CHARS,
+    }
+    context = {"form": form, "limits": limits, "error": error}
+    return render(request, "experiments/dataset_upload.html", context, status=status)
+
+
+@login_required
+@require_GET
+def dataset_detail(request, dataset_id: int):
+    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+    preview = selectors.dataset_preview(dataset=dataset)
+    columns = list(preview[0].keys()) if preview else []
+    return render(
+        request,
+        "experiments/dataset_detail.html",
+        {
+            "dataset": dataset,
+            "preview": preview,
+            "columns": columns,
+            "can_delete": dataset.team is not None
+            and can(user=request.user, team=dataset.team, action=Action.DELETE),
+        },
+    )
+
+
+@login_required
+@require_GET
+def dataset_download(request, dataset_id: int):
+    """The stored rows as JSON lines, under a name the server picks."""
+    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+    response = HttpResponse(
+        selectors.dataset_jsonl(dataset=dataset), content_type="application/x-ndjson"
+    )
+    response["Content-Disposition"] = f'attachment; filename="dataset-{dataset.id}.jsonl"'
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@login_required
+@require_POST
+def dataset_delete(request, dataset_id: int):
+    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+    try:
+        services.dataset_delete(user=request.user, dataset=dataset, ip=client_ip(request))
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, error_text(exc))
+        return redirect("dataset_detail", dataset_id=dataset.id)
+    messages.success(request, f"Dataset “{dataset.name}” deleted.")
+    return redirect("datasets")
