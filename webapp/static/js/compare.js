@@ -61,7 +61,7 @@
     Plotly.react("scatter", traces, {
       margin: { l: 55, r: 10, t: 10, b: 45 }, height: 340,
       xaxis: { type: "log", title: { text: "trainable parameters (log)" } },
-      yaxis: { title: { text: shown.label } },
+      yaxis: { title: { text: metric.replace("_", " ") } },
     }, CONFIG);
   }
 
