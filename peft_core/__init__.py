@@ -8,43 +8,60 @@ The public API is stable; tools and users rely on it:
     with peft_core.disabled(model): ...                          # base behaviour
     peft_core.save_adapter(model, "out/")                        # HF PEFT layout
     model = peft_core.load_adapter(model, "out/")
+
+The names load on first use (PEP 562), so `import peft_core.configs` or
+`peft_core.registry` does not import torch: the web process judges configs and lists
+methods and models without it, and imports torch only where it runs a model.
 """
 
-from peft_core.bottleneck import BottleneckConfig
-from peft_core.dora import DoraConfig
-from peft_core.ia3 import IA3Config
-from peft_core.lora import LoraConfig
-from peft_core.mam import MAMConfig
-from peft_core.model import (
-    apply,
-    disabled,
-    load_adapter,
-    load_adapter_files,
-    merge,
-    save_adapter,
-    trainable_parameters,
-    unmerge,
-)
-from peft_core.prefix_tuning import PrefixTuningConfig
-from peft_core.prompt_tuning import PromptTuningConfig
-from peft_core.registry import METHOD_CONFIGS, build_config
+from importlib import import_module
+from importlib.util import find_spec
+from typing import Any
 
-__all__ = [
-    "BottleneckConfig",
-    "DoraConfig",
-    "IA3Config",
-    "METHOD_CONFIGS",
-    "LoraConfig",
-    "MAMConfig",
-    "PrefixTuningConfig",
-    "PromptTuningConfig",
-    "apply",
-    "build_config",
-    "disabled",
-    "load_adapter",
-    "load_adapter_files",
-    "merge",
-    "save_adapter",
-    "trainable_parameters",
-    "unmerge",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "BottleneckConfig",
+            "DoraConfig",
+            "IA3Config",
+            "LoraConfig",
+            "MAMConfig",
+            "PrefixTuningConfig",
+            "PromptTuningConfig",
+        ),
+        "peft_core.configs",
+    ),
+    **dict.fromkeys(("METHOD_CONFIGS", "build_config"), "peft_core.registry"),
+    **dict.fromkeys(
+        (
+            "apply",
+            "disabled",
+            "load_adapter",
+            "load_adapter_files",
+            "merge",
+            "save_adapter",
+            "trainable_parameters",
+            "unmerge",
+        ),
+        "peft_core.model",
+    ),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """A public name from its module, or a submodule (`peft_core.model`), imported now."""
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+    elif find_spec(f"{__name__}.{name}") is not None:
+        value = import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

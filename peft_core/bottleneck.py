@@ -26,92 +26,29 @@ Adapters add sequential computation and are never merged. Trainable parameters:
 2·d·m + m + d per adapter; Houlsby has 2 per layer, Pfeiffer and parallel 1.
 On disk: our own `peft_type: BOTTLENECK` with this config's fields (HF PEFT has
 no bottleneck adapter and cannot load it); keys base_model.model.<site>.adapter_down.weight.
+BottleneckConfig lives in configs.py (torch-free: the web judges values with it),
+re-exported here.
 """
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peft_core.configs import BottleneckConfig
 from peft_core.methods import Method, WrappedLinear
 from peft_core.targets import ADAPTER_SITES, AdapterSites, model_type
 
-PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+# The module of each of configs.ACTIVATION_CHOICES.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
 }
-DEFAULT_REDUCTION_FACTOR = 16
-MAX_DIM = 65_536
-MAX_SCALING = 100.0
-
-
-@dataclass(frozen=True)
-class BottleneckConfig:
-    placement: str = "houlsby"
-    bottleneck_dim: int | None = None  # m; set this or reduction_factor, not both
-    reduction_factor: int | None = None  # m = d // reduction_factor; both None: 16
-    activation: str = "relu"
-    scaling: float = 1.0  # s, parallel only: a sequential adapter refuses any other value
-    dropout: float = 0.0
-    modules_to_save: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # frozen: normalise through object.__setattr__
-        object.__setattr__(self, "modules_to_save", _normalise_names(self.modules_to_save))
-        if self.bottleneck_dim is None and self.reduction_factor is None:
-            object.__setattr__(self, "reduction_factor", DEFAULT_REDUCTION_FACTOR)
-        _check_choice("placement", self.placement, PLACEMENTS)
-        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
-        _check_width(self.bottleneck_dim, self.reduction_factor)
-        if not _is_number(self.scaling) or not 0 < self.scaling <= MAX_SCALING:
-            raise ValueError(
-                f"adapter scaling must be in (0, {MAX_SCALING:g}], got {self.scaling!r}"
-            )
-        if self.placement != "parallel" and self.scaling != 1.0:
-            raise ValueError(f"scaling applies to parallel adapters only, not {self.placement!r}")
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            raise ValueError(f"adapter dropout must be a number in [0, 1), got {self.dropout!r}")
-
-    def width(self, d: int) -> int:
-        """The bottleneck width m for a model width d."""
-        return self.bottleneck_dim or max(1, d // self.reduction_factor)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_size(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_DIM
-
-
-def _normalise_names(names: Any) -> tuple[str, ...]:
-    """A name, or a list/tuple/set of names, as a tuple of non-empty strings."""
-    names = (names,) if isinstance(names, str) else tuple(names or ())
-    if not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"module names must be non-empty strings, got {names!r}")
-    return names
-
-
-def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"adapter {field} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_width(bottleneck_dim: Any, reduction_factor: Any) -> None:
-    if bottleneck_dim is not None and reduction_factor is not None:
-        raise ValueError("set exactly one of bottleneck_dim and reduction_factor, not both")
-    value = reduction_factor if bottleneck_dim is None else bottleneck_dim
-    if not _is_size(value):
-        field = "reduction_factor" if bottleneck_dim is None else "bottleneck_dim"
-        raise ValueError(f"adapter {field} must be an integer in 1..{MAX_DIM}, got {value!r}")
 
 
 class BottleneckLayer(nn.Module):
@@ -263,12 +200,10 @@ def from_hf_config(hf: dict[str, Any]) -> BottleneckConfig:
 
 
 METHOD = Method(
-    name="Bottleneck adapter",
     peft_type="BOTTLENECK",
     prefix="adapter_",
     config_cls=BottleneckConfig,
     layer_types=(SequentialAdapter, ParallelAdapter),
-    mergeable=False,
     inject=inject_bottleneck,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

@@ -17,7 +17,12 @@ The packages are located with `importlib.util.find_spec`, never imported: their
 `__init__` pulls in runtimes (llama-cpp-python, sentence-transformers) we lack.
 Cache writes go to a temporary directory renamed into place under a lock file,
 so a crash never leaves a half-written model and two converters never race.
+
+Importing this module loads neither torch nor transformers: the web lists CATALOGUE on
+its pages. The functions that load or write weights and tokenizers import them when called.
 """
+
+from __future__ import annotations
 
 import fcntl
 import importlib.util
@@ -28,20 +33,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
-from transformers.utils import logging as hf_logging
+from peft_core.data import TASKS
 
-from peft_core.tiny import TASKS, build_tiny
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SOURCE_KINDS = ("gguf-package", "hf-package", "tiny")
 # Bump when what a materialiser writes changes, so stale cache entries are rebuilt.
@@ -187,6 +185,8 @@ def load_model(
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     """A tokenizer that can pad: causal LMs without a pad token pad with eos."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -199,6 +199,9 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def _load_weights(directory: Path, task: str, num_labels: int) -> nn.Module:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     if task == "causal-lm":
         with quiet_transformers():
             return AutoModelForCausalLM.from_pretrained(
@@ -218,6 +221,8 @@ def quiet_transformers() -> Iterator[None]:
     A new classification head is always "missing" from the checkpoint and a causal
     LM's lm_head "unexpected" under a classifier; real errors still raise.
     """
+    from transformers.utils import logging as hf_logging
+
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -288,6 +293,9 @@ def gguf_source(spec: ModelSpec) -> tuple[Path, str]:
 
 def _write_gguf_model(spec: ModelSpec, staging: Path) -> None:
     """Dequantise the package's GGUF into a plain float32 safetensors directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     directory, gguf_file = gguf_source(spec)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -312,6 +320,8 @@ def _single_gguf_file(directory: Path) -> str:
 
 def _write_tiny_model(spec: ModelSpec, staging: Path) -> None:
     """Save the seeded tiny model's backbone (no task head) and its tokenizer."""
+    from peft_core.tiny import build_tiny
+
     kind = spec.source_detail
     tokenizer = build_byte_tokenizer()
     model = build_tiny(kind, task="causal-lm" if kind != "bert" else "seq-cls")
@@ -340,6 +350,9 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     No merges, so every UTF-8 byte is one token and any text round-trips. Encoding
     prepends <s>; <pad> is id 0, matching the tiny models' pad_token_id.
     """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {token: index for index, token in enumerate(TINY_SPECIALS)}
     byte_chars = _byte_level_chars()
     for byte in range(256):
@@ -364,6 +377,8 @@ def _byte_level_chars() -> list[str]:
     Printable Latin-1 bytes stand for themselves; the rest are shifted past 255,
     in byte order (the GPT-2 byte-to-unicode table).
     """
+    from tokenizers import pre_tokenizers
+
     printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
     chars, shifted = [], 0
     for byte in range(256):

@@ -19,7 +19,6 @@ Neither format can run code, so a checkpoint from an untrusted place is only dat
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -32,6 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
+
+from peft_core.checks import is_int, is_number
 
 FORMAT = "peft-lab-checkpoint"
 VERSION = 1
@@ -275,11 +276,7 @@ def _refuse_constant(name: str) -> None:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_int(value) and value >= 0
 
 
 def _is_sha256(value: Any) -> bool:
@@ -296,8 +293,8 @@ def _is_names(value: Any) -> bool:
 def _is_hyper(value: Any) -> bool:
     """A param-group value: None, a bool, a number or a list of numbers (betas)."""
     if isinstance(value, list):
-        return all(map(_is_number, value))
-    return value is None or isinstance(value, bool) or _is_number(value)
+        return all(map(is_number, value))
+    return value is None or isinstance(value, bool) or is_number(value)
 
 
 def _is_optimizer_state(value: Any) -> bool:
@@ -310,7 +307,7 @@ def _is_optimizer_state(value: Any) -> bool:
 def _is_param_groups(value: Any) -> bool:
     if not isinstance(value, list) or not all(isinstance(group, dict) for group in value):
         return False
-    return all(_is_number(g.get("lr")) and all(map(_is_hyper, g.values())) for g in value)
+    return all(is_number(g.get("lr")) and all(map(_is_hyper, g.values())) for g in value)
 
 
 def _is_scheduler_state(value: Any) -> bool:
@@ -318,12 +315,12 @@ def _is_scheduler_state(value: Any) -> bool:
         return False
     counters, rates = SCHEDULER_KEYS[:2], SCHEDULER_KEYS[2:]
     return all(isinstance(value[key], int) for key in counters) and all(
-        isinstance(value[key], list) and all(map(_is_number, value[key])) for key in rates
+        isinstance(value[key], list) and all(map(is_number, value[key])) for key in rates
     )
 
 
 def _is_metrics(value: Any) -> bool:
-    return isinstance(value, dict) and all(map(_is_number, value.values()))
+    return isinstance(value, dict) and all(map(is_number, value.values()))
 
 
 _META_CHECKS = {

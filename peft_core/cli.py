@@ -32,7 +32,8 @@ from peft_core.registry import METHOD_CONFIGS, with_tokenizer
 from peft_core.samples import SAMPLES, sample_rows
 from peft_core.train import Callbacks, TrainConfig, TrainingError, evaluate, train
 
-# Method name -> its config class; a new method adds one entry.
+# Method name -> its config class (registry.METHOD_CONFIGS, from methods.METHOD_LIST); the
+# CLI's defaults are the configs' own, as the web form's and the API's are.
 METHODS: dict[str, type] = METHOD_CONFIGS
 METRICS_FILE = "metrics.jsonl"
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")

@@ -24,7 +24,12 @@ recurses) with no duplicate key and no NaN, a file has at most MAX_COLUMNS colum
 A batch is a dict of (B, T) tensors: input_ids, attention_mask, and labels,
 which are (B, T) token ids with IGNORE_INDEX on prompt and padding for causal
 LM, and (B,) class ids for seq-cls. Padding is on the right.
+
+Importing this module loads neither torch nor transformers: the web parses uploads with
+it. Only `collate` (and so the batch iterators) imports torch, when called.
 """
+
+from __future__ import annotations
 
 import codecs
 import csv
@@ -34,11 +39,11 @@ import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedTokenizerBase
-
-from peft_core.tiny import TASKS
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 FORMATS = ("csv", "jsonl")
@@ -62,6 +67,7 @@ TASK_COLUMNS: dict[str, tuple[TaskColumns, ...]] = {
     "causal-lm": (("prompt", "completion"), ("text",)),
     "seq-cls": (("text", "label"),),
 }
+TASKS = tuple(TASK_COLUMNS)  # what a dataset, a model and a run can be for
 
 
 class DatasetError(ValueError):
@@ -485,6 +491,8 @@ def _truncate_pair(
 
 def collate(examples: Sequence[Example], *, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) input_ids/attention_mask and labels ((B, T) or (B,))."""
+    import torch  # here, not at the top: the web parses datasets with this module, torch-free
+
     width = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -499,6 +507,8 @@ def collate(examples: Sequence[Example], *, pad_token_id: int) -> dict[str, torc
 
 
 def _collate_labels(examples: Sequence[Example], width: int) -> torch.Tensor:
+    import torch  # see collate
+
     if isinstance(examples[0].labels, int):
         return torch.tensor([example.labels for example in examples], dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

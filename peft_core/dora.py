@@ -39,22 +39,19 @@ weight transposed (d_in, d_out), so g scales its columns there.
 On disk this is HF PEFT's LoRA (`peft_type: LORA`, `use_dora: true`) with the
 magnitude under `base_model.model.<path>.lora_magnitude_vector`.
 Trainable parameters: r·(d_in + d_out) + d_out per adapted layer.
+DoraConfig (configs.py, re-exported here) is LoraConfig's fields and checks under its own name.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 
 from peft_core import lora
-from peft_core.lora import LoraConfig, LoraLinear, low_rank_backward
+from peft_core.configs import DoraConfig, LoraConfig
+from peft_core.lora import LoraLinear, low_rank_backward
 from peft_core.methods import Method
-
-
-@dataclass(frozen=True)
-class DoraConfig(LoraConfig):
-    """LoRA's fields and checks; each adapted layer also learns a magnitude per output row."""
 
 
 class DoraLinear(LoraLinear):
@@ -172,12 +169,10 @@ def from_hf_config(hf: dict[str, Any]) -> DoraConfig:
 
 
 METHOD = Method(
-    name="DoRA",
     peft_type="LORA",
     prefix="lora_",
     config_cls=DoraConfig,
     layer_types=(DoraLinear,),
-    mergeable=True,
     inject=inject_dora,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

@@ -32,10 +32,10 @@ GPT-2's c_attn is fused q|k|v, and HF PEFT scales its whole output, so queries
 get a vector too (3·d, not 2·d_kv). BERT's suffix "output.dense" matches both
 output.dense (input d_ff) and attention.output.dense (input d): HF PEFT scales
 the attention output projection's input as well.
+IA3Config lives in configs.py (torch-free: the web judges values with it), re-exported here.
 """
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,65 +43,16 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
+from peft_core.configs import IA3Config
 from peft_core.methods import Method, WrappedLinear
 from peft_core.targets import (
-    ALL_LINEAR,
     IA3_FEEDFORWARD,
     IA3_TARGETS,
-    TargetSpec,
     compact_target_names,
     matches_suffix,
     model_type,
     resolve_targets,
 )
-
-
-@dataclass(frozen=True)
-class IA3Config:
-    target_modules: TargetSpec = None  # None: the architecture's IA3_TARGETS
-    feedforward_modules: TargetSpec = None  # None: IA3_FEEDFORWARD; () for none
-    modules_to_save: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # frozen: normalise through object.__setattr__
-        targets = _normalise_spec(self.target_modules, "target_modules")
-        feedforward = _normalise_spec(self.feedforward_modules, "feedforward_modules")
-        object.__setattr__(self, "target_modules", targets)
-        object.__setattr__(self, "feedforward_modules", feedforward)
-        object.__setattr__(self, "modules_to_save", _normalise_names(self.modules_to_save))
-        if targets == ():
-            raise ValueError("(IA)³ target_modules is empty; use None for the architecture default")
-        if feedforward == ALL_LINEAR:
-            raise ValueError(
-                "(IA)³ feedforward_modules cannot be 'all-linear'; name the FFN layers"
-            )
-        if isinstance(targets, tuple) and isinstance(feedforward, tuple):
-            if not set(feedforward) <= set(targets):  # HF PEFT's rule for two lists
-                raise ValueError(
-                    f"(IA)³ feedforward_modules {list(feedforward)} must be a subset of "
-                    f"target_modules {list(targets)}"
-                )
-
-
-def _normalise_names(names: Any) -> tuple[str, ...]:
-    """A name, or a list/tuple/set of names, as a tuple of non-empty strings."""
-    names = (names,) if isinstance(names, str) else tuple(names or ())
-    if not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"module names must be non-empty strings, got {names!r}")
-    return names
-
-
-def _normalise_spec(spec: Any, field: str) -> TargetSpec:
-    """None and "all-linear" stay; another str must be a valid regex; a list becomes a tuple."""
-    if spec is None or spec == ALL_LINEAR:
-        return spec
-    if isinstance(spec, str):
-        try:
-            re.compile(spec)
-        except re.error as err:
-            raise ValueError(f"(IA)³ {field} {spec!r} is not a valid regex: {err}") from None
-        return spec
-    return _normalise_names(spec)
 
 
 class IA3Linear(WrappedLinear, nn.Module):
@@ -258,12 +209,10 @@ def from_hf_config(hf: dict[str, Any]) -> IA3Config:
 
 
 METHOD = Method(
-    name="(IA)³",
     peft_type="IA3",
     prefix="ia3_",
     config_cls=IA3Config,
     layer_types=(IA3Linear,),
-    mergeable=True,
     inject=inject_ia3,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

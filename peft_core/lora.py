@@ -38,11 +38,11 @@ GPT-2's fused c_attn / c_proj / c_fc are transformers `Conv1D` layers whose
 weight is stored transposed, (d_in, d_out) ("fan_in_fan_out"); ΔW is transposed
 to match when merging, and the saved config says `fan_in_fan_out: true`.
 Trainable parameters: r·(d_in + d_out) per adapted layer.
+The config, LoraConfig, lives in configs.py (torch-free: the web judges values with it)
+and is re-exported here; its docstring says why dropout defaults to 0.05.
 """
 
 import math
-import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,73 +50,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
+from peft_core.configs import LoraConfig, lora_scale
 from peft_core.methods import Method, WrappedLinear
-from peft_core.targets import ALL_LINEAR, TargetSpec, compact_target_names, resolve_targets
+from peft_core.targets import compact_target_names, resolve_targets
 
-MAX_RANK = 1024
 # Sibling projections that HF models call on the same tensor (checked at run time, see
 # SharedInput): their LoRA steps are computed together.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-MAX_ALPHA = 10_000.0
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: TargetSpec = None
-    use_rslora: bool = False
-    modules_to_save: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # frozen: normalise through object.__setattr__
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
-        object.__setattr__(self, "modules_to_save", _normalise_names(self.modules_to_save))
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_RANK:
-            raise ValueError(f"LoRA r must be an integer in 1..{MAX_RANK}, got {self.r!r}")
-        if not _is_number(self.alpha) or not 0 < self.alpha <= MAX_ALPHA:
-            raise ValueError(
-                f"LoRA alpha must be a number in (0, {MAX_ALPHA:g}], got {self.alpha!r}"
-            )
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must be a number in [0, 1), got {self.dropout!r}")
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.r, self.alpha, self.use_rslora)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _normalise_names(names: Any) -> tuple[str, ...]:
-    """A name, or a list/tuple/set of names, as a tuple of non-empty strings."""
-    names = (names,) if isinstance(names, str) else tuple(names or ())
-    if not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"module names must be non-empty strings, got {names!r}")
-    return names
-
-
-def _normalise_targets(spec: Any) -> TargetSpec:
-    """None and "all-linear" stay; another str must be a valid regex; a list becomes a tuple."""
-    if spec is None or spec == ALL_LINEAR:
-        return spec
-    if isinstance(spec, str):
-        try:
-            re.compile(spec)
-        except re.error as err:
-            raise ValueError(f"LoRA target_modules {spec!r} is not a valid regex: {err}") from None
-        return spec
-    names = _normalise_names(spec)
-    if not names:
-        raise ValueError("LoRA target_modules is empty; use None for the architecture default")
-    return names
-
-
-def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoraLinear(WrappedLinear, nn.Module):
@@ -414,12 +354,10 @@ def from_hf_config(hf: dict[str, Any]) -> LoraConfig:
 
 
 METHOD = Method(
-    name="LoRA",
     peft_type="LORA",
     prefix="lora_",
     config_cls=LoraConfig,
     layer_types=(LoraLinear,),
-    mergeable=True,
     inject=inject_lora,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

@@ -12,8 +12,9 @@ prefix_tuning.py's (p virtual key/value pairs per layer, optionally trained thro
 the MLP of width h = projection_dim). Their inits apply: W_up = b_up = 0, so the adapter
 starts at zero, but the prefix P ~ N(0, 1) changes the outputs from the first step.
 
-The config is flat (one form, one JSON object for a run) and hands each half its own
-config: `adapter_config()` and `prefix_config()`, whose checks it reuses. The paper's
+The config (MAMConfig in configs.py, torch-free, re-exported here) is flat (one form,
+one JSON object for a run) and hands each half its own config: `adapter_config()` and
+`prefix_config()`, whose checks it reuses. The paper's
 MAM uses p = 30 and s = 4 with m = d/2; the defaults keep p = 30 and s = 4 but take
 bottleneck.py's width rule (m = d // 16 unless bottleneck_dim is set).
 
@@ -25,51 +26,13 @@ the prefix saved as the table P (the MLP folded in, as prefix tuning saves it), 
 loaded MAM adapter has projection_dim None.
 """
 
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from peft_core import bottleneck, prefix_tuning
-from peft_core.bottleneck import BottleneckConfig
+from peft_core.configs import MAMConfig
 from peft_core.methods import Method
-from peft_core.prefix_tuning import PrefixTuningConfig
-
-
-@dataclass(frozen=True)
-class MAMConfig:
-    num_virtual_tokens: int = 30  # p, the prefix length
-    projection_dim: int | None = None  # h of the prefix's training MLP; None: train P directly
-    bottleneck_dim: int | None = None  # m; set this or reduction_factor, not both
-    reduction_factor: int | None = None  # m = d // reduction_factor; both None: 16
-    scaling: float = 4.0  # s of the parallel adapter
-    activation: str = "relu"
-    dropout: float = 0.0  # on the adapter's input
-    modules_to_save: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # Each half validates its own fields; keep what they normalised.
-        adapter = self.adapter_config()
-        object.__setattr__(self, "reduction_factor", adapter.reduction_factor)
-        object.__setattr__(self, "modules_to_save", adapter.modules_to_save)
-        self.prefix_config()
-
-    def adapter_config(self) -> BottleneckConfig:
-        """The parallel adapter half (the head in modules_to_save is the whole method's)."""
-        return BottleneckConfig(
-            placement="parallel",
-            bottleneck_dim=self.bottleneck_dim,
-            reduction_factor=self.reduction_factor,
-            activation=self.activation,
-            scaling=self.scaling,
-            dropout=self.dropout,
-            modules_to_save=self.modules_to_save,
-        )
-
-    def prefix_config(self) -> PrefixTuningConfig:
-        return PrefixTuningConfig(
-            num_virtual_tokens=self.num_virtual_tokens, projection_dim=self.projection_dim
-        )
 
 
 def inject_mam(model: nn.Module, config: MAMConfig) -> list[str]:
@@ -99,13 +62,11 @@ def from_hf_config(hf: dict[str, Any]) -> MAMConfig:
 
 
 METHOD = Method(
-    name="MAM adapter",
     peft_type="MAM",
     prefix=bottleneck.METHOD.prefix,
     extra_prefixes=(prefix_tuning.METHOD.prefix,),
     config_cls=MAMConfig,
     layer_types=(bottleneck.ParallelAdapter, *prefix_tuning.METHOD.layer_types),
-    mergeable=False,
     inject=inject_mam,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

@@ -1,9 +1,23 @@
-"""The contract between `model.py` and one PEFT method file.
+"""The list of methods, and the contract between `model.py` and one PEFT method file.
 
-A method file (`lora.py`, later `dora.py`, `ia3.py`, ...) exports one `Method`
-value; `model.py` lists them. Everything generic (freezing, modules_to_save,
-the HF PEFT directory layout, strict loading) lives in `model.py`; everything
-about the method's math lives in its own file.
+Torch-free at import (torch appears in annotations only), so the web reads the method
+list without loading torch. `METHOD_LIST` below is the one list of methods: the registry
+(`METHOD_CONFIGS`, what the CLI, the forms and the API accept) and `model.METHODS` (the
+`Method` of each, imported from its module) are both built from it.
+
+Adding a method takes three edits:
+1. its file, `peft_core/<method>.py`: the layers, `inject`, the adapter_config.json mapping
+   and `METHOD = Method(...)`; its config dataclass goes in `configs.py` (torch-free, so the
+   web judges values without torch; each field's bounds, default and help declared once,
+   with `title` and `mergeable`), and the method file re-exports it;
+2. its line in `METHOD_LIST`: the key tools use, the config class, the module;
+3. its `MethodCase` in tests/peft_core/method_cases.py, which the shared battery runs.
+The web then asks for its form (webapp/experiments/method_forms.py builds the fields from
+the config's metadata; tests/webapp/test_method_forms.py fails until the form exists).
+
+A method file exports one `Method` value; everything generic (freezing, modules_to_save,
+the HF PEFT directory layout, strict loading) lives in `model.py`; everything about the
+method's math lives in its own file.
 
 Rules a method follows:
 - its config is a frozen dataclass with a `modules_to_save: tuple[str, ...]` field;
@@ -16,22 +30,54 @@ Rules a method follows:
   attributes, and `merge()` / `unmerge()` when the method is mergeable.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from peft_core.configs import (
+    BottleneckConfig,
+    DoraConfig,
+    IA3Config,
+    LoraConfig,
+    MAMConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One line of the method list: what the web and the CLI need, without torch."""
+
+    key: str  # how tools name the method: the CLI's --method, the API's "method", a run's
+    config_cls: type  # its config in configs.py: `title`, `mergeable`, the fields' settings
+    module: str  # the module whose `METHOD` holds the math
+
+
+METHOD_LIST: tuple[MethodEntry, ...] = (
+    MethodEntry("lora", LoraConfig, "peft_core.lora"),
+    MethodEntry("dora", DoraConfig, "peft_core.dora"),
+    MethodEntry("ia3", IA3Config, "peft_core.ia3"),
+    MethodEntry("prompt", PromptTuningConfig, "peft_core.prompt_tuning"),
+    MethodEntry("prefix", PrefixTuningConfig, "peft_core.prefix_tuning"),
+    MethodEntry("bottleneck", BottleneckConfig, "peft_core.bottleneck"),
+    MethodEntry("mam", MAMConfig, "peft_core.mam"),
+)
 
 
 @dataclass(frozen=True)
 class Method:
-    name: str  # for messages: "LoRA"
     peft_type: str  # HF PEFT's `peft_type`: "LORA"
     prefix: str  # parameter-name prefix: "lora_"
-    config_cls: type
+    config_cls: type  # its `title` names the method in messages, its `mergeable` says so
     layer_types: tuple[type[nn.Module], ...]
-    mergeable: bool
     # Adds the method's modules to `model` (already frozen); returns the adapted paths.
     inject: Callable[[nn.Module, Any], list[str]]
     # The method's own keys of adapter_config.json, for an adapted model.
@@ -52,6 +98,15 @@ class Method:
     )
     # A method composed of others owns their parameter-name prefixes too (MAM: "prefix_").
     extra_prefixes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """For messages: "LoRA"."""
+        return self.config_cls.title
+
+    @property
+    def mergeable(self) -> bool:
+        return self.config_cls.mergeable
 
     @property
     def prefixes(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +27,11 @@ import torch
 from safetensors.torch import load, load_file, save_file
 from torch import nn
 
-from peft_core import bottleneck, dora, ia3, lora, mam, prefix_tuning, prompt_tuning
-from peft_core.methods import Method
+from peft_core.methods import METHOD_LIST, Method
 from peft_core.targets import classifier_head, matches_suffix, resolve_modules_to_save
 
-METHODS: tuple[Method, ...] = (
-    lora.METHOD,
-    dora.METHOD,
-    ia3.METHOD,
-    bottleneck.METHOD,
-    prompt_tuning.METHOD,
-    prefix_tuning.METHOD,
-    mam.METHOD,
-)
+# The Method of every entry of the one method list, in its order.
+METHODS: tuple[Method, ...] = tuple(import_module(entry.module).METHOD for entry in METHOD_LIST)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -102,13 +95,23 @@ def apply(model: nn.Module, config: Any) -> nn.Module:
     config = _with_classifier_head(model, config)
     heads = _modules_to_save_paths(model, config.modules_to_save)
     model.requires_grad_(False)
+    before = {id(module) for module in model.modules()}
     method.inject(model, config)
     for path in heads:
         model.set_submodule(path, TrainedCopy(model.get_submodule(path)))
+    _follow_mode(model, before)
     for name, param in model.named_parameters():
         param.requires_grad_(_is_adapter_key(name, method))
     setattr(model, CONFIG_ATTR, config)
     return model
+
+
+def _follow_mode(model: nn.Module, before: set[int]) -> None:
+    """Put the modules apply added in the model's mode: a new module starts in training mode,
+    so an adapter loaded into an eval model would otherwise apply its dropout at inference."""
+    for module in model.modules():
+        if id(module) not in before:
+            module.training = model.training
 
 
 def _with_classifier_head(model: nn.Module, config: Any) -> Any:

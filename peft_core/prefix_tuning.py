@@ -34,10 +34,11 @@ activations of real words train better than random vectors, and measured on Smol
 N(0, 1), which swamps a pretrained model's own keys. Encoders without a cache keep
 P ~ N(0, 1). With the MLP, E ~ N(0, 1) and PyTorch's Linear init. Trainable parameters: p·L·2·d_kv; with the MLP
 p·d + (d·h + h) + (h·L·2·d_kv + L·2·d_kv).
+PrefixTuningConfig lives in configs.py (torch-free: the web judges values with it),
+re-exported here.
 """
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,34 +46,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
+from peft_core.configs import PrefixTuningConfig
 from peft_core.methods import Method
-from peft_core.prompt_tuning import (
-    MAX_VIRTUAL_TOKENS,
-    body_kwargs,
-    check_count,
-    normalise_names,
-    refuse_encoder_decoder,
-)
+from peft_core.prompt_tuning import body_kwargs, refuse_encoder_decoder
 from peft_core.targets import SELF_ATTENTION, model_type
 
-MAX_PROJECTION_DIM = 65_536
 ENCODER = "prefix_encoder"
 EMBEDDING_KEY = f"{ENCODER}.embedding"
 HF_KEY = "prompt_embeddings"
-
-
-@dataclass(frozen=True)
-class PrefixTuningConfig:
-    num_virtual_tokens: int = 20
-    projection_dim: int | None = None  # h of the training-time MLP; None: train P directly
-    modules_to_save: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # frozen: normalise through object.__setattr__
-        object.__setattr__(self, "modules_to_save", normalise_names(self.modules_to_save))
-        check_count("num_virtual_tokens", self.num_virtual_tokens, MAX_VIRTUAL_TOKENS)
-        if self.projection_dim is not None:
-            check_count("projection_dim", self.projection_dim, MAX_PROJECTION_DIM)
 
 
 class PrefixEncoder(nn.Module):
@@ -323,12 +304,10 @@ def disk_key(key: str) -> str:
 
 
 METHOD = Method(
-    name="Prefix tuning",
     peft_type="PREFIX_TUNING",
     prefix="prefix_",
     config_cls=PrefixTuningConfig,
     layer_types=(PrefixEncoder,),
-    mergeable=False,
     inject=inject_prefix_tuning,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

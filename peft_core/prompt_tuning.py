@@ -30,10 +30,11 @@ uniformly from the vocabulary; "text" the rows of the ids of an init text, repea
 p. The tokenizer never reaches `apply`: `config.tokenize_init_text(tokenizer)` turns init_text
 into `init_token_ids` first. Trainable parameters: p·d.
 On disk (HF PEFT): `prompt_embeddings` (p, d); a head under "base_model.<path>".
+PromptTuningConfig lives in configs.py (torch-free: the web judges values with it),
+re-exported here.
 """
 
 import math
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,67 +42,13 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
 
+from peft_core.configs import PromptTuningConfig
 from peft_core.methods import Method
 
-INITS = ("random", "vocab", "text")
-HF_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
-MAX_VIRTUAL_TOKENS = 1024
+HF_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # configs.INITS
 ENCODER = "prompt_encoder"
 EMBEDDING_KEY = f"{ENCODER}.embedding"
 HF_KEY = "prompt_embeddings"
-
-
-@dataclass(frozen=True)
-class PromptTuningConfig:
-    num_virtual_tokens: int = 20
-    init: str = "random"
-    init_text: str | None = None  # init "text": the text, for the record and tokenize_init_text
-    init_token_ids: tuple[int, ...] | None = None  # init "text": its token ids, used by apply
-    modules_to_save: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # frozen: normalise through object.__setattr__
-        object.__setattr__(self, "modules_to_save", normalise_names(self.modules_to_save))
-        check_count("num_virtual_tokens", self.num_virtual_tokens, MAX_VIRTUAL_TOKENS)
-        if self.init not in INITS:
-            raise ValueError(f"prompt init must be one of {', '.join(INITS)}; got {self.init!r}")
-        if self.init_token_ids is not None:
-            object.__setattr__(self, "init_token_ids", _token_ids(self.init_token_ids))
-        if self.init_text is not None and not (isinstance(self.init_text, str) and self.init_text):
-            raise ValueError(f"prompt init_text must be a non-empty string, got {self.init_text!r}")
-        has_text = self.init_text is not None or self.init_token_ids is not None
-        if (self.init == "text") != has_text:
-            raise ValueError('init_text / init_token_ids go with init="text", and only with it')
-
-    def tokenize_init_text(self, tokenizer: Any) -> "PromptTuningConfig":
-        """This config with `init_token_ids` = the ids `tokenizer` gives init_text (HF PEFT's)."""
-        if self.init_text is None:
-            raise ValueError('tokenize_init_text needs init="text" and an init_text')
-        return replace(self, init_token_ids=tuple(tokenizer(self.init_text)["input_ids"]))
-
-
-def normalise_names(names: Any) -> tuple[str, ...]:
-    """A name, or a list/tuple/set of names, as a tuple of distinct non-empty strings."""
-    names = (names,) if isinstance(names, str) else tuple(names or ())
-    if not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"module names must be non-empty strings, got {names!r}")
-    return tuple(dict.fromkeys(names))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_count(name: str, value: Any, maximum: int) -> None:
-    if not _is_int(value) or not 1 <= value <= maximum:
-        raise ValueError(f"{name} must be an integer in 1..{maximum}, got {value!r}")
-
-
-def _token_ids(ids: Any) -> tuple[int, ...]:
-    ids = tuple(ids)
-    if not ids or not all(_is_int(i) and i >= 0 for i in ids):
-        raise ValueError(f"init_token_ids must be non-negative integers, got {ids!r}")
-    return ids
 
 
 # ---------------------------------------------------------------- the body's call
@@ -344,12 +291,10 @@ def disk_key(key: str) -> str:
 
 
 METHOD = Method(
-    name="Prompt tuning",
     peft_type="PROMPT_TUNING",
     prefix="prompt_",
     config_cls=PromptTuningConfig,
     layer_types=(PromptEncoder,),
-    mergeable=False,
     inject=inject_prompt_tuning,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

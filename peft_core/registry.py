@@ -1,33 +1,24 @@
-"""Method names as tools speak them ("lora", "prefix", …) and their configs.
+"""Method names as tools speak them ("lora", "prefix", …) and their configs, torch-free.
 
-The web form, the worker and the CLI all build a config through `build_config`, so a
-method added here is offered everywhere.
+The web form, the API, the worker and the CLI all build a config through `build_config`,
+so one judge refuses a bad value everywhere, and a method added to methods.METHOD_LIST is
+offered everywhere. The web asks `METHOD_CONFIGS[key].mergeable` and `.title` without
+importing torch.
 """
 
 from collections.abc import Mapping
 from typing import Any
 
-from peft_core.bottleneck import BottleneckConfig
-from peft_core.dora import DoraConfig
-from peft_core.ia3 import IA3Config
-from peft_core.lora import LoraConfig
-from peft_core.mam import MAMConfig
-from peft_core.prefix_tuning import PrefixTuningConfig
-from peft_core.prompt_tuning import PromptTuningConfig
+from peft_core.configs import PromptTuningConfig
+from peft_core.methods import METHOD_LIST
 
-METHOD_CONFIGS: dict[str, type] = {
-    "lora": LoraConfig,
-    "dora": DoraConfig,
-    "ia3": IA3Config,
-    "prompt": PromptTuningConfig,
-    "prefix": PrefixTuningConfig,
-    "bottleneck": BottleneckConfig,
-    "mam": MAMConfig,
-}
+METHOD_CONFIGS: dict[str, type] = {entry.key: entry.config_cls for entry in METHOD_LIST}
 
 
 def build_config(method: str, fields: Mapping[str, Any], *, tokenizer: Any = None) -> Any:
-    """The config of `method` from plain fields; prompt tuning's init text is tokenised here."""
+    """The config of `method` from plain fields; prompt tuning's init text is tokenised here.
+
+    A refused value raises checks.ConfigError (a ValueError naming the field)."""
     if method not in METHOD_CONFIGS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_CONFIGS)}")
     config = METHOD_CONFIGS[method](**fields)

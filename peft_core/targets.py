@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-ALL_LINEAR = "all-linear"
+from peft_core.configs import ALL_LINEAR, TargetSpec
 
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
@@ -74,8 +74,6 @@ CLASSIFIER_HEADS: dict[str, str] = {"llama": "score", "gpt2": "score", "bert": "
 OUTPUT_HEADS = ("lm_head", "classifier", "score")
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
-
-TargetSpec = tuple[str, ...] | str | None
 
 
 def model_type(model: nn.Module) -> str | None:

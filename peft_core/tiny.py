@@ -20,6 +20,8 @@ from transformers import (
     PretrainedConfig,
 )
 
+from peft_core.data import TASKS
+
 HIDDEN = 64
 LAYERS = 2
 HEADS = 4
@@ -30,7 +32,6 @@ VOCAB = 512
 SEED = 0
 
 KINDS = ("llama", "gpt2", "bert")
-TASKS = ("causal-lm", "seq-cls")
 
 
 def tiny_llama_config(vocab_size: int = VOCAB) -> LlamaConfig:

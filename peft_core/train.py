@@ -29,10 +29,10 @@ in a row raise NonFiniteLossError, because then the run has diverged.
 Losses: train_loss is the model's own mean over the batch's supervised tokens
 (causal LM) or rows (seq-cls); eval_loss is the mean over all supervised tokens
 (rows) of the evaluated batches, so batches of different sizes weigh fairly.
+
+TrainConfig lives in configs.py (torch-free: the web judges values with it), re-exported here.
 """
 
-import hashlib
-import json
 import math
 import time
 import warnings
@@ -45,62 +45,8 @@ from transformers import PreTrainedTokenizerBase
 
 from peft_core import data
 from peft_core.checkpoint import Checkpoint, CheckpointError, capture_checkpoint, restore_checkpoint
+from peft_core.configs import TRAJECTORY_FIELDS, TrainConfig
 from peft_core.data import IGNORE_INDEX, Example, eval_batches, tokenize_rows, train_batches
-
-MAX_STEPS = 1_000_000
-MAX_LEARNING_RATE = 1.0
-# The fields that decide which updates a run makes: a checkpoint resumes only under these.
-TRAJECTORY_FIELDS = (
-    "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "grad_clip", "seed"
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 30
-    batch_size: int = 4
-    learning_rate: float = 2e-4
-    max_length: int = 128
-    warmup_steps: int = 0
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 8
-    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    seed: int = 0
-    log_every: int = 1
-    checkpoint_every: int = 0  # 0: never
-    max_nonfinite_steps: int = 3  # this many non-finite steps in a row end the run
-
-    def __post_init__(self) -> None:
-        _require_int("steps", self.steps, 1, MAX_STEPS)
-        _require_int("batch_size", self.batch_size, 1, 1024)
-        _require_int("max_length", self.max_length, 2, 65_536)
-        _require_int("warmup_steps", self.warmup_steps, 0, self.steps)
-        _require_int("eval_every", self.eval_every, 0, MAX_STEPS)
-        _require_int("eval_batches", self.eval_batches, 1, 10_000)
-        _require_int("seed", self.seed, 0, 2**32 - 1)
-        _require_int("log_every", self.log_every, 1, MAX_STEPS)
-        _require_int("checkpoint_every", self.checkpoint_every, 0, MAX_STEPS)
-        _require_int("max_nonfinite_steps", self.max_nonfinite_steps, 1, 1000)
-        if not _is_real(self.learning_rate) or not 0 < self.learning_rate <= MAX_LEARNING_RATE:
-            raise ValueError(
-                f"learning_rate must be in (0, {MAX_LEARNING_RATE}], got {self.learning_rate!r}"
-            )
-        if not _is_real(self.grad_clip) or not 0 <= self.grad_clip < math.inf:
-            raise ValueError(f"grad_clip must be a finite number >= 0, got {self.grad_clip!r}")
-
-    def trajectory_digest(self) -> str:
-        """sha256 of TRAJECTORY_FIELDS: equal digests train along the same path."""
-        fields = {name: getattr(self, name) for name in TRAJECTORY_FIELDS}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-def _require_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Callbacks:

@@ -5,6 +5,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
 from peft_core.catalogue import CATALOGUE
+from peft_core.configs import MAX_RANK
 from webapp.experiments import services
 from webapp.experiments.method_forms import METHOD_FORMS
 from webapp.experiments.models import Dataset
@@ -57,7 +58,7 @@ def test_methods_describe_their_form_fields(cast, api):
     lora = methods["lora"]
     assert lora["title"] == "LoRA" and "low-rank" in lora["summary"]
     r = lora["fields"]["r"]
-    assert (r["type"], r["default"], r["min"], r["max"]) == ("integer", 8, 1, 256)
+    assert (r["type"], r["default"], r["min"], r["max"]) == ("integer", 8, 1, MAX_RANK)
     assert "low-rank update" in r["help"]
     assert lora["fields"]["alpha"]["type"] == "number"
     rslora = lora["fields"]["use_rslora"]

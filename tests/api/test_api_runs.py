@@ -123,6 +123,51 @@ def test_method_errors_are_nested_by_field(cast, api):
     }
 
 
+@pytest.mark.parametrize(
+    ("method_config", "field", "message"),
+    [
+        ({"alpha": 0}, "alpha", "LoRA alpha must be a number in (0, 10000], got 0.0"),
+        ({"dropout": 1}, "dropout", "LoRA dropout must be a number in [0, 1), got 1.0"),
+        ({"r": 2000}, "r", "Ensure this value is less than or equal to 1024."),
+    ],
+)
+def test_a_value_the_config_refuses_is_a_400_naming_the_field_before_any_run(
+    cast, api, published, method_config, field, message
+):
+    """alpha 0 and dropout 1 pass the form's field bounds (the config's open ends, drawn
+    closed) and only peft_core's LoraConfig refuses them; the answer names the field with the
+    config's message, and nothing is created or queued. r's bound is the config's 1024."""
+    body = _body(cast, method_config=method_config)
+    response = api(cast.bob).post(reverse("api-runs"), body, format="json")
+    assert response.status_code == 400
+    assert response.json() == {"method_config": {field: [message]}}
+    assert not Run.objects.exists() and published == []
+
+
+def test_a_rank_up_to_the_configs_bound_launches(cast, api):
+    """r = 512 was refused by the form's own bound (256) though LoraConfig takes up to 1024."""
+    body = _body(cast, method_config={"r": 512})
+    response = api(cast.bob).post(reverse("api-runs"), body, format="json")
+    assert response.status_code == 201
+    assert Run.objects.get().method_config["r"] == 512
+
+
+def test_each_sweep_item_is_judged_by_its_config(cast, api):
+    from webapp.experiments.models import Sweep
+
+    body = {
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"].id,
+        "methods": ["bottleneck"],
+        "grid": {"bottleneck.placement": ["parallel", "houlsby"], "bottleneck.scaling": [4]},
+    }
+    response = api(cast.bob).post(reverse("api-sweeps"), body, format="json")
+    assert response.status_code == 400
+    [problem] = response.json()["grid"]
+    assert "scaling applies to parallel adapters only, not 'houlsby'" in problem
+    assert not Run.objects.exists() and not Sweep.objects.exists()
+
+
 def test_another_teams_project_or_dataset_is_refused_like_an_unknown_id(cast, api):
     secret = services.dataset_upload_create(
         user=cast.mallory,

@@ -9,12 +9,8 @@ from torch.testing import assert_close
 from transformers.pytorch_utils import Conv1D
 
 import peft_core
-from peft_core.bottleneck import (
-    DEFAULT_REDUCTION_FACTOR,
-    BottleneckConfig,
-    ParallelAdapter,
-    SequentialAdapter,
-)
+from peft_core.bottleneck import BottleneckConfig, ParallelAdapter, SequentialAdapter
+from peft_core.configs import DEFAULT_REDUCTION_FACTOR
 from peft_core.model import adapter_state_dict, hf_config
 from peft_core.tiny import build_tiny
 

@@ -43,6 +43,8 @@ def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def adapted(kind: str, task: str, target=None, **kwargs) -> nn.Module:
+    """Dropout off unless asked for: the hand-written step and exact comparisons need it off."""
+    kwargs = {"dropout": 0.0, **kwargs}
     config = LoraConfig(r=R, alpha=8.0, target_modules=target, **kwargs)
     return peft_core.apply(build_tiny(kind, task), config)
 
@@ -344,3 +346,14 @@ def test_apply_returns_same_model_and_records_config_with_head():
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert "classifier.original_module.weight" in frozen
     assert "bert.encoder.layer.0.attention.self.query.base_layer.weight" in frozen
+
+
+def test_the_adapter_takes_the_models_mode_so_an_eval_model_drops_nothing(input_ids):
+    """A new module starts in training mode: loaded into an eval model, the adapter applied
+    its dropout at inference (two forwards differed) until apply gave it the model's mode."""
+    model = peft_core.apply(build_tiny("llama"), LoraConfig(r=R, dropout=0.5))
+    perturb(model)
+    assert not any(m.training for m in model.modules())
+    assert_close(logits(model, input_ids), logits(model, input_ids), rtol=0, atol=0)
+    model.train()
+    assert not torch.equal(logits(model, input_ids), logits(model, input_ids))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from typing import ClassVar
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def edit_config(tmp_path, **changes):
 def test_config_file_is_what_hf_peft_reads(tmp_path):
     _, config, _ = saved(tmp_path, alpha=16)
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
-    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 16.0, 0.0)
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 16.0, 0.05)
     assert config["target_modules"] == ["q_proj", "v_proj"]
     assert config["fan_in_fan_out"] is False and config["use_dora"] is False
     assert config["bias"] == "none" and config["inference_mode"] is True
@@ -117,17 +118,17 @@ def test_api_errors_on_models_without_or_with_an_adapter():
 
 @dataclasses.dataclass(frozen=True)
 class _SoftPromptConfig:
+    title: ClassVar[str] = "Prompt tuning"
+    mergeable: ClassVar[bool] = False
     modules_to_save: tuple[str, ...] = ()
 
 
 def test_a_method_that_cannot_merge_says_so(monkeypatch):
     soft_prompt = Method(
-        name="Prompt tuning",
         peft_type="PROMPT_TUNING",
         prefix="prompt_",
         config_cls=_SoftPromptConfig,
         layer_types=(),
-        mergeable=False,
         inject=lambda model, config: [],
         to_hf_config=lambda model, config: {},
         from_hf_config=lambda hf: _SoftPromptConfig(),

@@ -1,6 +1,8 @@
 """Launches through the API are validated by the browser's forms, so both accept exactly the
 same values: a JSON payload becomes the form data the launch pages post (the run or sweep
-form for where, on what and how long; the method's own form for its settings).
+form for where, on what and how long; the method's own form for its settings, which asks
+the method's peft_core config, so a value only the config refuses is a 400 under
+"method_config" naming its field, or under "grid" for a sweep item, and nothing is created).
 
 Errors come back as DRF's 400 {"field": ["message"]}, the method form's under
 "method_config"; a viewer's launch is Django's PermissionDenied (the view answers 403).

@@ -1,7 +1,15 @@
-"""One small form per PEFT method: its own fields, bounds, defaults and help text.
+"""One small form per PEFT method, drawn from its peft_core config, which stays the judge.
 
-The launch page shows the fieldset of the chosen method (htmx swaps it when the method
-changes); `config_kwargs()` turns the cleaned fields into the peft_core config's arguments.
+Each field that is a config field takes its label, help, default and bounds from the
+config's field metadata (peft_core.configs, torch-free), and `clean()` builds the config
+with `peft_core.registry.build_config`: a value the config refuses is a form error beside
+its field, with the config's own message, before anything is queued. So the page, the
+API (which posts these forms) and a sweep's every item refuse exactly what a worker
+would, and share the CLI's defaults.
+
+What stays here is presentation: each method's summary, and fields the form offers as a
+few choices where the config takes more (LoRA's target_modules: a regex or a list on the
+CLI, two options here).
 """
 
 import itertools
@@ -10,49 +18,113 @@ from dataclasses import dataclass
 from django import forms
 from django.core.exceptions import ValidationError
 
+from peft_core.checks import SETTING, ConfigError, Setting, config_field
+from peft_core.configs import (
+    BottleneckConfig,
+    LoraConfig,
+    MAMConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
+from peft_core.registry import METHOD_CONFIGS, build_config
+
 TARGET_CHOICES = [
     ("default", "Architecture default (attention query and value)"),
     ("all-linear", "All linear layers (except the output head)"),
 ]
-ACTIVATION_CHOICES = [("relu", "ReLU"), ("gelu", "GELU"), ("silu", "SiLU"), ("tanh", "tanh")]
+
+
+class OptionalCountField(forms.IntegerField):
+    """A config count that may be None: blank or 0 is None (0 lets a sweep list "none")."""
+
+    def to_python(self, value):
+        number = super().to_python(value)
+        return None if number == 0 else number
+
+    def widget_attrs(self, widget):
+        return super().widget_attrs(widget) | {"min": 0}  # the browser lets 0 through
+
+
+def settings_field(config_cls: type, name: str) -> forms.Field:
+    """The form field of config field `name`: its label, help, default and bounds."""
+    declared = config_field(config_cls, name)
+    rule: Setting = declared.metadata[SETTING]
+    kwargs = {
+        "label": rule.label,
+        "help_text": _help_text(rule),
+        "initial": declared.default,
+        "required": rule.none_means is None,
+    }
+    return _FIELD_BUILDERS[rule.kind](rule, **kwargs)
+
+
+def _help_text(rule: Setting) -> str:
+    if rule.none_means is None:
+        return rule.help
+    blank = "Blank or 0" if rule.kind is int else "Blank"
+    return f"{rule.help} {blank}: {rule.none_means}."
+
+
+def _int_field(rule: Setting, **kwargs) -> forms.Field:
+    field_class = forms.IntegerField if rule.none_means is None else OptionalCountField
+    return field_class(min_value=rule.low, max_value=rule.high, **kwargs)
+
+
+def _float_field(rule: Setting, **kwargs) -> forms.Field:
+    # An open bound ((0, …) is drawn closed; clean() asks the config, which refuses the bound.
+    return forms.FloatField(min_value=rule.low, max_value=rule.high, **kwargs)
+
+
+def _bool_field(rule: Setting, **kwargs) -> forms.Field:
+    return forms.BooleanField(**(kwargs | {"required": False}))  # unchecked: False
+
+
+def _text_field(rule: Setting, **kwargs) -> forms.Field:
+    if rule.choices:
+        return forms.ChoiceField(choices=rule.choices, **kwargs)
+    return forms.CharField(max_length=rule.max_chars, **kwargs)
+
+
+_FIELD_BUILDERS = {int: _int_field, float: _float_field, bool: _bool_field, str: _text_field}
 
 
 class MethodForm(forms.Form):
+    method = ""  # peft_core.registry's key ("lora"); its config's title names the form
     title = ""
     summary = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.title = METHOD_CONFIGS[cls.method].title
+
+    def clean(self):
+        cleaned = super().clean()
+        if not self.errors:  # the config judges complete values only
+            self._ask_the_config()
+        return cleaned
+
+    def _ask_the_config(self) -> None:
+        """Build the config, the one judge; its refusal is an error beside the field it names."""
+        try:
+            build_config(self.method, self.config_kwargs())
+        except ConfigError as error:
+            self.add_error(error.field if error.field in self.fields else None, str(error))
+        except ValueError as error:
+            self.add_error(None, str(error))
 
     def config_kwargs(self) -> dict:
         return dict(self.cleaned_data)
 
 
 class LoraForm(MethodForm):
-    title = "LoRA"
+    method = "lora"
     summary = (
         "Adds a trainable low-rank update ΔW = (α/r)·B·A beside chosen linear layers. "
         "Mergeable: after merging, inference costs exactly what the base model costs."
     )
-    r = forms.IntegerField(
-        label="Rank r",
-        min_value=1,
-        max_value=256,
-        initial=8,
-        help_text="Width of the low-rank update B·A, its rank: higher r, more capacity and "
-        "more parameters (r·(d_in + d_out) per adapted layer). 8 is a good start.",
-    )
-    alpha = forms.FloatField(
-        label="Alpha",
-        min_value=0.01,
-        max_value=1024,
-        initial=16,
-        help_text="Strength of the update, which is scaled by alpha / r. 2·r is a common choice.",
-    )
-    dropout = forms.FloatField(
-        min_value=0,
-        max_value=0.9,
-        initial=0.05,
-        help_text="Dropout on the adapter's input while training, against overfitting "
-        "(0 to disable).",
-    )
+    r = settings_field(LoraConfig, "r")
+    alpha = settings_field(LoraConfig, "alpha")
+    dropout = settings_field(LoraConfig, "dropout")
     target_modules = forms.ChoiceField(
         label="Adapted layers",
         choices=TARGET_CHOICES,
@@ -60,11 +132,7 @@ class LoraForm(MethodForm):
         help_text="Which linear layers get an adapter. All linear layers usually learn "
         "more per step, at a higher cost.",
     )
-    use_rslora = forms.BooleanField(
-        label="rsLoRA scaling",
-        required=False,
-        help_text="Scale by alpha / √r instead of alpha / r: keeps high ranks stable.",
-    )
+    use_rslora = settings_field(LoraConfig, "use_rslora")
 
     def config_kwargs(self) -> dict:
         kwargs = dict(self.cleaned_data)
@@ -74,7 +142,7 @@ class LoraForm(MethodForm):
 
 
 class DoraForm(LoraForm):
-    title = "DoRA"
+    method = "dora"
     summary = (
         "LoRA on the direction of each weight row plus a trainable magnitude per output: "
         "W = m·(W0 + ΔW)/‖W0 + ΔW‖. Often closer to full fine-tuning than LoRA at the same "
@@ -83,7 +151,7 @@ class DoraForm(LoraForm):
 
 
 class IA3Form(MethodForm):
-    title = "(IA)³"
+    method = "ia3"
     summary = (
         "Learns one scaling vector each for the attention keys, values and the feed-forward "
         "activation: the fewest trainable parameters of all methods, mergeable into the weights."
@@ -99,178 +167,74 @@ class IA3Form(MethodForm):
         return {}
 
 
-def _virtual_tokens(initial: int, help_text: str) -> forms.IntegerField:
-    return forms.IntegerField(
-        label="Virtual tokens p", min_value=1, max_value=512, initial=initial, help_text=help_text
-    )
-
-
-def _projection_dim() -> forms.IntegerField:
-    return forms.IntegerField(
-        label="Reparameterisation width h",
-        min_value=0,
-        max_value=4096,
-        initial=0,
-        help_text="0: train the prefix directly. h > 0: train it through an MLP of width h "
-        "(steadier optimisation, as in the paper); only the projected prefix is saved.",
-    )
-
-
-def _bottleneck_dim(initial: int) -> forms.IntegerField:
-    return forms.IntegerField(
-        label="Bottleneck width m",
-        min_value=1,
-        max_value=4096,
-        initial=initial,
-        help_text="Bottleneck width: the adapter projects d down to m and back. Smaller m, "
-        "fewer parameters (2·d·m + m + d per adapter).",
-    )
-
-
-def _activation() -> forms.ChoiceField:
-    return forms.ChoiceField(
-        choices=ACTIVATION_CHOICES,
-        initial="relu",
-        help_text="Nonlinearity f between the adapter's down- and up-projection.",
-    )
-
-
-def _none_if_zero(kwargs: dict, key: str) -> dict:
-    if not kwargs.get(key):
-        kwargs[key] = None
-    return kwargs
-
-
 class PromptTuningForm(MethodForm):
-    title = "Prompt tuning"
+    method = "prompt"
     summary = (
         "Learns p soft tokens placed before the input embeddings: p·d parameters, nothing "
         "else changes. Tiny and swappable; strongest on large models."
     )
-    num_virtual_tokens = _virtual_tokens(
-        20,
-        "Prompt length: learned soft tokens placed before every input (p·d parameters). "
-        "They use up part of the context; 10 to 100 is usual.",
-    )
-    init = forms.ChoiceField(
-        label="Initialisation",
-        choices=[
-            ("random", "Random"),
-            ("vocab", "Embeddings of random vocabulary tokens"),
-            ("text", "Embeddings of a text you give"),
-        ],
-        initial="random",
-        help_text="Starting from real token embeddings (or a task description) often trains "
-        "faster than random vectors.",
-    )
-    init_text = forms.CharField(
-        label="Initial text",
-        required=False,
-        max_length=1000,
-        help_text="For text initialisation, e.g. “Answer the instruction briefly:”.",
-    )
-
-    def clean(self):
-        cleaned = super().clean()
-        if cleaned.get("init") == "text" and not cleaned.get("init_text"):
-            self.add_error("init_text", "Text initialisation needs a text.")
-        return cleaned
+    num_virtual_tokens = settings_field(PromptTuningConfig, "num_virtual_tokens")
+    init = settings_field(PromptTuningConfig, "init")
+    init_text = settings_field(PromptTuningConfig, "init_text")
 
     def config_kwargs(self) -> dict:
         kwargs = dict(self.cleaned_data)
-        if kwargs["init"] != "text":
+        if kwargs["init"] == "text":
+            kwargs["init_text"] = kwargs["init_text"] or None  # blank: the config asks for one
+        else:
             kwargs.pop("init_text")
         return kwargs
 
 
 class PrefixTuningForm(MethodForm):
-    title = "Prefix tuning"
+    method = "prefix"
     summary = (
         "Learns p key/value pairs that every attention layer attends to before the input: "
         "steers attention at each layer; p·L·2·d_kv parameters are saved."
     )
-    num_virtual_tokens = _virtual_tokens(
-        20,
-        "Prefix length: virtual key/value tokens that every attention layer attends to "
-        "before the input (p·L·2·d_kv parameters saved). Longer: more capacity, less context.",
-    )
-    projection_dim = _projection_dim()
-
-    def config_kwargs(self) -> dict:
-        return _none_if_zero(dict(self.cleaned_data), "projection_dim")
+    num_virtual_tokens = settings_field(PrefixTuningConfig, "num_virtual_tokens")
+    projection_dim = settings_field(PrefixTuningConfig, "projection_dim")
 
 
 class BottleneckForm(MethodForm):
-    title = "Bottleneck adapter"
+    method = "bottleneck"
     summary = (
         "Small down/up-projection modules x + f(x·W_down)·W_up inside every layer "
         "(Houlsby: after attention and FFN; Pfeiffer: after the FFN; parallel: beside the "
         "FFN). The up-projection starts at zero, so training starts from the base model."
     )
-    placement = forms.ChoiceField(
-        choices=[
-            ("houlsby", "Houlsby — after attention and after the FFN"),
-            ("pfeiffer", "Pfeiffer — after the FFN only"),
-            ("parallel", "Parallel — beside the FFN, scaled"),
-        ],
-        initial="houlsby",
-        help_text="Where the adapters sit; Houlsby has two per layer, the others one.",
-    )
-    bottleneck_dim = _bottleneck_dim(64)
-    activation = _activation()
-    scaling = forms.FloatField(
-        min_value=0.01,
-        max_value=100,
-        initial=1.0,
-        help_text="Parallel only: the adapter's output is multiplied by this (4 in the paper).",
-    )
-    dropout = forms.FloatField(
-        min_value=0,
-        max_value=0.9,
-        initial=0.0,
-        help_text="Dropout on the adapter's input while training (0 to disable).",
-    )
-
-    def clean(self):
-        cleaned = super().clean()
-        if cleaned.get("placement") != "parallel" and cleaned.get("scaling") not in (None, 1.0):
-            self.add_error(
-                "scaling", "Only a parallel adapter is scaled; keep 1 for this placement."
-            )
-        return cleaned
+    placement = settings_field(BottleneckConfig, "placement")
+    bottleneck_dim = settings_field(BottleneckConfig, "bottleneck_dim")
+    activation = settings_field(BottleneckConfig, "activation")
+    scaling = settings_field(BottleneckConfig, "scaling")
+    dropout = settings_field(BottleneckConfig, "dropout")
 
 
 class MAMForm(MethodForm):
-    title = "MAM adapter"
+    method = "mam"
     summary = (
         "“Mix-and-match”: a scaled parallel adapter beside the FFN plus prefix tuning in "
         "attention, trained together (He et al., 2022)."
     )
-    num_virtual_tokens = _virtual_tokens(
-        30, "Prefix length of the attention half: virtual key/value tokens at every layer."
-    )
-    projection_dim = _projection_dim()
-    bottleneck_dim = _bottleneck_dim(64)
-    scaling = forms.FloatField(
-        min_value=0.01,
-        max_value=100,
-        initial=4.0,
-        help_text="Multiplies the parallel adapter's output (4 in the paper).",
-    )
-    activation = _activation()
-
-    def config_kwargs(self) -> dict:
-        return _none_if_zero(dict(self.cleaned_data), "projection_dim")
+    num_virtual_tokens = settings_field(MAMConfig, "num_virtual_tokens")
+    projection_dim = settings_field(MAMConfig, "projection_dim")
+    bottleneck_dim = settings_field(MAMConfig, "bottleneck_dim")
+    scaling = settings_field(MAMConfig, "scaling")
+    activation = settings_field(MAMConfig, "activation")
 
 
+# In peft_core's method order (methods.METHOD_LIST); test_every_method_is_offered checks.
 METHOD_FORMS: dict[str, type[MethodForm]] = {
-    "lora": LoraForm,
-    "dora": DoraForm,
-    "ia3": IA3Form,
-    "prompt": PromptTuningForm,
-    "prefix": PrefixTuningForm,
-    "bottleneck": BottleneckForm,
-    "mam": MAMForm,
+    form.method: form
+    for form in (
+        LoraForm,
+        DoraForm,
+        IA3Form,
+        PromptTuningForm,
+        PrefixTuningForm,
+        BottleneckForm,
+        MAMForm,
+    )
 }
 
 
@@ -304,14 +268,12 @@ def method_form_initial(method: str, config: dict) -> dict:
         return {}
     fields = METHOD_FORMS[method].base_fields
     initial = {name: field.initial for name, field in fields.items()}
-    for name, value in config.items():
-        if name in fields:
-            initial[name] = 0 if value is None and name == "projection_dim" else value
-    return initial
+    return initial | {name: value for name, value in config.items() if name in fields}
 
 
 def expand_sweep(methods: list[str], grid: dict[str, list[str]]) -> list[SweepItem]:
-    """Every method × every combination of its listed values, each validated by its form."""
+    """Every method × every combination of its listed values, each judged by its form (and so
+    by its config)."""
     _check_grid_keys(methods, grid)
     items = []
     for method in methods:

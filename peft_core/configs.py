@@ -1,0 +1,546 @@
+"""Every method's config, and the training config: torch-free dataclasses, the one judge.
+
+Each field declares its default, bounds, label and help once (`checks.setting`), and
+`__post_init__` enforces exactly those bounds, then the rules that tie fields together.
+The web builds its forms from the same metadata and asks the same config
+(`registry.build_config`) before anything is queued, so the web never imports torch to
+judge a value, and the CLI, a form and the API share one default.
+
+Two class attributes say what a method is, for code that must not import torch:
+`title` ("LoRA", shown in messages and on forms) and `mergeable` (whether
+`peft_core.merge` can fold the adapter into the base weights).
+The method files (`lora.py`, …) re-export their config, so `from peft_core.lora import
+LoraConfig` keeps working; the math lives there.
+"""
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+from peft_core.checks import ConfigError, check_settings, is_int, names_tuple, reuse, setting
+
+ALL_LINEAR = "all-linear"
+TargetSpec = tuple[str, ...] | str | None  # targets.py's module docstring says what each means
+
+MAX_RANK = 1024
+MAX_ALPHA = 10_000.0
+MAX_VIRTUAL_TOKENS = 1024
+MAX_PROJECTION_DIM = 65_536
+MAX_INIT_TEXT_CHARS = 1000
+MAX_DIM = 65_536
+MAX_SCALING = 100.0
+DEFAULT_REDUCTION_FACTOR = 16
+MAX_STEPS = 1_000_000
+MAX_LEARNING_RATE = 1.0
+
+INIT_CHOICES = (
+    ("random", "Random"),
+    ("vocab", "Embeddings of random vocabulary tokens"),
+    ("text", "Embeddings of a text you give"),
+)
+PLACEMENT_CHOICES = (
+    ("houlsby", "Houlsby — after attention and after the FFN"),
+    ("pfeiffer", "Pfeiffer — after the FFN only"),
+    ("parallel", "Parallel — beside the FFN, scaled"),
+)
+ACTIVATION_CHOICES = (("relu", "ReLU"), ("gelu", "GELU"), ("silu", "SiLU"), ("tanh", "tanh"))
+INITS = tuple(value for value, _ in INIT_CHOICES)
+PLACEMENTS = tuple(value for value, _ in PLACEMENT_CHOICES)
+
+
+def modules_to_save() -> Any:
+    return setting(
+        (),
+        "Modules to save",
+        "Modules trained in full beside the adapter and saved with it (a classification "
+        "head is added by itself).",
+    )
+
+
+def target_spec(config: Any, name: str) -> TargetSpec:
+    """A target field normalised: None and "all-linear" stay, a str must be a valid regex,
+    a name or a list of names becomes a tuple."""
+    spec = getattr(config, name)
+    if spec is None or spec == ALL_LINEAR:
+        return spec
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as err:
+            message = f"{config.title} {name} {spec!r} is not a valid regex: {err}"
+            raise ConfigError(name, message) from None
+        return spec
+    return names_tuple(spec, name)
+
+
+def refuse_empty_targets(config: Any) -> None:
+    if config.target_modules == ():
+        raise ConfigError(
+            "target_modules",
+            f"{config.title} target_modules is empty; use None for the architecture default",
+        )
+
+
+# ---------------------------------------------------------------- LoRA, DoRA
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA's settings (lora.py has the math).
+
+    dropout defaults to 0.05, not 0: the value HF PEFT's and TRL's LoRA examples and
+    Axolotl's configs use, so people coming from them find the default they expect, and
+    the CLI, the web form and the API all take this one default. Its cost: while training
+    with dropout, lora.py's hand-written LowRankLinear step is off (its backward reuses
+    x·Aᵀ, and dropout changes x on the adapter's path only), so a step takes the plain
+    autograd path. Pass dropout=0.0 for that fast step, or to compare bit for bit with HF
+    PEFT, whose own default is 0 (an adapter_config.json without lora_dropout loads as 0).
+    """
+
+    title: ClassVar[str] = "LoRA"
+    mergeable: ClassVar[bool] = True
+
+    r: int = setting(
+        8,
+        "Rank r",
+        "Width of the low-rank update B·A, its rank: higher r, more capacity and more "
+        "parameters (r·(d_in + d_out) per adapted layer). 8 is a good start.",
+        kind=int,
+        low=1,
+        high=MAX_RANK,
+    )
+    alpha: float = setting(
+        16.0,
+        "Alpha",
+        "Strength of the update, which is scaled by alpha / r. 2·r is a common choice.",
+        kind=float,
+        low=0,
+        low_open=True,
+        high=MAX_ALPHA,
+    )
+    dropout: float = setting(
+        0.05,
+        "Dropout",
+        "Dropout on the adapter's input while training, against overfitting (0 to disable; "
+        "0 also turns on the faster hand-written training step).",
+        kind=float,
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    target_modules: TargetSpec = setting(
+        None,
+        "Adapted layers",
+        'Which linear layers get an adapter: None for the architecture default, "all-linear", '
+        "a regex of module paths or a list of module names.",
+    )
+    use_rslora: bool = setting(
+        False,
+        "rsLoRA scaling",
+        "Scale by alpha / √r instead of alpha / r: keeps high ranks stable.",
+        kind=bool,
+    )
+    modules_to_save: tuple[str, ...] = modules_to_save()
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__
+        object.__setattr__(self, "target_modules", target_spec(self, "target_modules"))
+        object.__setattr__(self, "modules_to_save", names_tuple(self.modules_to_save))
+        refuse_empty_targets(self)
+        check_settings(self)
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.r, self.alpha, self.use_rslora)
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """α/r, or α/√r with rank-stabilised LoRA (Kalajdzievski 2023, arXiv:2312.03732)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass(frozen=True)
+class DoraConfig(LoraConfig):
+    """LoRA's fields and checks; each adapted layer also learns a magnitude per output row."""
+
+    title: ClassVar[str] = "DoRA"
+
+
+# ---------------------------------------------------------------- (IA)³
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    title: ClassVar[str] = "(IA)³"
+    mergeable: ClassVar[bool] = True
+
+    target_modules: TargetSpec = setting(
+        None,
+        "Scaled layers",
+        "Which layers get a learned scale: None for the architecture's (keys, values, "
+        "feed-forward input), a regex of module paths or a list of module names.",
+    )
+    feedforward_modules: TargetSpec = setting(
+        None,
+        "Feed-forward layers",
+        "Those of the scaled layers whose input, not output, is scaled: None for the "
+        "architecture's, () for none.",
+    )
+    modules_to_save: tuple[str, ...] = modules_to_save()
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__
+        object.__setattr__(self, "target_modules", target_spec(self, "target_modules"))
+        object.__setattr__(self, "feedforward_modules", target_spec(self, "feedforward_modules"))
+        object.__setattr__(self, "modules_to_save", names_tuple(self.modules_to_save))
+        refuse_empty_targets(self)
+        check_settings(self)
+        self._check_feedforward()
+
+    def _check_feedforward(self) -> None:
+        targets, feedforward = self.target_modules, self.feedforward_modules
+        if feedforward == ALL_LINEAR:
+            raise ConfigError(
+                "feedforward_modules",
+                "(IA)³ feedforward_modules cannot be 'all-linear'; name the FFN layers",
+            )
+        if isinstance(targets, tuple) and isinstance(feedforward, tuple):
+            if not set(feedforward) <= set(targets):  # HF PEFT's rule for two lists
+                raise ConfigError(
+                    "feedforward_modules",
+                    f"(IA)³ feedforward_modules {list(feedforward)} must be a subset of "
+                    f"target_modules {list(targets)}",
+                )
+
+
+# ---------------------------------------------------------------- prompt and prefix tuning
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    title: ClassVar[str] = "Prompt tuning"
+    mergeable: ClassVar[bool] = False
+
+    num_virtual_tokens: int = setting(
+        20,
+        "Virtual tokens p",
+        "Prompt length: learned soft tokens placed before every input (p·d parameters). "
+        "They use up part of the context; 10 to 100 is usual.",
+        kind=int,
+        low=1,
+        high=MAX_VIRTUAL_TOKENS,
+    )
+    init: str = setting(
+        "random",
+        "Initialisation",
+        "Starting from real token embeddings (or a task description) often trains faster "
+        "than random vectors.",
+        kind=str,
+        choices=INIT_CHOICES,
+    )
+    init_text: str | None = setting(
+        None,
+        "Initial text",
+        "For text initialisation, e.g. “Answer the instruction briefly:”.",
+        kind=str,
+        none_means="no text (random or vocabulary initialisation)",
+        max_chars=MAX_INIT_TEXT_CHARS,
+    )
+    init_token_ids: tuple[int, ...] | None = setting(
+        None,
+        "Initial token ids",
+        "The init text's token ids, which apply uses; tokenize_init_text fills them in.",
+    )
+    modules_to_save: tuple[str, ...] = modules_to_save()
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__
+        object.__setattr__(self, "modules_to_save", names_tuple(self.modules_to_save))
+        if self.init_token_ids is not None:
+            object.__setattr__(self, "init_token_ids", _token_ids(self.init_token_ids))
+        check_settings(self)
+        has_text = self.init_text is not None or self.init_token_ids is not None
+        if (self.init == "text") != has_text:
+            raise ConfigError(
+                "init_text",
+                'init="text" needs an init_text (or init_token_ids), and only it takes one',
+            )
+
+    def tokenize_init_text(self, tokenizer: Any) -> "PromptTuningConfig":
+        """This config with `init_token_ids` = the ids `tokenizer` gives init_text (HF PEFT's)."""
+        if self.init_text is None:
+            raise ValueError('tokenize_init_text needs init="text" and an init_text')
+        return replace(self, init_token_ids=tuple(tokenizer(self.init_text)["input_ids"]))
+
+
+def _token_ids(ids: Any) -> tuple[int, ...]:
+    ids = tuple(ids)
+    if not ids or not all(is_int(i) and i >= 0 for i in ids):
+        message = f"init_token_ids must be non-negative integers, got {ids!r}"
+        raise ConfigError("init_token_ids", message)
+    return ids
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig:
+    title: ClassVar[str] = "Prefix tuning"
+    mergeable: ClassVar[bool] = False
+
+    num_virtual_tokens: int = setting(
+        20,
+        "Virtual tokens p",
+        "Prefix length: virtual key/value tokens that every attention layer attends to "
+        "before the input (p·L·2·d_kv parameters saved). Longer: more capacity, less context.",
+        kind=int,
+        low=1,
+        high=MAX_VIRTUAL_TOKENS,
+    )
+    projection_dim: int | None = setting(
+        None,
+        "Reparameterisation width h",
+        "Train the prefix through an MLP of width h (steadier optimisation, as in the "
+        "paper); only the projected prefix is saved.",
+        kind=int,
+        low=1,
+        high=MAX_PROJECTION_DIM,
+        none_means="train the prefix directly",
+    )
+    modules_to_save: tuple[str, ...] = modules_to_save()
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__
+        object.__setattr__(self, "modules_to_save", names_tuple(self.modules_to_save))
+        check_settings(self)
+
+
+# ---------------------------------------------------------------- bottleneck adapters, MAM
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    title: ClassVar[str] = "Bottleneck adapter"
+    mergeable: ClassVar[bool] = False
+
+    placement: str = setting(
+        "houlsby",
+        "Placement",
+        "Where the adapters sit; Houlsby has two per layer, the others one.",
+        kind=str,
+        choices=PLACEMENT_CHOICES,
+    )
+    bottleneck_dim: int | None = setting(
+        None,
+        "Bottleneck width m",
+        "The adapter projects the model width d down to m and back. Smaller m, fewer "
+        "parameters (2·d·m + m + d per adapter). Set this or reduction_factor, not both.",
+        kind=int,
+        low=1,
+        high=MAX_DIM,
+        none_means=f"m = d // reduction_factor (d // {DEFAULT_REDUCTION_FACTOR} by default)",
+    )
+    reduction_factor: int | None = setting(
+        None,
+        "Reduction factor",
+        "m = d // reduction_factor, so the width follows the model's.",
+        kind=int,
+        low=1,
+        high=MAX_DIM,
+        none_means=f"{DEFAULT_REDUCTION_FACTOR} unless bottleneck_dim is set",
+    )
+    activation: str = setting(
+        "relu",
+        "Activation",
+        "Nonlinearity f between the adapter's down- and up-projection.",
+        kind=str,
+        choices=ACTIVATION_CHOICES,
+    )
+    scaling: float = setting(
+        1.0,
+        "Scaling s",
+        "Parallel only: the adapter's output is multiplied by this (4 in the paper); a "
+        "sequential adapter keeps 1.",
+        kind=float,
+        low=0,
+        low_open=True,
+        high=MAX_SCALING,
+    )
+    dropout: float = setting(
+        0.0,
+        "Dropout",
+        "Dropout on the adapter's input while training (0 to disable).",
+        kind=float,
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    modules_to_save: tuple[str, ...] = modules_to_save()
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__
+        object.__setattr__(self, "modules_to_save", names_tuple(self.modules_to_save))
+        if self.bottleneck_dim is None and self.reduction_factor is None:
+            object.__setattr__(self, "reduction_factor", DEFAULT_REDUCTION_FACTOR)
+        if self.bottleneck_dim is not None and self.reduction_factor is not None:
+            raise ConfigError(
+                "bottleneck_dim", "set exactly one of bottleneck_dim and reduction_factor, not both"
+            )
+        check_settings(self)
+        if self.placement != "parallel" and self.scaling != 1.0:
+            raise ConfigError(
+                "scaling", f"scaling applies to parallel adapters only, not {self.placement!r}"
+            )
+
+    def width(self, d: int) -> int:
+        """The bottleneck width m for a model width d."""
+        return self.bottleneck_dim or max(1, d // self.reduction_factor)
+
+
+@dataclass(frozen=True)
+class MAMConfig:
+    """Flat (one form, one JSON object per run); each half gets its own config below and
+    keeps its own checks. Fields reuse the halves' bounds; p = 30 and s = 4 are the paper's."""
+
+    title: ClassVar[str] = "MAM adapter"
+    mergeable: ClassVar[bool] = False
+
+    num_virtual_tokens: int = reuse(
+        PrefixTuningConfig,
+        "num_virtual_tokens",
+        30,
+        help="Prefix length of the attention half: virtual key/value tokens at every layer.",
+    )
+    projection_dim: int | None = reuse(PrefixTuningConfig, "projection_dim")
+    bottleneck_dim: int | None = reuse(BottleneckConfig, "bottleneck_dim")
+    reduction_factor: int | None = reuse(BottleneckConfig, "reduction_factor")
+    scaling: float = reuse(
+        BottleneckConfig,
+        "scaling",
+        4.0,
+        help="Multiplies the parallel adapter's output (4 in the paper).",
+    )
+    activation: str = reuse(BottleneckConfig, "activation")
+    dropout: float = reuse(BottleneckConfig, "dropout")
+    modules_to_save: tuple[str, ...] = modules_to_save()
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        # Each half validates its own fields too; keep what they normalised.
+        adapter = self.adapter_config()
+        object.__setattr__(self, "reduction_factor", adapter.reduction_factor)
+        object.__setattr__(self, "modules_to_save", adapter.modules_to_save)
+        self.prefix_config()
+
+    def adapter_config(self) -> BottleneckConfig:
+        """The parallel adapter half (the head in modules_to_save is the whole method's)."""
+        return BottleneckConfig(
+            placement="parallel",
+            bottleneck_dim=self.bottleneck_dim,
+            reduction_factor=self.reduction_factor,
+            activation=self.activation,
+            scaling=self.scaling,
+            dropout=self.dropout,
+            modules_to_save=self.modules_to_save,
+        )
+
+    def prefix_config(self) -> PrefixTuningConfig:
+        return PrefixTuningConfig(
+            num_virtual_tokens=self.num_virtual_tokens, projection_dim=self.projection_dim
+        )
+
+
+# ---------------------------------------------------------------- training
+
+# The fields that decide which updates a run makes: a checkpoint resumes only under these.
+TRAJECTORY_FIELDS = (
+    "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "grad_clip", "seed"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop's settings (train.py); every method trains under the same ones."""
+
+    steps: int = setting(30, "Steps", "Optimizer steps.", kind=int, low=1, high=MAX_STEPS)
+    batch_size: int = setting(
+        4,
+        "Batch size",
+        "Examples per optimizer step. Larger batches give steadier steps and need more memory.",
+        kind=int,
+        low=1,
+        high=1024,
+    )
+    learning_rate: float = setting(
+        2e-4,
+        "Learning rate",
+        "AdamW peak learning rate (linear warmup, then linear decay).",
+        kind=float,
+        low=0,
+        low_open=True,
+        high=MAX_LEARNING_RATE,
+    )
+    max_length: int = setting(
+        128,
+        "Max tokens",
+        "Tokens per example; longer examples are truncated.",
+        kind=int,
+        low=2,
+        high=65_536,
+    )
+    warmup_steps: int = setting(
+        0, "Warmup steps", "Steps of linear warmup, at most steps.", kind=int, low=0, high=MAX_STEPS
+    )
+    eval_every: int = setting(
+        0,
+        "Evaluate every",
+        "Evaluate on the validation split every N steps (0: only at the end).",
+        kind=int,
+        low=0,
+        high=MAX_STEPS,
+    )
+    eval_batches: int = setting(
+        8, "Eval batches", "Batches per evaluation.", kind=int, low=1, high=10_000
+    )
+    grad_clip: float = setting(
+        1.0, "Gradient clipping", "Max gradient norm; 0 turns clipping off.", kind=float, low=0
+    )
+    seed: int = setting(
+        0,
+        "Seed",
+        "Seeds the adapter's initialisation, the batch order and dropout.",
+        kind=int,
+        low=0,
+        high=2**32 - 1,
+    )
+    log_every: int = setting(
+        1, "Log every", "Steps between metric reports.", kind=int, low=1, high=MAX_STEPS
+    )
+    checkpoint_every: int = setting(
+        0,
+        "Checkpoint every",
+        "Steps between checkpoints a run resumes from (0: never).",
+        kind=int,
+        low=0,
+        high=MAX_STEPS,
+    )
+    max_nonfinite_steps: int = setting(
+        3,
+        "Non-finite steps allowed",
+        "This many non-finite steps in a row end the run.",
+        kind=int,
+        low=1,
+        high=1000,
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.warmup_steps > self.steps:
+            message = f"warmup_steps must be at most steps ({self.steps}), got {self.warmup_steps}"
+            raise ConfigError("warmup_steps", message)
+
+    def trajectory_digest(self) -> str:
+        """sha256 of TRAJECTORY_FIELDS: equal digests train along the same path."""
+        fields = {name: getattr(self, name) for name in TRAJECTORY_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
