@@ -116,16 +116,18 @@ def instrument() -> None:
     callbacks = training.RunCallbacks
     on_step = callbacks.on_step
 
-    def heartbeat(self) -> None:
+    def should_stop(self) -> bool:  # asked before every step: step 1 starts, or it cancels
+        if "step_end" in CURRENT.at:
+            return True
         CURRENT.mark("step_start")
+        return False
 
     def on_step_marked(self, step, metrics) -> None:
         CURRENT.mark("step_end")
         on_step(self, step, metrics)
 
-    callbacks.heartbeat = heartbeat
     callbacks.on_step = on_step_marked
-    callbacks.should_stop = lambda self: "step_end" in CURRENT.at  # cancel after step 1
+    callbacks.should_stop = should_stop  # cancel after step 1
 
 
 def setup_database():

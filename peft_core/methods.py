@@ -7,13 +7,13 @@ list without loading torch. `METHOD_LIST` below is the one list of methods: the 
 
 Adding a method takes three edits:
 1. its file, `peft_core/<method>.py`: the layers, `inject`, the adapter_config.json mapping
-   and `METHOD = Method(...)`; its config dataclass goes in `configs.py` (torch-free, so the
-   web judges values without torch; each field's bounds, default and help declared once,
-   with `title` and `mergeable`), and the method file re-exports it;
+   and `METHOD = Method(...)`; its config dataclass sits beside the others in `configs.py`
+   (torch-free, so the web judges values without torch: each field's bounds, default and
+   help declared once, with `title` and `mergeable`), and the method file re-exports it;
 2. its line in `METHOD_LIST`: the key tools use, the config class, the module;
 3. its `MethodCase` in tests/peft_core/method_cases.py, which the shared battery runs.
-The web then asks for its form (webapp/experiments/method_forms.py builds the fields from
-the config's metadata; tests/webapp/test_method_forms.py fails until the form exists).
+The CLI, the API and the launch forms then offer it: the web builds its form from the
+config's settings (method_forms.generic_method_form) until it wants a hand-made one.
 
 A method file exports one `Method` value; everything generic (freezing, modules_to_save,
 the HF PEFT directory layout, strict loading) lives in `model.py`; everything about the

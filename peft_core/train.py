@@ -65,9 +65,6 @@ class Callbacks:
         """Checked before every step; True ends training (cancel)."""
         return False
 
-    def heartbeat(self) -> None:
-        """Called every step: proof that the loop is alive."""
-
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Every `checkpoint_every` steps: store it (checkpoint_to_files) to resume later."""
 
@@ -309,7 +306,6 @@ class _Loop:
         self.model.train()
         batch_iter = iter(batches)
         for step in range(self.start_step + 1, self.config.steps + 1):
-            self.callbacks.heartbeat()
             if self.callbacks.should_stop():
                 self.callbacks.on_log(f"stopped before step {step}")
                 return step - 1, True

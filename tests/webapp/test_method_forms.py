@@ -166,3 +166,29 @@ def test_compare_all_methods_preset_expands_to_nine_runs():
         "bottleneck placement=parallel",
         "mam",
     ]
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck", "mam", "prompt"])
+def test_a_method_without_a_hand_made_form_gets_one_from_its_config(method):
+    """A new method needs no web edit: its form comes from its config's settings."""
+    from webapp.experiments.method_forms import form_settings, generic_method_form
+
+    form_class = generic_method_form(method)
+    config_cls = peft_core.METHOD_CONFIGS[method]
+    assert form_class.title == config_cls.title and form_class.summary
+    assert list(form_class.base_fields) == form_settings(config_cls)
+    assert "modules_to_save" not in form_class.base_fields  # a list: the CLI and API take it
+    form = form_class(method_defaults(method) | _initial(form_class))
+    assert form.is_valid(), form.errors
+    assert isinstance(peft_core.build_config(method, form.config_kwargs()), config_cls)
+    refused = form_class(_initial(form_class) | {"dropout": "1.0"})
+    if "dropout" in form_class.base_fields:
+        assert not refused.is_valid() and "dropout" in refused.errors
+
+
+def _initial(form_class) -> dict:
+    return {
+        name: str(field.initial)
+        for name, field in form_class.base_fields.items()
+        if field.initial is not None and field.initial is not False  # 0.0 is a value
+    }

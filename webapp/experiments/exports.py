@@ -33,7 +33,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from peft_core.catalogue import CATALOGUE
-from peft_core.registry import build_config
+from peft_core.configs import TrainConfig
+from peft_core.registry import METHOD_CONFIGS, build_config
 from webapp.experiments import queue
 from webapp.experiments.artifacts import artifact_insert
 from webapp.experiments.models import (
@@ -60,23 +61,15 @@ AUTO_CLASSES = {
 }
 
 
-def _method_entry(method: str):  # TEMPORARY until the torch-free method list lands
-    from peft_core.model import METHODS
-    from peft_core.registry import METHOD_CONFIGS
-
-    config_cls = METHOD_CONFIGS.get(method)
-    return next((m for m in METHODS if m.config_cls is config_cls), None)
-
-
 def method_title(method: str) -> str:
     """The method's name for people ("LoRA"), or the stored key when it is not ours."""
-    entry = _method_entry(method)
-    return entry.name if entry else method
+    config_cls = METHOD_CONFIGS.get(method)
+    return config_cls.title if config_cls else method
 
 
 def mergeable(method: str) -> bool:
-    entry = _method_entry(method)
-    return entry is not None and entry.mergeable
+    config_cls = METHOD_CONFIGS.get(method)
+    return bool(config_cls and config_cls.mergeable)
 
 
 def base_model_id(key: str) -> str:
@@ -231,8 +224,6 @@ def _training_section(run: Run) -> list[str]:
     if run.external:
         return ["## Training", "", "Trained elsewhere; uploaded, checked and evaluated here."]
     try:
-        from peft_core.train import TrainConfig  # TEMPORARY
-
         config = dataclasses.asdict(TrainConfig(**run.train_config))
     except (TypeError, ValueError):
         config = dict(run.train_config)

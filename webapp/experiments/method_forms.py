@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from django import forms
 from django.core.exceptions import ValidationError
 
-from peft_core.checks import SETTING, ConfigError, Setting, config_field
+from peft_core.checks import SETTING, ConfigError, Setting, config_field, settings
 from peft_core.configs import (
     BottleneckConfig,
     LoraConfig,
@@ -82,7 +82,9 @@ def _bool_field(rule: Setting, **kwargs) -> forms.Field:
 def _text_field(rule: Setting, **kwargs) -> forms.Field:
     if rule.choices:
         return forms.ChoiceField(choices=rule.choices, **kwargs)
-    return forms.CharField(max_length=rule.max_chars, **kwargs)
+    # A text the config takes as None when unset (prompt tuning's init_text): blank is None.
+    empty = None if kwargs["initial"] is None else ""
+    return forms.CharField(max_length=rule.max_chars, empty_value=empty, **kwargs)
 
 
 _FIELD_BUILDERS = {int: _int_field, float: _float_field, bool: _bool_field, str: _text_field}
@@ -223,18 +225,41 @@ class MAMForm(MethodForm):
     activation = settings_field(MAMConfig, "activation")
 
 
+HAND_MADE_FORMS = (
+    LoraForm,
+    DoraForm,
+    IA3Form,
+    PromptTuningForm,
+    PrefixTuningForm,
+    BottleneckForm,
+    MAMForm,
+)
+
+
+def form_settings(config_cls: type) -> list[str]:
+    """The config's fields a form can offer: those whose setting has a plain kind (not a
+    list of module names or a regex, which the CLI and API take)."""
+    return [
+        name for name, (_, rule) in settings(config_cls).items() if rule.kind in _FIELD_BUILDERS
+    ]
+
+
+def generic_method_form(method: str) -> type[MethodForm]:
+    """A form offering every field of the method's config that declares its setting, in
+    the config's order, summarised by the config's docstring: what a new method gets until
+    it wants a hand-made form (choices in place of free text, fields left out)."""
+    config_cls = METHOD_CONFIGS[method]
+    fields = {name: settings_field(config_cls, name) for name in form_settings(config_cls)}
+    summary = (config_cls.__doc__ or "").strip().split("\n\n")[0]
+    attrs = {"method": method, "summary": " ".join(summary.split()), **fields}
+    return type(f"{config_cls.__name__}Form", (MethodForm,), attrs)
+
+
 # In peft_core's method order (methods.METHOD_LIST); test_every_method_is_offered checks.
 METHOD_FORMS: dict[str, type[MethodForm]] = {
-    form.method: form
-    for form in (
-        LoraForm,
-        DoraForm,
-        IA3Form,
-        PromptTuningForm,
-        PrefixTuningForm,
-        BottleneckForm,
-        MAMForm,
-    )
+    method: next((f for f in HAND_MADE_FORMS if f.method == method), None)
+    or generic_method_form(method)
+    for method in METHOD_CONFIGS
 }
 
 
