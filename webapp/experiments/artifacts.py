@@ -10,6 +10,9 @@ import hashlib
 from webapp.experiments.models import Artifact, ArtifactChunk
 
 CHUNK_BYTES = 4 * 1024 * 1024
+# Chunks per INSERT: a statement carries at most 32 MiB of bytes (64 MB as text). One
+# statement for a whole merged model (540 MB) passes PostgreSQL's 1 GB message limit.
+CHUNKS_PER_STATEMENT = 8
 
 
 class ArtifactDamaged(RuntimeError):
@@ -20,10 +23,11 @@ def artifact_insert(*, run_id: int, kind: str, name: str, data: bytes) -> Artifa
     artifact = Artifact.objects.create(
         run_id=run_id, kind=kind, name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()
     )
-    ArtifactChunk.objects.bulk_create(
+    chunks = (
         ArtifactChunk(artifact=artifact, index=i, data=data[start : start + CHUNK_BYTES])
         for i, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES))
     )
+    ArtifactChunk.objects.bulk_create(chunks, batch_size=CHUNKS_PER_STATEMENT)
     return artifact
 
 
