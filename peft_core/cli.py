@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from peft_core import apply, save_adapter, trainable_parameters
-from peft_core.catalogue import CATALOGUE, ModelSpec, get_spec, load_model
+from peft_core.catalogue import CATALOGUE, ModelSpec, get_spec, load_model, upstream_name
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
 from peft_core.registry import METHOD_CONFIGS, with_tokenizer
 from peft_core.samples import SAMPLES, sample_rows
@@ -133,7 +133,7 @@ def run_train(args: argparse.Namespace) -> int:
             config=train_config, callbacks=callbacks, label_names=labels,
         )  # fmt: skip
         callbacks.close()
-    save_adapter(model, args.output, base_model_name_or_path=args.model)
+    save_adapter(model, args.output, base_model_name_or_path=upstream_name(args.model))
     _print_summary(base_metrics, result.metrics, result.wall_s, args.output)
     return 0
 

@@ -332,7 +332,27 @@ _UNSUPPORTED_HF_KEYS = (
 )
 
 
+# init_lora_weights values that rewrite the base weights when the adapter is created
+# (PiSSA and OLoRA keep W0 - B·A as the new base, CorDA likewise, LoftQ a quantised residual):
+# such an adapter is only right on the base it rewrote, which HF PEFT does not save, so on
+# the original base its logits are off. Init-only values (True, False, "gaussian", "eva",
+# "orthogonal") leave W0 alone and load as any LoRA adapter.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _rewrites_the_base(init: Any) -> bool:
+    return isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS)
+
+
 def _refuse_unsupported(hf: dict[str, Any]) -> None:
+    init = hf.get("init_lora_weights")
+    if _rewrites_the_base(init):
+        raise ValueError(
+            f"this LoRA adapter was made with init_lora_weights={init!r}, which rewrites the "
+            "base model's weights: on the original base its outputs would be wrong. Convert "
+            "it to a plain LoRA adapter first (HF PEFT: save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)), then load that."
+        )
     used = [key for key in _UNSUPPORTED_HF_KEYS if hf.get(key) not in (None, False, {}, [])]
     if hf.get("bias", "none") != "none":
         used.append("bias")

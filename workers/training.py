@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 import peft_core
+from peft_core.catalogue import upstream_name
 from peft_core.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -405,7 +406,7 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
 def _store_adapter(run: Run, fence: int, model) -> int:
     total = 0
     with tempfile.TemporaryDirectory(prefix="peftlab-adapter-") as tmp:
-        peft_core.save_adapter(model, tmp, base_model_name_or_path=run.base_model)
+        peft_core.save_adapter(model, tmp, base_model_name_or_path=upstream_name(run.base_model))
         for path in sorted(Path(tmp).iterdir()):
             data = path.read_bytes()
             _retrying(

@@ -227,3 +227,16 @@ def test_minilm_loads_and_classifies():
         logits = model(**batch).logits
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     assert not model.training
+
+
+def test_a_saved_adapter_names_a_base_that_resolves_outside_peft_lab():
+    """base_model_name_or_path is the Hub id of a model with a Hub twin (HF PEFT resolves it
+    anywhere); read back, that id names the catalogue model again."""
+    from peft_core.catalogue import key_for_name, upstream_name
+
+    assert upstream_name("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert upstream_name("all-minilm-l6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert upstream_name("tiny-llama") == "tiny-llama"  # no twin: the key
+    for key in catalogue.CATALOGUE:
+        assert key_for_name(upstream_name(key)) == key
+    assert key_for_name("Qwen/Qwen2.5-0.5B") is None

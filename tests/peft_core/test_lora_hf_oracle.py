@@ -91,3 +91,28 @@ def test_explicit_modules_to_save_and_disabling_agree_with_hf_peft(input_ids, tm
     assert_close(logits(theirs, input_ids), logits(model, input_ids), atol=ATOL, rtol=0)
     with theirs.disable_adapter(), peft_core.disabled(model):
         assert_close(logits(theirs, input_ids), logits(model, input_ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_an_adapter_whose_init_rewrote_the_base_is_refused_by_name(tmp_path, init):
+    """HF PEFT saves a PiSSA or OLoRA adapter for the base it rewrote (W0 - B·A), not for
+    the original one: loaded onto the original base it answers wrongly, so it is refused."""
+    torch.manual_seed(0)
+    base = build_tiny("llama", "causal-lm")
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, task_type="CAUSAL_LM")
+    peft.get_peft_model(base, config).save_pretrained(tmp_path)
+    fresh = build_tiny("llama", "causal-lm")
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}', which rewrites the base"):
+        peft_core.load_adapter(fresh, tmp_path)
+
+
+@pytest.mark.parametrize("init", [False, "gaussian"])
+def test_an_init_only_option_loads_with_hf_peft_logits(tmp_path, init):
+    torch.manual_seed(0)
+    base = build_tiny("llama", "causal-lm")
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(base, config)
+    theirs.save_pretrained(tmp_path)
+    ours = peft_core.load_adapter(build_tiny("llama", "causal-lm"), tmp_path)
+    ids = torch.randint(0, 100, (2, 9))
+    assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=0)

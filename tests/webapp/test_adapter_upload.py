@@ -210,7 +210,7 @@ def test_a_seq_cls_adapter_on_tiny_bert_keeps_its_head(cast, upload, tmp_path):
 
 def test_the_form_chooses_the_base_model_when_the_config_names_a_hub_id(cast, upload, lora):
     config, weights, _ = lora
-    hub = _with(config, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    hub = _with(config, base_model_name_or_path="Qwen/Qwen2.5-0.5B")
     _assert_refused(upload(hub, weights), "is not in the catalogue")
     response = upload(hub, weights, base_model="tiny-llama")
     assert response.status_code == 201, response.content
@@ -409,3 +409,11 @@ def test_the_check_runs_under_a_memory_limit(monkeypatch, upload, lora):
     config, weights, _ = lora
     monkeypatch.setattr(adapter_upload, "BASE_MEMORY_BYTES", 256 * 1024**2)  # torch cannot load
     _assert_refused(upload(config, weights), "memory")
+
+
+def test_a_hub_id_of_a_catalogue_twin_names_that_model(cast, upload, lora):
+    """PEFT Lab's downloads name SmolLM2 by its Hub id; uploaded again, that is SmolLM2 (and
+    tiny-llama's tensors do not fit it)."""
+    config, weights, _ = lora
+    hub = _with(config, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    _assert_refused(upload(hub, weights), "does not fit smollm2-135m-instruct")

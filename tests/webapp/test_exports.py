@@ -338,6 +338,9 @@ def test_adapter_zip_holds_a_model_card(cast, lora_run):
     assert "Trainable parameters | 1,234" in body and "4,321 bytes" in body
     assert "PeftModel.from_pretrained" in body and "peft_core.load_adapter" in body
     assert body.rstrip().endswith("Trained with PEFT Lab.")
+    # The architecture default reads as the modules the saved config lists, not null.
+    [targets] = [line for line in body.splitlines() if line.startswith("| target\\_modules |")]
+    assert "q\\_proj" in targets and "v\\_proj" in targets and "null" not in targets
 
 
 def test_model_card_of_a_seq_cls_run_has_accuracy_and_labels(ia3_run):
@@ -364,6 +367,7 @@ def test_model_card_names_the_hub_id_and_the_uploaded_datasets_sha256(cast, make
     assert meta["peftlab"]["dataset_sha256"] == dataset.sha256 and len(dataset.sha256) == 64
     assert dataset.sha256 in body and "built-in" not in body
     assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2", num_labels=2)' in body
+    assert 'from_pretrained(model_dir("all-minilm-l6-v2"), num_labels=2)' in body  # offline
 
 
 def test_hostile_names_cannot_break_the_front_matter_or_inject_html(cast, make_run):

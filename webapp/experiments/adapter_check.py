@@ -194,12 +194,15 @@ def _depth(value) -> int:
 
 
 def _base_model(hf: dict, *, chosen: str) -> str:
-    from peft_core.catalogue import CATALOGUE
+    """The catalogue key of the adapter's base: the one chosen, else the one its config
+    names (a key, or the Hub id of a model with a Hub twin, as PEFT Lab's downloads say)."""
+    from peft_core.catalogue import CATALOGUE, key_for_name
 
-    key = chosen or hf.get("base_model_name_or_path")
-    if not isinstance(key, str) or key not in CATALOGUE:
+    named = chosen or hf.get("base_model_name_or_path")
+    key = key_for_name(named) if isinstance(named, str) else None
+    if key is None:
         raise AdapterError(
-            f"base model {key!r} is not in the catalogue; pick one of {', '.join(CATALOGUE)}"
+            f"base model {named!r} is not in the catalogue; pick one of {', '.join(CATALOGUE)}"
         )
     return key
 
@@ -213,7 +216,7 @@ def _check_against_model(
     from safetensors.torch import save_file
 
     from peft_core import model as peft_model
-    from peft_core.catalogue import get_spec
+    from peft_core.catalogue import get_spec, upstream_name
     from peft_core.registry import METHOD_CONFIGS
 
     task = _task(hf, get_spec(base_model).tasks)
@@ -227,7 +230,7 @@ def _check_against_model(
         config = peft_model._config_from_hf(model, hf)
         peft_model.apply(model, config)
         peft_model.load_adapter_tensors(model, tensors, source="adapter_model.safetensors")
-        rebuilt = peft_model.hf_config(model, base_model_name_or_path=base_model)
+        rebuilt = peft_model.hf_config(model, base_model_name_or_path=upstream_name(base_model))
     except MemoryError:
         raise
     except Exception as exc:  # a config field of the wrong type fails deep inside; say what

@@ -34,11 +34,20 @@ def artifact_insert(*, run_id: int, kind: str, name: str, data: bytes) -> Artifa
 def artifact_files(*, run_id: int, kind: str) -> dict[str, bytes]:
     """The run's files of one kind as {file name: bytes}, for a worker (no user check).
     Raises ArtifactDamaged when a file's bytes do not hash to its recorded sha256."""
-    files = {}
-    for artifact in Artifact.objects.filter(run_id=run_id, kind=kind):
-        chunks = artifact.chunks.order_by("index").values_list("data", flat=True)
-        data = b"".join(bytes(chunk) for chunk in chunks)
-        if hashlib.sha256(data).hexdigest() != artifact.sha256:
-            raise ArtifactDamaged(f"run {run_id}: stored {artifact.name} fails its sha256 check")
-        files[artifact.name] = data
-    return files
+    return {a.name: _verified(a) for a in Artifact.objects.filter(run_id=run_id, kind=kind)}
+
+
+def artifact_file(*, run_id: int, kind: str, name: str) -> bytes | None:
+    """One stored file's bytes (None when the run has no such file); ArtifactDamaged as above."""
+    artifact = Artifact.objects.filter(run_id=run_id, kind=kind, name=name).first()
+    return None if artifact is None else _verified(artifact)
+
+
+def _verified(artifact: Artifact) -> bytes:
+    chunks = artifact.chunks.order_by("index").values_list("data", flat=True)
+    data = b"".join(bytes(chunk) for chunk in chunks)
+    if hashlib.sha256(data).hexdigest() != artifact.sha256:
+        raise ArtifactDamaged(
+            f"run {artifact.run_id}: stored {artifact.name} fails its sha256 check"
+        )
+    return data

@@ -32,11 +32,11 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from peft_core.catalogue import CATALOGUE
+from peft_core.catalogue import CATALOGUE, upstream_name
 from peft_core.configs import TrainConfig
 from peft_core.registry import METHOD_CONFIGS, build_config
 from webapp.experiments import queue
-from webapp.experiments.artifacts import artifact_insert
+from webapp.experiments.artifacts import ArtifactDamaged, artifact_file, artifact_insert
 from webapp.experiments.models import (
     EXPORT_BUSY_STATUSES,
     Artifact,
@@ -50,10 +50,7 @@ from webapp.experiments.models import (
 
 MODEL_CARD = "README.md"
 # The Hub ids of the catalogue's pretrained models (their files come from pip packages here).
-HUB_IDS = {
-    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
-}
+HUB_IDS = {key: spec.hub_id for key, spec in CATALOGUE.items() if spec.hub_id}
 PIPELINE_TAGS = {TaskType.CAUSAL_LM: "text-generation", TaskType.SEQ_CLS: "text-classification"}
 AUTO_CLASSES = {
     TaskType.CAUSAL_LM: "AutoModelForCausalLM",
@@ -74,7 +71,7 @@ def mergeable(method: str) -> bool:
 
 def base_model_id(key: str) -> str:
     """What `base_model:` names: the Hub id of a catalogue model, else the catalogue key."""
-    return HUB_IDS.get(key, key)
+    return upstream_name(key)
 
 
 # ---- escaping --------------------------------------------------------------------------------
@@ -199,12 +196,26 @@ def _base_model_section(run: Run) -> list[str]:
 
 
 def _method_config(run: Run) -> dict[str, Any]:
-    """The method's full config (defaults filled in), or the stored fields if it is refused."""
+    """The method's full config (defaults filled in), or the stored fields if it is refused.
+    An architecture default (target_modules None) reads as the modules the saved adapter
+    config lists, as HF PEFT will see them."""
     try:
-        config = build_config(run.method, run.method_config)
+        config = dataclasses.asdict(build_config(run.method, run.method_config))
     except (TypeError, ValueError):
         return dict(run.method_config)
-    return dataclasses.asdict(config)
+    if "target_modules" in config and config["target_modules"] is None:
+        config["target_modules"] = _saved_targets(run) or "the architecture's default"
+    return config
+
+
+def _saved_targets(run: Run) -> list[str] | None:
+    """target_modules of the run's stored adapter_config.json (checked against its sha256)."""
+    try:
+        data = artifact_file(run_id=run.id, kind=ArtifactKind.ADAPTER, name="adapter_config.json")
+        targets = json.loads(data)["target_modules"] if data is not None else None
+    except (ArtifactDamaged, ValueError, KeyError, TypeError):
+        return None
+    return targets if isinstance(targets, list) else None
 
 
 def _method_section(run: Run) -> list[str]:
@@ -312,6 +323,14 @@ def _hf_peft_usage(run: Run, auto: str) -> list[str]:
         f"base = {auto}.from_pretrained({where}{extra})",
         f'model = PeftModel.from_pretrained(base, "{folder}")',
     ]
+    if run.base_model in HUB_IDS:  # the same weights, converted once by PEFT Lab
+        offline = f"{auto}.from_pretrained(model_dir({_py(run.base_model)}){extra})"
+        code += [
+            "",
+            "# Offline, from PEFT Lab's converted copy of the same weights:",
+            "# from peft_core.catalogue import model_dir",
+            f"# base = {offline}",
+        ]
     return ["With Hugging Face PEFT (unzipped into `" + folder + "`):", "", "```python"] + [
         *code,
         "```",
