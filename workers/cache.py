@@ -2,7 +2,11 @@
 
 Bounded by memory: cached models are kept while their parameter + buffer bytes add up to at
 most settings.MODEL_CACHE_MB; the least recently used go first, and the model just asked for
-always stays (a run is using it).
+always stays (a run is using it). Eviction comes before a load, not after: room is made for
+the model's expected bytes (what it took when this process last loaded it, else its weight
+files on disk; unknown: every other model goes), so two big models are never in memory at
+once on the way to dropping one. The key names the dtype too: the same model in bf16 and
+fp32 are two entries.
 
 A copy shares the cached weights. `shared_copy` builds new Module and Parameter objects over
 the same storage (requires_grad off), which costs milliseconds and no weight memory, where a
@@ -24,17 +28,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from django.conf import settings
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peft_core.catalogue import load_model
+from peft_core.catalogue import CATALOGUE, load_model, package_dir
 
 logger = logging.getLogger(__name__)
 
-# Used until webapp/settings.py defines MODEL_CACHE_MB (env PEFTLAB_MODEL_CACHE_MB).
 MAX_BASE_METRICS = 256
 
 
@@ -52,38 +56,72 @@ class _Entry:
 _lock = threading.Lock()
 _models: OrderedDict[tuple, _Entry] = OrderedDict()
 _metrics: OrderedDict[tuple, dict[str, float]] = OrderedDict()
+_known_bytes: dict[str, int] = {}  # model key -> its bytes when this process last loaded it
 
 
-def base_model_copy(key: str, task: str, num_labels: int, *, device: str = "cpu"):
+def base_model_copy(
+    key: str, task: str, num_labels: int, *, device: str = "cpu", dtype=torch.float32
+):
     """A copy of the cached base model that a run may adapt freely, and the (shared) tokenizer.
 
-    The cached model lives on `device`: a GPU worker that passes its device copies nothing
-    to the GPU per run.
+    The cached model lives on `device` in `dtype`: a GPU worker that passes its device copies
+    nothing to the GPU per run.
     """
-    cache_key = (key, task, num_labels, str(device))
+    cache_key = (key, task, num_labels, str(device), str(dtype).removeprefix("torch."))
     with _lock:
-        entry = _models.get(cache_key)
+        entry = _models.pop(cache_key, None)
         if entry is not None and not entry.untouched():
             logger.warning("the cached %s was written into in place; loading it again", key)
             entry = None
         if entry is None:
-            entry = _models[cache_key] = _load(key, task, num_labels, device)
-        _models.move_to_end(cache_key)
-        _evict(limit_bytes())
+            _evict(limit_bytes() - _expected_bytes(key))  # room first, then the load
+            entry = _load(key, task, num_labels, device, dtype)
+        _models[cache_key] = entry  # the most recently used, kept while a run uses it
+        _evict(limit_bytes(), keep=1)
         return shared_copy(entry.model), entry.tokenizer
 
 
-def _load(key: str, task: str, num_labels: int, device: str) -> _Entry:
+def _load(key: str, task: str, num_labels: int, device: str, dtype) -> _Entry:
     model, tokenizer = load_model(
         key, task, num_labels=num_labels, cache_dir=settings.MODEL_CACHE_DIR
     )
-    model.requires_grad_(False).to(device)
-    return _Entry(model, tokenizer, model_bytes(model), _versions(model))
+    model.requires_grad_(False).to(device=device, dtype=dtype)
+    nbytes = model_bytes(model)
+    _known_bytes[key] = nbytes
+    return _Entry(model, tokenizer, nbytes, _versions(model))
 
 
-def _evict(limit: int) -> None:
-    """Drop the least recently used models until the rest fit `limit` (the newest stays)."""
-    while len(_models) > 1 and sum(entry.nbytes for entry in _models.values()) > limit:
+def _expected_bytes(key: str) -> int:
+    """What loading `key` will take: as last time, else its weight files; unknown: the whole
+    limit (so every cached model makes room)."""
+    if key in _known_bytes:
+        return _known_bytes[key]
+    on_disk = weight_file_bytes(key)
+    return on_disk if on_disk is not None else limit_bytes()
+
+
+def weight_file_bytes(key: str) -> int | None:
+    """The bytes of the model's safetensors files where they already lie (its converted copy
+    in the model cache, or its package), without loading or converting anything."""
+    for directory in (Path(settings.MODEL_CACHE_DIR) / "models" / key, _package_model_dir(key)):
+        files = list(directory.glob("*.safetensors")) if directory and directory.is_dir() else []
+        if files:
+            return sum(path.stat().st_size for path in files)
+    return None
+
+
+def _package_model_dir(key: str) -> Path | None:
+    spec = CATALOGUE.get(key)
+    if spec is None or spec.source_kind != "hf-package":
+        return None
+    found = package_dir(spec.source_detail)
+    return found / "model" if found else None
+
+
+def _evict(limit: int, *, keep: int = 0) -> None:
+    """Drop the least recently used models until the rest fit `limit`; the `keep` most
+    recently used stay whatever their size (a run is using the newest)."""
+    while len(_models) > keep and sum(entry.nbytes for entry in _models.values()) > limit:
         _models.popitem(last=False)
 
 
@@ -137,7 +175,7 @@ def base_metrics(key: tuple, evaluate: Callable[[], dict[str, float]]) -> dict[s
 
 
 def cached_keys() -> list[tuple]:
-    """(key, task, num_labels, device) of the cached models, least recently used first."""
+    """(key, task, num_labels, device, dtype) of the cached models, least recently used first."""
     with _lock:
         return list(_models)
 
@@ -146,3 +184,4 @@ def clear() -> None:
     with _lock:
         _models.clear()
         _metrics.clear()
+        _known_bytes.clear()

@@ -110,8 +110,8 @@ def test_the_least_recently_used_model_goes_when_memory_runs_out(settings, _empt
     cache.base_model_copy("tiny-llama", "causal-lm", 2)  # now the most recently used
     cache.base_model_copy("tiny-llama", "seq-cls", 3)
     assert cache.cached_keys() == [
-        ("tiny-llama", "causal-lm", 2, "cpu"),
-        ("tiny-llama", "seq-cls", 3, "cpu"),
+        ("tiny-llama", "causal-lm", 2, "cpu", "float32"),
+        ("tiny-llama", "seq-cls", 3, "cpu", "float32"),
     ]
     assert len(_empty_cache) == 3
 
@@ -120,7 +120,41 @@ def test_a_model_over_the_limit_is_still_kept_while_it_is_the_newest(settings):
     settings.MODEL_CACHE_MB = 0
     cache.base_model_copy("tiny-llama", "causal-lm", 2)
     cache.base_model_copy("tiny-llama", "seq-cls", 2)
-    assert cache.cached_keys() == [("tiny-llama", "seq-cls", 2, "cpu")]
+    assert cache.cached_keys() == [("tiny-llama", "seq-cls", 2, "cpu", "float32")]
+
+
+def test_room_is_made_before_a_model_loads_not_after(settings, monkeypatch):
+    """With room for one model, the cached one is gone before the next one loads: the two
+    are never in memory together (a 7 B model beside another does not fit a worker)."""
+    held_during_loads = []
+    real_load = cache.load_model
+
+    def load_model(key, task, **kwargs):
+        held_during_loads.append(list(cache._models))  # the lock is held: read directly
+        return real_load(key, task, **kwargs)
+
+    monkeypatch.setattr(cache, "load_model", load_model)
+    settings.MODEL_CACHE_MB = 1.5 * cache.model_bytes(build_tiny("llama")) / 2**20
+    cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    cache.base_model_copy("tiny-llama", "seq-cls", 2)
+    assert held_during_loads == [[], []]
+
+
+def test_a_first_load_of_unknown_size_makes_room_for_the_whole_limit(settings, monkeypatch):
+    settings.MODEL_CACHE_MB = 100
+    cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    monkeypatch.setattr(cache, "weight_file_bytes", lambda key: None)
+    cache.base_model_copy("tiny-bert", "seq-cls", 2)  # never loaded here, no files to size
+    assert [key[0] for key in cache.cached_keys()] == ["tiny-bert"]
+
+
+def test_the_dtype_is_part_of_the_key(_empty_cache):
+    full, _ = cache.base_model_copy("tiny-llama", "causal-lm", 2)
+    half, _ = cache.base_model_copy("tiny-llama", "causal-lm", 2, dtype=torch.bfloat16)
+    assert next(full.parameters()).dtype == torch.float32
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert [key[-1] for key in cache.cached_keys()] == ["float32", "bfloat16"]
+    assert len(_empty_cache) == 2
 
 
 def test_the_limit_counts_tied_weights_once():
@@ -136,7 +170,7 @@ def test_a_cached_model_written_into_is_loaded_again(_empty_cache):
         model.lm_head.weight.mul_(2.0)  # what an in-place merge of a shared weight would do
     fresh, _ = cache.base_model_copy("tiny-llama", "causal-lm", 2)
     assert len(_empty_cache) == 2
-    assert cache._models[("tiny-llama", "causal-lm", 2, "cpu")].untouched()
+    assert cache._models[("tiny-llama", "causal-lm", 2, "cpu", "float32")].untouched()
     assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)
 
 
