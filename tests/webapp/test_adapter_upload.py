@@ -412,8 +412,9 @@ def test_the_check_runs_under_a_memory_limit(monkeypatch, upload, lora):
 
 
 def test_a_hub_id_of_a_catalogue_twin_names_that_model(cast, upload, lora):
-    """PEFT Lab's downloads name SmolLM2 by its Hub id; uploaded again, that is SmolLM2 (and
-    tiny-llama's tensors do not fit it)."""
+    """PEFT Lab's downloads name a pretrained model by its Hub id; uploaded again, that id is
+    the catalogue model: MiniLM here (its config is at hand, so the check is quick), which
+    then refuses tiny-llama's causal-LM adapter for its task, not as an unknown model."""
     config, weights, _ = lora
-    hub = _with(config, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-    _assert_refused(upload(hub, weights), "does not fit smollm2-135m-instruct")
+    hub = _with(config, base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+    _assert_refused(upload(hub, weights), "the base model supports seq-cls, not causal-lm")
