@@ -8,6 +8,7 @@ The public API is stable; tools and users rely on it:
     with peft_core.disabled(model): ...                          # base behaviour
     peft_core.save_adapter(model, "out/")                        # HF PEFT layout
     model = peft_core.load_adapter(model, "out/")
+    peft_core.describe(meta_model)       # JSON: Linear-like modules, each method's footprint
 
 The names load on first use (PEP 562), so `import peft_core.configs` or
 `peft_core.registry` does not import torch: the web process judges configs and lists
@@ -33,6 +34,7 @@ _EXPORTS = {
         "peft_core.configs",
     ),
     **dict.fromkeys(("METHOD_CONFIGS", "build_config"), "peft_core.registry"),
+    "describe": "peft_core.inspection",
     **dict.fromkeys(
         (
             "apply",

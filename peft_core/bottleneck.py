@@ -15,7 +15,12 @@ FFN); Pfeiffer et al. 2020, arXiv:2005.00247 (after the FFN only); He et al.
     parallel   x = the FFN's input
 
 The sublayer outputs are taken before residual + LayerNorm (BERT) or before the
-residual add (Llama, GPT-2); the sites per architecture are targets.ADAPTER_SITES.
+residual add (Llama, GPT-2). The sites come from the model's structure (structure.py): the
+attention's output projection O, the FFN's last projection W_out, and the FFN module,
+called as ffn(x) (Llama's mlp) or ffn(h_ff, x) with x its residual argument (BERT's
+output, LayerNorm(dense(h_ff) + x): the branch joins x there). A block whose FFN layers sit
+in the block itself (OPT's fc1, fc2) has no FFN module: the parallel adapter wraps W_out and
+reads x where W_in reads it (a forward pre-hook on W_in).
 m = bottleneck_dim, or d // reduction_factor (at least 1); with neither set,
 reduction_factor = 16 (AdapterHub's default), so m scales with the model width.
 Dropout acts on the branch's input, f is relu | gelu | silu | tanh.
@@ -31,16 +36,15 @@ re-exported here.
 """
 
 import math
-import re
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peft_core.configs import BottleneckConfig
+from peft_core.graph import in_out
 from peft_core.methods import Method, WrappedLinear
-from peft_core.targets import ADAPTER_SITES, AdapterSites, model_type
+from peft_core.structure import Places, find_places
 
 # The module of each of configs.ACTIVATION_CHOICES.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -118,54 +122,68 @@ class ParallelAdapter(BottleneckLayer):
         return self.add_branch(self.base_layer(hidden_states, *args), hidden_states)
 
 
-def adapter_sites(model: nn.Module) -> AdapterSites:
-    """The architecture's entry of targets.ADAPTER_SITES; for another, list its module names."""
-    kind = model_type(model)
-    if kind in ADAPTER_SITES:
-        return ADAPTER_SITES[kind]
-    names = {path.rsplit(".", 1)[-1] for path, _ in model.named_modules() if path}
-    shown = ", ".join(sorted(n for n in names if not n.isdigit()))
-    raise ValueError(
-        f"bottleneck adapters have no placement for model type {kind!r} "
-        f"(known: {', '.join(ADAPTER_SITES)}); add it to targets.ADAPTER_SITES. "
-        f"Its module names are: {shown}"
-    )
+class ParallelAtOutput(WrappedLinear, BottleneckLayer):
+    """A parallel adapter for an FFN that is no module of its own: wraps W_out, adds branch(x)
+    with x the input W_in read in the same block call (`remember_input`, W_in's pre-hook)."""
+
+    def __init__(self, base_layer: nn.Module, d: int, config: BottleneckConfig):
+        super().__init__(base_layer, d, config)
+        self.ffn_input: torch.Tensor | None = None
+
+    def remember_input(self, module: nn.Module, args: tuple) -> None:
+        self.ffn_input = args[0]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(hidden_states)
+        x, self.ffn_input = self.ffn_input, None  # hold no tensor between calls
+        if self.disabled:
+            return y
+        if x is None:
+            raise RuntimeError("the parallel adapter did not see its FFN's input this call")
+        return self.add_branch(y, x)
 
 
-def site_paths(model: nn.Module, sites: AdapterSites, relative: str) -> list[str]:
-    """The full path of `relative` in every block ("<...>.<blocks>.<i>.<relative>")."""
-    pattern = rf"(?:.+\.)?{re.escape(sites.blocks)}\.\d+\.{re.escape(relative)}"
-    paths = [path for path, _ in model.named_modules() if re.fullmatch(pattern, path)]
-    if not paths:
-        raise ValueError(f"no module {sites.blocks}.<i>.{relative} in this {model_type(model)}")
-    return paths
-
-
-def _out_features(layer: nn.Module) -> int:
-    return layer.weight.shape[1] if isinstance(layer, Conv1D) else layer.out_features
+def adapter_places(model: nn.Module) -> Places:
+    """The model's places; refused where there is no FFN for an adapter to sit by."""
+    places = find_places(model)
+    if places.ffn_output is None:
+        raise ValueError(f"bottleneck adapters need an FFN in each block of {places.blocks}")
+    return places
 
 
 def inject_sequential(model: nn.Module, config: BottleneckConfig) -> list[str]:
     """Wrap the output projection(s) the placement names in a SequentialAdapter."""
-    sites = adapter_sites(model)
-    relatives = [sites.ffn_output]
+    places = adapter_places(model)
+    relatives = [places.ffn_output]
     if config.placement == "houlsby":
-        relatives.insert(0, sites.attention_output)
-    paths = [path for relative in relatives for path in site_paths(model, sites, relative)]
+        relatives.insert(0, places.attention_output)
+    paths = [path for relative in relatives for path in places.in_blocks(relative)]
     for path in paths:
         base = model.get_submodule(path)
-        model.set_submodule(path, SequentialAdapter(base, _out_features(base), config))
+        model.set_submodule(path, SequentialAdapter(base, in_out(base)[1], config))
     return paths
 
 
 def inject_parallel(model: nn.Module, config: BottleneckConfig) -> list[str]:
-    """Wrap every block's FFN in a ParallelAdapter (also MAM's adapter half)."""
-    sites = adapter_sites(model)
-    d = model.config.hidden_size
-    paths = site_paths(model, sites, sites.ffn)
+    """A parallel adapter beside every block's FFN (also MAM's adapter half)."""
+    places = adapter_places(model)
+    if places.ffn is None:
+        return _inject_at_output(model, config, places)
+    paths = places.in_blocks(places.ffn)
     for path in paths:
-        layer = ParallelAdapter(model.get_submodule(path), d, config, sites.ffn_takes_residual)
+        ffn = model.get_submodule(path)
+        layer = ParallelAdapter(ffn, places.hidden, config, places.ffn_takes_residual)
         model.set_submodule(path, layer)
+    return paths
+
+
+def _inject_at_output(model: nn.Module, config: BottleneckConfig, places: Places) -> list[str]:
+    paths = places.in_blocks(places.ffn_output)
+    for block, path in enumerate(paths):
+        layer = ParallelAtOutput(model.get_submodule(path), places.hidden, config)
+        model.set_submodule(path, layer)
+        reader = f"{places.blocks}.{block}.{places.ffn_inputs[0]}"
+        model.get_submodule(reader).register_forward_pre_hook(layer.remember_input)
     return paths
 
 
@@ -203,7 +221,7 @@ METHOD = Method(
     peft_type="BOTTLENECK",
     prefix="adapter_",
     config_cls=BottleneckConfig,
-    layer_types=(SequentialAdapter, ParallelAdapter),
+    layer_types=(SequentialAdapter, ParallelAdapter, ParallelAtOutput),
     inject=inject_bottleneck,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

@@ -23,19 +23,20 @@ W ← W·diag(l) for a feed-forward layer (transposed for GPT-2's Conv1D, whose
 weight is (d_in, d_out)); unmerge divides again, exact up to rounding, so a
 vector with a zero entry is refused at merge.
 
-Default targets (targets.IA3_TARGETS / IA3_FEEDFORWARD, HF PEFT's tables) and
-trainable parameters, L layers, d model width, d_kv key/value width, d_ff FFN width:
-    Llama  k_proj, v_proj, down_proj (ff)            L·(2·d_kv + d_ff)
-    GPT-2  c_attn, mlp.c_proj (ff)                   L·(3·d + d_ff)
-    BERT   key, value, output.dense (ff)             L·(2·d_kv + d + d_ff)
-GPT-2's c_attn is fused q|k|v, and HF PEFT scales its whole output, so queries
-get a vector too (3·d, not 2·d_kv). BERT's suffix "output.dense" matches both
-output.dense (input d_ff) and attention.output.dense (input d): HF PEFT scales
-the attention output projection's input as well.
+Default targets (targets.ia3_default_paths, found from the model's structure: the key
+and value projections and the FFN's output projection, as the paper) and trainable
+parameters, L layers, d model width, d_kv key/value width, d_ff FFN width:
+    Llama-like  k_proj, v_proj, down_proj (ff)           L·(2·d_kv + d_ff)
+    fused QKV   c_attn / query_key_value / qkv_proj,     L·(d_qkv + d_ff)
+                the FFN output (ff)                      (GPT-2: d_qkv = 3·d)
+    BERT-style  key, value, output.dense (ff)            L·(2·d_kv + d + d_ff)
+A fused layer computes q|k|v, and HF PEFT scales its whole output, so queries get a
+vector too. HF PEFT's BERT default "output.dense" matches both output.dense (input
+d_ff) and attention.output.dense (input d), scaling the attention output projection's
+input as well; BERT, RoBERTa and DeBERTa-v2 keep that default (targets.py says why).
 IA3Config lives in configs.py (torch-free: the web judges values with it), re-exported here.
 """
 
-import re
 from typing import Any
 
 import torch
@@ -45,14 +46,8 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_core.configs import IA3Config
 from peft_core.methods import Method, WrappedLinear
-from peft_core.targets import (
-    IA3_FEEDFORWARD,
-    IA3_TARGETS,
-    compact_target_names,
-    matches_suffix,
-    model_type,
-    resolve_targets,
-)
+from peft_core.target_match import matches
+from peft_core.targets import compact_target_names, ia3_default_paths, resolve_targets
 
 
 class IA3Linear(WrappedLinear, nn.Module):
@@ -148,25 +143,24 @@ def _selects(spec: tuple[str, ...] | str, path: str) -> bool:
     names or full paths) select the same modules under both rules, and a mismatch on
     loading cannot pass silently: the two kinds of `ia3_l` have different shapes.
     """
-    return bool(re.fullmatch(spec, path)) if isinstance(spec, str) else matches_suffix(path, spec)
+    return matches(path, spec)
 
 
 def _feedforward_spec(model: nn.Module, config: IA3Config) -> tuple[str, ...] | str:
+    """The config's feedforward_modules, or the default's (the FFN output layers' paths)."""
     if config.feedforward_modules is not None:
         return config.feedforward_modules
-    kind = model_type(model)
-    if kind not in IA3_FEEDFORWARD:
-        raise ValueError(
-            f"no default (IA)³ feedforward_modules for model type {kind!r}; set "
-            "feedforward_modules (names among target_modules, or () for none)"
-        )
-    return IA3_FEEDFORWARD[kind]
+    return tuple(ia3_default_paths(model)[1])
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    return ia3_default_paths(model)[0]
 
 
 def inject_ia3(model: nn.Module, config: IA3Config) -> list[str]:
     """Replace each target Linear/Conv1D with an IA3Linear around it; returns their paths."""
     paths = resolve_targets(
-        model, config.target_modules, exclude=config.modules_to_save, defaults=IA3_TARGETS
+        model, config.target_modules, exclude=config.modules_to_save, default=_default_targets
     )
     spec = _feedforward_spec(model, config)
     feedforward = {path for path in paths if _selects(spec, path)}

@@ -51,6 +51,7 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from peft_core.configs import LoraConfig, lora_scale
+from peft_core.graph import in_out
 from peft_core.methods import Method, WrappedLinear
 from peft_core.targets import compact_target_names, resolve_targets
 
@@ -66,7 +67,7 @@ class LoraLinear(WrappedLinear, nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight (d_in, d_out)
-        d_in, d_out = _in_out_features(base_layer)
+        d_in, d_out = in_out(base_layer)
         weight = base_layer.weight
         # float32 adapter even beside a bf16/fp16 base (HF PEFT's autocast_adapter_dtype)
         dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
@@ -254,12 +255,6 @@ def low_rank_backward(ctx, grad, x2, u, w0, a, b):  # noqa: ANN001, ANN201
     if ctx.needs_input_grad[4]:
         grad_b = (u.T @ g).mul_(ctx.scale).T  # (d_out, r); uᵀ·g is the faster layout
     return grad_x, grad_a, grad_b
-
-
-def _in_out_features(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    return layer.in_features, layer.out_features
 
 
 def inject_lora(

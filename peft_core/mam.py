@@ -66,7 +66,11 @@ METHOD = Method(
     prefix=bottleneck.METHOD.prefix,
     extra_prefixes=(prefix_tuning.METHOD.prefix,),
     config_cls=MAMConfig,
-    layer_types=(bottleneck.ParallelAdapter, *prefix_tuning.METHOD.layer_types),
+    layer_types=(
+        bottleneck.ParallelAdapter,
+        bottleneck.ParallelAtOutput,
+        *prefix_tuning.METHOD.layer_types,
+    ),
     inject=inject_mam,
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,

@@ -89,6 +89,12 @@ def method_of(model: nn.Module) -> Method:
 
 def apply(model: nn.Module, config: Any) -> nn.Module:
     """Freeze `model`, add the adapter `config` describes, return the same model object."""
+    adapt(model, config)
+    return model
+
+
+def adapt(model: nn.Module, config: Any) -> list[str]:
+    """`apply`, returning the module paths the method adapted (its `inject`'s answer)."""
     if hasattr(model, CONFIG_ATTR):
         raise ValueError("this model already has a peft_core adapter; apply to a fresh base model")
     method = method_for_config(config)
@@ -96,14 +102,14 @@ def apply(model: nn.Module, config: Any) -> nn.Module:
     heads = _modules_to_save_paths(model, config.modules_to_save)
     model.requires_grad_(False)
     before = {id(module) for module in model.modules()}
-    method.inject(model, config)
+    adapted = method.inject(model, config)
     for path in heads:
         model.set_submodule(path, TrainedCopy(model.get_submodule(path)))
     _follow_mode(model, before)
     for name, param in model.named_parameters():
         param.requires_grad_(_is_adapter_key(name, method))
     setattr(model, CONFIG_ATTR, config)
-    return model
+    return adapted
 
 
 def _follow_mode(model: nn.Module, before: set[int]) -> None:
@@ -225,8 +231,11 @@ def task_type(model: nn.Module) -> str | None:
     return None
 
 
-def hf_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """The adapter_config.json content HF PEFT reads for this adapted model."""
+def hf_config(
+    model: nn.Module, base_model_name_or_path: str | None = None, revision: str | None = None
+) -> dict[str, Any]:
+    """The adapter_config.json content HF PEFT reads for this adapted model; `revision` is
+    the base model's Hub revision (a commit sha pins the exact weights)."""
     method = method_of(model)
     config = getattr(model, CONFIG_ATTR)
     name = base_model_name_or_path or getattr(model, "name_or_path", None) or None
@@ -234,6 +243,7 @@ def hf_config(model: nn.Module, base_model_name_or_path: str | None = None) -> d
         "peft_type": method.peft_type,
         "task_type": task_type(model),
         "base_model_name_or_path": name,
+        **({"revision": revision} if revision else {}),
         "inference_mode": True,
         "modules_to_save": list(config.modules_to_save) or None,
         **method.to_hf_config(model, config),
@@ -241,11 +251,15 @@ def hf_config(model: nn.Module, base_model_name_or_path: str | None = None) -> d
 
 
 def save_adapter(
-    model: nn.Module, directory: str | Path, *, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    revision: str | None = None,
 ) -> None:
     """Write adapter_config.json + adapter_model.safetensors (HF PEFT's layout) to `directory`."""
     directory = Path(directory)
-    config = hf_config(model, base_model_name_or_path)
+    config = hf_config(model, base_model_name_or_path, revision)
     tensors = adapter_state_dict(model)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

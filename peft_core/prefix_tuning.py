@@ -14,13 +14,22 @@ Reparameterisation while training (eq. 5, `projection_dim` = h):
 Saving keeps P only (HF PEFT's `prompt_embeddings`, `prefix_projection: false`): a loaded
 adapter is the plain table, and HF PEFT loads it directly.
 
-As in HF PEFT, where P is a p-token past, real tokens take positions p.. and the prefix
-is visible to every query; prefix keys are not rotated (RoPE). Sequence classification
-pools a real token (BERT: the first one). Causal LMs get logits for the real tokens only.
+As in HF PEFT, where P is a p-token past, real tokens take positions p.. (embeddings that
+number positions from the ids, RoBERTa's, count p more tokens past) and the prefix is
+visible to every query (in sliding-window layers too); prefix keys are not rotated (RoPE).
+Sequence classification pools a real token (BERT: the first one). Causal LMs get logits
+for the real tokens only.
 
-Mechanism: a forward pre-hook on each self-attention (targets.SELF_ATTENTION) hands it a
-stand-in for its KV cache whose update() returns [P^l ; keys], and gives its attention mask
-p visible columns in front; a pre-hook on the body shifts positions by p. A real KV cache
+Mechanism: a forward pre-hook on each self-attention (structure.py finds it: the module
+that calls cache.update(keys, values, layer_idx), with the keyword it takes the cache by,
+"cache" or Falcon's and GPT-NeoX's "layer_past") hands it a stand-in for its KV cache whose
+update() returns [P^l ; keys], and gives its attention mask p visible columns in front; a
+pre-hook on the body shifts positions by p. n_kv and d_h are those of the keys the
+attention caches, (b, n_kv, t, d_h), as traced: grouped-query n_kv, Falcon's multi-query 1
+and its new decoder architecture every head (it caches keys broadcast to all heads).
+Refused: an attention that never calls cache.update (DeBERTa-v2: its disentangled
+attention keeps no cache, and its relative-position terms have no place for keys without
+positions), and ALiBi (Falcon alibi=True, Bloom: biases built for the real keys only). A real KV cache
 stores the real tokens only, so generate()'s bookkeeping is untouched, and nothing crosses
 a forward as state, so gradient checkpointing's recomputation sees the same prefix (HF PEFT
 0.21 passes P as the past, which checkpointed layers drop: a key-length mismatch).
@@ -38,7 +47,6 @@ PrefixTuningConfig lives in configs.py (torch-free: the web judges values with i
 re-exported here.
 """
 
-import re
 from typing import Any
 
 import torch
@@ -47,9 +55,10 @@ from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
 from peft_core.configs import PrefixTuningConfig
+from peft_core.graph import find_body
 from peft_core.methods import Method
 from peft_core.prompt_tuning import body_kwargs, refuse_encoder_decoder
-from peft_core.targets import SELF_ATTENTION, model_type
+from peft_core.structure import KVCache, Places, find_places
 
 ENCODER = "prefix_encoder"
 EMBEDDING_KEY = f"{ENCODER}.embedding"
@@ -95,25 +104,33 @@ class PrefixEncoder(nn.Module):
         return torch.cat([self._layer_rows(layer) for layer in range(self.layers)], dim=1)
 
     def shift_positions(self, body: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        """Body pre-hook: real tokens at positions p.. (past the prefix)."""
+        """Body pre-hook: real tokens numbered as after a p-token past."""
         if self.disabled:
             return None
         kwargs = body_kwargs(args, kwargs)
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = _default_positions(kwargs)
-        kwargs["position_ids"] = positions + self.embedding.shape[0]
+        p = self.embedding.shape[0]
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + p
+        else:
+            kwargs["position_ids"] = _default_positions(body, kwargs, p)
         return (), kwargs
 
 
-def _default_positions(kwargs: dict[str, Any]) -> torch.Tensor:
-    """What the body would use: past + 0..n-1, (1, n)."""
+def _default_positions(body: nn.Module, kwargs: dict[str, Any], p: int) -> torch.Tensor | None:
+    """What the body would use after a p-token past: past + p + 0..n-1, (1, n); embeddings
+    that number positions from the ids (RoBERTa: padding_idx + 1 + running count of real
+    tokens) by their own rule, or as they do from embeddings (None: they number them)."""
     tokens = kwargs.get("input_ids")
-    if tokens is None:
-        tokens = kwargs["inputs_embeds"]
     cache = kwargs.get("cache")
     past = cache.get_seq_length() if cache is not None else 0
-    return torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
+    embeddings = getattr(body, "embeddings", None)
+    numbering = getattr(embeddings, "create_position_ids_from_input_ids", None)
+    if numbering is not None:
+        return None if tokens is None else numbering(tokens, embeddings.padding_idx, past + p)
+    if tokens is None:
+        tokens = kwargs["inputs_embeds"]
+    start = past + p
+    return torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
 
 
 class PrefixedCache:
@@ -143,7 +160,12 @@ def _prepend(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 
 def prefixed_mask(
-    mask: torch.Tensor | None, attention: nn.Module, p: int, hidden: torch.Tensor, past: int
+    mask: torch.Tensor | None,
+    causal: bool,
+    implementation: str,
+    p: int,
+    hidden: torch.Tensor,
+    past: int,
 ) -> torch.Tensor | None:
     """The attention mask with p visible key columns in front, for queries `hidden` (b, t, d).
 
@@ -155,13 +177,14 @@ def prefixed_mask(
         visible = True if mask.dtype == torch.bool else (1 if mask.ndim == 2 else 0)
         front = torch.full((*mask.shape[:-1], p), visible, dtype=mask.dtype, device=mask.device)
         return torch.cat([front, mask], dim=-1)
-    implementation = attention.config._attn_implementation
     queries = hidden.shape[1]
-    if not getattr(attention, "is_causal", False) or queries == 1 or "flash" in implementation:
+    if not causal or queries == 1 or "flash" in implementation:
         return None
     ones = {"dtype": torch.bool, "device": hidden.device}
-    causal = torch.ones(queries, past + queries, **ones).tril(diagonal=past)
-    allowed = torch.cat([torch.ones(queries, p, **ones), causal], dim=1)[None, None]  # (1,1,t,p+k)
+    causal_mask = torch.ones(queries, past + queries, **ones).tril(diagonal=past)
+    allowed = torch.cat([torch.ones(queries, p, **ones), causal_mask], dim=1)[
+        None, None
+    ]  # (1,1,t,p+k)
     if implementation == "sdpa":
         return allowed
     additive = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
@@ -169,47 +192,60 @@ def prefixed_mask(
 
 
 class AttentionPrefix:
-    """Forward pre-hook of layer `layer`'s self-attention: the prefix through its cache and mask."""
+    """Forward pre-hook of block `layer`'s self-attention: the prefix through its cache and mask.
 
-    def __init__(self, encoder: PrefixEncoder, layer: int):
+    `kv` says how the attention takes its cache (keyword) and which layer_idx it passes.
+    """
+
+    def __init__(self, encoder: PrefixEncoder, layer: int, kv: KVCache, implementation: str):
         self.encoder, self.layer = encoder, layer
+        self.cache_arg, self.layer_idx = kv.cache_arg, kv.layer_indices[layer]
+        self.implementation = implementation
 
     def __call__(self, attention: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if self.encoder.disabled:
             return None
         kwargs = dict(kwargs)
-        if "past_key_values" in kwargs:  # transformers 5's deprecated name for `cache`
+        if self.cache_arg == "cache" and "past_key_values" in kwargs:  # transformers 5's old name
             kwargs["cache"] = kwargs.pop("past_key_values")
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("cache")
-        past = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
+        cache = kwargs.get(self.cache_arg)
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         p = self.encoder.embedding.shape[0]
         mask = kwargs.get("attention_mask")
-        kwargs["attention_mask"] = prefixed_mask(mask, attention, p, hidden, past)
-        kwargs["cache"] = PrefixedCache(cache, *self.encoder.layer_prefix(self.layer))
+        causal = getattr(attention, "is_causal", True)  # transformers' SDPA default
+        kwargs["attention_mask"] = prefixed_mask(mask, causal, self.implementation, p, hidden, past)
+        kwargs[self.cache_arg] = PrefixedCache(cache, *self.encoder.layer_prefix(self.layer))
         return args, kwargs
 
 
 # ---------------------------------------------------------------- inject
 
 
+def prefix_places(model: nn.Module) -> Places:
+    """The model's places, refused where a prefix has no place (module docstring)."""
+    places = find_places(model)
+    if places.kv is None:
+        raise ValueError(f"prefix tuning cannot adapt this {type(model).__name__}: {places.no_kv}")
+    config = model.config
+    if getattr(config, "alibi", False) is True or getattr(config, "model_type", "") == "bloom":
+        raise ValueError(
+            "prefix tuning cannot adapt an ALiBi model: its attention biases are built for the "
+            "real keys only, and prefix keys would get no distance bias"
+        )
+    return places
+
+
 def self_attention_paths(model: nn.Module) -> list[str]:
     """Each block's self-attention module, in layer order."""
-    kind = model_type(model)
-    if kind not in SELF_ATTENTION:
-        known = ", ".join(SELF_ATTENTION)
-        raise ValueError(f"prefix tuning does not know model type {kind!r} (known: {known})")
-    blocks, inside = SELF_ATTENTION[kind]
-    pattern = re.compile(rf"(.*\.)?{blocks}\.\d+\.{re.escape(inside)}")
-    return [path for path, _ in model.named_modules() if pattern.fullmatch(path)]
+    places = prefix_places(model)
+    return places.in_blocks(places.attention)
 
 
-def kv_geometry(config: Any) -> tuple[int, int]:
-    """(n_kv, d_h): key/value heads and head width, as HF PEFT derives them."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return kv_heads, head_dim
+def kv_geometry(model: nn.Module) -> tuple[int, int]:
+    """(n_kv, d_h) of the keys and values the model's self-attention caches."""
+    kv = prefix_places(model).kv
+    return kv.kv_heads, kv.head_dim
 
 
 def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> list[str]:
@@ -220,20 +256,20 @@ def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> list[s
     """
     if hasattr(model, ENCODER):
         raise ValueError("this model already has a prefix")
-    paths = self_attention_paths(model)
-    if len(paths) != model.config.num_hidden_layers:
-        raise ValueError(f"found {len(paths)} self-attention modules, expected one per layer")
-    kv_heads, head_dim = kv_geometry(model.config)
+    places = prefix_places(model)
+    paths = places.in_blocks(places.attention)
     weight = model.get_input_embeddings().weight
     dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
-    sizes = (config.num_virtual_tokens, len(paths), kv_heads, head_dim, weight.shape[1])
+    kv = places.kv
+    sizes = (config.num_virtual_tokens, len(paths), kv.kv_heads, kv.head_dim, weight.shape[1])
     encoder = PrefixEncoder(*sizes, config.projection_dim).to(device=weight.device, dtype=dtype)
     model.add_module(ENCODER, encoder)
-    model.base_model.register_forward_pre_hook(encoder.shift_positions, with_kwargs=True)
+    find_body(model).register_forward_pre_hook(encoder.shift_positions, with_kwargs=True)
+    implementation = model.config._attn_implementation or "eager"
     for layer, path in enumerate(paths):
-        attention = model.get_submodule(path)
-        attention.register_forward_pre_hook(AttentionPrefix(encoder, layer), with_kwargs=True)
-    if encoder.transform is None:
+        hook = AttentionPrefix(encoder, layer, kv, implementation)
+        model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
+    if encoder.transform is None and not weight.is_meta:  # meta: no values to read
         init_from_real_tokens(model, encoder)
     return paths
 
@@ -254,6 +290,8 @@ def init_from_real_tokens(model: nn.Module, encoder: PrefixEncoder, seed: int = 
         model.train(was_training)
     if cache is None or not hasattr(cache, "layers"):
         return  # an encoder: no cache to read, P stays random
+    if any(layer.keys.shape[2] != p for layer in cache.layers):
+        return  # a layer kept fewer than p tokens (a sliding window shorter than p)
     blocks = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
     # (2, n_kv, p, d_h) per layer -> rows (p, 2·n_kv·d_h): P's per-layer column block.
     rows = [block.permute(2, 0, 1, 3).reshape(p, -1) for block in blocks]

@@ -4,19 +4,21 @@ Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning",
 arXiv:2104.08691. The frozen model reads the prompt P before the embedded input (sec. 2.1):
 
     H = body([P ; X]),   P: (p, d),   X = E[input_ids]: (b, n, d),   [P ; X]: (b, p + n, d)
-    head(H[:, p:])       H[:, p:]: (b, n, d)
+    decoder: head(H[:, p:])   H[:, p:]: (b, n, d)        encoder: head(H)
 
-The head sees the n real positions only: a causal LM computes vocab logits for the real
-tokens (none for the virtual ones, and its labels need no padding). Virtual tokens take
-positions 0..p-1, the real ones p..p+n-1, as in HF PEFT. Sequence classification keeps HF
-PEFT's semantics: BERT pools position 0 inside its body, which is the first virtual token;
-a decoder pools its last non-padding real token (HF PEFT pools the last position, the same
-token unless the batch is right-padded).
+A decoder's head sees the n real positions only: a causal LM computes vocab logits for the
+real tokens (none for the virtual ones, and its labels need no padding). Virtual tokens
+take positions 0..p-1, the real ones p..p+n-1, as in HF PEFT. Sequence classification keeps
+HF PEFT's semantics: an encoder pools position 0, the first virtual token (BERT inside its
+body, RoBERTa and DeBERTa-v2 in their heads, which see all p + n positions); a decoder pools
+its last non-padding real token (HF PEFT pools the last position, the same token unless the
+batch is right-padded).
 
-Mechanism: hooks on the model's body (`model.base_model`: LlamaModel, GPT2Model, BertModel).
+Mechanism: hooks on the model's body (graph.find_body: the module that embeds the tokens
+and runs the blocks; LlamaModel, GPT2Model, BertModel, OPT's decoder).
 On a call that starts a sequence (no KV cache, or an empty one) the pre-hook embeds the ids,
-prepends P, and extends the attention mask (p ones) and token types (p zeros); the post-hook
-drops the first p hidden states. Later calls with a filled cache (generation) find the
+prepends P, and extends the attention mask (p ones) and token types (p zeros); a decoder's
+post-hook drops the first p hidden states. Later calls with a filled cache (generation) find the
 virtual tokens in the cache: only the mask grows by p columns and given positions shift by p.
 
 Inference shortcut (causal decoders, grad off, eval mode): the virtual tokens come first and
@@ -43,6 +45,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
 
 from peft_core.configs import PromptTuningConfig
+from peft_core.graph import find_body
 from peft_core.methods import Method
 
 HF_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # configs.INITS
@@ -134,6 +137,7 @@ class PromptEncoder(nn.Module):
         self._states: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._states_key: tuple | None = None
         self._lent: Any = None  # a cache made for a call that asked for none, until it returns
+        self.keeps_virtual = False  # an encoder: its head sees (and pools) the virtual tokens
 
     def prepend(self, body: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if self.disabled or self._encoding:
@@ -168,7 +172,7 @@ class PromptEncoder(nn.Module):
         if self._prepended is None or kwargs.get("inputs_embeds") is not self._prepended:
             return None
         self._prepended = None
-        return _drop_first(output, self.embedding.shape[0])
+        return None if self.keeps_virtual else _drop_first(output, self.embedding.shape[0])
 
     # ------------------------------------------------ the inference shortcut
 
@@ -239,7 +243,8 @@ def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> list[s
         raise ValueError("this model already has a soft prompt")
     encoder = PromptEncoder(initial_prompt(model.get_input_embeddings(), config))
     model.add_module(ENCODER, encoder)
-    body = model.base_model  # transformers: the body under the head (itself for a bare body)
+    body = find_body(model)  # the body under the head (itself for a bare body)
+    encoder.keeps_virtual = not _is_causal_decoder(body)
     body.register_forward_pre_hook(encoder.prepend, with_kwargs=True)
     body.register_forward_hook(encoder.drop_virtual, with_kwargs=True)
     return [ENCODER]

@@ -170,13 +170,13 @@ def test_reduction_factor_sets_the_width_from_the_model():
     assert BottleneckConfig(reduction_factor=1000).width(64) == 1
 
 
-def test_unknown_architecture_lists_its_module_names():
+def test_a_model_that_cannot_run_is_refused_by_name():
     class Toy(nn.Module):
         def __init__(self):
             super().__init__()
             self.blocks = nn.ModuleList([nn.ModuleDict({"ffn": nn.Linear(4, 4)})])
 
-    with pytest.raises(ValueError, match=r"no placement for model type None.*blocks, ffn"):
+    with pytest.raises(ValueError, match=r"cannot trace a forward of this Toy"):
         peft_core.apply(Toy(), BottleneckConfig())
 
 

@@ -59,10 +59,16 @@ def test_target_not_found_lists_the_linear_module_names(spec):
     assert LLAMA_LINEAR_NAMES in str(error.value)
 
 
-def test_unknown_architecture_needs_explicit_targets():
+def test_an_unlisted_model_type_gets_its_defaults_from_its_structure():
     model = build_tiny("llama")
     model.config.model_type = "mystery"
-    with pytest.raises(ValueError, match="no default target modules"):
+    assert {p.rsplit(".", 1)[-1] for p in resolve_targets(model, None)} == {"q_proj", "v_proj"}
+
+
+def test_a_model_whose_blocks_cannot_be_told_needs_explicit_targets():
+    model = build_tiny("llama")
+    model.config.num_hidden_layers = 3  # no ModuleList of 3 blocks
+    with pytest.raises(ValueError, match="no default LoRA target modules"):
         resolve_targets(model, None)
     assert resolve_targets(model, ("o_proj",))
 
