@@ -19,17 +19,28 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from huggingface_hub import constants as hf_constants
 from tqdm import tqdm
 
 from peft_core import apply, save_adapter, trainable_parameters
-from peft_core.catalogue import CATALOGUE, ModelSpec, get_spec, load_model, upstream_name
+from peft_core.catalogue import CATALOGUE, load_model, upstream_name
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
+from peft_core.pretrained import load_config, load_directory, model_tasks
 from peft_core.registry import METHOD_CONFIGS, with_tokenizer
 from peft_core.samples import SAMPLES, sample_rows
+from peft_core.sources import (
+    ModelSourceError,
+    hub_commit,
+    hub_snapshot,
+    is_hub_ref,
+    model_files,
+    parse_hub_ref,
+)
 from peft_core.train import Callbacks, TrainConfig, TrainingError, evaluate, train
 
 # Method name -> its config class (registry.METHOD_CONFIGS, from methods.METHOD_LIST); the
@@ -71,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train_parser = commands.add_parser("train", help="train an adapter locally")
-    train_parser.add_argument("--model", required=True, help=f"one of: {', '.join(CATALOGUE)}")
+    train_parser.add_argument(
+        "--model",
+        required=True,
+        help=f"a bundled model ({', '.join(CATALOGUE)}), a directory in Hugging Face layout, "
+        "or a Hub id@revision (resolved in the HF cache; only there when HF_HUB_OFFLINE=1)",
+    )
     source = train_parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", choices=sorted(SAMPLES), help="a built-in sample dataset")
     source.add_argument("--data", type=Path, help="a .csv or .jsonl file (split 90/10)")
@@ -115,9 +131,10 @@ def run_datasets(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     method_config = parse_method_config(METHODS[args.method], args.set)
     train_config = _train_config(args)
-    task, train_rows, val_rows = _load_rows(args)
+    base = resolve_base(args.model)
+    task, train_rows, val_rows = _load_rows(args, base)
     labels = label_names(train_rows) if task == "seq-cls" else None
-    model, tokenizer = _load_base(args.model, task, labels, args.cache_dir)
+    model, tokenizer = _load_base(base, task, labels, args.cache_dir)
     base_metrics = evaluate(
         model, tokenizer, task=task, rows=val_rows, config=train_config, label_names=labels
     )
@@ -133,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
             config=train_config, callbacks=callbacks, label_names=labels,
         )  # fmt: skip
         callbacks.close()
-    save_adapter(model, args.output, base_model_name_or_path=upstream_name(args.model))
+    save_adapter(model, args.output, base_model_name_or_path=base.upstream, revision=base.revision)
     _print_summary(base_metrics, result.metrics, result.wall_s, args.output)
     return 0
 
@@ -223,14 +240,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         raise UsageError(str(error)) from None
 
 
-def _load_rows(args: argparse.Namespace) -> tuple[str, list[dict], list[dict]]:
+def _load_rows(args: argparse.Namespace, base: "Base") -> tuple[str, list[dict], list[dict]]:
     """(task, train rows, validation rows) from --dataset or --data."""
     if args.dataset:
         task = SAMPLES[args.dataset].task
         if args.task and args.task != task:
             raise UsageError(f"{args.dataset} is a {task} dataset, not {args.task}")
         return (task, *sample_rows(args.dataset))
-    task = args.task or _default_task(args.model)
+    task = args.task or base.tasks[0]
     fmt = _file_format(args.data)
     try:
         content = args.data.read_bytes()
@@ -242,15 +259,41 @@ def _load_rows(args: argparse.Namespace) -> tuple[str, list[dict], list[dict]]:
     return (task, *split_rows(rows, val_fraction=0.1, seed=args.seed))
 
 
-def _default_task(model_key: str) -> str:
-    return _spec_or_usage_error(model_key).tasks[0]
+@dataclass(frozen=True)
+class Base:
+    """The base model --model names: a bundled key, or a directory (local or a Hub snapshot)."""
+
+    name: str
+    tasks: tuple[str, ...]
+    upstream: str  # what the saved adapter names as base_model_name_or_path
+    directory: Path | None = None  # None: a bundled model
+    revision: str | None = None  # a Hub model's commit
 
 
-def _spec_or_usage_error(model_key: str) -> ModelSpec:
+def resolve_base(text: str) -> Base:
+    """--model's base: a catalogue key, an existing directory, else a Hub id@revision."""
+    if text in CATALOGUE:
+        return Base(text, CATALOGUE[text].tasks, upstream_name(text))
     try:
-        return get_spec(model_key)
-    except KeyError as error:
+        if Path(text).expanduser().is_dir():
+            directory = Path(text).expanduser().resolve()
+            upstream, revision = str(directory), None
+        elif is_hub_ref(text):
+            ref = parse_hub_ref(text)
+            directory = hub_snapshot(ref, hf_constants.HF_HUB_CACHE)
+            upstream, revision = ref.repo_id, hub_commit(directory)
+        else:
+            known = ", ".join(CATALOGUE)
+            raise UsageError(
+                f"--model {text!r} is not a bundled model ({known}), a directory, or a Hub id"
+            )
+        model_files(directory)  # refuses pickle-only weights and models that need their code
+        tasks = model_tasks(load_config(directory))
+    except ModelSourceError as error:
         raise UsageError(str(error)) from None
+    if not tasks:
+        raise UsageError(f"{text} has no causal-LM or sequence-classification head to train")
+    return Base(text, tasks, upstream, directory, revision)
 
 
 def _file_format(path: Path) -> str:
@@ -260,11 +303,13 @@ def _file_format(path: Path) -> str:
     return suffix
 
 
-def _load_base(model_key: str, task: str, labels: list[str] | None, cache_dir: Path | None):
-    spec = _spec_or_usage_error(model_key)
-    if task not in spec.tasks:
-        raise UsageError(f"model {model_key!r} supports {', '.join(spec.tasks)}, not {task}")
-    return load_model(model_key, task, num_labels=len(labels or ()) or 2, cache_dir=cache_dir)
+def _load_base(base: Base, task: str, labels: list[str] | None, cache_dir: Path | None):
+    if task not in base.tasks:
+        raise UsageError(f"model {base.name!r} supports {', '.join(base.tasks)}, not {task}")
+    num_labels = len(labels or ()) or 2
+    if base.directory is None:
+        return load_model(base.name, task, num_labels=num_labels, cache_dir=cache_dir)
+    return load_directory(base.directory, task, num_labels=num_labels)
 
 
 def _print_summary(

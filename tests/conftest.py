@@ -51,7 +51,16 @@ def _member(username: str, team, role: str):
 
 
 @pytest.fixture
-def cast(db, builtin_datasets):
+def catalogue_models(db):
+    """The bundled models' registry rows (a transactional test flushes them away)."""
+    migration = importlib.import_module("webapp.registry.migrations.0002_catalogue_models")
+    from django.apps import apps
+
+    migration.create_catalogue_rows(apps, None)
+
+
+@pytest.fixture
+def cast(db, builtin_datasets, catalogue_models):
     from types import SimpleNamespace
 
     from webapp.accounts.models import Role, Team
@@ -116,3 +125,44 @@ def _lease_thread_quiet(request, settings):
     marker = request.node.get_closest_marker("django_db")
     if not (marker and marker.kwargs.get("transaction")):
         settings.RUN_HEARTBEAT_EVERY_S = 3600
+
+
+def save_tiny_qwen2(directory, *, chat_template: bool = True) -> None:
+    """A seeded random 2-layer Qwen2 (grouped-query attention) with the byte-level tokenizer,
+    saved in Hugging Face layout: what a team's own model directory looks like."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from peft_core.catalogue import build_byte_tokenizer
+
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokenizer = build_byte_tokenizer()
+    if chat_template:
+        tokenizer.chat_template = (
+            "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+        )
+    tokenizer.model_max_length = 256
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+    """An allowed model root holding my-qwen, a tiny Qwen2 of a team's own (built once)."""
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_qwen2(root / "my-qwen")
+    return root
+
+
+@pytest.fixture
+def allowed_root(settings, model_root):
+    settings.MODEL_ROOTS = [model_root]
+    return model_root

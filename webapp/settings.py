@@ -56,6 +56,18 @@ VAR_DIR.mkdir(parents=True, exist_ok=True)
 # Where the web server listens (bin/serve, the demo banner of bootstrap_demo).
 BIND_ADDRESS = env_str("PEFTLAB_BIND", "127.0.0.1:8000")
 MODEL_CACHE_DIR = Path(env_str("PEFTLAB_CACHE_DIR", str(BASE_DIR / "var" / "cache"))).resolve()
+# The only directories a team's own model may be registered from (comma-separated); a path, or
+# a symlink inside one, that leaves them is refused. Relative entries are under the project.
+MODEL_ROOTS = [
+    (BASE_DIR / root).resolve() for root in env_list("PEFTLAB_MODEL_ROOTS", "var/models") if root
+]
+# The one shared Hugging Face cache that Hub ids resolve in (HF_HUB_CACHE, else HF_HOME/hub).
+HF_HUB_CACHE = Path(
+    env_str(
+        "HF_HUB_CACHE",
+        str(Path(env_str("HF_HOME", str(Path.home() / ".cache" / "huggingface"))) / "hub"),
+    )
+).resolve()
 
 
 def load_secret_key() -> str:
@@ -93,6 +105,7 @@ INSTALLED_APPS = [
     "axes",
     "webapp.accounts",
     "webapp.experiments",
+    "webapp.registry",
 ]
 
 MIDDLEWARE = [
@@ -365,6 +378,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Two models have a "status" field with other choices: name each enum.
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "webapp.experiments.models.RunStatus",
+        "ModelStatusEnum": "webapp.registry.models.ModelStatus",
+    },
 }
 
 # Secrets shown once (API tokens, share links, invitations) are stored as SHA-256 digests.

@@ -12,5 +12,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("webapp.api.urls")),
     path("", include("webapp.accounts.urls")),
+    path("", include("webapp.registry.urls")),
     path("", include("webapp.experiments.urls")),
 ]

@@ -35,7 +35,15 @@ from django.conf import settings
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peft_core.catalogue import CATALOGUE, load_model, package_dir
+from peft_core.catalogue import CATALOGUE, package_dir
+from peft_core.sources import ModelSourceError, model_files
+from workers.models import (
+    CATALOGUE_SOURCE,
+    load_weights,
+    weights_directory,
+    weights_key,
+    weights_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,53 +64,64 @@ class _Entry:
 _lock = threading.Lock()
 _models: OrderedDict[tuple, _Entry] = OrderedDict()
 _metrics: OrderedDict[tuple, dict[str, float]] = OrderedDict()
-_known_bytes: dict[str, int] = {}  # model key -> its bytes when this process last loaded it
+_known_bytes: dict[tuple, int] = {}  # weights_key -> its bytes when this process last loaded it
 
 
 def base_model_copy(
-    key: str, task: str, num_labels: int, *, device: str = "cpu", dtype=torch.float32
+    model: str | dict, task: str, num_labels: int, *, device: str = "cpu", dtype=None
 ):
     """A copy of the cached base model that a run may adapt freely, and the (shared) tokenizer.
 
-    The cached model lives on `device` in `dtype`: a GPU worker that passes its device copies
-    nothing to the GPU per run.
+    `model` is a run's recorded weights (workers.models.weights_of), or a catalogue key. The
+    cached model lives on `device`, in `dtype` if given, else as stored (a bundled model:
+    float32): a GPU worker that passes its device copies nothing to the GPU per run.
     """
-    cache_key = (key, task, num_labels, str(device), str(dtype).removeprefix("torch."))
+    weights = weights_of(model, None) if isinstance(model, str) else model
+    source = weights_key(weights)
+    stored = "float32" if weights["source"] == CATALOGUE_SOURCE else weights.get("dtype")
+    dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else stored or "stored"
+    cache_key = (source, task, num_labels, str(device), dtype_name)
     with _lock:
         entry = _models.pop(cache_key, None)
         if entry is not None and not entry.untouched():
-            logger.warning("the cached %s was written into in place; loading it again", key)
+            logger.warning("the cached %s was written into in place; loading it again", source)
             entry = None
         if entry is None:
-            _evict(limit_bytes() - _expected_bytes(key))  # room first, then the load
-            entry = _load(key, task, num_labels, device, dtype)
+            _evict(limit_bytes() - _expected_bytes(weights))  # room first, then the load
+            entry = _load(weights, task, num_labels, device, dtype)
         _models[cache_key] = entry  # the most recently used, kept while a run uses it
         _evict(limit_bytes(), keep=1)
         return shared_copy(entry.model), entry.tokenizer
 
 
-def _load(key: str, task: str, num_labels: int, device: str, dtype) -> _Entry:
-    model, tokenizer = load_model(
-        key, task, num_labels=num_labels, cache_dir=settings.MODEL_CACHE_DIR
-    )
-    model.requires_grad_(False).to(device=device, dtype=dtype)
+def _load(weights: dict, task: str, num_labels: int, device: str, dtype) -> _Entry:
+    model, tokenizer = load_weights(weights, task, num_labels=num_labels, dtype=dtype)
+    model.requires_grad_(False).to(device=device)
     nbytes = model_bytes(model)
-    _known_bytes[key] = nbytes
+    _known_bytes[weights_key(weights)] = nbytes
     return _Entry(model, tokenizer, nbytes, _versions(model))
 
 
-def _expected_bytes(key: str) -> int:
-    """What loading `key` will take: as last time, else its weight files; unknown: the whole
-    limit (so every cached model makes room)."""
-    if key in _known_bytes:
-        return _known_bytes[key]
-    on_disk = weight_file_bytes(key)
+def _expected_bytes(weights: dict) -> int:
+    """What loading these weights will take: as last time, else their files; unknown: the
+    whole limit (so every cached model makes room)."""
+    known = _known_bytes.get(weights_key(weights))
+    if known is not None:
+        return known
+    on_disk = weight_file_bytes(weights)
     return on_disk if on_disk is not None else limit_bytes()
 
 
-def weight_file_bytes(key: str) -> int | None:
+def weight_file_bytes(weights: dict) -> int | None:
     """The bytes of the model's safetensors files where they already lie (its converted copy
-    in the model cache, or its package), without loading or converting anything."""
+    in the model cache, its package, its registered directory), without loading or converting
+    anything."""
+    if weights["source"] != CATALOGUE_SOURCE:
+        try:
+            return model_files(weights_directory(weights)).weight_bytes
+        except ModelSourceError:
+            return None  # the load will say why
+    key = weights["location"]
     for directory in (Path(settings.MODEL_CACHE_DIR) / "models" / key, _package_model_dir(key)):
         files = list(directory.glob("*.safetensors")) if directory and directory.is_dir() else []
         if files:
@@ -175,7 +194,8 @@ def base_metrics(key: tuple, evaluate: Callable[[], dict[str, float]]) -> dict[s
 
 
 def cached_keys() -> list[tuple]:
-    """(key, task, num_labels, device, dtype) of the cached models, least recently used first."""
+    """(weights key, task, num_labels, device, dtype) of the cached models, least recently
+    used first."""
     with _lock:
         return list(_models)
 

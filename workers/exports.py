@@ -12,13 +12,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-from django.conf import settings
-
 import peft_core
-from peft_core.catalogue import load_model
 from peft_core.model import CONFIG_FILE, WEIGHTS_FILE, merge_and_unload
 from webapp.experiments import artifacts, exports
 from webapp.experiments.models import ArtifactKind, ExportStatus, MergedExport, Run
+from workers.models import load_weights, weights_of
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +56,15 @@ def _save_merged(run: Run, directory: Path) -> None:
     """The base model with the run's adapter folded in, saved to `directory` with its card."""
     task, labels = run.dataset.task, list(run.dataset.label_names)
     try:
-        model, tokenizer = load_model(
-            run.base_model, task, num_labels=len(labels) or 2, cache_dir=settings.MODEL_CACHE_DIR
-        )
+        weights = weights_of(run.base_model, run.base_weights)
+        model, tokenizer = load_weights(weights, task, num_labels=len(labels) or 2)
         model = merge_and_unload(peft_core.load_adapter_files(model, _adapter_files(run)))
-    except (KeyError, FileNotFoundError, ValueError) as exc:
+    except (KeyError, FileNotFoundError, ValueError) as exc:  # ModelSourceError is one
         raise ExportFailed(f"The merged model could not be built: {exc}") from exc
     if labels:
         model.config.id2label = dict(enumerate(map(str, labels)))
         model.config.label2id = {label: index for index, label in model.config.id2label.items()}
-    model.config.name_or_path = exports.base_model_id(run.base_model)  # not our cache path
+    model.config.name_or_path = exports.base_model_ref(run)  # not our cache path
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     card = exports.model_card(run, merged=True)

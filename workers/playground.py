@@ -15,6 +15,7 @@ from peft_core.profile import greedy_answer
 from webapp.experiments import artifacts, services
 from webapp.experiments.models import ArtifactKind, PlaygroundPrompt, Run
 from workers.cache import base_model_copy
+from workers.models import weights_of
 from workers.training import DEVICE, dataset_rows
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ def answer_prompt(prompt_id: int) -> str:
 
 def _answers(prompt: PlaygroundPrompt) -> dict[str, dict]:
     runs = list(prompt.runs.select_related("dataset").order_by("id"))
+    # The prompt's runs share one base model (playground_create); they recorded its weights.
+    weights = weights_of(prompt.base_model, runs[0].base_weights if runs else None)
     if prompt.task == "causal-lm":
-        base, tokenizer = base_model_copy(prompt.base_model, prompt.task, 2)
+        base, tokenizer = base_model_copy(weights, prompt.task, 2)
         answers = {"base": {"text": _generate(base.to(DEVICE), tokenizer, prompt)}}
         for run in runs:
-            model, tokenizer = base_model_copy(prompt.base_model, prompt.task, 2)
+            model, tokenizer = base_model_copy(weights, prompt.task, 2)
             model = _with_adapter(model, run).to(DEVICE)
             answers[str(run.id)] = {"text": _generate(model, tokenizer, prompt)}
         return answers
@@ -48,7 +51,7 @@ def _answers(prompt: PlaygroundPrompt) -> dict[str, dict]:
     answers = {}
     for run in runs:
         labels = run.dataset.label_names or label_names(dataset_rows(run.dataset)[0])
-        model, tokenizer = base_model_copy(prompt.base_model, prompt.task, len(labels))
+        model, tokenizer = base_model_copy(weights, prompt.task, len(labels))
         model = _with_adapter(model, run).to(DEVICE)
         answers[str(run.id)] = _classify(model, tokenizer, prompt.text, labels)
     return answers

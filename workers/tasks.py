@@ -30,3 +30,10 @@ def merged_export(export_id: int) -> str:
     from workers.exports import build_merged_export
 
     return build_merged_export(export_id)
+
+
+@shared_task(name=queue.MODEL_INSPECT, ignore_result=True)
+def model_inspect(model_id: int) -> str:
+    from workers.inspection import inspect_registered_model
+
+    return inspect_registered_model(model_id)

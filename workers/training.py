@@ -19,7 +19,6 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 import peft_core
-from peft_core.catalogue import upstream_name
 from peft_core.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -29,6 +28,7 @@ from peft_core.checkpoint import (
 from peft_core.data import DatasetError, label_names, split_rows
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
 from peft_core.samples import sample_rows
+from peft_core.sources import ModelSourceError
 from peft_core.train import (
     Callbacks,
     NonFiniteLossError,
@@ -43,6 +43,7 @@ from webapp.experiments.metrics import Point
 from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, RunStatus
 from workers import cache as model_cache
 from workers.cache import base_model_copy
+from workers.models import upstream_of, weights_key, weights_of
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +277,8 @@ def failure_class_of(exc: BaseException) -> FailureClass:
         return FailureClass.DATASET
     if isinstance(exc, RunConfigError):
         return FailureClass.CONFIG
+    if isinstance(exc, ModelSourceError):
+        return FailureClass.MODEL
     return FailureClass.ERROR
 
 
@@ -314,7 +317,8 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log(
         f"loading {run.base_model} ({len(train_rows)} train / {len(val_rows)} val rows)"
     )
-    model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2, device=DEVICE)
+    weights = weights_of(run.base_model, run.base_weights)
+    model, tokenizer = base_model_copy(weights, task, len(labels or ()) or 2, device=DEVICE)
     try:
         method_config = peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)
         config = TrainConfig(**run.train_config)
@@ -332,7 +336,13 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
 
     # The base model's figures depend on model, data and eval settings only: the second run
     # on the same base and dataset reuses them (a warm start reaches its first step sooner).
-    same_base = (run.base_model, task, tuple(labels or ()), run.dataset_id, run.dataset.sha256)
+    same_base = (
+        weights_key(weights),
+        task,
+        tuple(labels or ()),
+        run.dataset_id,
+        run.dataset.sha256,
+    )
     same_base += (config.max_length, config.batch_size, config.eval_batches, DEVICE)
     with peft_core.disabled(model):
         base_metrics = model_cache.base_metrics(
@@ -381,7 +391,8 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
     train_rows, val_rows = dataset_rows(run.dataset)
     labels = (run.dataset.label_names or label_names(train_rows)) if task == "seq-cls" else None
     callbacks.on_log(f"loading {run.base_model} and the uploaded adapter")
-    model, tokenizer = base_model_copy(run.base_model, task, len(labels or ()) or 2)
+    weights = weights_of(run.base_model, run.base_weights)
+    model, tokenizer = base_model_copy(weights, task, len(labels or ()) or 2)
     files = _retrying(artifacts.artifact_files, run_id=run.id, kind=ArtifactKind.ADAPTER)
     model = peft_core.load_adapter_files(model, files).to(DEVICE)
     config = TrainConfig()
@@ -406,7 +417,8 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
 def _store_adapter(run: Run, fence: int, model) -> int:
     total = 0
     with tempfile.TemporaryDirectory(prefix="peftlab-adapter-") as tmp:
-        peft_core.save_adapter(model, tmp, base_model_name_or_path=upstream_name(run.base_model))
+        name, revision = upstream_of(weights_of(run.base_model, run.base_weights))
+        peft_core.save_adapter(model, tmp, base_model_name_or_path=name, revision=revision)
         for path in sorted(Path(tmp).iterdir()):
             data = path.read_bytes()
             _retrying(

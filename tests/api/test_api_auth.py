@@ -37,6 +37,8 @@ def _endpoints(cast, make_run) -> list[tuple[str, str, list]]:
         ("get", "api-artifact-download", [artifact.id]),
         ("get", "api-sweep", [sweep.id]),
         ("post", "api-adapter-upload", []),
+        ("post", "api-models", []),
+        ("get", "api-model", [1]),
         ("post", "api-playground", []),
         ("get", "api-playground-prompt", [1]),
     ]

@@ -44,12 +44,14 @@ def test_projects_are_the_users_own(cast, api):
     assert [(p["id"], p["can_launch"]) for p in carol] == [(cast.acme_project.id, False)]
 
 
-def test_models_come_from_the_catalogue_without_local_details(cast, api):
+def test_the_bundled_models_are_listed_first_for_every_team(cast, api):
     models = api(cast.bob).get(reverse("api-models")).json()
-    assert [m["key"] for m in models] == list(CATALOGUE)
+    assert [m["key"] for m in models] == sorted(CATALOGUE)
     minilm = next(m for m in models if m["key"] == "all-minilm-l6-v2")
     assert minilm["tasks"] == list(CATALOGUE["all-minilm-l6-v2"].tasks)
-    assert set(minilm) == {"key", "title", "description", "tasks"}
+    assert (minilm["team"], minilm["source"], minilm["status"]) == (None, "catalogue", "ready")
+    assert minilm["revision"] == CATALOGUE["all-minilm-l6-v2"].hub_id
+    assert api(cast.mallory).get(reverse("api-models")).json() == models
 
 
 def test_methods_describe_their_form_fields(cast, api):
@@ -63,7 +65,9 @@ def test_methods_describe_their_form_fields(cast, api):
     assert lora["fields"]["alpha"]["type"] == "number"
     rslora = lora["fields"]["use_rslora"]
     assert (rslora["type"], rslora["default"]) == ("boolean", False)
-    assert lora["fields"]["target_modules"]["choices"] == ["default", "all-linear"]
+    targets = lora["fields"]["target_modules"]
+    assert (targets["type"], targets["default"]) == ("string", "default")
+    assert "all-linear" in targets["help"] and "regex" in targets["help"]
     assert methods["prompt"]["fields"]["init_text"]["type"] == "string"
     assert methods["ia3"]["fields"]["targets"]["default"] == "default"
 

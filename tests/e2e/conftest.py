@@ -1,6 +1,9 @@
 """Browser tests: Playwright driving Debian's Chromium against pytest-django's live server."""
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,60 @@ def log_in(page, live_server, username: str, password: str) -> None:
     page.fill("#id_password", password)
     page.click("button[type=submit]")
     page.wait_for_url(f"{live_server.url}/")
+
+
+QUEUES = ("gpu", "playground", "export")
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    """start_worker(): a Celery worker process consuming every queue, as `make run` starts it;
+    stopped at the end. Started on demand, so a page can first show the sweep all queued."""
+    from django.conf import settings
+
+    from tests.workers.test_celery_worker import _worker_env
+    from webapp.celery import app as celery_app
+
+    with celery_app.connection_for_write() as conn:
+        for queue in QUEUES:
+            conn.default_channel.queue_declare(queue, durable=True, auto_delete=False)
+            conn.default_channel.queue_purge(queue)
+    processes = []
+
+    def start():
+        log_path = tmp_path / "worker.log"
+        command = [sys.executable, "-m", "celery", "-A", "webapp", "worker"]
+        command += ["-Q", ",".join(QUEUES), "--concurrency", "1"]
+        command += ["--without-gossip", "--without-mingle", "-l", "info"]
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                command,
+                env=_worker_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=settings.BASE_DIR,
+            )
+        process.log_path = log_path
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def watched(page):
+    """The page, with every console error or warning and uncaught exception in page.problems."""
+    from tests.e2e.test_csp import REPORT_VIOLATIONS, _is_problem
+
+    page.problems = []
+    page.add_init_script(REPORT_VIOLATIONS)
+    page.on("console", lambda m: _is_problem(m) and page.problems.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda exc: page.problems.append(f"exception: {exc}"))
+    return page

@@ -9,9 +9,6 @@ CSP violation on the way."""
 import io
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -19,9 +16,6 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from tests.e2e.test_csp import REPORT_VIOLATIONS, _is_problem
-from tests.workers.test_celery_worker import _worker_env
-from webapp.celery import app as celery_app
 from webapp.experiments.models import Run, RunStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -30,57 +24,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 # committed ones: PEFTLAB_SCREENSHOTS=docs/screenshots make test PYTEST_ARGS=-k first_hour
 SCREENSHOTS = Path(os.environ.get("PEFTLAB_SCREENSHOTS") or settings.VAR_DIR / "screenshots")
 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-QUEUES = ("gpu", "playground", "export")
 SWEEP_S = 240  # nine tiny-llama runs of 200 steps one after another: ~20 s on two CPU cores
 LONG_STEPS = 50_000
 TRAIN = {"steps": "200", "batch_size": "2", "max_length": "48", "eval_every": "50"}
-
-
-@pytest.fixture
-def start_worker(tmp_path):
-    """start_worker(): a Celery worker process consuming every queue, as `make run` starts it;
-    stopped at the end. Started on demand, so a page can first show the sweep all queued."""
-    with celery_app.connection_for_write() as conn:
-        for queue in QUEUES:
-            conn.default_channel.queue_declare(queue, durable=True, auto_delete=False)
-            conn.default_channel.queue_purge(queue)
-    processes = []
-
-    def start():
-        log_path = tmp_path / "worker.log"
-        command = [sys.executable, "-m", "celery", "-A", "webapp", "worker"]
-        command += ["-Q", ",".join(QUEUES), "--concurrency", "1"]
-        command += ["--without-gossip", "--without-mingle", "-l", "info"]
-        with log_path.open("w") as log:
-            process = subprocess.Popen(
-                command,
-                env=_worker_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=settings.BASE_DIR,
-            )
-        process.log_path = log_path
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture
-def watched(page):
-    """The page, with every console error or warning and uncaught exception in page.problems."""
-    page.problems = []
-    page.add_init_script(REPORT_VIOLATIONS)
-    page.on("console", lambda m: _is_problem(m) and page.problems.append(f"{m.type}: {m.text}"))
-    page.on("pageerror", lambda exc: page.problems.append(f"exception: {exc}"))
-    return page
 
 
 def _shot(page, number: int, name: str) -> None:

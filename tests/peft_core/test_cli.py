@@ -76,7 +76,10 @@ def test_usage_errors_exit_2_with_a_message_and_no_traceback(tmp_path, model_cac
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "gpt-5", "--dataset", "sample-sentiment"], "unknown model 'gpt-5'"),
+        (
+            ["--model", "gpt-5", "--dataset", "sample-sentiment"],
+            "--model 'gpt-5' is not a bundled model",
+        ),
         (
             ["--model", "tiny-bert", "--dataset", "sample-instructions"],
             "supports seq-cls, not causal-lm",

@@ -211,7 +211,7 @@ def test_a_seq_cls_adapter_on_tiny_bert_keeps_its_head(cast, upload, tmp_path):
 def test_the_form_chooses_the_base_model_when_the_config_names_a_hub_id(cast, upload, lora):
     config, weights, _ = lora
     hub = _with(config, base_model_name_or_path="Qwen/Qwen2.5-0.5B")
-    _assert_refused(upload(hub, weights), "is not in the catalogue")
+    _assert_refused(upload(hub, weights), "is not registered here")
     response = upload(hub, weights, base_model="tiny-llama")
     assert response.status_code == 201, response.content
     assert Run.objects.get().base_model == "tiny-llama"
@@ -292,7 +292,7 @@ def test_a_base_model_outside_the_catalogue_is_refused(upload, lora):
     response = upload(config, weights, base_model="../../etc/passwd")
     _assert_refused(response, "Select a valid choice")
     evil = _with(config, base_model_name_or_path="/etc/passwd")
-    _assert_refused(upload(evil, weights), "is not in the catalogue")
+    _assert_refused(upload(evil, weights), "is not registered here")
 
 
 def test_an_unknown_peft_type_is_refused(upload, lora):
@@ -393,12 +393,15 @@ def test_a_viewer_may_not_upload(cast, api, upload, lora):
 
 
 def test_remote_code_is_never_enabled_anywhere():
-    needle = "trust_remote" + "_code"
+    """The flag is only ever written as off (explicitly, where a model directory is read)."""
+    import re
+
+    enabled = re.compile("trust_remote" + r"_code\s*[=:]\s*(?!False)")
     hits = [
         str(path.relative_to(ROOT))
         for folder in ("peft_core", "webapp", "workers")
         for path in (ROOT / folder).rglob("*.py")
-        if needle in path.read_text()
+        if enabled.search(path.read_text())
     ]
     assert not hits
 
@@ -418,3 +421,39 @@ def test_a_hub_id_of_a_catalogue_twin_names_that_model(cast, upload, lora):
     config, weights, _ = lora
     hub = _with(config, base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
     _assert_refused(upload(hub, weights), "the base model supports seq-cls, not causal-lm")
+
+
+def test_an_adapter_for_a_registered_model_is_matched_by_its_directory(
+    cast, upload, allowed_root, tmp_path
+):
+    """An HF PEFT LoRA trained elsewhere on the team's own model names its directory; the
+    upload finds the registered model by it, and another team's upload does not."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_core.pretrained import load_directory
+    from peft_core.sources import model_files
+    from webapp.registry.models import BaseModel, ModelSource, ModelStatus
+
+    directory = (allowed_root / "my-qwen").resolve()
+    BaseModel.objects.create(
+        team=cast.acme, name="my-qwen", source=ModelSource.LOCAL, location=str(directory),
+        content_sha256=model_files(directory).content_sha256, status=ModelStatus.READY,
+        tasks=["causal-lm", "seq-cls"],
+    )  # fmt: skip
+    base, _ = load_directory(directory, "causal-lm")
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    config = (tmp_path / "adapter" / "adapter_config.json").read_bytes()
+    weights = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert json.loads(config)["base_model_name_or_path"] == str(directory)
+
+    refused = upload(config, weights, user=cast.mallory, project=cast.umbrella_project.id)
+    assert refused.status_code == 400 and "is not registered here" in refused.content.decode()
+    response = upload(config, weights)
+    assert response.status_code == 201, response.content
+    run = Run.objects.get(id=response.json()["id"])
+    assert run.base_model == "my-qwen" and run.base_weights["location"] == str(directory)
+    from webapp.experiments.artifacts import artifact_file
+
+    saved = json.loads(artifact_file(run_id=run.id, kind="adapter", name="adapter_config.json"))
+    assert saved["base_model_name_or_path"] == str(directory)

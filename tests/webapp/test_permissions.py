@@ -13,6 +13,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
+from django.test import override_settings
 from django.utils import timezone
 
 from webapp.accounts import selectors as account_selectors
@@ -31,6 +32,9 @@ from webapp.experiments.models import (
     Sweep,
     Tag,
 )
+from webapp.registry import selectors as registry_selectors
+from webapp.registry import services as registry_services
+from webapp.registry.models import BaseModel
 
 pytestmark = pytest.mark.django_db
 
@@ -63,7 +67,7 @@ def _run(cast, name: str, status=RunStatus.SUCCEEDED, sweep=None) -> Run:
 
 
 @pytest.fixture
-def ctx(cast):
+def ctx(cast, model_root):
     """Acme with all four roles (dave is its admin), a spare member erin, a second owner olga,
     and one object of each kind to act on."""
     dave = _user("dave", cast.acme, Role.ADMIN)
@@ -101,6 +105,10 @@ def ctx(cast):
         sweep=sweep,
         upload=upload,
         member_count=Membership.objects.filter(team=cast.acme).count(),
+        model=BaseModel.objects.create(
+            team=cast.acme, name="ours", source="local", location=str(model_root / "my-qwen")
+        ),
+        model_root=model_root,
     )
 
 
@@ -118,6 +126,19 @@ def read(ctx, user):
     selectors.artifact_get_for_user(user=user, artifact_id=ctx.artifact.id)
     selectors.sweep_get_for_user(user=user, sweep_id=ctx.sweep.id)
     selectors.dataset_get_for_user(user=user, dataset_id=ctx.upload.id)
+
+
+def read_models(ctx, user):
+    registry_selectors.model_get_for_user(user=user, model_id=ctx.model.id)
+
+
+def register_model(ctx, user):
+    """As the register page does: the team among the user's, then the service."""
+    team = selectors.team_list_for_user(user=user).filter(id=ctx.team.id).first()
+    if team is None:
+        raise Http404
+    with override_settings(MODEL_ROOTS=[ctx.model_root]):
+        registry_services.model_register(user=user, team=team, name="matrix", path="my-qwen")
 
 
 def launch_run(ctx, user):
@@ -362,6 +383,10 @@ MATRIX = {
         delete_others_comment,
         ADMINS_UP,
         lambda ctx, u: not Comment.objects.filter(id=ctx.comment.id).exists(),
+    ),
+    "see the team's registered base models": Cell(read_models, EVERY_ROLE),
+    "register a base model (directory under an allowed root, Hub id@revision)": Cell(
+        register_model, ADMINS_UP, lambda ctx, u: BaseModel.objects.filter(name="matrix").exists()
     ),
     "invite people": Cell(invite, ADMINS_UP, lambda ctx, u: Invitation.objects.exists()),
     "change roles below owner": Cell(

@@ -9,19 +9,22 @@ from peft_core.profile import inference_latency, merged_privately
 from peft_core.tiny import build_tiny
 from workers import cache
 
+TINY_LLAMA = ("catalogue", "tiny-llama", "", "")  # a bundled model's weights in cache keys
+
 
 @pytest.fixture(autouse=True)
 def _empty_cache(monkeypatch):
     """A fake loader (tiny models, counted) and an empty cache around each test."""
     loads = []
 
-    def load_model(key, task, *, num_labels, cache_dir):
+    def load_weights(weights, task, *, num_labels, dtype):
+        key = weights["location"]
         loads.append((key, task, num_labels))
         torch.manual_seed(0)
         kind = "bert" if key == "tiny-bert" else "llama"
-        return build_tiny(kind, task, num_labels), object()
+        return build_tiny(kind, task, num_labels).to(dtype or torch.float32), object()
 
-    monkeypatch.setattr(cache, "load_model", load_model)
+    monkeypatch.setattr(cache, "load_weights", load_weights)
     cache.clear()
     yield loads
     cache.clear()
@@ -110,8 +113,8 @@ def test_the_least_recently_used_model_goes_when_memory_runs_out(settings, _empt
     cache.base_model_copy("tiny-llama", "causal-lm", 2)  # now the most recently used
     cache.base_model_copy("tiny-llama", "seq-cls", 3)
     assert cache.cached_keys() == [
-        ("tiny-llama", "causal-lm", 2, "cpu", "float32"),
-        ("tiny-llama", "seq-cls", 3, "cpu", "float32"),
+        (TINY_LLAMA, "causal-lm", 2, "cpu", "float32"),
+        (TINY_LLAMA, "seq-cls", 3, "cpu", "float32"),
     ]
     assert len(_empty_cache) == 3
 
@@ -120,20 +123,20 @@ def test_a_model_over_the_limit_is_still_kept_while_it_is_the_newest(settings):
     settings.MODEL_CACHE_MB = 0
     cache.base_model_copy("tiny-llama", "causal-lm", 2)
     cache.base_model_copy("tiny-llama", "seq-cls", 2)
-    assert cache.cached_keys() == [("tiny-llama", "seq-cls", 2, "cpu", "float32")]
+    assert cache.cached_keys() == [(TINY_LLAMA, "seq-cls", 2, "cpu", "float32")]
 
 
 def test_room_is_made_before_a_model_loads_not_after(settings, monkeypatch):
     """With room for one model, the cached one is gone before the next one loads: the two
     are never in memory together (a 7 B model beside another does not fit a worker)."""
     held_during_loads = []
-    real_load = cache.load_model
+    real_load = cache.load_weights
 
-    def load_model(key, task, **kwargs):
+    def load_weights(weights, task, **kwargs):
         held_during_loads.append(list(cache._models))  # the lock is held: read directly
-        return real_load(key, task, **kwargs)
+        return real_load(weights, task, **kwargs)
 
-    monkeypatch.setattr(cache, "load_model", load_model)
+    monkeypatch.setattr(cache, "load_weights", load_weights)
     settings.MODEL_CACHE_MB = 1.5 * cache.model_bytes(build_tiny("llama")) / 2**20
     cache.base_model_copy("tiny-llama", "causal-lm", 2)
     cache.base_model_copy("tiny-llama", "seq-cls", 2)
@@ -145,7 +148,7 @@ def test_a_first_load_of_unknown_size_makes_room_for_the_whole_limit(settings, m
     cache.base_model_copy("tiny-llama", "causal-lm", 2)
     monkeypatch.setattr(cache, "weight_file_bytes", lambda key: None)
     cache.base_model_copy("tiny-bert", "seq-cls", 2)  # never loaded here, no files to size
-    assert [key[0] for key in cache.cached_keys()] == ["tiny-bert"]
+    assert [key[0][1] for key in cache.cached_keys()] == ["tiny-bert"]
 
 
 def test_the_dtype_is_part_of_the_key(_empty_cache):
@@ -170,7 +173,8 @@ def test_a_cached_model_written_into_is_loaded_again(_empty_cache):
         model.lm_head.weight.mul_(2.0)  # what an in-place merge of a shared weight would do
     fresh, _ = cache.base_model_copy("tiny-llama", "causal-lm", 2)
     assert len(_empty_cache) == 2
-    assert cache._models[("tiny-llama", "causal-lm", 2, "cpu", "float32")].untouched()
+    key = (TINY_LLAMA, "causal-lm", 2, "cpu", "float32")
+    assert cache._models[key].untouched()
     assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)
 
 

@@ -20,11 +20,12 @@ class Action(StrEnum):
     MANAGE_MEMBERS = "manage_members"  # invite, change roles below owner, remove; audit log;
     # create projects
     TRANSFER = "transfer"  # make someone else owner; rename or delete the team
+    MODELS = "models"  # register the team's own base models
 
 
 _VIEWER = {Action.READ}
 _MEMBER = _VIEWER | {Action.LAUNCH, Action.ANNOTATE, Action.SHARE}
-_ADMIN = _MEMBER | {Action.DELETE, Action.MANAGE_MEMBERS}
+_ADMIN = _MEMBER | {Action.DELETE, Action.MANAGE_MEMBERS, Action.MODELS}
 _OWNER = _ADMIN | {Action.TRANSFER}
 
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
@@ -42,6 +43,7 @@ DENIED_MESSAGE = {
     Action.DELETE: "Only a team admin or owner can delete.",
     Action.MANAGE_MEMBERS: "Only a team admin or owner can manage members.",
     Action.TRANSFER: "Only the team's owner can do this.",
+    Action.MODELS: "Only a team admin or owner can register models.",
 }
 
 # Roles ordered by power: an admin may grant or change roles strictly below owner.

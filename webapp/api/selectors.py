@@ -7,7 +7,6 @@ from django import forms
 from django.db.models import OuterRef, Subquery
 from django.forms.utils import pretty_name
 
-from peft_core.catalogue import CATALOGUE, ModelSpec
 from webapp.experiments.downsample import finite_or_none
 from webapp.experiments.method_forms import METHOD_FORMS
 from webapp.experiments.models import MetricPoint, Run
@@ -33,10 +32,6 @@ def run_latest_metrics(*, run_ids: list[int]) -> dict[int, dict[str, float | Non
 def metric_keys_for_run(*, run: Run) -> list[str]:
     keys = MetricPoint.objects.filter(run=run).values_list("key", flat=True)
     return list(keys.order_by("key").distinct())
-
-
-def model_specs() -> list[ModelSpec]:
-    return list(CATALOGUE.values())
 
 
 # Subclasses first: a FloatField is an IntegerField in Django.

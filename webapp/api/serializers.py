@@ -95,13 +95,6 @@ class TokenSerializer(serializers.Serializer):
     token = serializers.CharField(help_text="Shown this once: only its digest is stored.")
 
 
-class ModelSpecSerializer(serializers.Serializer):
-    key = serializers.CharField()
-    title = serializers.CharField()
-    description = serializers.CharField()
-    tasks = serializers.ListField(child=serializers.CharField())
-
-
 @extend_schema_field(OpenApiTypes.NUMBER)
 class NumberField(serializers.Field):
     """A number written as it is (an integer bound stays an integer)."""

@@ -3,12 +3,13 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
-from webapp.api import views
+from webapp.api import models_api, views
 
 urlpatterns = [
     path("me/", views.Me.as_view(), name="api-me"),
     path("auth/token/", views.TokenCreate.as_view(), name="api-auth-token"),
-    path("models/", views.ModelList.as_view(), name="api-models"),
+    path("models/", models_api.ModelList.as_view(), name="api-models"),
+    path("models/<int:model_id>/", models_api.ModelDetail.as_view(), name="api-model"),
     path("methods/", views.MethodList.as_view(), name="api-methods"),
     path("projects/", views.ProjectList.as_view(), name="api-projects"),
     path("datasets/", views.DatasetList.as_view(), name="api-datasets"),

@@ -121,12 +121,6 @@ def _audit_login(*, action: str, actor, username: str, ip: str | None) -> None:
     audit_record(actor=actor, action=action, target=username, detail=detail, ip=ip)
 
 
-class ModelList(APIView):
-    @extend_schema(responses=s.ModelSpecSerializer(many=True))
-    def get(self, request):
-        return Response(s.ModelSpecSerializer(api_selectors.model_specs(), many=True).data)
-
-
 class MethodList(APIView):
     @extend_schema(responses=s.MethodSerializer(many=True))
     def get(self, request):

@@ -4,14 +4,17 @@
 
 The parent (`webapp.experiments.adapter_upload`) writes the two uploaded files into a private
 temporary directory under names it chose, and sends the job on stdin:
-{"dir", "base_model", "max_bytes", "memory_bytes", "cpu_seconds", "cache_dir"}. This process
+{"dir", "base_model", "models", "max_bytes", "memory_bytes", "cpu_seconds", "cache_dir"}, where
+"models" holds the uploading team's registered models ({name: {"dir", "tasks", "aliases",
+"upstream", "revision"}}, their directories checked by the parent). This process
 caps its own address space and CPU time before it imports torch, then:
 
 1. refuses anything that is not a safetensors file: the 8-byte header length and the JSON
    header (dtypes, shapes, offsets) are checked before `safetensors` parses a byte, so a pickle
    or a torch zip renamed .safetensors is "not a safetensors file" and is never unpickled;
 2. parses adapter_config.json (size and nesting bounded), requires a `peft_type` peft_core
-   supports and a base model from the catalogue (the form's choice wins over the file's);
+   supports and a base model from the catalogue or the team's registry, by name, Hub id or
+   directory (the form's choice wins over the file's);
 3. builds the base model's architecture on the meta device (shapes only, no weights, no
    download, never remote code), applies peft_core's config rebuilt from the file, and loads
    the tensors with peft_core's strict key and shape check;
@@ -85,9 +88,15 @@ def check(job: dict) -> dict:
     tensors = _load_tensors(weights_data)
     del weights_data
     hf = parse_config(config_data)
-    base_model = _base_model(hf, chosen=job.get("base_model") or "")
+    models = job.get("models") or {}
+    base_model = _base_model(hf, chosen=job.get("base_model") or "", models=models)
     return _check_against_model(
-        hf, tensors, base_model=base_model, cache_dir=job["cache_dir"], directory=directory
+        hf,
+        tensors,
+        base_model=base_model,
+        registered=models.get(base_model),
+        cache_dir=job["cache_dir"],
+        directory=directory,
     )
 
 
@@ -193,17 +202,22 @@ def _depth(value) -> int:
     return 0
 
 
-def _base_model(hf: dict, *, chosen: str) -> str:
-    """The catalogue key of the adapter's base: the one chosen, else the one its config
-    names (a key, or the Hub id of a model with a Hub twin, as PEFT Lab's downloads say)."""
+def _base_model(hf: dict, *, chosen: str, models: dict) -> str:
+    """The adapter's base: the one chosen, else the one its config names, as a registered
+    model's name, Hub id or directory (what PEFT Lab's downloads write), or a catalogue key
+    or a bundled model's Hub twin."""
     from peft_core.catalogue import CATALOGUE, key_for_name
 
     named = chosen or hf.get("base_model_name_or_path")
-    key = key_for_name(named) if isinstance(named, str) else None
+    if not isinstance(named, str):
+        named = None
+    registered = next(
+        (name for name, entry in models.items() if named in (name, *entry["aliases"])), None
+    )
+    key = registered or (key_for_name(named) if named else None)
     if key is None:
-        raise AdapterError(
-            f"base model {named!r} is not in the catalogue; pick one of {', '.join(CATALOGUE)}"
-        )
+        known = ", ".join([*CATALOGUE, *models])
+        raise AdapterError(f"base model {named!r} is not registered here; pick one of {known}")
     return key
 
 
@@ -211,7 +225,13 @@ def _base_model(hf: dict, *, chosen: str) -> str:
 
 
 def _check_against_model(
-    hf: dict, tensors: dict, *, base_model: str, cache_dir: str, directory: Path
+    hf: dict,
+    tensors: dict,
+    *,
+    base_model: str,
+    registered: dict | None,
+    cache_dir: str,
+    directory: Path,
 ) -> dict:
     from safetensors.torch import save_file
 
@@ -219,18 +239,22 @@ def _check_against_model(
     from peft_core.catalogue import get_spec, upstream_name
     from peft_core.registry import METHOD_CONFIGS
 
-    task = _task(hf, get_spec(base_model).tasks)
+    tasks = tuple(registered["tasks"]) if registered else get_spec(base_model).tasks
+    task = _task(hf, tasks)
     try:
         method = peft_model.method_for_hf_config(hf)
     except ValueError as exc:
         raise AdapterError(str(exc)) from None
     num_labels = _num_labels(tensors) if task == "seq-cls" else 2
     try:
-        model = _meta_model(base_model, task, num_labels, cache_dir)
+        model_dir = Path(registered["dir"]) if registered else None
+        model = _meta_model(base_model, task, num_labels, cache_dir, model_dir)
         config = peft_model._config_from_hf(model, hf)
         peft_model.apply(model, config)
         peft_model.load_adapter_tensors(model, tensors, source="adapter_model.safetensors")
-        rebuilt = peft_model.hf_config(model, base_model_name_or_path=upstream_name(base_model))
+        upstream = registered["upstream"] if registered else upstream_name(base_model)
+        revision = registered.get("revision") if registered else None
+        rebuilt = peft_model.hf_config(model, upstream, revision)
     except MemoryError:
         raise
     except Exception as exc:  # a config field of the wrong type fails deep inside; say what
@@ -269,16 +293,20 @@ def _num_labels(tensors: dict) -> int:
     return int(heads[0].shape[0])
 
 
-def _meta_model(base_model: str, task: str, num_labels: int, cache_dir: str):
+def _meta_model(
+    base_model: str, task: str, num_labels: int, cache_dir: str, registered_dir: Path | None
+):
     """The base model's architecture with meta tensors: every shape, no memory, no weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from peft_core.catalogue import model_dir, quiet_transformers
 
-    directory = model_dir(base_model, cache_dir=cache_dir)
+    directory = registered_dir or model_dir(base_model, cache_dir=cache_dir)
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        config = AutoConfig.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=False
+        )
     if task == "seq-cls":
         config.num_labels = num_labels
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification

@@ -35,7 +35,7 @@ TENSOR_COPIES = 4
 class ValidatedAdapter:
     method: str  # peft_core.registry name: "lora"
     method_config: dict  # the config's fields that differ from the method's defaults
-    base_model: str  # a catalogue key
+    base_model: str  # a catalogue key or a registered model's name
     task: str  # "causal-lm" or "seq-cls"
     num_labels: int
     tensors: int
@@ -45,9 +45,10 @@ class ValidatedAdapter:
 
 
 def validate_adapter(
-    config_bytes: bytes, weights_bytes: bytes, *, base_model: str = ""
+    config_bytes: bytes, weights_bytes: bytes, *, base_model: str = "", models: dict | None = None
 ) -> ValidatedAdapter:
-    """The adapter, checked in a child process; ValidationError naming the problem otherwise."""
+    """The adapter, checked in a child process; ValidationError naming the problem otherwise.
+    `models`: the team's registered models it may name (adapter_check's job, "models")."""
     if len(weights_bytes) > settings.ADAPTER_MAX_BYTES:
         raise ValidationError(too_large_message("adapter_model.safetensors"))
     if len(config_bytes) > adapter_check.MAX_CONFIG_BYTES:
@@ -56,7 +57,9 @@ def validate_adapter(
         folder = Path(directory)
         (folder / adapter_check.CONFIG_NAME).write_bytes(config_bytes)
         (folder / adapter_check.WEIGHTS_NAME).write_bytes(weights_bytes)
-        verdict = _run_check(folder, base_model=base_model, weights_size=len(weights_bytes))
+        verdict = _run_check(
+            folder, base_model=base_model, models=models or {}, weights_size=len(weights_bytes)
+        )
         if not verdict.get("ok"):
             raise ValidationError(f"The adapter was refused: {verdict.get('error')}.")
         weights = (folder / adapter_check.VALIDATED_NAME).read_bytes()
@@ -67,11 +70,12 @@ def too_large_message(label: str) -> str:
     return f"{label} is larger than {filesizeformat(settings.ADAPTER_MAX_BYTES)}."
 
 
-def _run_check(folder: Path, *, base_model: str, weights_size: int) -> dict:
+def _run_check(folder: Path, *, base_model: str, models: dict, weights_size: int) -> dict:
     timeout = settings.ADAPTER_CHECK_TIMEOUT_S
     job = {
         "dir": str(folder),
         "base_model": base_model,
+        "models": models,
         "max_bytes": settings.ADAPTER_MAX_BYTES,
         "memory_bytes": BASE_MEMORY_BYTES + TENSOR_COPIES * weights_size,
         "cpu_seconds": max(1, int(timeout) + 1),

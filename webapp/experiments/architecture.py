@@ -25,7 +25,11 @@ from webapp.experiments.estimates import ParamCount, Shape, UnknownArchitecture
 
 
 def config_path(model_key: str) -> Path | None:
-    """Where the catalogue model's config.json is, or None when it has none yet."""
+    """Where the model's config.json is, or None when it has none yet. `model_key` is a
+    catalogue key, or a registered model's checked directory (an absolute path)."""
+    if model_key not in CATALOGUE:
+        path = Path(model_key) / "config.json"
+        return path if path.is_absolute() and path.is_file() else None
     spec = CATALOGUE[model_key]
     if spec.source_kind == "hf-package":
         found = package_dir(spec.source_detail)
@@ -42,10 +46,12 @@ def model_config(model_key: str) -> PretrainedConfig:
 
 def _shared_config(model_key: str) -> PretrainedConfig:
     """The model's config, shared between calls: read it, never change it."""
-    spec = CATALOGUE[model_key]
     path = config_path(model_key)
     if path is not None:
         return _read_config(str(path), path.stat().st_mtime_ns)
+    if model_key not in CATALOGUE:
+        raise UnknownArchitecture(model_key)
+    spec = CATALOGUE[model_key]
     if spec.source_kind == "tiny":
         return _tiny_config(spec.source_detail)
     if spec.source_kind == "gguf-package":
@@ -77,7 +83,9 @@ def _tiny_config(kind: str) -> PretrainedConfig:
 @functools.lru_cache(maxsize=32)
 def _read_config(path: str, mtime_ns: int) -> PretrainedConfig:
     with quiet_transformers():
-        return AutoConfig.from_pretrained(Path(path).parent, local_files_only=True)
+        return AutoConfig.from_pretrained(
+            Path(path).parent, local_files_only=True, trust_remote_code=False
+        )
 
 
 def model_shape(model_key: str) -> Shape:
@@ -116,7 +124,11 @@ def _count(
         fields = {k: v for k, v in fields.items() if k != "init_text"} | {"init": "random"}
     peft_core.apply(model, build_config(method, fields))
     total = sum(p.numel() for p in model.parameters())
-    return ParamCount(trainable=peft_core.trainable_parameters(model), total=total)
+    layer_types = peft_core.model.method_of(model).layer_types
+    adapted = [path for path, module in model.named_modules() if isinstance(module, layer_types)]
+    return ParamCount(
+        trainable=peft_core.trainable_parameters(model), total=total, modules=tuple(adapted)
+    )
 
 
 def _meta_model(model_key: str, task: str, num_labels: int) -> torch.nn.Module:

@@ -16,6 +16,11 @@ from webapp.experiments.forms import (
     DatasetUploadForm,
 )
 from webapp.http import client_ip, error_text
+from webapp.registry.models import ModelStatus
+from webapp.registry.selectors import model_list_for_user, model_named_for_user
+
+# The model the token preview starts with: one whose tokenizer a fresh install has.
+DEFAULT_PREVIEW_MODEL = {"causal-lm": "tiny-llama", "seq-cls": "all-minilm-l6-v2"}
 
 
 @require_GET
@@ -83,6 +88,8 @@ def dataset_detail(request, dataset_id: int):
     dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
     preview = selectors.dataset_preview(dataset=dataset)
     columns = list(preview[0].keys()) if preview else []
+    ready = model_list_for_user(user=request.user).filter(status=ModelStatus.READY)
+    models = [model for model in ready if dataset.task in model.tasks]
     return render(
         request,
         "experiments/dataset_detail.html",
@@ -90,10 +97,34 @@ def dataset_detail(request, dataset_id: int):
             "dataset": dataset,
             "preview": preview,
             "columns": columns,
+            "models": models,
+            "default_model": DEFAULT_PREVIEW_MODEL[dataset.task],
             "can_delete": dataset.team is not None
             and can(user=request.user, team=dataset.team, action=Action.DELETE),
         },
     )
+
+
+@login_required
+@require_GET
+def dataset_tokens(request, dataset_id: int):
+    """The first row tokenised by a model (htmx partial): what the loss learns, in colour."""
+    from webapp.experiments import token_preview
+
+    dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
+    model = model_named_for_user(user=request.user, name=request.GET.get("model", ""))
+    context = {"dataset": dataset, "model": model}
+    if model is None or dataset.task not in model.tasks:
+        context["problem"] = f"Choose a ready model for {dataset.get_task_display().lower()}."
+    else:
+        try:
+            context["preview"] = token_preview.token_preview(dataset=dataset, model=model)
+        except token_preview.NoTokenizer:
+            context["problem"] = (
+                f"{model.name}'s tokenizer is not on this server yet: it is written when the "
+                "model is first used (a run, or Inspect on its page)."
+            )
+    return render(request, "experiments/_token_preview.html", context)
 
 
 @login_required

@@ -33,6 +33,7 @@ Time (from similar past runs)
     scaled by b·s relative to that run's b·s) times the steps asked for.
 """
 
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -42,7 +43,9 @@ from webapp.experiments import selectors
 from webapp.experiments.forms import RunForm, SweepForm
 from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep
 from webapp.experiments.models import RunStatus
+from webapp.registry.selectors import model_directory, model_for_team
 
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
 BYTES = 4  # float32
 ACTIVATION_FLOATS = 16.0  # C: floats per token, hidden unit and layer (calibrated above)
 LOGIT_COPIES = 3  # logits, their log-softmax and its gradient
@@ -68,10 +71,20 @@ class Shape:
 class ParamCount:
     trainable: int
     total: int
+    modules: tuple[str, ...] = ()  # the paths of the modules the method adapts
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    @property
+    def module_patterns(self) -> list[tuple[str, int]]:
+        """The adapted modules with the layer index as <i>: (pattern, how many), in order."""
+        counts: dict[str, int] = {}
+        for path in self.modules:
+            pattern = LAYER_INDEX.sub(".<i>.", path, count=1)
+            counts[pattern] = counts.get(pattern, 0) + 1
+        return list(counts.items())
 
 
 @dataclass(frozen=True)
@@ -259,13 +272,24 @@ def launch_estimate(*, user, data) -> LaunchEstimate:
     try:
         items = _sweep_items(form.cleaned_data) if is_sweep else [_run_item(form, data)]
         context = _Context.build(user, form.cleaned_data)
-        estimates = [context.estimate(*item) for item in items[:MAX_SWEEP_ITEMS]]
     except (ValidationError, ValueError, TypeError):  # a config peft_core refuses
         return LaunchEstimate(items=[], problem=FIX_THE_FORM)
+    try:
+        estimates = [context.estimate(*item) for item in items[:MAX_SWEEP_ITEMS]]
+    except (ValueError, TypeError) as error:  # the method does not fit this model: say why
+        return LaunchEstimate(items=[], problem=f"This would fail on the model: {error}")
     return LaunchEstimate(items=estimates, total_items=len(items))
 
 
 FIX_THE_FORM = "Fix the form to see estimates."
+
+
+def architecture_key(team, name: str) -> str:
+    """What architecture.py reads a model's config by: a catalogue key, or a registered
+    model's directory (found without the network; the row was checked when registered)."""
+    model = model_for_team(team=team, name=name)
+    directory = model_directory(model) if model is not None else None
+    return str(directory) if directory is not None else name
 
 
 def _run_item(form, data) -> tuple[str, str, dict]:
@@ -299,7 +323,7 @@ class _Context:
     def build(cls, user, cleaned: dict) -> "_Context":
         dataset = cleaned["dataset"]
         return cls(
-            model_key=cleaned["base_model"],
+            model_key=architecture_key(cleaned["project"].team, cleaned["base_model"]),
             task=dataset.task,
             num_labels=max(len(dataset.label_names or ()), 2),
             steps=cleaned["steps"],

@@ -74,6 +74,19 @@ def base_model_id(key: str) -> str:
     return upstream_name(key)
 
 
+def registered_weights(run: Run) -> dict | None:
+    """The run's base weights when they are a team's own model (a directory or a Hub id)."""
+    weights = run.base_weights or {}
+    return weights if weights.get("source") in ("local", "hub") else None
+
+
+def base_model_ref(run: Run) -> str:
+    """What loads the run's base anywhere: a registered model's Hub id or directory, a bundled
+    model's Hub twin, else the catalogue key."""
+    weights = registered_weights(run)
+    return weights["location"] if weights else base_model_id(run.base_model)
+
+
 # ---- escaping --------------------------------------------------------------------------------
 
 
@@ -149,7 +162,7 @@ def _metadata(run: Run, merged: bool) -> dict[str, Any]:
     dataset = run.dataset
     meta: dict[str, Any] = {
         "library_name": "transformers" if merged else "peft",
-        "base_model": base_model_id(run.base_model),
+        "base_model": base_model_ref(run),
         "base_model_relation": "finetune" if merged else "adapter",
         "pipeline_tag": PIPELINE_TAGS.get(dataset.task, "text-generation"),
         "tags": ["peft", run.method, "peftlab", *(["merged"] if merged else [])],
@@ -183,6 +196,14 @@ def _title(run: Run, merged: bool) -> list[str]:
 
 
 def _base_model_section(run: Run) -> list[str]:
+    weights = registered_weights(run)
+    if weights:
+        rows = [("Name", run.base_model), ("Source", weights["source"])]
+        rows += [("Hub id" if weights["source"] == "hub" else "Directory", weights["location"])]
+        if weights.get("commit"):
+            rows.append(("Commit", weights["commit"]))
+        rows.append(("Config + weights index sha256", weights.get("content_sha256", "")))
+        return ["## Base model", "", *_table(("", ""), rows)]
     spec = CATALOGUE.get(run.base_model)
     rows: list[tuple[str, str]] = [("Catalogue key", run.base_model)]
     if spec is not None:
@@ -311,19 +332,28 @@ def _hf_peft_usage(run: Run, auto: str) -> list[str]:
     labels = len(run.dataset.label_names) or 2
     extra = f", num_labels={labels}" if run.dataset.task == TaskType.SEQ_CLS else ""
     base = base_model_id(run.base_model)
-    if run.base_model in HUB_IDS:
+    weights = registered_weights(run)
+    if weights:
+        where = _py(weights["location"])
+        if weights.get("commit"):
+            where += f", revision={_py(weights['commit'])}"
+    elif run.base_model in HUB_IDS:
         where = _py(base)
     else:  # a catalogue model without a Hub twin: its local directory
         where = f"model_dir({_py(run.base_model)})"
     code = [
         "from peft import PeftModel",
         f"from transformers import {auto}",
-        *([] if run.base_model in HUB_IDS else ["from peft_core.catalogue import model_dir"]),
+        *(
+            []
+            if weights or run.base_model in HUB_IDS
+            else ["from peft_core.catalogue import model_dir"]
+        ),
         "",
         f"base = {auto}.from_pretrained({where}{extra})",
         f'model = PeftModel.from_pretrained(base, "{folder}")',
     ]
-    if run.base_model in HUB_IDS:  # the same weights, converted once by PEFT Lab
+    if not weights and run.base_model in HUB_IDS:  # the same weights, converted by PEFT Lab
         offline = f"{auto}.from_pretrained(model_dir({_py(run.base_model)}){extra})"
         code += [
             "",

@@ -7,6 +7,7 @@ from django.template.defaultfilters import filesizeformat
 from peft_core.catalogue import CATALOGUE
 from webapp.experiments.method_forms import method_choices
 from webapp.experiments.models import TaskType
+from webapp.registry.selectors import launch_model_choices, model_for_team
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -28,7 +29,8 @@ class LaunchForm(forms.Form):
     base_model = forms.ChoiceField(
         label="Base model",
         choices=model_choices,
-        help_text="The frozen model the adapter is trained on. All models here work offline.",
+        help_text="The frozen model the adapter is trained on: a bundled one, or one your "
+        "team registered (Models).",
     )
     dataset = forms.ModelChoiceField(
         queryset=None,
@@ -84,15 +86,24 @@ class LaunchForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["project"].queryset = projects
         self.fields["dataset"].queryset = datasets
+        # The bundled models, then the ready models of the teams these projects belong to.
+        self.fields["base_model"].choices = launch_model_choices(
+            projects.values_list("team_id", flat=True)
+        )
 
     def clean(self):
         cleaned = super().clean()
-        model_key, dataset = cleaned.get("base_model"), cleaned.get("dataset")
-        if model_key and dataset and dataset.task not in CATALOGUE[model_key].tasks:
-            tasks = ", ".join(CATALOGUE[model_key].tasks)
+        name, dataset, project = (cleaned.get(k) for k in ("base_model", "dataset", "project"))
+        if not (name and project):
+            return cleaned
+        model = model_for_team(team=project.team, name=name)
+        if model is None or not model.is_ready:
+            self.add_error("base_model", f"{name} is not a ready model of {project.team.name}.")
+        elif dataset and dataset.task not in model.tasks:
+            tasks = ", ".join(model.tasks)
             self.add_error(
                 "dataset",
-                f"{CATALOGUE[model_key].title} supports {tasks}; this dataset is {dataset.task}.",
+                f"{model.title or name} supports {tasks}; this dataset is {dataset.task}.",
             )
         return cleaned
 
@@ -225,8 +236,8 @@ class AdapterUploadForm(forms.Form):
         label="Base model",
         choices=upload_model_choices,
         required=False,
-        help_text="The catalogue model it was trained on; by default the one the config's "
-        "base_model_name_or_path names.",
+        help_text="The model it was trained on (bundled, or registered by your team); by "
+        "default the one the config's base_model_name_or_path names.",
     )
     dataset = forms.ModelChoiceField(
         queryset=None,
@@ -244,6 +255,11 @@ class AdapterUploadForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["project"].queryset = projects
         self.fields["dataset"].queryset = datasets
+        team_ids = projects.values_list("team_id", flat=True)
+        self.fields["base_model"].choices = [
+            ("", "As adapter_config.json names it"),
+            *launch_model_choices(team_ids),
+        ]
 
     def clean_weights(self):
         upload = self.cleaned_data["weights"]

@@ -7,12 +7,13 @@ its field, with the config's own message, before anything is queued. So the page
 API (which posts these forms) and a sweep's every item refuse exactly what a worker
 would, and share the CLI's defaults.
 
-What stays here is presentation: each method's summary, and fields the form offers as a
-few choices where the config takes more (LoRA's target_modules: a regex or a list on the
-CLI, two options here).
+What stays here is presentation: each method's summary, and fields the form writes as
+text where the config takes a type (LoRA's target_modules: "default", "all-linear", names
+separated by commas, or a regex; see TargetModulesField).
 """
 
 import itertools
+import re
 from dataclasses import dataclass
 
 from django import forms
@@ -20,6 +21,7 @@ from django.core.exceptions import ValidationError
 
 from peft_core.checks import SETTING, ConfigError, Setting, config_field, settings
 from peft_core.configs import (
+    ALL_LINEAR,
     BottleneckConfig,
     LoraConfig,
     MAMConfig,
@@ -28,10 +30,28 @@ from peft_core.configs import (
 )
 from peft_core.registry import METHOD_CONFIGS, build_config
 
-TARGET_CHOICES = [
-    ("default", "Architecture default (attention query and value)"),
-    ("all-linear", "All linear layers (except the output head)"),
-]
+DEFAULT_TARGETS = "default"
+TARGET_NAMES = re.compile(r"[A-Za-z_][\w.]*(\s*,\s*[A-Za-z_][\w.]*)*")
+
+
+class TargetModulesField(forms.CharField):
+    r"""target_modules as text: "default" (the architecture's, found from its structure),
+    "all-linear", names separated by commas ("q_proj, v_proj": a module matches a name it
+    ends with, HF PEFT's rule for a list), else a regex matched against the whole module
+    path (HF PEFT's rule for a string), e.g. `.*layers\.(0|1)\..*(q|v)_proj`."""
+
+    def to_python(self, value):
+        text = super().to_python(value).strip()
+        if text in ("", DEFAULT_TARGETS):
+            return None
+        if text == ALL_LINEAR or not TARGET_NAMES.fullmatch(text):
+            return text
+        return [name.strip() for name in text.split(",")]
+
+    def prepare_value(self, value):
+        if value is None:
+            return DEFAULT_TARGETS
+        return ", ".join(value) if isinstance(value, list | tuple) else value
 
 
 class OptionalCountField(forms.IntegerField):
@@ -127,18 +147,22 @@ class LoraForm(MethodForm):
     r = settings_field(LoraConfig, "r")
     alpha = settings_field(LoraConfig, "alpha")
     dropout = settings_field(LoraConfig, "dropout")
-    target_modules = forms.ChoiceField(
+    target_modules = TargetModulesField(
         label="Adapted layers",
-        choices=TARGET_CHOICES,
-        initial="default",
-        help_text="Which linear layers get an adapter. All linear layers usually learn "
-        "more per step, at a higher cost.",
+        initial=DEFAULT_TARGETS,
+        required=False,
+        max_length=500,
+        help_text='Which linear layers get an adapter: "default" (attention query and '
+        'value, found from the model\'s structure), "all-linear" (every linear layer but '
+        "the output head: usually more learned per step, at a higher cost), names such as "
+        '"q_proj, v_proj", or a regex matched against the whole module path. The estimate '
+        "below lists the layers it matches.",
     )
     use_rslora = settings_field(LoraConfig, "use_rslora")
 
     def config_kwargs(self) -> dict:
         kwargs = dict(self.cleaned_data)
-        if kwargs["target_modules"] == "default":
+        if kwargs["target_modules"] is None:
             del kwargs["target_modules"]
         return kwargs
 

@@ -108,6 +108,7 @@ class FailureClass(models.TextChoices):
     DATASET = "dataset", "Dataset error"
     WORKER_LOST = "worker-lost", "Worker lost"
     CONFIG = "config", "Invalid configuration"
+    MODEL = "model", "Base model unavailable"
     ERROR = "error", "Error"
 
 
@@ -130,6 +131,10 @@ FAILURE_ADVICE = {
         "(killed, out of host memory, or its machine went away)."
     ),
     FailureClass.CONFIG: "The method or training settings were refused; the error says which.",
+    FailureClass.MODEL: (
+        "The base model's files are gone, moved out of the allowed roots, or changed since "
+        "the model was registered; the error says which. Register the model again."
+    ),
     FailureClass.ERROR: "An unexpected error; the log below shows where it happened.",
 }
 
@@ -144,6 +149,9 @@ class Run(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="runs"
     )
     base_model = models.CharField(max_length=100)
+    # The registry row's source when the run was created: source, place, commit, content hash
+    # (registry.BaseModel.weights). Empty for runs from before the registry: a catalogue key.
+    base_weights = models.JSONField(default=dict, blank=True)
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="runs")
     method = models.CharField(max_length=30)
     method_config = models.JSONField(default=dict)

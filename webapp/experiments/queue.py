@@ -16,9 +16,16 @@ from webapp.celery import app
 TRAIN_RUN = "peftlab.train_run"
 PLAYGROUND_ANSWER = "peftlab.playground_answer"
 MERGED_EXPORT = "peftlab.merged_export"
+MODEL_INSPECT = "peftlab.model_inspect"
 
 TRAINING_QUEUE = "gpu"
-QUEUES = {TRAIN_RUN: TRAINING_QUEUE, PLAYGROUND_ANSWER: "playground", MERGED_EXPORT: "export"}
+# A model's inspection builds it on the meta device (seconds, no weights): the light queue.
+QUEUES = {
+    TRAIN_RUN: TRAINING_QUEUE,
+    PLAYGROUND_ANSWER: "playground",
+    MERGED_EXPORT: "export",
+    MODEL_INSPECT: "playground",
+}
 
 
 def route(name: str, *args, **kwargs) -> dict | None:

@@ -43,6 +43,7 @@ from webapp.experiments.models import (
     Sweep,
     Tag,
 )
+from webapp.registry.selectors import model_for_team, upload_models
 
 
 def _require_launcher(*, user, team: Team) -> None:
@@ -69,6 +70,7 @@ def run_create(
         name=name,
         created_by=user,
         base_model=base_model,
+        base_weights=_base_weights(team=project.team, name=base_model),
         dataset=dataset,
         method=method,
         method_config=method_config,
@@ -77,6 +79,14 @@ def run_create(
     )
     queue.enqueue_on_commit(queue.TRAIN_RUN, run.id)
     return run
+
+
+def _base_weights(*, team: Team, name: str) -> dict:
+    """What the run records of its base model: the registry row's source, commit and hash."""
+    model = model_for_team(team=team, name=name)
+    if model is None or not model.is_ready:
+        raise ValidationError(f"{name} is not a ready model of {team.name}.")
+    return model.weights()
 
 
 def sweep_create(
@@ -356,6 +366,7 @@ def run_create_external(
         name=name,
         created_by=user,
         base_model=base_model,
+        base_weights=_base_weights(team=project.team, name=base_model),
         dataset=dataset,
         method=method,
         method_config=method_config,
@@ -407,7 +418,12 @@ def adapter_upload_create(
     _require_launcher(user=user, team=project.team)
     if weights_file.size > settings.ADAPTER_MAX_BYTES:  # before reading it into memory
         raise ValidationError(too_large_message("adapter_model.safetensors"))
-    adapter = validate_adapter(config_file.read(), weights_file.read(), base_model=base_model)
+    adapter = validate_adapter(
+        config_file.read(),
+        weights_file.read(),
+        base_model=base_model,
+        models=upload_models(team=project.team),
+    )
     dataset = _upload_dataset(task=adapter.task, dataset=dataset)
     with transaction.atomic():
         run = Run.objects.create(
@@ -415,6 +431,7 @@ def adapter_upload_create(
             name=name,
             created_by=user,
             base_model=adapter.base_model,
+            base_weights=_base_weights(team=project.team, name=adapter.base_model),
             dataset=dataset,
             method=adapter.method,
             method_config=adapter.method_config,

@@ -35,6 +35,7 @@ urlpatterns = [
     path("datasets/", dataset_views.dataset_list, name="datasets"),
     path("datasets/upload/", dataset_views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:dataset_id>/", dataset_views.dataset_detail, name="dataset_detail"),
+    path("datasets/<int:dataset_id>/tokens/", dataset_views.dataset_tokens, name="dataset_tokens"),
     path(
         "datasets/<int:dataset_id>/rows.jsonl",
         dataset_views.dataset_download,

@@ -87,6 +87,7 @@ def _default_dataset_id(datasets) -> int | None:
 # The flashes after a launch tell what happened, never a state ("queued"): the page's live
 # status says where the runs are, and a flash stating one would soon contradict it.
 LAUNCHED_RUN = "It starts when a worker is free; its status below follows it live."
+DEFAULT_MODEL = "smollm2-135m-instruct"
 LAUNCHED_SWEEP = "Each starts when a worker is free; the table below follows them live."
 
 
@@ -95,7 +96,7 @@ LAUNCHED_SWEEP = "Each starts when a worker is free; the table below follows the
 def run_new(request):
     projects = selectors.project_list_for_launch(user=request.user)
     datasets = selectors.dataset_list_for_user(user=request.user)
-    initial = {"base_model": "smollm2-135m-instruct", "name": "first run"}
+    initial = {"base_model": request.GET.get("base_model") or DEFAULT_MODEL, "name": "first run"}
     initial["dataset"] = request.GET.get("dataset") or _default_dataset_id(datasets)
     method_initial = None
     clone_id = int_or_none(request.GET.get("clone", ""))
@@ -410,7 +411,7 @@ def _sweep_initial(request, datasets) -> dict:
     """Defaults, the "compare all methods" preset, or a clone of one of the user's sweeps."""
     initial = {
         "name": "method shoot-out",
-        "base_model": "smollm2-135m-instruct",
+        "base_model": request.GET.get("base_model") or DEFAULT_MODEL,
         "dataset": _default_dataset_id(datasets),
         "methods": ["lora"],
     }
