@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from peft_core import apply, save_adapter, trainable_parameters
 from peft_core.catalogue import CATALOGUE, load_model, upstream_name
+from peft_core.checks import settings
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
 from peft_core.pretrained import load_config, load_directory, model_tasks
 from peft_core.registry import METHOD_CONFIGS, with_tokenizer
@@ -41,12 +42,20 @@ from peft_core.sources import (
     model_files,
     parse_hub_ref,
 )
-from peft_core.train import Callbacks, TrainConfig, TrainingError, evaluate, train
+from peft_core.train import (
+    Callbacks,
+    TrainConfig,
+    TrainingError,
+    compute_dtype,
+    evaluate,
+    train,
+)
 
 # Method name -> its config class (registry.METHOD_CONFIGS, from methods.METHOD_LIST); the
 # CLI's defaults are the configs' own, as the web form's and the API's are.
 METHODS: dict[str, type] = METHOD_CONFIGS
 METRICS_FILE = "metrics.jsonl"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
@@ -106,8 +115,23 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     train_parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     train_parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    _add_envelope_arguments(train_parser)
     train_parser.add_argument("--cache-dir", type=Path, help="model cache (~/.cache/peftlab)")
     train_parser.set_defaults(run=run_train)
+
+
+def _add_envelope_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training envelope's settings, named as TRL and Axolotl users know them."""
+    values = {name: rule.values for name, (_, rule) in settings(TrainConfig).items()}
+    parser.add_argument("--precision", choices=values["precision"], default=TrainConfig.precision)
+    parser.add_argument("--schedule", choices=values["schedule"], default=TrainConfig.schedule)
+    parser.add_argument("--attn", choices=values["attn"], default=TrainConfig.attn)
+    parser.add_argument("--grad-accum", type=int, default=TrainConfig.grad_accum)
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations"
+    )
+    parser.add_argument("--max-grad-norm", type=float, default=TrainConfig.grad_clip)
+    parser.add_argument("--early-stop-patience", type=int, default=TrainConfig.early_stop_patience)
 
 
 # --- peftlab models / datasets ----------------------------------------------
@@ -134,7 +158,9 @@ def run_train(args: argparse.Namespace) -> int:
     base = resolve_base(args.model)
     task, train_rows, val_rows = _load_rows(args, base)
     labels = label_names(train_rows) if task == "seq-cls" else None
-    model, tokenizer = _load_base(base, task, labels, args.cache_dir)
+    dtype = compute_dtype(train_config.precision, DEVICE)
+    model, tokenizer = _load_base(base, task, labels, args.cache_dir, dtype)
+    model.to(DEVICE)
     base_metrics = evaluate(
         model, tokenizer, task=task, rows=val_rows, config=train_config, label_names=labels
     )
@@ -234,7 +260,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         return TrainConfig(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
             max_length=args.max_length, warmup_steps=args.warmup_steps,
-            eval_every=args.eval_every, seed=args.seed,
+            eval_every=args.eval_every, seed=args.seed, precision=args.precision,
+            schedule=args.schedule, attn=args.attn, grad_accum=args.grad_accum,
+            gradient_checkpointing=args.gradient_checkpointing, grad_clip=args.max_grad_norm,
+            early_stop_patience=args.early_stop_patience,
         )  # fmt: skip
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -303,13 +332,16 @@ def _file_format(path: Path) -> str:
     return suffix
 
 
-def _load_base(base: Base, task: str, labels: list[str] | None, cache_dir: Path | None):
+def _load_base(base: Base, task: str, labels: list[str] | None, cache_dir: Path | None, dtype=None):
+    """The base model in `dtype`, the run's precision."""
     if task not in base.tasks:
         raise UsageError(f"model {base.name!r} supports {', '.join(base.tasks)}, not {task}")
     num_labels = len(labels or ()) or 2
     if base.directory is None:
-        return load_model(base.name, task, num_labels=num_labels, cache_dir=cache_dir)
-    return load_directory(base.directory, task, num_labels=num_labels)
+        model, tokenizer = load_model(base.name, task, num_labels=num_labels, cache_dir=cache_dir)
+        return model.to(dtype or torch.float32), tokenizer
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    return load_directory(base.directory, task, num_labels=num_labels, dtype=name)
 
 
 def _print_summary(

@@ -455,8 +455,26 @@ class MAMConfig:
 
 # The fields that decide which updates a run makes: a checkpoint resumes only under these.
 TRAJECTORY_FIELDS = (
-    "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "grad_clip", "seed"
+    "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "grad_clip", "seed",
+    "schedule", "grad_accum", "precision",
 )  # fmt: skip
+SCHEDULES = (
+    ("linear", "Linear decay"),
+    ("cosine", "Cosine decay"),
+    ("constant", "Constant"),
+)
+PRECISIONS = (
+    ("auto", "Auto (bf16 on a GPU that has it, else fp32)"),
+    ("fp32", "fp32"),
+    ("bf16", "bf16"),
+    ("fp16", "fp16 (with a gradient scaler)"),
+)
+ATTENTIONS = (
+    ("auto", "The model's default (SDPA where it has it)"),
+    ("sdpa", "SDPA (PyTorch's fused attention)"),
+    ("eager", "Eager (plain matmuls)"),
+    ("flash", "Flash attention 2 (where installed)"),
+)
 
 
 @dataclass(frozen=True)
@@ -506,6 +524,55 @@ class TrainConfig:
     grad_clip: float = setting(
         1.0, "Gradient clipping", "Max gradient norm; 0 turns clipping off.", kind=float, low=0
     )
+    schedule: str = setting(
+        "linear",
+        "Schedule",
+        "Learning rate after warmup: linear decay to ~0, cosine decay to ~0, or constant.",
+        kind=str,
+        choices=SCHEDULES,
+    )
+    grad_accum: int = setting(
+        1,
+        "Gradient accumulation",
+        "Micro-batches of batch_size per optimizer step: the step sees grad_accum × batch_size "
+        "examples with the memory of one micro-batch.",
+        kind=int,
+        low=1,
+        high=1024,
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        "Gradient checkpointing",
+        "Recompute each block's activations in the backward pass instead of keeping them: "
+        "much less activation memory for about a third more compute.",
+        kind=bool,
+    )
+    precision: str = setting(
+        "auto",
+        "Precision",
+        "The base model's compute dtype: bf16 (autocast, on a bf16 base) or fp16 (with a "
+        "gradient scaler); the adapter keeps fp32 weights. auto: bf16 on a GPU that has it, "
+        "else fp32.",
+        kind=str,
+        choices=PRECISIONS,
+    )
+    attn: str = setting(
+        "auto",
+        "Attention",
+        "The attention kernel: the model's default, sdpa (PyTorch's fused attention), eager "
+        "(plain matmuls) or flash (flash-attn 2, where installed).",
+        kind=str,
+        choices=ATTENTIONS,
+    )
+    early_stop_patience: int = setting(
+        0,
+        "Early stop patience",
+        "Stop when the eval loss has not improved for this many evaluations in a row (needs "
+        "eval_every); 0: never.",
+        kind=int,
+        low=0,
+        high=10_000,
+    )
     seed: int = setting(
         0,
         "Seed",
@@ -539,6 +606,9 @@ class TrainConfig:
         if self.warmup_steps > self.steps:
             message = f"warmup_steps must be at most steps ({self.steps}), got {self.warmup_steps}"
             raise ConfigError("warmup_steps", message)
+        if self.early_stop_patience and not self.eval_every:
+            message = "early_stop_patience needs eval_every > 0: it counts evaluations"
+            raise ConfigError("early_stop_patience", message)
 
     def trajectory_digest(self) -> str:
         """sha256 of TRAJECTORY_FIELDS: equal digests train along the same path."""

@@ -1,9 +1,20 @@
-"""The training loop: AdamW on the trainable parameters, linear warmup and decay.
+"""The training loop: AdamW on the trainable parameters, linear warmup, then a schedule.
 
-    lr(s) = lr · (s + 1) / warmup                 for s < warmup
-    lr(s) = lr · (steps − s) / (steps − warmup)   afterwards     (s = 0 … steps − 1)
+    lr(s) = lr · (s + 1) / warmup                 for s < warmup       (s = 0 … steps − 1)
+    afterwards, with p = (s − warmup) / (steps − warmup) ∈ [0, 1):
+    linear    lr · (1 − p)
+    cosine    lr · ½ (1 + cos πp)
+    constant  lr
 
 so no step is spent at lr 0 and the last step still moves a little.
+
+One optimizer step sees `grad_accum` micro-batches of `batch_size` (each loss divided by
+grad_accum, so the gradient is their mean). `precision` bf16/fp16 runs the forward under
+autocast while the trainable parameters stay fp32 (the master copy: AdamW updates them in
+fp32); fp16 scales the loss (torch.amp.GradScaler) and a step whose scaled gradients
+overflow is the scaler's to skip, not a divergence. `gradient_checkpointing` recomputes each
+block's activations in the backward pass (transformers' non-reentrant checkpointing).
+`early_stop_patience` ends training after that many evaluations without a lower eval loss.
 
 Whatever is trainable is trained (`peft_core.apply` leaves only the adapter and a
 classification head trainable), so this loop knows no PEFT method. It reports
@@ -33,6 +44,7 @@ Losses: train_loss is the model's own mean over the batch's supervised tokens
 TrainConfig lives in configs.py (torch-free: the web judges values with it), re-exported here.
 """
 
+import importlib.util
 import math
 import time
 import warnings
@@ -76,6 +88,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # last train and eval metrics
     wall_s: float = 0.0
     tokens: int = 0  # non-padding tokens seen in training
+    early_stopped: bool = False  # the eval loss stopped improving (early_stop_patience)
 
 
 class TrainingError(RuntimeError):
@@ -114,6 +127,7 @@ def train(
         val_rows, tokenizer, task=task, max_length=max_length, labels=labels
     )
     torch.manual_seed(config.seed)
+    prepare_model(model, config)
     loop = _Loop(model, tokenizer, config, callbacks)
     if resume is not None:
         loop.restore(resume)
@@ -134,6 +148,49 @@ def evaluate(
     max_length = effective_max_length(model, config)
     examples = tokenize_rows(rows, tokenizer, task=task, max_length=max_length, labels=labels)
     return evaluate_examples(model, examples, config=config, pad_token_id=tokenizer.pad_token_id)
+
+
+ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """fp32, bf16 or fp16: "auto" is bf16 on a CUDA GPU that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    cuda = torch.device(device).type == "cuda"
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype a base model is loaded in for `precision` (fp32 for fp32)."""
+    return HALF_DTYPES.get(resolve_precision(precision, device), torch.float32)
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """The forward's autocast context for the config's precision (a no-op for fp32)."""
+    dtype = HALF_DTYPES.get(resolve_precision(config.precision, device))
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def prepare_model(model: nn.Module, config: TrainConfig) -> None:
+    """Attention kernel, gradient checkpointing and fp32 trainable weights, as configured."""
+    if config.attn != "auto":
+        wanted = ATTN_IMPLEMENTATIONS[config.attn]
+        if wanted == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn flash needs the flash-attn package: pip install flash-attn")
+        if getattr(model.config, "_attn_implementation", None) != wanted:
+            try:
+                model.set_attn_implementation(wanted)
+            except (ValueError, ImportError) as error:
+                raise ValueError(f"attn {config.attn}: {error}") from None
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32 and param.is_floating_point():
+            param.data = param.data.float()  # the master copy AdamW updates
 
 
 def effective_max_length(model: nn.Module, config: TrainConfig) -> int:
@@ -173,7 +230,8 @@ def evaluate_examples(
     )
     for batch in batches:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        logits = _forward(model, batch).logits
+        with autocast(config, device):
+            logits = _forward(model, batch).logits
         batch_loss, batch_count, batch_correct = _summed_loss(logits.float(), batch["labels"])
         loss_sum, count, correct = (
             loss_sum + batch_loss,
@@ -235,6 +293,11 @@ class _Loop:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.device = _device_of(model)
+        fp16 = resolve_precision(config.precision, self.device) == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+        self.best_eval: float | None = None
+        self.evals_without_gain = 0
+        self.early_stopped = False
         self.start_step = 0  # steps done before this run: a resumed checkpoint's step
         self.tokens = 0
         self.nonfinite_streak = 0
@@ -244,7 +307,12 @@ class _Loop:
         warmup, steps = self.config.warmup_steps, self.config.steps
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
+        if self.config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, steps - warmup)
+        if self.config.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from `checkpoint`; refuse one of another config or model."""
@@ -288,14 +356,16 @@ class _Loop:
             batch_size=self.config.batch_size,
             pad_token_id=self.pad_token_id,
             seed=self.config.seed,
-            skip=self.start_step,
+            skip=self.start_step * self.config.grad_accum,
         )
         steps_done, stopped = self._train_steps(batches, val_examples, started)
-        if not stopped:
+        if not stopped and not self.early_stopped:
             self._evaluate(steps_done, val_examples)
         self.model.eval()
         wall_s = time.perf_counter() - started
-        return TrainResult(steps_done, stopped, dict(self.metrics), wall_s, self.tokens)
+        return TrainResult(
+            steps_done, stopped, dict(self.metrics), wall_s, self.tokens, self.early_stopped
+        )
 
     def _train_steps(
         self,
@@ -309,32 +379,79 @@ class _Loop:
             if self.callbacks.should_stop():
                 self.callbacks.on_log(f"stopped before step {step}")
                 return step - 1, True
-            self._step(step, next(batch_iter), started)
+            micro = [next(batch_iter) for _ in range(self.config.grad_accum)]
+            self._step(step, micro, started)
             if step < self.config.steps and _every(self.config.eval_every, step):
                 self._evaluate(step, val_examples)
                 self.model.train()
+                if self._no_longer_improving():
+                    self.callbacks.on_log(
+                        f"stopped early at step {step}: eval loss {self.best_eval:.4f} not "
+                        f"beaten in {self.evals_without_gain} evaluations"
+                    )
+                    self.early_stopped = True
+                    return step, False
             if step < self.config.steps and _every(self.config.checkpoint_every, step):
                 self.callbacks.on_checkpoint(self.checkpoint(step))
         return self.config.steps, False
 
-    def _step(self, step: int, batch: dict[str, torch.Tensor], started: float) -> None:
-        batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+    def _no_longer_improving(self) -> bool:
+        """Early stopping's count: evaluations in a row without a lower eval loss."""
+        loss = self.metrics.get("eval_loss")
+        if loss is None or not self.config.early_stop_patience:
+            return False
+        if self.best_eval is None or loss < self.best_eval:
+            self.best_eval, self.evals_without_gain = loss, 0
+            return False
+        self.evals_without_gain += 1
+        return self.evals_without_gain >= self.config.early_stop_patience
+
+    def _step(self, step: int, micro: list[dict[str, torch.Tensor]], started: float) -> None:
+        """One optimizer step over `micro` (grad_accum micro-batches)."""
         learning_rate = self.schedule.get_last_lr()[0]
-        loss = self.model(**batch).loss
+        losses, tokens = [], 0
+        for batch in micro:
+            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+            with autocast(self.config, self.device):
+                loss = self.model(**batch).loss
+            losses.append(loss.detach())
+            if not torch.isfinite(loss):
+                break
+            scaled = loss / len(micro)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            tokens += int(batch["attention_mask"].sum())
+        loss = torch.stack(losses).float().mean()
         grad_norm = None
         if torch.isfinite(loss):
-            loss.backward()
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
             clip = self.config.grad_clip or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if self.scaler and grad_norm is not None and not torch.isfinite(grad_norm):
+            self._scaler_skip(step)  # fp16 overflow: the scaler lowers its scale
+            return
         if grad_norm is None or not torch.isfinite(grad_norm):
             self._skip_step(step, loss.item(), None if grad_norm is None else grad_norm.item())
             return
         self.nonfinite_streak = 0
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += tokens
         self._report_step(step, loss.item(), learning_rate, grad_norm.item(), started)
+
+    def _scaler_skip(self, step: int) -> None:
+        self.scaler.step(self.optimizer)  # sees the inf and does not update
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            self.schedule.step()
+        self.callbacks.on_log(f"step {step}/{self.config.steps}: fp16 overflow, loss scale lowered")
 
     def _skip_step(self, step: int, loss: float, grad_norm: float | None) -> None:
         """No update for a nan/inf step, but the schedule moves on (see the module doc)."""

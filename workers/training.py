@@ -34,6 +34,7 @@ from peft_core.train import (
     NonFiniteLossError,
     TrainConfig,
     TrainResult,
+    compute_dtype,
     evaluate,
     train,
 )
@@ -317,14 +318,20 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log(
         f"loading {run.base_model} ({len(train_rows)} train / {len(val_rows)} val rows)"
     )
+    try:
+        config = TrainConfig(**run.train_config)
+    except (TypeError, ValueError) as exc:
+        raise RunConfigError(str(exc)) from exc
+    if not config.checkpoint_every:
+        every = min(settings.RUN_CHECKPOINT_EVERY_STEPS, config.steps)
+        config = dataclasses.replace(config, checkpoint_every=every)
     weights = weights_of(run.base_model, run.base_weights)
-    model, tokenizer = base_model_copy(weights, task, len(labels or ()) or 2, device=DEVICE)
+    dtype = compute_dtype(config.precision, DEVICE)  # the base in the run's precision
+    model, tokenizer = base_model_copy(
+        weights, task, len(labels or ()) or 2, device=DEVICE, dtype=dtype
+    )
     try:
         method_config = peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)
-        config = TrainConfig(**run.train_config)
-        if not config.checkpoint_every:
-            every = min(settings.RUN_CHECKPOINT_EVERY_STEPS, config.steps)
-            config = dataclasses.replace(config, checkpoint_every=every)
     except (TypeError, ValueError) as exc:
         raise RunConfigError(str(exc)) from exc
     torch.manual_seed(config.seed)  # the adapter's random init: the same run, the same weights

@@ -58,6 +58,7 @@ def test_launch_queues_a_run_and_enqueues_it_on_commit(
         "learning_rate": 2e-4,
         "max_length": 128,
         "eval_every": 10,
+        "seed": 0,
     }
     assert run.total_steps == 12
     assert published == [("peftlab.train_run", (run.id,))]
@@ -306,3 +307,30 @@ def test_run_json_is_plain_json(cast, api, make_run):
     assert data["dataset"] == {"id": run.dataset_id, "name": "sample-instructions"}
     assert (data["summary"], data["progress"], data["sweep"]) == ({"eval_loss": 1.25}, 0, None)
     json.dumps(data)
+
+
+def test_the_training_envelope_is_launched_through_the_api_and_judged_by_trainconfig(cast, api):
+    envelope = {
+        "schedule": "cosine", "warmup_steps": 2, "grad_accum": 4, "precision": "bf16",
+        "gradient_checkpointing": True, "attn": "eager", "grad_clip": 0.5,
+        "early_stop_patience": 3, "seed": 7,
+    }  # fmt: skip
+    body = _body(cast, train_config={"steps": 12} | envelope)
+    response = api(cast.bob).post(reverse("api-runs"), body, format="json")
+    assert response.status_code == 201, response.json()
+    assert Run.objects.get().train_config == {
+        "steps": 12, "batch_size": 4, "learning_rate": 1e-3, "max_length": 128,
+        "eval_every": 10, **envelope,
+    }  # fmt: skip
+
+    for bad, field in (
+        ({"schedule": "exponential"}, "schedule"),
+        ({"grad_accum": 0}, "grad_accum"),
+        ({"eval_every": 0, "early_stop_patience": 2}, "early_stop_patience"),
+        ({"warmup_steps": 50, "steps": 10}, "warmup_steps"),
+    ):
+        refused = api(cast.bob).post(
+            reverse("api-runs"), _body(cast, train_config=bad), format="json"
+        )
+        assert refused.status_code == 400 and field in refused.json(), (bad, refused.json())
+    assert Run.objects.count() == 1

@@ -85,3 +85,28 @@ def test_sweeps_are_listed_and_read_by_their_team_only(cast, api):
     assert len(detail["runs"]) == 3 and detail["project"]["team"]["name"] == "Acme"
     assert api(cast.mallory).get(reverse("api-sweeps")).json()["count"] == 0
     assert api(cast.mallory).get(reverse("api-sweep", args=[created["id"]])).status_code == 404
+
+
+def test_a_training_setting_is_a_grid_axis_for_every_method(cast, api):
+    grid = {"lora.r": [4, 8], "train.schedule": ["linear", "cosine"], "train.grad_accum": [2]}
+    response = api(cast.bob).post(reverse("api-sweeps"), _body(cast, grid=grid), format="json")
+    assert response.status_code == 201, response.json()
+    runs = Run.objects.filter(sweep_id=response.json()["id"])
+    seen = {(r.method, r.method_config.get("r"), r.train_config["schedule"]) for r in runs}
+    assert seen == {
+        ("lora", 4, "linear"), ("lora", 4, "cosine"), ("lora", 8, "linear"),
+        ("lora", 8, "cosine"), ("ia3", None, "linear"), ("ia3", None, "cosine"),
+    }  # fmt: skip
+    assert {r.train_config["grad_accum"] for r in runs} == {2}
+    assert all("train.schedule=" in r.name for r in runs)
+
+    for bad, message in (
+        ({"train.grad_accum": [0]}, "grad_accum"),
+        ({"train.schedule": ["exponential"]}, "schedule must be one of"),
+        ({"train.gradient_checkpointing": ["maybe"]}, "is not a bool"),
+        ({"train.method": ["x"]}, "train has no field method"),
+    ):
+        refused = api(cast.bob).post(reverse("api-sweeps"), _body(cast, grid=bad), format="json")
+        assert refused.status_code == 400, refused.json()
+        assert message in " ".join(refused.json()["grid"]), (bad, refused.json())
+    assert Run.objects.count() == 6

@@ -192,3 +192,25 @@ def test_a_lost_run_resumes_from_its_checkpoint_to_the_same_adapter(cast, monkey
     resumed, uninterrupted = weights(crashed), weights(whole)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_a_run_in_bf16_with_accumulation_checkpointing_and_cosine_succeeds(cast):
+    """The envelope through the worker: the base in bf16, the adapter's saved weights fp32,
+    the seed and settings on the run."""
+    train = {"steps": STEPS, "batch_size": 2, "max_length": 64, "eval_every": 2}
+    train |= {"precision": "bf16", "grad_accum": 2, "gradient_checkpointing": True}
+    train |= {"schedule": "cosine", "warmup_steps": 1, "seed": 5}
+    run = _queued(cast, train_config=train)
+    assert execute_run(run.id, worker="test") == "succeeded"
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    weights = run.artifacts.get(name="adapter_model.safetensors")
+    from webapp.experiments.artifacts import artifact_file
+
+    tensors = safetensors.torch.load(
+        artifact_file(run_id=run.id, kind="adapter", name=weights.name)
+    )
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    rates = MetricPoint.objects.filter(run=run, key="learning_rate").order_by("step")
+    assert [round(p.value, 6) for p in rates][:2] == [2e-4, 2e-4]  # warmup 1, then the peak
+    assert rates.last().value < rates.first().value

@@ -15,7 +15,7 @@ from rest_framework.exceptions import ValidationError
 from webapp.accounts.permissions import Action, require
 from webapp.api.errors import form_errors
 from webapp.experiments import selectors
-from webapp.experiments.forms import LaunchForm, RunForm, SweepForm
+from webapp.experiments.forms import ADVANCED_TRAINING, LaunchForm, RunForm, SweepForm
 from webapp.experiments.method_forms import (
     METHOD_FORMS,
     MethodForm,
@@ -31,6 +31,7 @@ TRAIN_KEYS = (
     "max_length",
     "eval_every",
     "checkpoint_every",
+    *ADVANCED_TRAINING,
 )
 NO_PROJECT = "You are in no team yet: create one, or ask a team admin for an invitation."
 
@@ -65,7 +66,8 @@ def sweep_form_validate(*, user, payload: dict) -> tuple[SweepForm, list[SweepIt
     if not form.is_valid():
         raise ValidationError(form_errors(form))
     try:
-        items = expand_sweep(form.cleaned_data["methods"], form.cleaned_data["grid"])
+        cleaned = form.cleaned_data
+        items = expand_sweep(cleaned["methods"], cleaned["grid"], form.train_config())
     except DjangoValidationError as exc:
         raise ValidationError({"grid": exc.messages}) from None
     return form, items

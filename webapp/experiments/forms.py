@@ -5,9 +5,16 @@ from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
 from peft_core.catalogue import CATALOGUE
-from webapp.experiments.method_forms import method_choices
+from peft_core.checks import ConfigError, config_field
+from peft_core.configs import TrainConfig
+from webapp.experiments.method_forms import method_choices, settings_field
 from webapp.experiments.models import TaskType
 from webapp.registry.selectors import launch_model_choices, model_for_team
+
+ADVANCED_TRAINING = (
+    "schedule", "warmup_steps", "grad_accum", "gradient_checkpointing", "precision", "attn",
+    "grad_clip", "early_stop_patience", "seed",
+)  # fmt: skip
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -82,17 +89,29 @@ class LaunchForm(forms.Form):
         "from if its worker dies. 0: the server's default.",
     )
 
+    # The advanced training settings: TrainConfig's own fields (label, help, default, bounds).
+    schedule = settings_field(TrainConfig, "schedule")
+    warmup_steps = settings_field(TrainConfig, "warmup_steps")
+    grad_accum = settings_field(TrainConfig, "grad_accum")
+    gradient_checkpointing = settings_field(TrainConfig, "gradient_checkpointing")
+    precision = settings_field(TrainConfig, "precision")
+    attn = settings_field(TrainConfig, "attn")
+    grad_clip = settings_field(TrainConfig, "grad_clip")
+    early_stop_patience = settings_field(TrainConfig, "early_stop_patience")
+    seed = settings_field(TrainConfig, "seed")
+
     def __init__(self, *args, projects, datasets, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["project"].queryset = projects
         self.fields["dataset"].queryset = datasets
+        for key in ADVANCED_TRAINING:  # left out (an older client, a folded section): default
+            self.fields[key].required = False
         # The bundled models, then the ready models of the teams these projects belong to.
         self.fields["base_model"].choices = launch_model_choices(
             projects.values_list("team_id", flat=True)
         )
 
-    def clean(self):
-        cleaned = super().clean()
+    def _check_model(self, cleaned: dict) -> dict:
         name, dataset, project = (cleaned.get(k) for k in ("base_model", "dataset", "project"))
         if not (name and project):
             return cleaned
@@ -107,11 +126,27 @@ class LaunchForm(forms.Form):
             )
         return cleaned
 
+    def clean(self):
+        cleaned = self._check_model(super().clean())
+        if not self.errors:  # TrainConfig judges the complete settings, as for a method
+            try:
+                TrainConfig(**self.train_config())
+            except ConfigError as error:
+                self.add_error(error.field if error.field in self.fields else None, str(error))
+        return cleaned
+
     def train_config(self) -> dict:
+        """The run's TrainConfig fields; an advanced setting left at its default is left out,
+        but for the seed."""
         keys = ("steps", "batch_size", "learning_rate", "max_length", "eval_every")
         config = {key: self.cleaned_data[key] for key in keys}
         if self.cleaned_data.get("checkpoint_every"):
             config["checkpoint_every"] = self.cleaned_data["checkpoint_every"]
+        for key in ADVANCED_TRAINING:
+            value = self.cleaned_data.get(key)
+            if value not in (None, "") and value != config_field(TrainConfig, key).default:
+                config[key] = value
+        config.setdefault("seed", TrainConfig.seed)  # always on the run, and on its page
         return config
 
     def launch_kwargs(self) -> dict:
@@ -140,8 +175,10 @@ class SweepForm(LaunchForm):
         label="Hyper-parameter lists",
         required=False,
         widget=forms.Textarea(attrs={"rows": 4, "placeholder": "lora.r = 4, 8, 16"}),
-        help_text="One line per list: method.field = value, value, … (e.g. lora.r = 4, 8, 16). "
-        "Fields not listed keep the method's defaults.",
+        help_text="One line per list: method.field = value, value, … (e.g. lora.r = 4, 8, 16); "
+        "train.field varies a training setting for every method (e.g. train.schedule = "
+        "linear, cosine, or train.learning_rate = 1e-4, 3e-4). Fields not listed keep the "
+        "defaults.",
     )
 
     def clean_grid(self) -> dict[str, list[str]]:

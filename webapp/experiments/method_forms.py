@@ -14,7 +14,7 @@ separated by commas, or a regex; see TargetModulesField).
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django import forms
 from django.core.exceptions import ValidationError
@@ -27,6 +27,7 @@ from peft_core.configs import (
     MAMConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
+    TrainConfig,
 )
 from peft_core.registry import METHOD_CONFIGS, build_config
 
@@ -298,7 +299,17 @@ MAX_SWEEP_RUNS = 64
 class SweepItem:
     method: str
     config: dict
-    label: str  # "lora r=8": what differs from the method's defaults
+    label: str  # "lora r=8 train.schedule=cosine": what differs from the defaults
+    train: dict = field(default_factory=dict)  # the grid's training settings for this run
+
+
+# A grid line "train.<field> = a, b" varies a training setting across every method's runs.
+TRAIN_AXIS = "train"
+TRAIN_GRID_FIELDS = (
+    "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "schedule",
+    "grad_accum", "gradient_checkpointing", "precision", "attn", "grad_clip", "seed",
+)  # fmt: skip
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def method_defaults(method: str) -> dict[str, str]:
@@ -320,24 +331,63 @@ def method_form_initial(method: str, config: dict) -> dict:
     return initial | {name: value for name, value in config.items() if name in fields}
 
 
-def expand_sweep(methods: list[str], grid: dict[str, list[str]]) -> list[SweepItem]:
-    """Every method × every combination of its listed values, each judged by its form (and so
-    by its config)."""
+def expand_sweep(
+    methods: list[str], grid: dict[str, list[str]], train_config: dict | None = None
+) -> list[SweepItem]:
+    """Every method × every combination of its listed values × every combination of the
+    "train." lists, each judged by its method's form (and so its config) and, given the
+    launch's `train_config`, by TrainConfig."""
     _check_grid_keys(methods, grid)
+    train_lists = {k.split(".", 1)[1]: v for k, v in grid.items() if k.startswith(TRAIN_AXIS + ".")}
+    trains = [
+        dict(zip(train_lists, combo, strict=True))
+        for combo in itertools.product(*train_lists.values())
+    ]
     items = []
     for method in methods:
         lists = {k.split(".", 1)[1]: v for k, v in grid.items() if k.split(".", 1)[0] == method}
         for combo in itertools.product(*lists.values()):
             overrides = dict(zip(lists, combo, strict=True))
-            items.append(_sweep_item(method, overrides))
+            item = _sweep_item(method, overrides)
+            items += [_with_training(item, train, train_config) for train in trains]
     if len(items) > MAX_SWEEP_RUNS:
         raise ValidationError(f"{len(items)} runs: a sweep holds at most {MAX_SWEEP_RUNS}.")
     return items
 
 
+def _with_training(item: SweepItem, texts: dict[str, str], base: dict | None) -> SweepItem:
+    """`item` with the grid's training settings, typed and judged by TrainConfig."""
+    if not texts:
+        return item
+    train = {name: _typed(TrainConfig, name, text) for name, text in texts.items()}
+    try:
+        TrainConfig(**({} if base is None else base) | train)
+    except ConfigError as error:
+        raise ValidationError(f"train {texts}: {error}") from None
+    label = " ".join([item.label, *(f"{TRAIN_AXIS}.{k}={v}" for k, v in texts.items())])
+    return SweepItem(item.method, item.config, label, train)
+
+
+def _typed(config_cls: type, name: str, text: str):
+    kind = config_field(config_cls, name).metadata[SETTING].kind
+    try:
+        if kind is bool:
+            if text.lower() not in TRUE_WORDS + FALSE_WORDS:
+                raise ValueError
+            return text.lower() in TRUE_WORDS
+        return kind(text) if kind in (int, float) else text
+    except ValueError:
+        raise ValidationError(f"{TRAIN_AXIS}.{name}: {text!r} is not a {kind.__name__}") from None
+
+
 def _check_grid_keys(methods: list[str], grid: dict[str, list[str]]) -> None:
     for key in grid:
         method, field = key.split(".", 1)
+        if method == TRAIN_AXIS:
+            if field not in TRAIN_GRID_FIELDS:
+                known = ", ".join(TRAIN_GRID_FIELDS)
+                raise ValidationError(f"{key}: train has no field {field} (it has {known}).")
+            continue
         if method not in methods:
             raise ValidationError(f"{key}: {method} is not among the chosen methods.")
         if field not in METHOD_FORMS[method].base_fields:

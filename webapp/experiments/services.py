@@ -124,7 +124,7 @@ def sweep_create(
                 dataset=dataset,
                 method=item.method,
                 method_config=item.config,
-                train_config=train_config,
+                train_config=train_config | item.train,
                 sweep=sweep,
             )
     return sweep
