@@ -28,8 +28,9 @@ from huggingface_hub import constants as hf_constants
 from tqdm import tqdm
 
 from peft_core import apply, save_adapter, trainable_parameters
-from peft_core.catalogue import CATALOGUE, load_model, upstream_name
+from peft_core.catalogue import CATALOGUE, load_model, model_dir, upstream_name
 from peft_core.checks import settings
+from peft_core.configs import refuse_quantized
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
 from peft_core.pretrained import load_config, load_directory, model_tasks
 from peft_core.registry import METHOD_CONFIGS, with_tokenizer
@@ -126,6 +127,7 @@ def _add_envelope_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=values["precision"], default=TrainConfig.precision)
     parser.add_argument("--schedule", choices=values["schedule"], default=TrainConfig.schedule)
     parser.add_argument("--attn", choices=values["attn"], default=TrainConfig.attn)
+    parser.add_argument("--quantize", choices=values["quantize"], default=TrainConfig.quantize)
     parser.add_argument("--grad-accum", type=int, default=TrainConfig.grad_accum)
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations"
@@ -158,9 +160,14 @@ def run_train(args: argparse.Namespace) -> int:
     base = resolve_base(args.model)
     task, train_rows, val_rows = _load_rows(args, base)
     labels = label_names(train_rows) if task == "seq-cls" else None
+    try:
+        refuse_quantized(args.method, train_config.quantize)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     dtype = compute_dtype(train_config.precision, DEVICE)
-    model, tokenizer = _load_base(base, task, labels, args.cache_dir, dtype)
-    model.to(DEVICE)
+    model, tokenizer = _load_base(base, task, labels, args.cache_dir, dtype, train_config.quantize)
+    if train_config.quantize == "none":  # a quantised base is placed as it loads
+        model.to(DEVICE)
     base_metrics = evaluate(
         model, tokenizer, task=task, rows=val_rows, config=train_config, label_names=labels
     )
@@ -263,7 +270,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             eval_every=args.eval_every, seed=args.seed, precision=args.precision,
             schedule=args.schedule, attn=args.attn, grad_accum=args.grad_accum,
             gradient_checkpointing=args.gradient_checkpointing, grad_clip=args.max_grad_norm,
-            early_stop_patience=args.early_stop_patience,
+            early_stop_patience=args.early_stop_patience, quantize=args.quantize,
         )  # fmt: skip
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -332,11 +339,24 @@ def _file_format(path: Path) -> str:
     return suffix
 
 
-def _load_base(base: Base, task: str, labels: list[str] | None, cache_dir: Path | None, dtype=None):
-    """The base model in `dtype`, the run's precision."""
+def _load_base(
+    base: Base,
+    task: str,
+    labels: list[str] | None,
+    cache_dir: Path | None,
+    dtype=None,
+    quantize: str = "none",
+):
+    """The base model in `dtype`, the run's precision; quantised through bitsandbytes."""
     if task not in base.tasks:
         raise UsageError(f"model {base.name!r} supports {', '.join(base.tasks)}, not {task}")
     num_labels = len(labels or ()) or 2
+    if quantize != "none":
+        directory = base.directory or model_dir(base.name, cache_dir=cache_dir)
+        name = str(dtype).removeprefix("torch.") if dtype is not None else None
+        return load_directory(
+            directory, task, num_labels=num_labels, dtype=name, quantize=quantize, device=DEVICE
+        )
     if base.directory is None:
         model, tokenizer = load_model(base.name, task, num_labels=num_labels, cache_dir=cache_dir)
         return model.to(dtype or torch.float32), tokenizer

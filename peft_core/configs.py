@@ -60,6 +60,20 @@ def modules_to_save() -> Any:
     )
 
 
+def refuse_quantized(method: str, quantize: str) -> None:
+    """A method that cannot train on a quantised base is refused, saying why."""
+    if quantize != "none" and method not in QUANTIZABLE_METHODS:
+        why = {
+            "dora": "DoRA's magnitude needs the base weight's column norms, which a "
+            "bitsandbytes weight does not give without dequantising every step",
+        }.get(method, "PEFT Lab has not checked it on a bitsandbytes base yet")
+        raise ConfigError(
+            "quantize",
+            f"{method} cannot train on a {quantize} base: {why}. Use quantize none, or "
+            f"one of {', '.join(QUANTIZABLE_METHODS)}",
+        )
+
+
 def target_spec(config: Any, name: str) -> TargetSpec:
     """A target field normalised: None and "all-linear" stay, a str must be a valid regex,
     a name or a list of names becomes a tuple."""
@@ -456,8 +470,15 @@ class MAMConfig:
 # The fields that decide which updates a run makes: a checkpoint resumes only under these.
 TRAJECTORY_FIELDS = (
     "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "grad_clip", "seed",
-    "schedule", "grad_accum", "precision",
+    "schedule", "grad_accum", "precision", "quantize",
 )  # fmt: skip
+QUANTIZE_CHOICES = (
+    ("none", "None"),
+    ("nf4", "NF4 (4-bit, QLoRA)"),
+    ("int8", "int8 (LLM.int8)"),
+)
+# The methods that train on a bitsandbytes base: adapters beside its (frozen) linears.
+QUANTIZABLE_METHODS = ("lora", "ia3", "prompt", "prefix")
 SCHEDULES = (
     ("linear", "Linear decay"),
     ("cosine", "Cosine decay"),
@@ -555,6 +576,15 @@ class TrainConfig:
         "else fp32.",
         kind=str,
         choices=PRECISIONS,
+    )
+    quantize: str = setting(
+        "none",
+        "Quantise the base",
+        "Load the frozen base in 4-bit NF4 (QLoRA) or int8 through bitsandbytes: about a "
+        "quarter (NF4) or half (int8) of bf16's weight memory. LoRA, (IA)³, prompt and "
+        "prefix tuning train on it; the adapter stays full precision.",
+        kind=str,
+        choices=QUANTIZE_CHOICES,
     )
     attn: str = setting(
         "auto",

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from peft_core.configs import IA3Config
+from peft_core.graph import in_out
 from peft_core.methods import Method, WrappedLinear
 from peft_core.target_match import matches
 from peft_core.targets import compact_target_names, ia3_default_paths, resolve_targets
@@ -59,7 +60,7 @@ class IA3Linear(WrappedLinear, nn.Module):
         self.feedforward = feedforward
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight (d_in, d_out)
         weight = base_layer.weight
-        d_out, d_in = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        d_in, d_out = in_out(base_layer)  # a bitsandbytes weight is packed: ask the layer
         # float32 vector even beside a bf16/fp16 base, like LoRA's factors
         dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
         shape = (1, d_in) if feedforward else (d_out, 1)  # HF PEFT's on-disk shapes

@@ -13,6 +13,7 @@ stored dtype, chat template, every Linear with its shape, and where each method 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,10 +79,45 @@ def resolve_dtype(stored: str, asked: str | None = None) -> torch.dtype:
     return dtype
 
 
+def quantization_config(quantize: str, compute_dtype: torch.dtype | None = None) -> Any:
+    """bitsandbytes' config for "nf4" (QLoRA: 4-bit NormalFloat, double quantisation) or
+    "int8" (LLM.int8); None for "none"."""
+    if quantize in (None, "none"):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelSourceError(f"quantize {quantize} needs bitsandbytes: pip install bitsandbytes")
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
+        )
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelSourceError(f"quantize must be none, nf4 or int8, got {quantize!r}")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(
+        getattr(model, "is_quantized", False) or getattr(model, "quantization_method", None)
+    )
+
+
 def load_directory(
-    directory: str | Path, task: str, *, num_labels: int = 2, dtype: str | None = None
+    directory: str | Path,
+    task: str,
+    *,
+    num_labels: int = 2,
+    dtype: str | None = None,
+    quantize: str = "none",
+    device: str = "cpu",
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The model (eval mode) and tokenizer for `task`, in its stored dtype unless `dtype`."""
+    """The model (eval mode) and tokenizer for `task`, in its stored dtype unless `dtype`;
+    with `quantize`, its linears in bitsandbytes' NF4 or int8, placed on `device`."""
     import torch
 
     files = model_files(directory)
@@ -99,12 +135,29 @@ def load_directory(
     }
     if task == "seq-cls":
         kwargs["num_labels"] = num_labels
+    bnb = quantization_config(
+        quantize, kwargs["dtype"] if kwargs["dtype"] != torch.float32 else None
+    )
+    if bnb is not None:
+        kwargs |= {"quantization_config": bnb, "device_map": {"": device}}
     with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(HEAD_INIT_SEED)  # a new classifier head, the same on every load
         model = _auto_class(task).from_pretrained(directory, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if bnb is not None:
+        keep_cpu_weights_trainable(model)
     return model.eval(), tokenizer
+
+
+def keep_cpu_weights_trainable(model: nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight for CPU inference, one way, on the first forward
+    in eval mode; a backward through the repacked weight gives no gradient to the layer's
+    input, so an adapter below it would learn nothing. Training evaluates in eval mode, so
+    the repacking stays off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def meta_model(config: PretrainedConfig, task: str) -> nn.Module:

@@ -48,7 +48,9 @@ def inference_latency(
     """{"base_ms", "adapter_ms", "merged_ms" (mergeable methods only)}, interleaved rounds."""
     was_training = model.training
     model.eval()
-    mergeable = peft_model.method_of(model).mergeable
+    # A quantised base cannot take a merge (its weights are packed): no merged timing.
+    quantized = bool(getattr(model, "is_quantized", False))
+    mergeable = peft_model.method_of(model).mergeable and not quantized
     rounds: dict[str, list[float]] = {"base_ms": [], "adapter_ms": [], "merged_ms": []}
     for _ in range(repeats):
         with peft_model.disabled(model):

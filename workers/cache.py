@@ -68,15 +68,29 @@ _known_bytes: dict[tuple, int] = {}  # weights_key -> its bytes when this proces
 
 
 def base_model_copy(
-    model: str | dict, task: str, num_labels: int, *, device: str = "cpu", dtype=None
+    model: str | dict,
+    task: str,
+    num_labels: int,
+    *,
+    device: str = "cpu",
+    dtype=None,
+    quantize: str = "none",
 ):
     """A copy of the cached base model that a run may adapt freely, and the (shared) tokenizer.
 
     `model` is a run's recorded weights (workers.models.weights_of), or a catalogue key. The
     cached model lives on `device`, in `dtype` if given, else as stored (a bundled model:
-    float32): a GPU worker that passes its device copies nothing to the GPU per run.
+    float32): a GPU worker that passes its device copies nothing to the GPU per run. A
+    quantised base (nf4, int8) is loaded for the run and not cached: bitsandbytes' packed
+    weights and their quantisation state do not survive a shared copy.
     """
     weights = weights_of(model, None) if isinstance(model, str) else model
+    if quantize != "none":
+        with _lock:
+            _evict(limit_bytes() - _expected_bytes(weights))
+        return load_weights(
+            weights, task, num_labels=num_labels, dtype=dtype, quantize=quantize, device=device
+        )
     source = weights_key(weights)
     stored = "float32" if weights["source"] == CATALOGUE_SOURCE else weights.get("dtype")
     dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else stored or "stored"

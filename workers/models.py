@@ -78,14 +78,23 @@ def weights_directory(weights: dict, *, download: bool = False) -> Path:
     return directory
 
 
-def load_weights(weights: dict, task: str, *, num_labels: int = 2, dtype=None):
+def load_weights(
+    weights: dict, task: str, *, num_labels: int = 2, dtype=None, quantize="none", device="cpu"
+):
     """The base model (eval mode) and tokenizer: a bundled one in float32 unless `dtype`, a
-    registered one in its stored dtype unless `dtype` (never upcast behind the user's back)."""
+    registered one in its stored dtype unless `dtype` (never upcast behind the user's back);
+    with `quantize` (nf4, int8) its linears in bitsandbytes' format, already on `device`."""
     import torch
 
     from peft_core.catalogue import load_model
     from peft_core.pretrained import load_directory
 
+    if quantize != "none":
+        name = str(dtype).removeprefix("torch.") if dtype is not None else None
+        directory = weights_directory(weights)
+        return load_directory(
+            directory, task, num_labels=num_labels, dtype=name, quantize=quantize, device=device
+        )
     if weights["source"] == CATALOGUE_SOURCE:
         model, tokenizer = load_model(
             weights["location"], task, num_labels=num_labels, cache_dir=settings.MODEL_CACHE_DIR

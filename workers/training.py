@@ -25,6 +25,7 @@ from peft_core.checkpoint import (
     checkpoint_from_files,
     checkpoint_to_files,
 )
+from peft_core.configs import refuse_quantized
 from peft_core.data import DatasetError, label_names, split_rows
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
 from peft_core.samples import sample_rows
@@ -327,8 +328,12 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
         config = dataclasses.replace(config, checkpoint_every=every)
     weights = weights_of(run.base_model, run.base_weights)
     dtype = compute_dtype(config.precision, DEVICE)  # the base in the run's precision
+    try:
+        refuse_quantized(run.method, config.quantize)
+    except ValueError as exc:
+        raise RunConfigError(str(exc)) from exc
     model, tokenizer = base_model_copy(
-        weights, task, len(labels or ()) or 2, device=DEVICE, dtype=dtype
+        weights, task, len(labels or ()) or 2, device=DEVICE, dtype=dtype, quantize=config.quantize
     )
     try:
         method_config = peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)

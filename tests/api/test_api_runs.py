@@ -334,3 +334,10 @@ def test_the_training_envelope_is_launched_through_the_api_and_judged_by_trainco
         )
         assert refused.status_code == 400 and field in refused.json(), (bad, refused.json())
     assert Run.objects.count() == 1
+
+
+def test_dora_on_a_4_bit_base_is_a_400_naming_quantize(cast, api):
+    body = _body(cast, method="dora", train_config={"quantize": "nf4"})
+    refused = api(cast.bob).post(reverse("api-runs"), body, format="json")
+    assert refused.status_code == 400 and "DoRA's magnitude" in refused.json()["quantize"][0]
+    assert not Run.objects.exists()

@@ -139,6 +139,7 @@ def test_the_attention_kernel_is_switched_and_flash_needs_its_package(model_cach
 CLI = ["train", "--model", "tiny-llama", "--dataset", "sample-instructions", "--method", "lora"]
 CLI += ["--precision", "bf16", "--grad-accum", "2", "--gradient-checkpointing"]
 CLI += ["--schedule", "cosine", "--warmup-steps", "1", "--seed", "3", "--steps", "3"]
+CLI += ["--quantize", "nf4"]
 CLI += ["--batch-size", "2", "--max-length", "48"]
 
 
@@ -150,7 +151,9 @@ def test_the_cli_trains_with_the_envelope_reproducibly_and_hf_peft_loads_it(tmp_
         assert main([*CLI, "--output", str(out), "--cache-dir", str(model_cache)]) == 0
     first, second = (out / "adapter_model.safetensors" for out in outputs)
     assert first.read_bytes() == second.read_bytes()  # same seed, same settings: same bytes
-    assert {t.dtype for t in load_file(first).values()} == {torch.float32}
+    tensors = load_file(first)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert max(float(t.abs().max()) for k, t in tensors.items() if "lora_B" in k) > 0  # learned
     assert json.loads((outputs[0] / "adapter_config.json").read_text())["lora_dropout"] == 0.05
 
     base, _ = catalogue.load_model("tiny-llama", "causal-lm", cache_dir=model_cache)
@@ -162,3 +165,28 @@ def test_the_cli_trains_with_the_envelope_reproducibly_and_hf_peft_loads_it(tmp_
     with torch.no_grad():
         gap = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max()
     assert gap <= 1e-5
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_quantised_base_trains_lora_after_an_eval_mode_forward(model_cache, rows, quantize):
+    """bitsandbytes repacks a 4-bit weight for CPU inference on an eval-mode forward, after
+    which no gradient reaches the layers below: the base evaluation before training must not
+    leave the adapter unable to learn."""
+    from peft_core.pretrained import load_directory
+
+    directory = catalogue.model_dir("tiny-llama", cache_dir=model_cache)
+    model, tokenizer = load_directory(directory, "causal-lm", dtype="bfloat16", quantize=quantize)
+    assert model.is_quantized
+    peft_core.apply(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        model.eval()(input_ids=torch.tensor([[1, 40, 41]]))  # as the base evaluation does
+    _train(model, tokenizer, rows, precision="bf16", learning_rate=1e-2)
+    grads_reached = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert all(float(p.abs().max()) > 0 for p in grads_reached)
+
+
+def test_methods_that_cannot_sit_on_a_quantised_base_are_refused(tmp_path, model_cache, capsys):
+    args = [*CLI[:6], "dora", *CLI[7:], "--output", str(tmp_path), "--cache-dir", str(model_cache)]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "dora cannot train on a nf4 base: DoRA's magnitude" in capsys.readouterr().err

@@ -214,3 +214,14 @@ def test_a_run_in_bf16_with_accumulation_checkpointing_and_cosine_succeeds(cast)
     rates = MetricPoint.objects.filter(run=run, key="learning_rate").order_by("step")
     assert [round(p.value, 6) for p in rates][:2] == [2e-4, 2e-4]  # warmup 1, then the peak
     assert rates.last().value < rates.first().value
+
+
+def test_a_qlora_run_trains_on_an_nf4_base_and_measures_no_merged_latency(cast):
+    train = {"steps": STEPS, "batch_size": 2, "max_length": 64, "eval_every": 0}
+    train |= {"precision": "bf16", "quantize": "nf4", "learning_rate": 1e-2}
+    run = _queued(cast, train_config=train)
+    assert execute_run(run.id, worker="test") == "succeeded"
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    assert run.summary["eval_loss"] < run.summary["base_eval_loss"]
+    assert "merged_ms" not in run.profile and run.profile["adapter_ms"] > 0

@@ -6,14 +6,14 @@ from django.template.defaultfilters import filesizeformat
 
 from peft_core.catalogue import CATALOGUE
 from peft_core.checks import ConfigError, config_field
-from peft_core.configs import TrainConfig
+from peft_core.configs import TrainConfig, refuse_quantized
 from webapp.experiments.method_forms import method_choices, settings_field
 from webapp.experiments.models import TaskType
 from webapp.registry.selectors import launch_model_choices, model_for_team
 
 ADVANCED_TRAINING = (
-    "schedule", "warmup_steps", "grad_accum", "gradient_checkpointing", "precision", "attn",
-    "grad_clip", "early_stop_patience", "seed",
+    "schedule", "warmup_steps", "grad_accum", "gradient_checkpointing", "precision",
+    "quantize", "attn", "grad_clip", "early_stop_patience", "seed",
 )  # fmt: skip
 
 
@@ -95,6 +95,7 @@ class LaunchForm(forms.Form):
     grad_accum = settings_field(TrainConfig, "grad_accum")
     gradient_checkpointing = settings_field(TrainConfig, "gradient_checkpointing")
     precision = settings_field(TrainConfig, "precision")
+    quantize = settings_field(TrainConfig, "quantize")
     attn = settings_field(TrainConfig, "attn")
     grad_clip = settings_field(TrainConfig, "grad_clip")
     early_stop_patience = settings_field(TrainConfig, "early_stop_patience")
@@ -162,6 +163,15 @@ class RunForm(LaunchForm):
         help_text="The parameter-efficient method: the base model stays frozen and only a "
         "small add-on is trained. Its own settings follow.",
     )
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("method") and not self.errors:
+            try:
+                refuse_quantized(cleaned["method"], self.train_config().get("quantize", "none"))
+            except ConfigError as error:
+                self.add_error("quantize", str(error))
+        return cleaned
 
 
 class SweepForm(LaunchForm):

@@ -28,6 +28,7 @@ from peft_core.configs import (
     PrefixTuningConfig,
     PromptTuningConfig,
     TrainConfig,
+    refuse_quantized,
 )
 from peft_core.registry import METHOD_CONFIGS, build_config
 
@@ -307,7 +308,7 @@ class SweepItem:
 TRAIN_AXIS = "train"
 TRAIN_GRID_FIELDS = (
     "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "schedule",
-    "grad_accum", "gradient_checkpointing", "precision", "attn", "grad_clip", "seed",
+    "grad_accum", "gradient_checkpointing", "precision", "quantize", "attn", "grad_clip", "seed",
 )  # fmt: skip
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -356,14 +357,17 @@ def expand_sweep(
 
 
 def _with_training(item: SweepItem, texts: dict[str, str], base: dict | None) -> SweepItem:
-    """`item` with the grid's training settings, typed and judged by TrainConfig."""
+    """`item` with the grid's training settings, typed and judged by TrainConfig (and whether
+    the method trains on the base they quantise)."""
+    train = {name: _typed(TrainConfig, name, text) for name, text in texts.items()}
+    settings = ({} if base is None else base) | train
+    try:
+        TrainConfig(**settings)
+        refuse_quantized(item.method, settings.get("quantize", "none"))
+    except ConfigError as error:
+        raise ValidationError(f"{item.label}: {error}") from None
     if not texts:
         return item
-    train = {name: _typed(TrainConfig, name, text) for name, text in texts.items()}
-    try:
-        TrainConfig(**({} if base is None else base) | train)
-    except ConfigError as error:
-        raise ValidationError(f"train {texts}: {error}") from None
     label = " ".join([item.label, *(f"{TRAIN_AXIS}.{k}={v}" for k, v in texts.items())])
     return SweepItem(item.method, item.config, label, train)
 
