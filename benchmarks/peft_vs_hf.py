@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/peft_vs_hf.py [--model small|smollm2] [--rounds 10]
         [--batch 8 --seq 128] [--dtype fp32|bf16] [--device cpu|cuda] [--method NAME] [--json]
+        [--dropout 0 --dropout 0.05]
+
+LoRA and DoRA run once per --dropout (default: 0 and the product's default, 0.05; the same
+lora_dropout on both sides), so the rows at the defaults people train with sit beside the
+dropout-0 rows, named "lora all-linear d=0.05". With dropout the two sides draw different
+masks, so their first losses differ (`loss_diff` is then not ~0).
 
 For every method both libraries have (LoRA, DoRA, IA3, prompt and prefix tuning)
 peft_core and HF PEFT adapt copies of the same base model with the same config,
@@ -55,38 +61,36 @@ class Case:
     hf: Callable[[], Any] | None  # -> a peft config, None where HF PEFT has no such method
 
 
-def cases() -> list[Case]:
+DEFAULT_DROPOUTS = (0.0, 0.05)  # off (the same work as HF's default) and the product's default
+
+
+def cases(dropouts: tuple[float, ...] = DEFAULT_DROPOUTS) -> list[Case]:
     import peft
 
     import peft_core as pc
 
-    # Dropout off on both sides (HF PEFT's default is 0, ours 0.05): the same work is timed.
-    def hf_lora(targets, dora=False):
+    # The same lora_dropout on both sides (HF PEFT's default is 0, ours 0.05).
+    def hf_lora(targets, dropout, dora=False):
         return lambda: peft.LoraConfig(
-            task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=targets, use_dora=dora
-        )
+            task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=dropout,
+            target_modules=targets, use_dora=dora,
+        )  # fmt: skip
+
+    def low_rank(name, config_cls, targets, dora):
+        return [
+            Case(
+                name if not dropout else f"{name} d={dropout:g}",
+                lambda d=dropout: config_cls(r=8, alpha=16, dropout=d, target_modules=targets),
+                hf_lora(targets, dropout, dora),
+            )
+            for dropout in dropouts
+        ]
 
     return [
-        Case(
-            "lora q,v",
-            lambda: pc.LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=QV),
-            hf_lora(QV),
-        ),
-        Case(
-            "lora all-linear",
-            lambda: pc.LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
-            hf_lora("all-linear"),
-        ),
-        Case(
-            "dora q,v",
-            lambda: pc.DoraConfig(r=8, alpha=16, dropout=0.0, target_modules=QV),
-            hf_lora(QV, True),
-        ),
-        Case(
-            "dora all-linear",
-            lambda: pc.DoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
-            hf_lora("all-linear", True),
-        ),
+        *low_rank("lora q,v", pc.LoraConfig, QV, False),
+        *low_rank("lora all-linear", pc.LoraConfig, "all-linear", False),
+        *low_rank("dora q,v", pc.DoraConfig, QV, True),
+        *low_rank("dora all-linear", pc.DoraConfig, "all-linear", True),
         Case("ia3", pc.IA3Config, lambda: peft.IA3Config(task_type="CAUSAL_LM")),
         Case(
             "prefix 20",
@@ -259,6 +263,7 @@ def measure_peaks(args: argparse.Namespace) -> dict[str, float]:
 def _forwarded(args: argparse.Namespace) -> list[str]:
     flags = ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
     flags += ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    flags += [flag for value in args.dropouts or () for flag in ("--dropout", str(value))]
     return flags + [flag for name in args.methods or () for flag in ("--method", name)]
 
 
@@ -299,11 +304,11 @@ def print_table(rows: list[dict[str, Any]], times: dict[str, list[float]], args)
         f"# model {args.model}, {args.dtype} on {args.device}, batch {args.batch}x{args.seq}, "
         f"{args.rounds} rounds (+{args.warmup} warm-up), {torch.get_num_threads()} threads"
     )
-    head = f"{'method':<16}{'ours ms':>9}{'HF ms':>9}{'floor ms':>9}{'ours/HF':>9}"
+    head = f"{'method':<22}{'ours ms':>9}{'HF ms':>9}{'floor ms':>9}{'ours/HF':>9}"
     print(head + f"{'ours/fl':>9}{'HF/fl':>9}{'ours MB':>9}{'HF MB':>9}{'|dloss|':>9}")
     for r in rows:
         print(
-            f"{r['method']:<16}{r['ours_ms']:>9.1f}{_fmt(r['hf_ms'], '.1f'):>9}"
+            f"{r['method']:<22}{r['ours_ms']:>9.1f}{_fmt(r['hf_ms'], '.1f'):>9}"
             f"{r['floor_ms']:>9.1f}{_fmt(r['ratio'], '.3f'):>9}{r['floor_ratio']:>9.3f}"
             f"{_fmt(r['hf_floor_ratio'], '.3f'):>9}{_fmt(r['ours_peak_mb'], '.1f'):>9}"
             f"{_fmt(r['hf_peak_mb'], '.1f'):>9}{_fmt(r['loss_diff'], '.1e'):>9}"
@@ -328,6 +333,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--method", action="append", dest="methods", help="run only this one (repeatable)"
     )
+    parser.add_argument(
+        "--dropout",
+        action="append",
+        type=float,
+        dest="dropouts",
+        help="LoRA/DoRA dropout, repeatable (default: 0 and 0.05)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--peak-child", action="store_true", help=argparse.SUPPRESS)
@@ -335,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def select(args: argparse.Namespace) -> list[Case]:
-    every = cases()
+    every = cases(tuple(args.dropouts or DEFAULT_DROPOUTS))
     if not args.methods:
         return every
     wanted = args.methods
