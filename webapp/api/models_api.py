@@ -66,16 +66,8 @@ class ModelList(APIView):
         form = ModelRegisterForm(request.data, teams=teams)
         if not form.is_valid():
             raise ValidationError(form_errors(form))
-        data = form.cleaned_data
         with service_errors():
-            model = services.model_register(
-                user=request.user,
-                team=data["team"],
-                name=data["name"],
-                title=data["title"],
-                path=data["path"].strip(),
-                hub=data["hub"].strip(),
-            )
+            model = services.model_register(user=request.user, **form.register_kwargs())
         body = BaseModelDetailSerializer(model, context={"request": request}).data
         return Response(body, status=status.HTTP_201_CREATED)
 

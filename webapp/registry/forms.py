@@ -37,3 +37,9 @@ class ModelRegisterForm(forms.Form):
         if bool(cleaned.get("path")) == bool(cleaned.get("hub")):
             raise forms.ValidationError("Give either a local directory or a Hub id@revision.")
         return cleaned
+
+    def register_kwargs(self) -> dict:
+        """The arguments of services.model_register, from the cleaned form."""
+        data = self.cleaned_data
+        fields = {key: data[key] for key in ("team", "name", "title")}
+        return fields | {"path": data["path"].strip(), "hub": data["hub"].strip()}

@@ -101,8 +101,3 @@ def upload_models(*, team: Team) -> dict[str, dict]:
             "revision": row.commit or None,
         }  # fmt: skip
     return models
-
-
-def model_tasks(*, team: Team, name: str) -> tuple[str, ...]:
-    row = model_for_team(team=team, name=name)
-    return tuple(row.tasks) if row is not None and row.is_ready else ()

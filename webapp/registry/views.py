@@ -62,14 +62,7 @@ def model_register(request):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            model = services.model_register(
-                user=request.user,
-                team=data["team"],
-                name=data["name"],
-                title=data["title"],
-                path=data["path"].strip(),
-                hub=data["hub"].strip(),
-            )
+            model = services.model_register(user=request.user, **form.register_kwargs())
         except (ValidationError, PermissionDenied) as exc:
             form.add_error("hub" if data["hub"] else "path", error_text(exc))
         else:
