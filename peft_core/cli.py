@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from peft_core import apply, save_adapter, trainable_parameters
 from peft_core.catalogue import CATALOGUE, load_model, model_dir, upstream_name
-from peft_core.checks import settings
-from peft_core.configs import refuse_quantized
+from peft_core.checks import ConfigError, settings
+from peft_core.configs import refuse_packing, refuse_quantized
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
 from peft_core.pretrained import load_config, load_directory, model_tasks
 from peft_core.registry import METHOD_CONFIGS, with_tokenizer
@@ -134,6 +134,11 @@ def _add_envelope_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-grad-norm", type=float, default=TrainConfig.grad_clip)
     parser.add_argument("--early-stop-patience", type=int, default=TrainConfig.early_stop_patience)
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="causal LM: several examples per row of --max-length tokens, kept apart",
+    )
 
 
 # --- peftlab models / datasets ----------------------------------------------
@@ -162,6 +167,7 @@ def run_train(args: argparse.Namespace) -> int:
     labels = label_names(train_rows) if task == "seq-cls" else None
     try:
         refuse_quantized(args.method, train_config.quantize)
+        refuse_packing(train_config.packing, method=args.method, task=task)
     except ValueError as error:
         raise UsageError(str(error)) from None
     dtype = compute_dtype(train_config.precision, DEVICE)
@@ -178,11 +184,15 @@ def run_train(args: argparse.Namespace) -> int:
     with open(args.output / METRICS_FILE, "w") as metrics_file:
         callbacks = ProgressCallbacks(train_config.steps, metrics_file)
         callbacks.on_eval(0, base_metrics)
-        result = train(
-            model, tokenizer, task=task, train_rows=train_rows, val_rows=val_rows,
-            config=train_config, callbacks=callbacks, label_names=labels,
-        )  # fmt: skip
-        callbacks.close()
+        try:
+            result = train(
+                model, tokenizer, task=task, train_rows=train_rows, val_rows=val_rows,
+                config=train_config, callbacks=callbacks, label_names=labels,
+            )  # fmt: skip
+        except ConfigError as error:  # a setting the loaded model refuses (e.g. packing)
+            raise UsageError(str(error)) from None
+        finally:
+            callbacks.close()
     save_adapter(model, args.output, base_model_name_or_path=base.upstream, revision=base.revision)
     _print_summary(base_metrics, result.metrics, result.wall_s, args.output)
     return 0
@@ -271,6 +281,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             schedule=args.schedule, attn=args.attn, grad_accum=args.grad_accum,
             gradient_checkpointing=args.gradient_checkpointing, grad_clip=args.max_grad_norm,
             early_stop_patience=args.early_stop_patience, quantize=args.quantize,
+            packing=args.packing,
         )  # fmt: skip
     except ValueError as error:
         raise UsageError(str(error)) from None

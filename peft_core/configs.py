@@ -74,6 +74,26 @@ def refuse_quantized(method: str, quantize: str) -> None:
         )
 
 
+def refuse_packing(packing: bool, *, method: str | None = None, task: str | None = None) -> None:
+    """Packing (TrainConfig.packing) is refused, saying why, for a task or a method whose
+    examples cannot share a row; each caller passes what it knows. The model itself is
+    judged when it is loaded (peft_core.packing)."""
+    if not packing:
+        return
+    if task is not None and task != "causal-lm":
+        raise ConfigError(
+            "packing",
+            f"packing is for causal LM training; a {task} example is one row with one label, "
+            "so there is nothing to concatenate. Turn packing off",
+        )
+    if method in UNPACKABLE_METHODS:
+        raise ConfigError(
+            "packing",
+            f"{method} cannot train packed: {UNPACKABLE_METHODS[method]}. Turn packing off, or "
+            "use a method that adapts layers (lora, dora, ia3, bottleneck)",
+        )
+
+
 def target_spec(config: Any, name: str) -> TargetSpec:
     """A target field normalised: None and "all-linear" stay, a str must be a valid regex,
     a name or a list of names becomes a tuple."""
@@ -470,7 +490,7 @@ class MAMConfig:
 # The fields that decide which updates a run makes: a checkpoint resumes only under these.
 TRAJECTORY_FIELDS = (
     "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "grad_clip", "seed",
-    "schedule", "grad_accum", "precision", "quantize",
+    "schedule", "grad_accum", "precision", "quantize", "packing",
 )  # fmt: skip
 QUANTIZE_CHOICES = (
     ("none", "None"),
@@ -479,6 +499,18 @@ QUANTIZE_CHOICES = (
 )
 # The methods that train on a bitsandbytes base: adapters beside its (frozen) linears.
 QUANTIZABLE_METHODS = ("lora", "ia3", "prompt", "prefix")
+# The methods that put something before a row's tokens, which a packed row's examples cannot
+# each see (why, for the message).
+_PREFIX_WHY = (
+    "its keys and values reach each attention through a KV cache and a widened attention "
+    "mask, and transformers keeps packed examples apart only without either"
+)
+UNPACKABLE_METHODS = {
+    "prompt": "its virtual tokens are prepended once per row, so in a packed row only the "
+    "first example would read them",
+    "prefix": _PREFIX_WHY,
+    "mam": f"its prefix half: {_PREFIX_WHY}",
+}
 SCHEDULES = (
     ("linear", "Linear decay"),
     ("cosine", "Cosine decay"),
@@ -593,6 +625,14 @@ class TrainConfig:
         "(plain matmuls) or flash (flash-attn 2, where installed).",
         kind=str,
         choices=ATTENTIONS,
+    )
+    packing: bool = setting(
+        False,
+        "Packing",
+        "Causal LM: concatenate examples into rows of max_length tokens, each example "
+        "attending only to itself with its positions restarting, so a batch is nearly free "
+        "of padding; batch_size then counts rows. Evaluation stays unpacked.",
+        kind=bool,
     )
     early_stop_patience: int = setting(
         0,

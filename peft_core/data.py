@@ -25,6 +25,25 @@ A batch is a dict of (B, T) tensors: input_ids, attention_mask, and labels,
 which are (B, T) token ids with IGNORE_INDEX on prompt and padding for causal
 LM, and (B,) class ids for seq-cls. Padding is on the right.
 
+Packing (causal LM, `train_batches(..., pack_length=T)`): a row holds whole examples end to
+end, as many as fit in T tokens in the epoch's shuffled order (the next example that does not
+fit starts the next row), then padding. The batch also has position_ids (B, T), which restart
+at 0 with every example (and with the padding after the last); labels are IGNORE_INDEX on
+each example's first token, so the loss never asks an example's last token to predict the
+next example's first. attention_mask is still 1 on every example token (what counts as
+trained tokens); the model is given the position ids instead of it (peft_core.packing), and
+transformers makes attention block-diagonal causal from their restarts, so each example sees
+only itself, exactly as if it were alone in its row:
+
+    input_ids     a0 a1 a2 b0 b1 c0 c1 c2 p  p        (a, b, c examples; p padding)
+    position_ids  0  1  2  0  1  0  1  2  0  1
+    labels        -  a1 a2 -  b1 -  c1 c2 -  -        (- IGNORE_INDEX; prompts too)
+
+Evaluation is not packed (`eval_batches`): an example's loss is the same packed or not, but
+eval_batches counts batches, and a packed batch holds more examples, so packed evaluation
+would score another subset of the validation rows. Unpacked, a packed run and an unpacked
+one are scored on the same supervised tokens, by the same token-weighted mean.
+
 Importing this module loads neither torch nor transformers: the web parses uploads with
 it. Only `collate` (and so the batch iterators) imports torch, when called.
 """
@@ -524,17 +543,23 @@ def train_batches(
     pad_token_id: int,
     seed: int = 0,
     skip: int = 0,
+    pack_length: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches: epoch e is ordered by Random(seed + e), then the next starts.
 
     A batch never straddles two epochs, so the last batch of an epoch may be smaller.
     The stream starts after its first `skip` batches, which are not built: a run resumed
     after step k trains on exactly the batches the uninterrupted run saw after step k.
+    With `pack_length`, a batch is `batch_size` packed rows of up to pack_length tokens
+    (module docstring), made from the same epoch orders.
     """
     if not examples:
         raise ValueError("no training examples")
     if skip < 0:
         raise ValueError(f"skip must be >= 0, got {skip}")
+    if pack_length is not None:
+        yield from _packed_batches(examples, batch_size, pad_token_id, seed, skip, pack_length)
+        return
     batches_per_epoch = -(-len(examples) // batch_size)  # ceil
     epoch, first_batch = divmod(skip, batches_per_epoch)
     while True:
@@ -544,6 +569,91 @@ def train_batches(
             chunk = [examples[index] for index in order[start : start + batch_size]]
             yield collate(chunk, pad_token_id=pad_token_id)
         epoch, first_batch = epoch + 1, 0
+
+
+def _packed_batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_token_id: int,
+    seed: int,
+    skip: int,
+    pack_length: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """train_batches' stream of packed batches. How many rows an epoch packs depends on its
+    order, so skipped epochs are packed (lengths only: no tensors) to be counted."""
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        random.Random(seed + epoch).shuffle(order)
+        rows = pack_examples([examples[index] for index in order], pack_length)
+        starts = range(0, len(rows), batch_size)
+        for start in starts[skip:]:
+            yield collate_packed(rows[start : start + batch_size], pad_token_id=pad_token_id)
+        skip = max(0, skip - len(starts))
+        epoch += 1
+
+
+def pack_examples(examples: Sequence[Example], pack_length: int) -> list[tuple[Example, ...]]:
+    """Whole examples in their order, grouped into rows of at most pack_length tokens: an
+    example that does not fit in the current row starts the next (next fit; never split,
+    so each keeps its context)."""
+    rows: list[tuple[Example, ...]] = []
+    row: list[Example] = []
+    used = 0
+    for example in examples:
+        if isinstance(example.labels, int):
+            raise ValueError("packing is for causal LM examples, not classification")
+        size = len(example.input_ids)
+        if size > pack_length:
+            raise ValueError(f"an example of {size} tokens does not fit a row of {pack_length}")
+        if used + size > pack_length:
+            rows.append(tuple(row))
+            row, used = [], 0
+        row.append(example)
+        used += size
+    if row:
+        rows.append(tuple(row))
+    return rows
+
+
+def collate_packed(
+    rows: Sequence[Sequence[Example]], *, pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) input_ids, attention_mask, labels and position_ids of packed rows,
+    as the module docstring draws them."""
+    import torch  # see collate
+
+    flat = [_packed_row(row) for row in rows]
+    width = max(len(ids) for ids, _, _ in flat)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, (ids, row_labels, positions) in enumerate(flat):
+        size = len(ids)
+        input_ids[index, :size] = torch.tensor(ids)
+        attention_mask[index, :size] = 1
+        labels[index, :size] = torch.tensor(row_labels)
+        position_ids[index, :size] = torch.tensor(positions)
+        position_ids[index, size:] = torch.arange(width - size)  # the padding: a block of its own
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "position_ids": position_ids,
+    }
+
+
+def _packed_row(row: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
+    """(input ids, labels, position ids) of one row's examples end to end."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for example in row:
+        ids += example.input_ids
+        labels += [IGNORE_INDEX, *example.labels[1:]]  # never predicted from the example before
+        positions += range(len(example.input_ids))
+    return ids, labels, positions
 
 
 def eval_batches(

@@ -15,6 +15,9 @@ fp32); fp16 scales the loss (torch.amp.GradScaler) and a step whose scaled gradi
 overflow is the scaler's to skip, not a divergence. `gradient_checkpointing` recomputes each
 block's activations in the backward pass (transformers' non-reentrant checkpointing).
 `early_stop_patience` ends training after that many evaluations without a lower eval loss.
+`packing` trains on rows of several causal-LM examples that attend only to themselves
+(data.py draws one; peft_core.packing refuses a model, task or method that cannot); the
+evaluation stays unpacked, so its loss compares with an unpacked run's.
 
 Whatever is trainable is trained (`peft_core.apply` leaves only the adapter and a
 classification head trainable), so this loop knows no PEFT method. It reports
@@ -49,13 +52,14 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peft_core import data
+from peft_core import data, packing
 from peft_core.checkpoint import Checkpoint, CheckpointError, capture_checkpoint, restore_checkpoint
 from peft_core.configs import TRAJECTORY_FIELDS, TrainConfig
 from peft_core.data import IGNORE_INDEX, Example, eval_batches, tokenize_rows, train_batches
@@ -128,10 +132,13 @@ def train(
     )
     torch.manual_seed(config.seed)
     prepare_model(model, config)
+    if config.packing:  # refused with the reason before any step (peft_core.packing)
+        packing.refuse_unpackable(model, task=task, autocast=autocast(config, _device_of(model)))
     loop = _Loop(model, tokenizer, config, callbacks)
     if resume is not None:
         loop.restore(resume)
-    return loop.run(train_examples, val_examples)
+    with packing.no_kv_cache(model) if config.packing else nullcontext():
+        return loop.run(train_examples, val_examples)
 
 
 def evaluate(
@@ -357,6 +364,9 @@ class _Loop:
             pad_token_id=self.pad_token_id,
             seed=self.config.seed,
             skip=self.start_step * self.config.grad_accum,
+            pack_length=effective_max_length(self.model, self.config)
+            if self.config.packing
+            else None,
         )
         steps_done, stopped = self._train_steps(batches, val_examples, started)
         if not stopped and not self.early_stopped:
@@ -411,7 +421,8 @@ class _Loop:
         learning_rate = self.schedule.get_last_lr()[0]
         losses, tokens = [], 0
         for batch in micro:
-            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+            batch_tokens = int(batch["attention_mask"].sum())  # non-padding, packed or not
+            batch = {k: v.to(self.device) for k, v in packing.model_batch(batch).items()}
             with autocast(self.config, self.device):
                 loss = self.model(**batch).loss
             losses.append(loss.detach())
@@ -419,7 +430,7 @@ class _Loop:
                 break
             scaled = loss / len(micro)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens
         loss = torch.stack(losses).float().mean()
         grad_norm = None
         if torch.isfinite(loss):
