@@ -23,14 +23,20 @@ The norm never materialises W0 + ΔW (each row i, costing one W0·Aᵀ):
     ‖W0_i + s·B_i·A‖² = ‖W0_i‖² + 2s·B_i·(A·W0_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ
 
 ‖W0_i‖² is kept between steps (W0 is frozen) and recomputed when W0's version
-counter moves (merge, load_state_dict). While training without dropout, the step
-is written out by hand (`DoraLinearFunction`, LoRA's `LowRankLinear` with g):
+counter moves (merge, load_state_dict); the norm is computed in the adapter's dtype, also
+under autocast (a 4-bit W0 is dequantised for it). While training, the step is written out
+by hand (`DoraStep`, LoRA's step of lora_steps.py with g; it applies where LoRA's does),
+with u = x̃·Aᵀ and, writing v = x̃·W0ᵀ and z = v + s·u·Bᵀ:
 
-    forward    u = x·Aᵀ;  z = x·W0ᵀ + s·u·Bᵀ (one buffer);  h = g ⊙ z + b
-    backward   ∂g = Σ_n ∂h ⊙ z;  ∂z = g ⊙ ∂h;  then LoRA's backward with ∂z
+    forward    without dropout (v = x·W0ᵀ):  h = g ⊙ z + b          (z one buffer)
+               with dropout:  h = x·W0ᵀ + b + g ⊙ z − v              (two base matmuls)
+    backward   ∂g = Σ_n ∂h ⊙ z;  ∂z = g ⊙ ∂h;  ∂u = s·∂z·B;  ∂A = ∂uᵀ·x̃;  ∂B = s·∂zᵀ·u
+               ∂x = ∂z·W0 + ∂u·A                                    without dropout
+               ∂x = ∂h·W0 + (((g − 1) ⊙ ∂h)·W0 + ∂u·A) ⊙ M/(1 − p)   with dropout
 
-It keeps one (n, d_out) tensor for backward where the autograd of HF PEFT's form
-keeps two, and makes three elementwise passes over (n, d_out) instead of about ten.
+It keeps one (n, d_out) tensor (z) for backward where the autograd of HF PEFT's form keeps
+two or more, and makes a few elementwise passes over (n, d_out) instead of about ten.
+v runs in the dtype HF PEFT gives it: autocast's, else the adapter's (W0 upcast).
 
 Merge: W0 ← g ⊙ (W0 + ΔW) per output row, remembering ‖W0 + ΔW‖_r (the norm
 of the unmerged weight); unmerge: W0 ← W'/g − ΔW. GPT-2's Conv1D stores the
@@ -50,7 +56,8 @@ from torch import nn
 
 from peft_core import lora
 from peft_core.configs import DoraConfig, LoraConfig
-from peft_core.lora import LoraLinear, low_rank_backward
+from peft_core.lora import LoraLinear
+from peft_core.lora_steps import add_product, base_grad, drop, no_autocast, redrop
 from peft_core.methods import Method
 
 
@@ -67,12 +74,14 @@ class DoraLinear(LoraLinear):
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """‖W0 + s·B·A‖ per output row, (d_out,), detached, without forming W0 + s·B·A."""
+        """‖W0 + s·B·A‖ per output row, (d_out,), detached, without forming W0 + s·B·A; in
+        the adapter's dtype even under autocast (a 4-bit W0 is dequantised for it)."""
         a, b, s = self.lora_A.weight, self.lora_B.weight, self.scale  # (r, d_in), (d_out, r)
-        w0 = self.out_major_weight().to(a.dtype)  # (d_out, d_in), a view
-        base = self._base_square(w0)  # ‖W0_i‖²
-        cross = (b * (w0 @ a.T)).sum(dim=1)  # B_i·(A·W0_iᵀ)    (d_out, r) -> (d_out,)
-        low_rank = (b @ (a @ a.T) * b).sum(dim=1)  # B_i·(A·Aᵀ)·B_iᵀ
+        with no_autocast(a.device):
+            w0 = self.frozen().weight(a.dtype)  # (d_out, d_in), a view where no cast is needed
+            base = self._base_square(w0)  # ‖W0_i‖²
+            cross = (b * (w0 @ a.T)).sum(dim=1)  # B_i·(A·W0_iᵀ)    (d_out, r) -> (d_out,)
+            low_rank = (b @ (a @ a.T) * b).sum(dim=1)  # B_i·(A·Aᵀ)·B_iᵀ
         return (base + 2 * s * cross + s * s * low_rank).clamp_min(0).sqrt()
 
     def _base_square(self, w0: torch.Tensor) -> torch.Tensor:
@@ -87,15 +96,23 @@ class DoraLinear(LoraLinear):
         if self.disabled or self.merged:
             return self.base_layer(x)
         g = self.lora_magnitude_vector / self.weight_norm()  # (d_out,)
-        if self.fast_path_applies(x):
-            a, b, w0 = self.lora_A.weight, self.lora_B.weight, self.out_major_weight()
-            return DoraLinearFunction.apply(x, w0, self.base_layer.bias, a, b, self.scale, g)
+        step = self.fast_step(x)
+        if step is not None:
+            a, b = self.lora_A.weight, self.lora_B.weight
+            return DoraStep.apply(x, step, self._dropped_dtype(x), a, b, g)
         y = self.base_layer(x)  # (…, d_out)
         dropping = self.training and not isinstance(self.lora_dropout, nn.Identity)
         x_drop = self.lora_dropout(x)
         w0_x = self._without_bias(self.base_layer(x_drop) if dropping else y)
         low_rank = self.lora_B(self.lora_A(x_drop.to(self.lora_A.weight.dtype))) * self.scale
         return y + ((g - 1) * w0_x + g * low_rank).to(y.dtype)
+
+    def _dropped_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """HF PEFT's dtype for x̃·W0ᵀ: autocast's where it is on, else the adapter's (it upcasts W0)."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.lora_A.weight.dtype
 
     def _without_bias(self, y: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias
@@ -127,28 +144,77 @@ class DoraLinear(LoraLinear):
         self.merged = False
 
 
-class DoraLinearFunction(torch.autograd.Function):
-    """h = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b for a frozen W0, b; the module docstring's step."""
+class DoraStep(torch.autograd.Function):
+    """h = x·W0ᵀ + b + (g − 1) ⊙ x̃·W0ᵀ + g ⊙ s·(x̃·Aᵀ)·Bᵀ for a frozen W0, b (the module
+    docstring's step); inputs x, step (lora_steps.Step, one member), dropped (the dtype of
+    x̃·W0ᵀ), A, B, g."""
 
     @staticmethod
-    def forward(ctx, x, w0, bias, a, b, scale, g):  # noqa: ANN001, ANN205
-        x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
-        u = x2 @ a.T  # (n, r)
-        z = (x2 @ w0.T).addmm_(u, b.T, alpha=scale)  # (n, d_out)
-        h = z * g if bias is None else torch.addcmul(bias, z, g)
-        ctx.save_for_backward(x2, u, z, g, w0, a, b)
-        ctx.scale = scale
-        return h.view(*x.shape[:-1], h.shape[-1])
+    def forward(ctx, x, step, dropped, a, b, g):  # noqa: ANN001, ANN205
+        base, low = step.members[0], a.dtype
+        with no_autocast(x.device):
+            x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
+            (x_drop,), masks = drop(x2.to(low), step, 1)
+            u = x_drop @ a.T  # (n, r)
+            if masks:
+                v = base.linear(x_drop, dropped, bias=False)  # x̃·W0ᵀ (n, d_out)
+                z = torch.addmm(v.to(low), u, b.T, alpha=base.scale)  # z̃ = x̃·W0ᵀ + s·u·Bᵀ
+                h = base.linear(x2, step.compute).to(step.output)  # x·W0ᵀ + b
+                h = _add_scaled(h, z, g, v)
+            else:
+                z = add_product(
+                    base.linear(x2, step.compute, bias=False).to(low), u, b.T, base.scale
+                )
+                bias = base.layer.bias
+                h = z * g if bias is None else torch.addcmul(bias, z, g)
+        ctx.save_for_backward(x2, u, z, g, a, b, *masks)
+        ctx.step, ctx.dropped = step, dropped
+        return h.to(step.output).view(*x.shape[:-1], h.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x2, u, z, g, w0, a, b = ctx.saved_tensors
-        grad_h = grad.reshape(-1, grad.shape[-1])  # (n, d_out)
-        grad_g = (grad_h * z).sum(dim=0) if ctx.needs_input_grad[6] else None
-        grad_x, grad_a, grad_b = low_rank_backward(ctx, grad_h * g, x2, u, w0, a, b)
-        if grad_x is not None:
-            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
-        return grad_x, None, None, grad_a, grad_b, None, grad_g
+        x2, u, z, g, a, b, *masks = ctx.saved_tensors
+        step, low = ctx.step, a.dtype
+        base = step.members[0]
+        with no_autocast(x2.device):
+            grad_h = grad.reshape(-1, grad.shape[-1])  # (n, d_out)
+            grad_low = grad_h.to(low)
+            grad_g = (grad_low * z).sum(dim=0) if ctx.needs_input_grad[5] else None
+            grad_z = grad_low * g  # ∂z = g ⊙ ∂h, what LoRA's step sees
+            grad_u = (grad_z @ b).mul_(base.scale)  # (n, r)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                if masks:
+                    grad_x = _dropped_grad_input(
+                        ctx, x2.dtype, grad_h, grad_low, grad_z, grad_u, a, masks[0]
+                    )
+                else:
+                    grad_x = add_product(base_grad(step, [grad_z], x2.dtype), grad_u, a)
+                grad_x = grad_x.view(*grad.shape[:-1], -1)
+            x_low = x2.to(low)
+            x_drop = redrop(x_low, masks[0], step) if masks else x_low
+            grad_a = grad_u.T @ x_drop if ctx.needs_input_grad[3] else None
+            grad_b = (u.T @ grad_z).mul_(base.scale).T if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_a, grad_b, grad_g
+
+
+def _add_scaled(h: torch.Tensor, z: torch.Tensor, g: torch.Tensor, v: torch.Tensor):
+    """h + g ⊙ z̃ − x̃·W0ᵀ, rounded once into h's dtype: h + (g − 1) ⊙ x̃·W0ᵀ + g ⊙ s·u·Bᵀ."""
+    if h.dtype == z.dtype == v.dtype:
+        return h.addcmul_(z, g).sub_(v)
+    return h.add_(z.mul(g).sub_(v))
+
+
+def _dropped_grad_input(ctx, x_dtype, grad_h, grad_low, grad_z, grad_u, a, mask):  # noqa: ANN001, ANN202
+    """∂x = ∂h·W0 + M/(1 − p) ⊙ (((g − 1) ⊙ ∂h)·W0 + ∂u·A), where (g − 1) ⊙ ∂h = ∂z − ∂h."""
+    step, dropped = ctx.step, ctx.dropped
+    base = step.members[0]
+    through_base = (grad_z - grad_low).to(dropped) @ base.weight(dropped)  # (n, d_in)
+    dropped_part = add_product(through_base.to(a.dtype), grad_u, a)
+    grad_x = base_grad(step, [grad_h], x_dtype)
+    if grad_x.dtype == dropped_part.dtype:
+        return grad_x.addcmul_(dropped_part, mask, value=step.keep)
+    return grad_x.add_(dropped_part.mul_(mask), alpha=step.keep)
 
 
 def inject_dora(model: nn.Module, config: DoraConfig) -> list[str]:

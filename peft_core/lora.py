@@ -16,20 +16,20 @@ trainable low-rank update beside it (eq. 3 of the paper):
 
 Forward computes ((x·Aᵀ)·Bᵀ)·scale and never materialises B·A; merge folds
 W0 += scale·B·A into the base weight and unmerge subtracts it again.
-While training, the step is written out by hand (`LowRankLinear`) so that every
-product is one matmul and nothing else touches a full (n, d_out) tensor, with
-g = ∂L/∂h (n, d_out) and n = tokens:
+While training, the step is written out by hand (lora_steps.py, which states it in full):
+with dropout mask M (x̃ = x ⊙ M/(1 − p)), g = ∂L/∂h (n, d_out) and n = tokens,
 
-    forward    u = x·Aᵀ (n, r);  h = x·W0ᵀ + b, then h += s·u·Bᵀ in place
-    backward   ∂u = s·g·B;  ∂x = g·W0 + ∂u·A;  ∂A = ∂uᵀ·x;  ∂B = s·gᵀ·u
+    forward    u = x̃·Aᵀ (n, r);  h = x·W0ᵀ + b, then h += s·u·Bᵀ in place
+    backward   ∂u = s·g·B;  ∂x = g·W0 + (∂u·A) ⊙ M/(1 − p);  ∂A = ∂uᵀ·x̃;  ∂B = s·gᵀ·u
 
-(autograd of the plain forward adds three elementwise passes and a sum of two
-(n, d_in) input gradients). It applies when W0 is frozen, dropout is off and x,
-W0 and the factors share a dtype; the plain forward covers everything else.
+It applies whenever W0 is frozen: with or without dropout, under autocast, on a half base
+with fp32 factors, under gradient checkpointing and on a 4-bit bitsandbytes base; the plain
+forward covers the rest (a trainable base, an int8 base, autocast to a dtype the base is not in).
 Siblings their parent calls on one x (q, k, v; gate, up: SHARED_INPUT_GROUPS)
-take the step together (`SharedInput`, `LowRankGroup`): u = x·[A_q; A_k; A_v]ᵀ in
-one matmul and ∂x = Σ_i g_i·W0_i + ∂u·[A_q; A_k; A_v] in one buffer. Each layer
-keeps its own lora_A / lora_B, so the saved adapter is unchanged.
+take the step together (`SharedInput`): each draws its own dropout mask, as in HF PEFT,
+and ∂x = Σ_i g_i·W0_i + Σ_i (∂u_i·A_i) ⊙ M_i/(1 − p) fills one buffer (without dropout
+u = x·[A_q; A_k; A_v]ᵀ is one matmul). Each layer keeps its own lora_A / lora_B, so the
+saved adapter is unchanged.
 scale = α/r, or α/√r with rank-stabilised LoRA (Kalajdzievski 2023,
 arXiv:2312.03732). Init: A ~ kaiming-uniform(a=√5), B = 0, so ΔW = 0 and the
 adapted model starts equal to the base model.
@@ -47,11 +47,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from peft_core.configs import LoraConfig, lora_scale
 from peft_core.graph import in_out
+from peft_core.lora_steps import Frozen, LowRankStep, Step, compute_dtype, output_dtype
 from peft_core.methods import Method, WrappedLinear
 from peft_core.targets import compact_target_names, resolve_targets
 
@@ -90,25 +90,35 @@ class LoraLinear(WrappedLinear, nn.Module):
             return self.base_layer(x)
         if self.shared_input is not None and self.shared_input.applies(x):
             return self.shared_input.output(self, x)
-        if self.fast_path_applies(x):
-            a, b = self.lora_A.weight, self.lora_B.weight
-            return LowRankLinear.apply(
-                x, self.out_major_weight(), self.base_layer.bias, a, b, self.scale
-            )
+        step = self.fast_step(x)
+        if step is not None:
+            return LowRankStep.apply(x, step, self.lora_A.weight, self.lora_B.weight)[0]
         y = self.base_layer(x)  # (…, d_out)
         x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         return y + (self.lora_B(self.lora_A(x)) * self.scale).to(y.dtype)  # (…, r) -> (…, d_out)
 
-    def fast_path_applies(self, x: torch.Tensor) -> bool:
-        """Whether LowRankLinear computes this forward: frozen base, no dropout, one dtype."""
-        base = self.base_layer
+    def fast_step(self, x: torch.Tensor) -> Step | None:
+        """The hand-written step's settings for x (lora_steps.py), or None where the plain
+        forward runs: a trainable base, factors of two dtypes, a base it cannot reproduce."""
+        base, a, b = self.base_layer, self.lora_A.weight, self.lora_B.weight
         frozen = not base.weight.requires_grad and (
             base.bias is None or not base.bias.requires_grad
         )
-        no_dropout = not self.training or isinstance(self.lora_dropout, nn.Identity)
-        dtype = self.lora_A.weight.dtype
-        same_dtype = x.dtype == base.weight.dtype == dtype == self.lora_B.weight.dtype
-        return frozen and no_dropout and same_dtype and not torch.is_autocast_enabled(x.device.type)
+        if not (frozen and x.is_floating_point() and a.dtype == b.dtype):
+            return None
+        compute = compute_dtype(base, x)
+        if compute is None:
+            return None
+        dropping = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        p = self.lora_dropout.p if dropping else 0.0
+        return Step((self.frozen(),), p, compute, output_dtype(base, x, compute))
+
+    def fast_path_applies(self, x: torch.Tensor) -> bool:
+        """Whether the hand-written step computes this forward (see fast_step)."""
+        return self.fast_step(x) is not None
+
+    def frozen(self) -> Frozen:
+        return Frozen(self.base_layer, self.fan_in_fan_out, self.scale)
 
     def out_major_weight(self) -> torch.Tensor:
         """The base weight viewed as (d_out, d_in), whatever its layout."""
@@ -138,31 +148,14 @@ class LoraLinear(WrappedLinear, nn.Module):
         return f"scale={self.scale:g}, fan_in_fan_out={self.fan_in_fan_out}"
 
 
-class LowRankLinear(torch.autograd.Function):
-    """h = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ for a frozen W0 (d_out, d_in), b; the module docstring's step."""
-
-    @staticmethod
-    def forward(ctx, x, w0, bias, a, b, scale):  # noqa: ANN001, ANN205
-        x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
-        u = x2 @ a.T  # (n, r)
-        h = F.linear(x2, w0, bias).addmm_(u, b.T, alpha=scale)  # (n, d_out)
-        ctx.save_for_backward(x2, u, w0, a, b)
-        ctx.scale = scale
-        return h.view(*x.shape[:-1], h.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x2, u, w0, a, b = ctx.saved_tensors
-        grad_x, grad_a, grad_b = low_rank_backward(ctx, grad, x2, u, w0, a, b)
-        return grad_x, None, None, grad_a, grad_b, None
-
-
 class SharedInput:
     """Sibling layers their parent calls on one tensor x, in any order (q, k, v; gate, up).
 
-    The first call computes every member's output in one `LowRankGroup` step and keeps the
-    others' until they are asked for with the same x (same object, unchanged): one x·[A_q; A_k;
-    A_v]ᵀ, and in backward one ∂x buffer for all members instead of a sum of three.
+    The first call computes every member's output in one `LowRankStep` (drawing each member's
+    dropout mask in member order) and keeps the others' until they are asked for with the same
+    x (same object, unchanged): in backward one ∂x buffer for all members instead of a sum of
+    three. A forward cut short (checkpointing's recompute stops once it has what backward
+    needs) leaves outputs pending; the next forward's first call replaces them.
     """
 
     def __init__(self, members: list["LoraLinear"]):
@@ -178,6 +171,12 @@ class SharedInput:
         usable = self.shared and all(not m.disabled and not m.merged for m in layers)
         return usable and all(m.fast_path_applies(x) for m in layers)
 
+    def step(self, x: torch.Tensor) -> Step:
+        """One Step for every member: each its own W0, b, s; the first one's dropout and dtypes."""
+        first = self.members[0].fast_step(x)
+        frozen = tuple(m.frozen() for m in self.members)
+        return Step(frozen, first.p, first.compute, first.output)
+
     def output(self, layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor:
         index = self.members.index(layer)
         if index in self.pending:
@@ -189,72 +188,14 @@ class SharedInput:
             self.shared = False  # the members see different inputs (cross-attention): stop
             self.pending, self.x = {}, None
             return layer(x)
-        weights = [t for m in self.members for t in _fast_path_tensors(m)]
-        outputs = LowRankGroup.apply(x, tuple(m.scale for m in self.members), *weights)
+        factors = [t for m in self.members for t in (m.lora_A.weight, m.lora_B.weight)]
+        outputs = LowRankStep.apply(x, self.step(x), *factors)
         self.pending = {i: out for i, out in enumerate(outputs) if i != index}
         self.x, self.version, self.grad = x, x._version, torch.is_grad_enabled()
         return outputs[index]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "pending": {}, "x": None}
-
-
-def _fast_path_tensors(layer: LoraLinear) -> tuple[torch.Tensor, ...]:
-    bias = layer.base_layer.bias
-    return layer.out_major_weight(), bias, layer.lora_A.weight, layer.lora_B.weight
-
-
-class LowRankGroup(torch.autograd.Function):
-    """LowRankLinear for k layers sharing x: inputs x, scales, then (W0, b, A, B) per layer."""
-
-    @staticmethod
-    def forward(ctx, x, scales, *weights):  # noqa: ANN001, ANN205
-        x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
-        w0s, biases, a_s, b_s = weights[0::4], weights[1::4], weights[2::4], weights[3::4]
-        u = x2 @ torch.cat(a_s).T  # (n, Σr): one pass over x for every A
-        us = u.split([a.shape[0] for a in a_s], dim=1)
-        outs = [
-            F.linear(x2, w0, bias).addmm_(u_i, b.T, alpha=s)
-            for w0, bias, u_i, b, s in zip(w0s, biases, us, b_s, scales, strict=True)
-        ]
-        ctx.save_for_backward(x2, u, *weights)
-        ctx.scales = scales
-        return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
-
-    @staticmethod
-    def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        x2, u, *weights = ctx.saved_tensors
-        w0s, a_s, b_s = weights[0::4], weights[2::4], weights[3::4]
-        gs = [g.reshape(-1, g.shape[-1]) for g in grads]  # (n, d_out_i)
-        us = u.split([a.shape[0] for a in a_s], dim=1)
-        grad_u = torch.cat(
-            [(g @ b).mul_(s) for g, b, s in zip(gs, b_s, ctx.scales, strict=True)], dim=1
-        )
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gs[0] @ w0s[0]  # one buffer: Σ_i g_i·W0_i + ∂u·[A_1; …; A_k]
-            for g, w0 in zip(gs[1:], w0s[1:], strict=True):
-                grad_x.addmm_(g, w0)
-            grad_x = grad_x.addmm_(grad_u, torch.cat(a_s)).view(*grads[0].shape[:-1], -1)
-        grad_a_s = (grad_u.T @ x2).split([a.shape[0] for a in a_s])  # (r_i, d_in) each
-        grad_weights = []
-        for g, u_i, grad_a, s in zip(gs, us, grad_a_s, ctx.scales, strict=True):
-            grad_weights += [None, None, grad_a, (u_i.T @ g).mul_(s).T]
-        return grad_x, None, *grad_weights
-
-
-def low_rank_backward(ctx, grad, x2, u, w0, a, b):  # noqa: ANN001, ANN201
-    """∂x, ∂A, ∂B of h = x·W0ᵀ + s·u·Bᵀ, u = x·Aᵀ, from g = ∂L/∂h (…, d_out); None if unneeded."""
-    g = grad.reshape(-1, grad.shape[-1])  # (n, d_out)
-    grad_u = (g @ b).mul_(ctx.scale)  # (n, r)
-    grad_x = grad_a = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = (g @ w0).addmm_(grad_u, a).view(*grad.shape[:-1], w0.shape[1])
-    if ctx.needs_input_grad[3]:
-        grad_a = grad_u.T @ x2  # (r, d_in)
-    if ctx.needs_input_grad[4]:
-        grad_b = (u.T @ g).mul_(ctx.scale).T  # (d_out, r); uᵀ·g is the faster layout
-    return grad_x, grad_a, grad_b
 
 
 def inject_lora(

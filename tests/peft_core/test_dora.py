@@ -103,22 +103,25 @@ def test_norm_is_detached_from_the_gradient(kind):
     assert not torch.allclose(ours[1], through_norm[1])
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("kind", LAYOUTS)
-def test_hand_written_step_matches_autograd_of_hf_peft_form(kind):
-    """DoraLinearFunction against the plain forward (h = y + (g−1)·W0x + g·s·BAx): same output,
-    same gradients for x, A, B and the magnitude."""
-    layer = make_layer(kind).double()
-    layer.base_layer.requires_grad_(False)
+def test_hand_written_step_matches_autograd_of_hf_peft_form(kind, dropout):
+    """DoraStep (frozen base) against the plain forward h = y + (g−1)·W0x̃ + g·s·BAx̃ (the same
+    layer with its base trainable): same output, same gradients for x, A, B and the magnitude,
+    with the same dropout masks."""
+    layer = make_layer(kind).double().train()
+    layer.lora_dropout = nn.Dropout(dropout)
     x = torch.randn(3, 4, D_IN, dtype=torch.float64)
+    trainable = [layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector]
     results = []
-    for dropout in (nn.Identity(), nn.Dropout(0.0)):  # fast path, then the plain one
-        layer.lora_dropout = dropout
-        assert layer.fast_path_applies(x) == isinstance(dropout, nn.Identity)
+    for base_trainable in (False, True):  # the hand-written step, then the plain path
+        layer.base_layer.requires_grad_(base_trainable)
+        assert layer.fast_path_applies(x) is not base_trainable
         x_in = x.clone().requires_grad_()
+        torch.manual_seed(5)
         out = layer(x_in)
         out.sin().sum().backward()
-        params = [p.grad for p in layer.parameters() if p.requires_grad]
-        results.append([out.detach(), x_in.grad, *params])
+        results.append([out.detach(), x_in.grad, *(p.grad for p in trainable)])
         layer.zero_grad(set_to_none=True)
     for got, expected in zip(*results, strict=True):
         assert_close(got, expected)

@@ -132,27 +132,31 @@ def test_lora_linear_forward_is_w0x_plus_scaled_bax(base_cls):
 
 
 def _forward_and_grads(layer: LoraLinear, x: torch.Tensor) -> list[torch.Tensor]:
-    """Output, then the gradients of x and of every trainable tensor, for a non-linear loss."""
+    """Output, then the gradients of x, A and B for a non-linear loss (dropout masks seeded)."""
     x = x.clone().requires_grad_()
+    torch.manual_seed(3)
     out = layer(x)
     out.sin().sum().backward()
-    grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    grads = [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
     layer.zero_grad(set_to_none=True)
     return [out.detach(), *grads]
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("base_cls", [nn.Linear, Conv1D])
-def test_hand_written_step_matches_autograd_of_the_plain_forward(base_cls):
-    """LowRankLinear (dropout off, frozen base) against the plain path (dropout p=0 module)."""
+def test_hand_written_step_matches_autograd_of_the_plain_forward(base_cls, dropout):
+    """The hand-written step (frozen base) against the plain path (the same layer with its
+    base trainable, which the step leaves to autograd): same output, same gradients of x, A
+    and B, with the same dropout masks (both draw nn.Dropout's)."""
     torch.manual_seed(0)
     base = nn.Linear(16, 24) if base_cls is nn.Linear else Conv1D(24, 16)
     base.requires_grad_(False)
-    layer = LoraLinear(base, r=4, alpha=8, dropout=0.0, rslora=False).double().train()
+    layer = LoraLinear(base, r=4, alpha=8, dropout=dropout, rslora=False).double().train()
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     assert layer.fast_path_applies(x)
     fast = _forward_and_grads(layer, x)
-    layer.lora_dropout = nn.Dropout(0.0)  # same math, but the plain autograd path
+    base.requires_grad_(True)
     assert not layer.fast_path_applies(x)
     plain = _forward_and_grads(layer, x)
     for got, expected in zip(fast, plain, strict=True):
@@ -160,15 +164,13 @@ def test_hand_written_step_matches_autograd_of_the_plain_forward(base_cls):
 
 
 def test_hand_written_step_is_skipped_where_it_does_not_apply():
-    layer = LoraLinear(nn.Linear(8, 8), r=2, alpha=4, dropout=0.0, rslora=False)
+    layer = LoraLinear(nn.Linear(8, 8), r=2, alpha=4, dropout=0.5, rslora=False).train()
     x = torch.randn(2, 8)
     assert not layer.fast_path_applies(x)  # the base weight is trainable here
     layer.base_layer.requires_grad_(False)
-    assert layer.fast_path_applies(x)
-    assert not layer.fast_path_applies(x.double())  # dtypes differ
-    layer.lora_dropout = nn.Dropout(0.5)
-    assert not layer.train().fast_path_applies(x)
-    assert layer.eval().fast_path_applies(x)  # dropout is the identity in eval
+    assert layer.fast_path_applies(x)  # dropout is part of the step
+    assert not layer.fast_path_applies(x.double())  # x and W0 differ and no autocast joins them
+    assert layer.eval().fast_path_applies(x)
 
 
 def _group_names(model: nn.Module) -> set[tuple[str, ...]]:
