@@ -25,7 +25,8 @@ from peft_core.checkpoint import (
     checkpoint_from_files,
     checkpoint_to_files,
 )
-from peft_core.configs import refuse_quantized
+from peft_core.checks import ConfigError
+from peft_core.configs import refuse_packing, refuse_quantized
 from peft_core.data import DatasetError, label_names, split_rows
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
 from peft_core.samples import sample_rows
@@ -277,7 +278,7 @@ def failure_class_of(exc: BaseException) -> FailureClass:
         return FailureClass.TIME_LIMIT
     if isinstance(exc, DatasetError):
         return FailureClass.DATASET
-    if isinstance(exc, RunConfigError):
+    if isinstance(exc, RunConfigError | ConfigError):  # ConfigError: the loaded model refused it
         return FailureClass.CONFIG
     if isinstance(exc, ModelSourceError):
         return FailureClass.MODEL
@@ -330,6 +331,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     dtype = compute_dtype(config.precision, DEVICE)  # the base in the run's precision
     try:
         refuse_quantized(run.method, config.quantize)
+        refuse_packing(config.packing, method=run.method, task=task)
     except ValueError as exc:
         raise RunConfigError(str(exc)) from exc
     model, tokenizer = base_model_copy(

@@ -341,3 +341,21 @@ def test_dora_on_a_4_bit_base_is_a_400_naming_quantize(cast, api):
     refused = api(cast.bob).post(reverse("api-runs"), body, format="json")
     assert refused.status_code == 400 and "DoRA's magnitude" in refused.json()["quantize"][0]
     assert not Run.objects.exists()
+
+
+def test_packing_reaches_the_run_and_is_a_400_where_examples_cannot_share_a_row(cast, api):
+    body = _body(cast, train_config={"steps": 12, "packing": True})
+    response = api(cast.bob).post(reverse("api-runs"), body, format="json")
+    assert response.status_code == 201, response.json()
+    assert Run.objects.get().train_config["packing"] is True
+    for change, message in (
+        ({"method": "prompt", "method_config": {}}, "prompt cannot train packed: its virtual"),
+        ({"dataset": cast.datasets["sample-sentiment"].id}, "packing is for causal LM training"),
+    ):
+        body = _body(cast, train_config={"packing": True}, **change)
+        refused = api(cast.bob).post(reverse("api-runs"), body, format="json")
+        assert refused.status_code == 400 and message in refused.json()["packing"][0], change
+        unpacked = _body(cast, train_config={"packing": False}, **change)
+        assert api(cast.bob).post(reverse("api-runs"), unpacked, format="json").status_code == 201
+    assert Run.objects.count() == 3
+    assert [r.train_config.get("packing") for r in Run.objects.order_by("id")] == [True, None, None]

@@ -119,3 +119,21 @@ def test_a_quantised_base_is_refused_for_a_method_that_cannot_sit_on_it(cast, ap
     assert "dora cannot train on a nf4 base" in " ".join(refused.json()["grid"])
     body = _body(cast, methods=["lora", "ia3"], grid={"train.quantize": ["none", "nf4"]})
     assert api(cast.bob).post(reverse("api-sweeps"), body, format="json").status_code == 201
+
+
+def test_packing_is_a_grid_axis_refused_for_methods_and_tasks_that_cannot_pack(cast, api):
+    body = _body(cast, methods=["lora", "ia3"], grid={"train.packing": ["true", "false"]})
+    response = api(cast.bob).post(reverse("api-sweeps"), body, format="json")
+    assert response.status_code == 201, response.json()
+    runs = Run.objects.filter(sweep_id=response.json()["id"])
+    seen = {(r.method, r.train_config["packing"]) for r in runs}
+    assert seen == {("lora", True), ("lora", False), ("ia3", True), ("ia3", False)}
+
+    for change, message in (
+        ({"methods": ["lora", "prefix"]}, "prefix cannot train packed"),
+        ({"dataset": cast.datasets["sample-sentiment"].id}, "packing is for causal LM training"),
+    ):
+        body = _body(cast, grid={"train.packing": ["false", "true"]}, **change)
+        refused = api(cast.bob).post(reverse("api-sweeps"), body, format="json")
+        assert refused.status_code == 400 and message in " ".join(refused.json()["grid"]), change
+    assert Run.objects.count() == 4

@@ -225,3 +225,25 @@ def test_a_qlora_run_trains_on_an_nf4_base_and_measures_no_merged_latency(cast):
     assert run.status == RunStatus.SUCCEEDED, run.error
     assert run.summary["eval_loss"] < run.summary["base_eval_loss"]
     assert "merged_ms" not in run.profile and run.profile["adapter_ms"] > 0
+
+
+def test_a_packed_run_succeeds_and_a_method_that_cannot_pack_fails_as_config(cast):
+    train = {"steps": STEPS, "batch_size": 2, "max_length": 128, "eval_every": 0}
+    run = _queued(cast, train_config=train | {"packing": True})
+    unpacked = _queued(cast, train_config=train)
+    for each in (run, unpacked):
+        assert execute_run(each.id, worker="test") == "succeeded"
+        each.refresh_from_db()
+        assert each.status == RunStatus.SUCCEEDED, each.error
+    tokens = {
+        r.id: MetricPoint.objects.filter(run=r, key="tokens").order_by("step").last().value
+        for r in (run, unpacked)
+    }
+    assert tokens[run.id] > tokens[unpacked.id]  # rows of several examples
+    prompt = _queued(
+        cast, method="prompt", method_config={}, train_config=train | {"packing": True}
+    )
+    assert execute_run(prompt.id, worker="test") == "failed"
+    prompt.refresh_from_db()
+    assert (prompt.status, prompt.failure_class) == (RunStatus.FAILED, "config")
+    assert "prompt cannot train packed" in prompt.error

@@ -67,7 +67,9 @@ def sweep_form_validate(*, user, payload: dict) -> tuple[SweepForm, list[SweepIt
         raise ValidationError(form_errors(form))
     try:
         cleaned = form.cleaned_data
-        items = expand_sweep(cleaned["methods"], cleaned["grid"], form.train_config())
+        items = expand_sweep(
+            cleaned["methods"], cleaned["grid"], form.train_config(), cleaned["dataset"].task
+        )
     except DjangoValidationError as exc:
         raise ValidationError({"grid": exc.messages}) from None
     return form, items

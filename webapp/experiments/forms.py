@@ -6,14 +6,14 @@ from django.template.defaultfilters import filesizeformat
 
 from peft_core.catalogue import CATALOGUE
 from peft_core.checks import ConfigError, config_field
-from peft_core.configs import TrainConfig, refuse_quantized
+from peft_core.configs import TrainConfig, refuse_packing, refuse_quantized
 from webapp.experiments.method_forms import method_choices, settings_field
 from webapp.experiments.models import TaskType
 from webapp.registry.selectors import launch_model_choices, model_for_team
 
 ADVANCED_TRAINING = (
     "schedule", "warmup_steps", "grad_accum", "gradient_checkpointing", "precision",
-    "quantize", "attn", "grad_clip", "early_stop_patience", "seed",
+    "quantize", "attn", "packing", "grad_clip", "early_stop_patience", "seed",
 )  # fmt: skip
 
 
@@ -97,6 +97,7 @@ class LaunchForm(forms.Form):
     precision = settings_field(TrainConfig, "precision")
     quantize = settings_field(TrainConfig, "quantize")
     attn = settings_field(TrainConfig, "attn")
+    packing = settings_field(TrainConfig, "packing")
     grad_clip = settings_field(TrainConfig, "grad_clip")
     early_stop_patience = settings_field(TrainConfig, "early_stop_patience")
     seed = settings_field(TrainConfig, "seed")
@@ -131,7 +132,8 @@ class LaunchForm(forms.Form):
         cleaned = self._check_model(super().clean())
         if not self.errors:  # TrainConfig judges the complete settings, as for a method
             try:
-                TrainConfig(**self.train_config())
+                config = TrainConfig(**self.train_config())
+                refuse_packing(config.packing, task=cleaned["dataset"].task)
             except ConfigError as error:
                 self.add_error(error.field if error.field in self.fields else None, str(error))
         return cleaned
@@ -167,10 +169,12 @@ class RunForm(LaunchForm):
     def clean(self):
         cleaned = super().clean()
         if cleaned.get("method") and not self.errors:
+            train = self.train_config()
             try:
-                refuse_quantized(cleaned["method"], self.train_config().get("quantize", "none"))
+                refuse_quantized(cleaned["method"], train.get("quantize", "none"))
+                refuse_packing(train.get("packing", False), method=cleaned["method"])
             except ConfigError as error:
-                self.add_error("quantize", str(error))
+                self.add_error(error.field, str(error))
         return cleaned
 
 

@@ -28,6 +28,7 @@ from peft_core.configs import (
     PrefixTuningConfig,
     PromptTuningConfig,
     TrainConfig,
+    refuse_packing,
     refuse_quantized,
 )
 from peft_core.registry import METHOD_CONFIGS, build_config
@@ -308,7 +309,8 @@ class SweepItem:
 TRAIN_AXIS = "train"
 TRAIN_GRID_FIELDS = (
     "steps", "batch_size", "learning_rate", "max_length", "warmup_steps", "schedule",
-    "grad_accum", "gradient_checkpointing", "precision", "quantize", "attn", "grad_clip", "seed",
+    "grad_accum", "gradient_checkpointing", "precision", "quantize", "attn", "packing",
+    "grad_clip", "seed",
 )  # fmt: skip
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -333,11 +335,14 @@ def method_form_initial(method: str, config: dict) -> dict:
 
 
 def expand_sweep(
-    methods: list[str], grid: dict[str, list[str]], train_config: dict | None = None
+    methods: list[str],
+    grid: dict[str, list[str]],
+    train_config: dict | None = None,
+    task: str | None = None,
 ) -> list[SweepItem]:
     """Every method × every combination of its listed values × every combination of the
     "train." lists, each judged by its method's form (and so its config) and, given the
-    launch's `train_config`, by TrainConfig."""
+    launch's `train_config`, by TrainConfig (and, given the dataset's `task`, whether it packs)."""
     _check_grid_keys(methods, grid)
     train_lists = {k.split(".", 1)[1]: v for k, v in grid.items() if k.startswith(TRAIN_AXIS + ".")}
     trains = [
@@ -350,20 +355,23 @@ def expand_sweep(
         for combo in itertools.product(*lists.values()):
             overrides = dict(zip(lists, combo, strict=True))
             item = _sweep_item(method, overrides)
-            items += [_with_training(item, train, train_config) for train in trains]
+            items += [_with_training(item, train, train_config, task) for train in trains]
     if len(items) > MAX_SWEEP_RUNS:
         raise ValidationError(f"{len(items)} runs: a sweep holds at most {MAX_SWEEP_RUNS}.")
     return items
 
 
-def _with_training(item: SweepItem, texts: dict[str, str], base: dict | None) -> SweepItem:
+def _with_training(
+    item: SweepItem, texts: dict[str, str], base: dict | None, task: str | None
+) -> SweepItem:
     """`item` with the grid's training settings, typed and judged by TrainConfig (and whether
-    the method trains on the base they quantise)."""
+    the method trains on the base they quantise, and packed on the task)."""
     train = {name: _typed(TrainConfig, name, text) for name, text in texts.items()}
     settings = ({} if base is None else base) | train
     try:
-        TrainConfig(**settings)
-        refuse_quantized(item.method, settings.get("quantize", "none"))
+        config = TrainConfig(**settings)
+        refuse_quantized(item.method, config.quantize)
+        refuse_packing(config.packing, method=item.method, task=task)
     except ConfigError as error:
         raise ValidationError(f"{item.label}: {error}") from None
     if not texts:

@@ -382,7 +382,9 @@ def sweep_new(request):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            items = expand_sweep(data["methods"], data["grid"], form.train_config())
+            items = expand_sweep(
+                data["methods"], data["grid"], form.train_config(), data["dataset"].task
+            )
         except ValidationError as exc:
             form.add_error("grid", exc)
         else:
