@@ -62,7 +62,8 @@ from transformers import PreTrainedTokenizerBase
 from peft_core import data, packing
 from peft_core.checkpoint import Checkpoint, CheckpointError, capture_checkpoint, restore_checkpoint
 from peft_core.configs import TRAJECTORY_FIELDS, TrainConfig
-from peft_core.data import IGNORE_INDEX, Example, eval_batches, tokenize_rows, train_batches
+from peft_core.data import Example, eval_batches, tokenize_rows, train_batches
+from peft_core.loss import causal_lm_loss
 
 
 class Callbacks:
@@ -238,8 +239,7 @@ def evaluate_examples(
     for batch in batches:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with autocast(config, device):
-            logits = _forward(model, batch).logits
-        batch_loss, batch_count, batch_correct = _summed_loss(logits.float(), batch["labels"])
+            batch_loss, batch_count, batch_correct = _summed_loss(model, batch)
         loss_sum, count, correct = (
             loss_sum + batch_loss,
             count + batch_count,
@@ -254,18 +254,23 @@ def evaluate_examples(
     return metrics
 
 
-def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+def _summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
     """(summed loss, supervised count, correct predictions) for one batch."""
+    labels = batch["labels"]
     if labels.dim() == 1:  # seq-cls: logits (B, C), labels (B,)
+        logits = _forward(model, batch).logits.float()
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         return loss.item(), labels.numel(), (logits.argmax(-1) == labels).sum().item()
-    # causal LM: position t predicts token t+1
-    shifted_logits = logits[:, :-1].reshape(-1, logits.size(-1))  # (B·(T−1), V)
-    shifted_labels = labels[:, 1:].reshape(-1)  # (B·(T−1),)
-    loss = nn.functional.cross_entropy(
-        shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss.item(), (shifted_labels != IGNORE_INDEX).sum().item(), 0
+    summed, count = causal_lm_loss(model, batch)  # position t predicts token t + 1
+    return summed.item(), count, 0
+
+
+def _train_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's mean loss: the model's own for seq-cls, the chunked head's for a causal LM."""
+    if batch["labels"].dim() == 1:
+        return model(**batch).loss
+    summed, count = causal_lm_loss(model, batch)
+    return summed / count  # nan for a batch with nothing supervised: a skipped step
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]):
@@ -424,7 +429,7 @@ class _Loop:
             batch_tokens = int(batch["attention_mask"].sum())  # non-padding, packed or not
             batch = {k: v.to(self.device) for k, v in packing.model_batch(batch).items()}
             with autocast(self.config, self.device):
-                loss = self.model(**batch).loss
+                loss = _train_loss(self.model, batch)
             losses.append(loss.detach())
             if not torch.isfinite(loss):
                 break

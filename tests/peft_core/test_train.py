@@ -177,7 +177,7 @@ def poison_losses(model, steps: set[int]) -> None:
 
     def hook(module, args, output):
         if module.training and next(calls) in steps:
-            output.loss = output.loss * float("nan")
+            output.logits = output.logits * float("nan")  # the loss is computed from them
         return output
 
     model.register_forward_hook(hook)
