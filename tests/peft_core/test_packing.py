@@ -364,3 +364,27 @@ def test_the_cli_refuses_packing_where_it_cannot_work(
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_the_cli_refuses_a_model_whose_attention_cannot_pack_and_trains_one_that_can(
+    tmp_path, model_root, capsys
+):
+    """A team's own OPT directory: the probe refuses it, as a usage error, before any step;
+    the tiny Qwen2 directory trains packed."""
+    from peft_core.catalogue import build_byte_tokenizer
+
+    opt = tmp_path / "my-opt"
+    build_tiny("opt", "causal-lm").save_pretrained(opt, safe_serialization=True)
+    build_byte_tokenizer().save_pretrained(opt)
+    args = ["--dataset", "sample-instructions", "--steps", "2", "--batch-size", "2", "--packing"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--model", str(opt), *args, "--output", str(tmp_path / "opt-out")])
+    assert exit_.value.code == 2
+    assert "OPTForCausalLM cannot train packed: its attention" in capsys.readouterr().err
+    assert not (tmp_path / "opt-out" / "adapter_model.safetensors").exists()
+    qwen_out = tmp_path / "qwen-out"
+    assert (
+        main(["train", "--model", str(model_root / "my-qwen"), *args, "--output", str(qwen_out)])
+        == 0
+    )
+    assert (qwen_out / "adapter_model.safetensors").exists()
