@@ -337,6 +337,12 @@ RUN_DB_OUTAGE_S = env_int("PEFTLAB_RUN_DB_OUTAGE_S", 300, minimum=0)
 RUN_LOG_LINES = 200
 # Base models a worker keeps loaded between runs (parameter and buffer bytes), LRU.
 MODEL_CACHE_MB = env_int("PEFTLAB_MODEL_CACHE_MB", 4096, minimum=1)
+# Pre-flight: a worker estimates a run's peak memory from the model's shapes before loading
+# it and fails the run as config when it cannot fit (peft_core/preflight.py). Off: try anyway.
+PREFLIGHT = env_bool("PEFTLAB_PREFLIGHT", True)
+# The memory a training worker has, for the launch form's warning (the web server is not the
+# worker machine); 0: this machine's total memory.
+WORKER_MEMORY_GIB = env_int("PEFTLAB_WORKER_MEMORY_GIB", 0, minimum=0)
 
 # CI sets this: a test run that needs PostgreSQL and Redis must fail, not skip, without them.
 REQUIRE_SERVICES = env_bool("PEFTLAB_REQUIRE_SERVICES", False)

@@ -207,6 +207,13 @@ def base_metrics(key: tuple, evaluate: Callable[[], dict[str, float]]) -> dict[s
     return metrics
 
 
+def cached_bytes() -> int:
+    """Bytes the cached base models hold: a run reuses or evicts them, so the pre-flight
+    counts them as free."""
+    with _lock:
+        return sum(entry.nbytes for entry in _models.values())
+
+
 def cached_keys() -> list[tuple]:
     """(weights key, task, num_labels, device, dtype) of the cached models, least recently
     used first."""

@@ -28,6 +28,7 @@ from peft_core.checkpoint import (
 from peft_core.checks import ConfigError
 from peft_core.configs import refuse_packing, refuse_quantized
 from peft_core.data import DatasetError, label_names, split_rows
+from peft_core.preflight import PreflightError, check, estimate_for_run, free_memory
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
 from peft_core.samples import sample_rows
 from peft_core.sources import ModelSourceError
@@ -46,7 +47,7 @@ from webapp.experiments.metrics import Point
 from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, RunStatus
 from workers import cache as model_cache
 from workers.cache import base_model_copy
-from workers.models import upstream_of, weights_key, weights_of
+from workers.models import upstream_of, weights_directory, weights_key, weights_of
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +335,8 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
         refuse_packing(config.packing, method=run.method, task=task)
     except ValueError as exc:
         raise RunConfigError(str(exc)) from exc
+    if settings.PREFLIGHT:
+        _preflight(run, callbacks, weights, config, task, len(labels or ()) or 2)
     model, tokenizer = base_model_copy(
         weights, task, len(labels or ()) or 2, device=DEVICE, dtype=dtype, quantize=config.quantize
     )
@@ -395,6 +398,31 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log(f"done: {_format(final_metrics)}")
     callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
     return "succeeded"
+
+
+def _preflight(
+    run: Run, callbacks: RunCallbacks, weights: dict, config: TrainConfig, task: str, labels: int
+) -> None:
+    """Refuse, as config and before a weight is read, a run whose estimated peak memory
+    exceeds the device's free memory (peft_core.preflight): from config.json and the
+    method applied on the meta device. A model the estimate cannot read trains anyway."""
+    try:
+        method_config = peft_core.build_config(run.method, run.method_config)
+    except (TypeError, ValueError) as exc:
+        raise RunConfigError(str(exc)) from exc
+    directory = weights_directory(weights)  # ModelSourceError: the run fails as model
+    try:
+        estimate = estimate_for_run(
+            directory, config, method_config, DEVICE, task=task, num_labels=labels
+        )
+        check(estimate, DEVICE, free_memory(DEVICE) + model_cache.cached_bytes())
+    except PreflightError as exc:
+        raise RunConfigError(str(exc)) from exc
+    except Exception as exc:  # an architecture the estimate does not know: not the run's fault
+        logger.warning("run %s: no pre-flight estimate: %s", run.id, exc)
+        callbacks.on_log(f"pre-flight skipped: {type(exc).__name__}: {exc}")
+        return
+    callbacks.on_log(f"pre-flight: needs {estimate.summary()}")
 
 
 def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
