@@ -1,13 +1,15 @@
 """Training step of peft_core vs HF PEFT, and vs the frozen floor.
 
     .venv/bin/python benchmarks/peft_vs_hf.py [--model small|smollm2] [--rounds 10]
-        [--batch 8 --seq 128] [--dtype fp32|bf16] [--device cpu|cuda] [--method NAME] [--json]
-        [--dropout 0 --dropout 0.05]
+        [--batch 8 --seq 128] [--dtype fp32|bf16] [--autocast] [--device cpu|cuda] [--method NAME]
+        [--json] [--dropout 0 --dropout 0.05]
 
 LoRA and DoRA run once per --dropout (default: 0 and the product's default, 0.05; the same
 lora_dropout on both sides), so the rows at the defaults people train with sit beside the
-dropout-0 rows, named "lora all-linear d=0.05". With dropout the two sides draw different
-masks, so their first losses differ (`loss_diff` is then not ~0).
+dropout-0 rows, named "lora all-linear d=0.05". Both sides draw nn.Dropout's masks in the
+same order from one seed, so their first losses agree with dropout too (`loss_diff` ~0).
+`--dtype bf16` puts the base in bf16 (adapters stay fp32 on both sides); `--autocast` also
+runs the forward under autocast to bf16, as train.py does for precision bf16.
 
 For every method both libraries have (LoRA, DoRA, IA3, prompt and prefix tuning)
 peft_core and HF PEFT adapt copies of the same base model with the same config,
@@ -170,12 +172,14 @@ def build_ours(base: nn.Module, case: Case, hf_model: nn.Module | None) -> nn.Mo
     return model.train()
 
 
-def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], float]:
+def make_step(model: nn.Module, ids: torch.Tensor, autocast: bool = False) -> Callable[[], float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    dtype = next(model.parameters()).dtype  # the base's: bf16 where autocast is asked
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(ids.device.type, dtype=dtype, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -196,22 +200,27 @@ def build_all(args: argparse.Namespace, selected: list[Case]):
     """{variant name: step} for the floor and every side of every case, and their losses."""
     base = build_base(args)
     ids = make_batch(base, args)
-    steps = {"floor": make_step(build_floor(base), ids)}
+    steps = {"floor": make_step(build_floor(base), ids, args.autocast)}
     for case in selected:
         hf_model = build_hf(base, case) if case.hf is not None else None
         ours = build_ours(base, case, hf_model)
-        steps[f"ours {case.name}"] = make_step(ours, ids)
+        steps[f"ours {case.name}"] = make_step(ours, ids, args.autocast)
         if hf_model is not None:
             if trainable(ours) != trainable(hf_model):
                 print(
                     f"# {case.name}: trainable {trainable(ours)} ours vs {trainable(hf_model)} HF"
                 )
-            steps[f"hf {case.name}"] = make_step(hf_model, ids)
+            steps[f"hf {case.name}"] = make_step(hf_model, ids, args.autocast)
     return steps
 
 
 def first_losses(steps: dict[str, Callable[[], float]]) -> dict[str, float]:
-    return {name: step() for name, step in steps.items()}
+    """Step 1 of every variant, each from the same seed: the same dropout masks on both sides."""
+    losses = {}
+    for name, step in steps.items():
+        torch.manual_seed(0)
+        losses[name] = step()
+    return losses
 
 
 def sync_for(device: str) -> Callable[[], None]:
@@ -233,18 +242,19 @@ def peak_child(args: argparse.Namespace, selected: list[Case]) -> None:
     base = build_base(args)
     ids = make_batch(base, args)
     device = torch.device(args.device)
-    peaks = {"floor": _peak(build_floor(base), ids, device)}
+    autocast = args.autocast
+    peaks = {"floor": _peak(build_floor(base), ids, device, autocast)}
     for case in selected:
         if case.hf is not None:
             hf_model = build_hf(base, case)
-            peaks[f"hf {case.name}"] = _peak(hf_model, ids, device)
+            peaks[f"hf {case.name}"] = _peak(hf_model, ids, device, autocast)
             del hf_model
-        peaks[f"ours {case.name}"] = _peak(build_ours(base, case, None), ids, device)
+        peaks[f"ours {case.name}"] = _peak(build_ours(base, case, None), ids, device, autocast)
     print(json.dumps(peaks))
 
 
-def _peak(model: nn.Module, ids: torch.Tensor, device: torch.device) -> float:
-    step = make_step(model, ids)  # optimizer state is created by the first step: counted
+def _peak(model: nn.Module, ids: torch.Tensor, device: torch.device, autocast: bool) -> float:
+    step = make_step(model, ids, autocast)  # optimizer state is created by the first step: counted
 
     def two_steps() -> None:
         step()
@@ -262,6 +272,7 @@ def measure_peaks(args: argparse.Namespace) -> dict[str, float]:
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
     flags = ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
+    flags += ["--autocast"] if args.autocast else []
     flags += ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
     flags += [flag for value in args.dropouts or () for flag in ("--dropout", str(value))]
     return flags + [flag for name in args.methods or () for flag in ("--method", name)]
@@ -301,7 +312,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(rows: list[dict[str, Any]], times: dict[str, list[float]], args) -> None:
     print(
-        f"# model {args.model}, {args.dtype} on {args.device}, batch {args.batch}x{args.seq}, "
+        f"# model {args.model}, {args.dtype}{' + autocast' if args.autocast else ''} on "
+        f"{args.device}, batch {args.batch}x{args.seq}, "
         f"{args.rounds} rounds (+{args.warmup} warm-up), {torch.get_num_threads()} threads"
     )
     head = f"{'method':<22}{'ours ms':>9}{'HF ms':>9}{'floor ms':>9}{'ours/HF':>9}"
@@ -324,6 +336,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="forward under autocast to --dtype (train.py's bf16)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared box)"
@@ -359,6 +376,8 @@ def select(args: argparse.Namespace) -> list[Case]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.autocast and args.dtype == "fp32":
+        raise SystemExit("--autocast needs a half --dtype (bf16)")
     torch.set_num_threads(args.threads)
     selected = select(args)
     if args.peak_child:

@@ -57,7 +57,7 @@ from torch import nn
 from peft_core import lora
 from peft_core.configs import DoraConfig, LoraConfig
 from peft_core.lora import LoraLinear
-from peft_core.lora_steps import add_product, base_grad, drop, no_autocast, redrop
+from peft_core.lora_steps import add_product, base_grad, drop, no_autocast
 from peft_core.methods import Method
 
 
@@ -154,9 +154,9 @@ class DoraStep(torch.autograd.Function):
         base, low = step.members[0], a.dtype
         with no_autocast(x.device):
             x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
-            (x_drop,), masks = drop(x2.to(low), step, 1)
+            (x_drop,), noises = drop(x2.to(low), step, 1)
             u = x_drop @ a.T  # (n, r)
-            if masks:
+            if noises:
                 v = base.linear(x_drop, dropped, bias=False)  # x̃·W0ᵀ (n, d_out)
                 z = torch.addmm(v.to(low), u, b.T, alpha=base.scale)  # z̃ = x̃·W0ᵀ + s·u·Bᵀ
                 h = base.linear(x2, step.compute).to(step.output)  # x·W0ᵀ + b
@@ -167,16 +167,16 @@ class DoraStep(torch.autograd.Function):
                 )
                 bias = base.layer.bias
                 h = z * g if bias is None else torch.addcmul(bias, z, g)
-        ctx.save_for_backward(x2, u, z, g, a, b, *masks)
-        ctx.step, ctx.dropped = step, dropped
+        ctx.save_for_backward(x_drop if noises else x2, u, z, g, a, b, *noises)
+        ctx.step, ctx.dropped, ctx.x_dtype = step, dropped, x2.dtype
         return h.to(step.output).view(*x.shape[:-1], h.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x2, u, z, g, a, b, *masks = ctx.saved_tensors
+        inputs, u, z, g, a, b, *noises = ctx.saved_tensors  # inputs: x̃ with dropout, else x
         step, low = ctx.step, a.dtype
         base = step.members[0]
-        with no_autocast(x2.device):
+        with no_autocast(inputs.device):
             grad_h = grad.reshape(-1, grad.shape[-1])  # (n, d_out)
             grad_low = grad_h.to(low)
             grad_g = (grad_low * z).sum(dim=0) if ctx.needs_input_grad[5] else None
@@ -184,16 +184,14 @@ class DoraStep(torch.autograd.Function):
             grad_u = (grad_z @ b).mul_(base.scale)  # (n, r)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                if masks:
+                if noises:
                     grad_x = _dropped_grad_input(
-                        ctx, x2.dtype, grad_h, grad_low, grad_z, grad_u, a, masks[0]
+                        ctx, grad_h, grad_low, grad_z, grad_u, a, noises[0]
                     )
                 else:
-                    grad_x = add_product(base_grad(step, [grad_z], x2.dtype), grad_u, a)
+                    grad_x = add_product(base_grad(step, [grad_z], ctx.x_dtype), grad_u, a)
                 grad_x = grad_x.view(*grad.shape[:-1], -1)
-            x_low = x2.to(low)
-            x_drop = redrop(x_low, masks[0], step) if masks else x_low
-            grad_a = grad_u.T @ x_drop if ctx.needs_input_grad[3] else None
+            grad_a = grad_u.T @ inputs.to(low) if ctx.needs_input_grad[3] else None
             grad_b = (u.T @ grad_z).mul_(base.scale).T if ctx.needs_input_grad[4] else None
         return grad_x, None, None, grad_a, grad_b, grad_g
 
@@ -205,16 +203,16 @@ def _add_scaled(h: torch.Tensor, z: torch.Tensor, g: torch.Tensor, v: torch.Tens
     return h.add_(z.mul(g).sub_(v))
 
 
-def _dropped_grad_input(ctx, x_dtype, grad_h, grad_low, grad_z, grad_u, a, mask):  # noqa: ANN001, ANN202
-    """∂x = ∂h·W0 + M/(1 − p) ⊙ (((g − 1) ⊙ ∂h)·W0 + ∂u·A), where (g − 1) ⊙ ∂h = ∂z − ∂h."""
+def _dropped_grad_input(ctx, grad_h, grad_low, grad_z, grad_u, a, noise):  # noqa: ANN001, ANN202
+    """∂x = ∂h·W0 + N ⊙ (((g − 1) ⊙ ∂h)·W0 + ∂u·A), N = M/(1 − p), (g − 1) ⊙ ∂h = ∂z − ∂h."""
     step, dropped = ctx.step, ctx.dropped
     base = step.members[0]
     through_base = (grad_z - grad_low).to(dropped) @ base.weight(dropped)  # (n, d_in)
     dropped_part = add_product(through_base.to(a.dtype), grad_u, a)
-    grad_x = base_grad(step, [grad_h], x_dtype)
+    grad_x = base_grad(step, [grad_h], ctx.x_dtype)
     if grad_x.dtype == dropped_part.dtype:
-        return grad_x.addcmul_(dropped_part, mask, value=step.keep)
-    return grad_x.add_(dropped_part.mul_(mask), alpha=step.keep)
+        return grad_x.addcmul_(dropped_part, noise)
+    return grad_x.add_(dropped_part.mul_(noise))
 
 
 def inject_dora(model: nn.Module, config: DoraConfig) -> list[str]:

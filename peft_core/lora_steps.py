@@ -119,16 +119,13 @@ def no_autocast(device: torch.device):
 
 
 def drop(x: torch.Tensor, step: Step, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """`count` dropped copies x̃_i of x and their bool masks M_i ([x], [] without dropout)."""
+    """`count` dropped copies x̃_i = x ⊙ N_i of x and their noise N_i = M_i/(1 − p) in x's
+    dtype ([x], [] without dropout): nn.Dropout's draw (bernoulli(1 − p) per element, in
+    order) and its values, bit for bit."""
     if not step.p:
         return [x], []
-    pairs = [torch.native_dropout(x, step.p, True) for _ in range(count)]
-    return [x_drop for x_drop, _ in pairs], [mask for _, mask in pairs]
-
-
-def redrop(x: torch.Tensor, mask: torch.Tensor, step: Step) -> torch.Tensor:
-    """x̃ = x ⊙ M/(1 − p) again in backward, as native_dropout computed it."""
-    return x.mul(mask).mul_(step.keep)
+    noises = [torch.empty_like(x).bernoulli_(1.0 - step.p).mul_(step.keep) for _ in range(count)]
+    return [x * noise for noise in noises], noises
 
 
 def add_product(out: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, alpha: float = 1.0):
@@ -147,8 +144,8 @@ class LowRankStep(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
             a_s, b_s = factors[0::2], factors[1::2]
             x_low = x2.to(a_s[0].dtype)  # the adapter's input, in its dtype
-            drops, masks = drop(x_low, step, len(a_s))
-            if masks:
+            drops, noises = drop(x_low, step, len(a_s))
+            if noises:
                 u = torch.cat([xd @ a.T for xd, a in zip(drops, a_s, strict=True)], dim=1)
             else:
                 u = x_low @ torch.cat(a_s).T  # (n, Σr): one pass over x for every A
@@ -157,18 +154,20 @@ class LowRankStep(torch.autograd.Function):
                 add_product(m.linear(x2, step.compute).to(step.output), u_i, b.T, m.scale)
                 for m, u_i, b in zip(step.members, us, b_s, strict=True)
             ]
-        ctx.save_for_backward(x2, u, *masks, *factors)
-        ctx.step, ctx.k = step, len(a_s)
+        # one member keeps x̃ (x is then not needed), several keep x and remake each x̃_i
+        inputs = drops[0] if noises and len(a_s) == 1 else x2
+        ctx.save_for_backward(inputs, u, *noises, *factors)
+        ctx.step, ctx.k, ctx.x_dtype = step, len(a_s), x2.dtype
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
         step, k = ctx.step, ctx.k
-        x2, u, *rest = ctx.saved_tensors
-        masks, factors = rest[: len(rest) - 2 * k], rest[len(rest) - 2 * k :]
+        inputs, u, *rest = ctx.saved_tensors
+        noises, factors = rest[: len(rest) - 2 * k], rest[len(rest) - 2 * k :]
         a_s, b_s = factors[0::2], factors[1::2]
         low = a_s[0].dtype
-        with no_autocast(x2.device):
+        with no_autocast(inputs.device):
             gs = [g.reshape(-1, g.shape[-1]) for g in grads]  # (n, d_out_i)
             g_low = [g.to(low) for g in gs]
             grad_u = torch.cat(
@@ -178,11 +177,14 @@ class LowRankStep(torch.autograd.Function):
             grad_us = grad_u.split([a.shape[0] for a in a_s], dim=1)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = base_grad(step, gs, x2.dtype)
-                grad_x = _add_low_rank_grad(step, grad_x, grad_u, grad_us, a_s, masks)
+                grad_x = base_grad(step, gs, ctx.x_dtype)
+                grad_x = _add_low_rank_grad(grad_x, grad_u, grad_us, a_s, noises)
                 grad_x = grad_x.view(*grads[0].shape[:-1], -1)
-            x_low = x2.to(low)
-            drops = [redrop(x_low, m, step) for m in masks] or [x_low] * k
+            if noises and k == 1:
+                drops = [inputs]
+            else:
+                x_low = inputs.to(low)
+                drops = [x_low * noise for noise in noises] or [x_low] * k
             grad_factors = []
             for i, (g, u_i, grad_u_i, xd) in enumerate(
                 zip(g_low, u.split([a.shape[0] for a in a_s], dim=1), grad_us, drops, strict=True)
@@ -206,16 +208,16 @@ def base_grad(step: Step, gs: list[torch.Tensor], dtype: torch.dtype) -> torch.T
     return grad_x
 
 
-def _add_low_rank_grad(step: Step, grad_x, grad_u, grad_us, a_s, masks):  # noqa: ANN001, ANN202
-    """grad_x += Σ_i (∂u_i·A_i) ⊙ M_i/(1 − p) (∂u·[A_1; …; A_k] in one matmul without dropout)."""
-    if not masks:
+def _add_low_rank_grad(grad_x, grad_u, grad_us, a_s, noises):  # noqa: ANN001, ANN202
+    """grad_x += Σ_i (∂u_i·A_i) ⊙ N_i (∂u·[A_1; …; A_k] in one matmul without dropout)."""
+    if not noises:
         return add_product(grad_x, grad_u, torch.cat(a_s))
     if grad_x.dtype == grad_u.dtype:
-        for grad_u_i, a, mask in zip(grad_us, a_s, masks, strict=True):
-            grad_x.addcmul_(grad_u_i @ a, mask, value=step.keep)
+        for grad_u_i, a, noise in zip(grad_us, a_s, noises, strict=True):
+            grad_x.addcmul_(grad_u_i @ a, noise)
         return grad_x
-    low_rank = None  # Σ_i (∂u_i·A_i) ⊙ M_i in the adapter's dtype, joining grad_x in one rounding
-    for grad_u_i, a, mask in zip(grad_us, a_s, masks, strict=True):
-        term = (grad_u_i @ a).mul_(mask)
+    low_rank = None  # Σ_i (∂u_i·A_i) ⊙ N_i in the adapter's dtype, joining grad_x in one rounding
+    for grad_u_i, a, noise in zip(grad_us, a_s, noises, strict=True):
+        term = (grad_u_i @ a).mul_(noise)
         low_rank = term if low_rank is None else low_rank.add_(term)
-    return grad_x.add_(low_rank, alpha=step.keep)
+    return grad_x.add_(low_rank)
