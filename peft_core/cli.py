@@ -32,6 +32,7 @@ from peft_core.catalogue import CATALOGUE, load_model, model_dir, upstream_name
 from peft_core.checks import ConfigError, settings
 from peft_core.configs import refuse_packing, refuse_quantized
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
+from peft_core.preflight import PreflightError, refuse_if_too_big
 from peft_core.pretrained import load_config, load_directory, model_tasks
 from peft_core.registry import METHOD_CONFIGS, with_tokenizer
 from peft_core.samples import SAMPLES, sample_rows
@@ -118,6 +119,11 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     _add_envelope_arguments(train_parser)
     train_parser.add_argument("--cache-dir", type=Path, help="model cache (~/.cache/peftlab)")
+    train_parser.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="train even when the estimated peak memory exceeds the free memory",
+    )
     train_parser.set_defaults(run=run_train)
 
 
@@ -170,6 +176,8 @@ def run_train(args: argparse.Namespace) -> int:
         refuse_packing(train_config.packing, method=args.method, task=task)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if not args.no_preflight:
+        _refuse_what_cannot_fit(base, task, labels, train_config, method_config, args.cache_dir)
     dtype = compute_dtype(train_config.precision, DEVICE)
     model, tokenizer = _load_base(base, task, labels, args.cache_dir, dtype, train_config.quantize)
     if train_config.quantize == "none":  # a quantised base is placed as it loads
@@ -373,6 +381,26 @@ def _load_base(
         return model.to(dtype or torch.float32), tokenizer
     name = str(dtype).removeprefix("torch.") if dtype is not None else None
     return load_directory(base.directory, task, num_labels=num_labels, dtype=name)
+
+
+def _refuse_what_cannot_fit(
+    base: Base,
+    task: str,
+    labels: list[str] | None,
+    train_config: TrainConfig,
+    method_config: Any,
+    cache_dir: Path | None,
+) -> None:
+    """Exit 2 before loading when the run's estimated peak exceeds the free memory
+    (peft_core.preflight, from config.json on the meta device); --no-preflight skips this."""
+    directory = base.directory or model_dir(base.name, cache_dir=cache_dir)
+    try:
+        refuse_if_too_big(
+            directory, train_config, method_config, str(DEVICE),
+            task=task, num_labels=len(labels or ()) or 2,
+        )  # fmt: skip
+    except PreflightError as error:
+        raise UsageError(f"{error} (--no-preflight to try anyway)") from None
 
 
 def _print_summary(

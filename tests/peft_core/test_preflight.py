@@ -372,3 +372,15 @@ def test_a_model_far_beyond_the_machine_is_refused_from_its_shapes(huge_model):
     fit = est.fits(free_memory("cpu"))
     assert not fit and f"needs ~{preflight_gib(est.peak)}" in fit.message
     assert "GiB free" in fit.message and "smaller model" in fit.message
+
+
+def test_peftlab_train_refuses_it_with_exit_2_and_the_numbers(huge_model, tmp_path, capsys):
+    from peft_core.cli import main
+
+    argv = ["train", "--model", str(huge_model), "--dataset", "sample-instructions"]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "would not fit in memory: needs ~" in error
+    assert "GiB free" in error and "--no-preflight to try anyway" in error
+    assert not (tmp_path / "out").exists()
