@@ -265,7 +265,7 @@ def _summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[floa
     return summed.item(), count, 0
 
 
-def _train_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def train_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The batch's mean loss: the model's own for seq-cls, the chunked head's for a causal LM."""
     if batch["labels"].dim() == 1:
         return model(**batch).loss
@@ -429,7 +429,7 @@ class _Loop:
             batch_tokens = int(batch["attention_mask"].sum())  # non-padding, packed or not
             batch = {k: v.to(self.device) for k, v in packing.model_batch(batch).items()}
             with autocast(self.config, self.device):
-                loss = _train_loss(self.model, batch)
+                loss = train_loss(self.model, batch)
             losses.append(loss.detach())
             if not torch.isfinite(loss):
                 break
