@@ -127,11 +127,10 @@ class LoraConfig:
 
     dropout defaults to 0.05, not 0: the value HF PEFT's and TRL's LoRA examples and
     Axolotl's configs use, so people coming from them find the default they expect, and
-    the CLI, the web form and the API all take this one default. Its cost: while training
-    with dropout, lora.py's hand-written LowRankLinear step is off (its backward reuses
-    x·Aᵀ, and dropout changes x on the adapter's path only), so a step takes the plain
-    autograd path. Pass dropout=0.0 for that fast step, or to compare bit for bit with HF
-    PEFT, whose own default is 0 (an adapter_config.json without lora_dropout loads as 0).
+    the CLI, the web form and the API all take this one default. The hand-written step
+    (lora_steps.py) draws the mask itself, nn.Dropout's draw, so it stays on; what dropout
+    still costs is one mask per adapted layer and step (docs/BENCHMARKS.md has the figures).
+    HF PEFT's own default is 0 (an adapter_config.json without lora_dropout loads as 0).
     """
 
     title: ClassVar[str] = "LoRA"
