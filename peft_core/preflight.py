@@ -327,7 +327,7 @@ def refusal(est: Estimate, free_bytes: int, most: int = 3) -> str:
     fitting, seen = [], set()
     for words, changed in alternatives(est):
         peak = estimate(est.facts, changed).peak
-        key = words.split(" and ")[0].split(" with ")[0]  # one option of each kind
+        key = words.split()[0]  # one option per flag: the least change of each kind
         if peak <= free_bytes and key not in seen:
             seen.add(key)
             fitting.append(f"{words} (~{gib(peak)})")

@@ -18,7 +18,9 @@ from transformers import (
 )
 
 import peft_core
+from peft_core import preflight
 from peft_core.catalogue import CATALOGUE, gguf_source, package_dir, quiet_transformers
+from peft_core.configs import TrainConfig
 from peft_core.registry import build_config
 from peft_core.tiny import tiny_config
 from webapp.experiments.estimates import ParamCount, Shape, UnknownArchitecture
@@ -128,6 +130,36 @@ def _count(
     adapted = [path for path, module in model.named_modules() if isinstance(module, layer_types)]
     return ParamCount(
         trainable=peft_core.trainable_parameters(model), total=total, modules=tuple(adapted)
+    )
+
+
+def preflight_estimate(
+    *, model_key: str, task: str, num_labels: int, method: str, config: dict, train: dict
+):
+    """peft_core.preflight's estimate of the run's peak memory (CPU workspace, `auto`
+    precision counted as fp32); raises UnknownArchitecture."""
+    path = config_path(model_key)
+    version = path.stat().st_mtime_ns if path else 0
+    model_config(model_key)  # raises UnknownArchitecture when there is none
+    key = tuple(sorted((name, _hashable(value)) for name, value in config.items()))
+    train_key = tuple(sorted((name, _hashable(value)) for name, value in train.items()))
+    return _preflight(model_key, version, task, num_labels, method, key, train_key)
+
+
+@functools.lru_cache(maxsize=512)
+def _preflight(
+    model_key: str, version: int, task: str, num_labels: int, method: str, key: tuple, train: tuple
+):
+    fields = dict(key)
+    if method == "prompt":  # the init text changes the values, not the count
+        fields = {k: v for k, v in fields.items() if k != "init_text"} | {"init": "random"}
+    return preflight.estimate_for_run(
+        model_config(model_key),
+        TrainConfig(**dict(train)),
+        build_config(method, fields),
+        "cpu",
+        task=task,
+        num_labels=num_labels,
     )
 
 

@@ -33,10 +33,13 @@ Time (from similar past runs)
     scaled by b·s relative to that run's b·s) times the steps asked for.
 """
 
+import logging
 import re
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from webapp.experiments import selectors
@@ -45,6 +48,7 @@ from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep
 from webapp.experiments.models import RunStatus
 from webapp.registry.selectors import model_directory, model_for_team
 
+logger = logging.getLogger(__name__)
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 BYTES = 4  # float32
 ACTIVATION_FLOATS = 16.0  # C: floats per token, hidden unit and layer (calibrated above)
@@ -115,6 +119,7 @@ class ItemEstimate:
     params: ParamCount | None  # None: the architecture is unknown until first use
     memory: Memory | None
     duration: Duration | None  # None: no similar run yet
+    fit: Any = None  # peft_core.preflight.Fit against the workers' memory; None: unknown
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,13 @@ class LaunchEstimate:
     items: list[ItemEstimate]
     total_items: int = 1  # a sweep's run count (items holds at most MAX_SWEEP_ITEMS)
     problem: str = ""  # set when the form's values give no estimate
+    worker_memory: int = 0  # bytes a training worker has (worker_memory_bytes)
+    worker_memory_set: bool = False  # PEFTLAB_WORKER_MEMORY_GIB, not this machine's memory
+
+    @property
+    def too_big(self) -> list[ItemEstimate]:
+        """The items whose pre-flight peak exceeds the workers' memory."""
+        return [item for item in self.items if item.fit is not None and not item.fit.ok]
 
     @property
     def trainable_span(self) -> tuple[int, int] | None:
@@ -271,14 +283,29 @@ def launch_estimate(*, user, data) -> LaunchEstimate:
         return LaunchEstimate(items=[], problem=FIX_THE_FORM)
     try:
         items = _sweep_items(form.cleaned_data) if is_sweep else [_run_item(form, data)]
-        context = _Context.build(user, form.cleaned_data)
+        context = _Context.build(user, form.cleaned_data, form.train_config())
     except (ValidationError, ValueError, TypeError):  # a config peft_core refuses
         return LaunchEstimate(items=[], problem=FIX_THE_FORM)
     try:
         estimates = [context.estimate(*item) for item in items[:MAX_SWEEP_ITEMS]]
     except (ValueError, TypeError) as error:  # the method does not fit this model: say why
         return LaunchEstimate(items=[], problem=f"This would fail on the model: {error}")
-    return LaunchEstimate(items=estimates, total_items=len(items))
+    return LaunchEstimate(
+        items=estimates,
+        total_items=len(items),
+        worker_memory=context.worker_memory,
+        worker_memory_set=bool(settings.WORKER_MEMORY_GIB),
+    )
+
+
+def worker_memory_bytes() -> int:
+    """A training worker's memory: PEFTLAB_WORKER_MEMORY_GIB, else this machine's total (the
+    web server is not the worker machine: the page says which it used)."""
+    if settings.WORKER_MEMORY_GIB:
+        return settings.WORKER_MEMORY_GIB * 2**30
+    import psutil
+
+    return int(psutil.virtual_memory().total)
 
 
 FIX_THE_FORM = "Fix the form to see estimates."
@@ -318,11 +345,15 @@ class _Context:
     max_length: int
     floats: float
     runs: list
+    train: dict  # the form's TrainConfig fields (a sweep's, before its train.* axes)
+    worker_memory: int
 
     @classmethod
-    def build(cls, user, cleaned: dict) -> "_Context":
+    def build(cls, user, cleaned: dict, train: dict) -> "_Context":
         dataset = cleaned["dataset"]
         return cls(
+            train=train,
+            worker_memory=worker_memory_bytes(),
             model_key=architecture_key(cleaned["project"].team, cleaned["base_model"]),
             task=dataset.task,
             num_labels=max(len(dataset.label_names or ()), 2),
@@ -360,4 +391,23 @@ class _Context:
             max_length=self.max_length,
             floats=self.floats,
         )
-        return ItemEstimate(label=label, params=params, memory=memory, duration=duration)
+        fit = self._preflight(method, config)
+        return ItemEstimate(label=label, params=params, memory=memory, duration=duration, fit=fit)
+
+    def _preflight(self, method: str, config: dict):
+        """The pre-flight's peak against the workers' memory (peft_core.preflight)."""
+        from webapp.experiments import architecture
+
+        try:
+            estimate = architecture.preflight_estimate(
+                model_key=self.model_key,
+                task=self.task,
+                num_labels=self.num_labels,
+                method=method,
+                config=config,
+                train=self.train,
+            )
+        except Exception:  # an architecture the estimate cannot read: the worker skips it too
+            logger.warning("no pre-flight estimate for %s", self.model_key, exc_info=True)
+            return None
+        return estimate.fits(self.worker_memory)
