@@ -37,6 +37,7 @@ does the same), never kept. int8 (`Linear8bitLt`) keeps the plain path: its trai
 matmul quantises x on a GPU, which a dequantised W0 would not reproduce.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,9 @@ def output_dtype(layer: nn.Module, x: torch.Tensor, compute: torch.dtype) -> tor
 
 
 def no_autocast(device: torch.device):
+    """Autocast off on `device`; a device without autocast (meta: shapes only) has none to stop."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
 

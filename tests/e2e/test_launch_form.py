@@ -56,7 +56,7 @@ def test_launch_from_the_keyboard_with_live_estimates(page, live_server, cast, t
     log_in(page, live_server, "alice", "alice-pw-9")
     page.goto(f"{base}/runs/new/")
     first = _wait_for_estimate_other_than(page, "")
-    assert "Trainable parameters" in first and "rough estimate" in first
+    assert "Trainable parameters" in first and "Peak memory (pre-flight)" in first
 
     _tab_to(page, "id_name")
     _type(page, "keyboard run")

@@ -82,7 +82,7 @@ def test_a_count_is_computed_once_then_cached():
     assert architecture._count.cache_info().hits == 1
 
 
-def test_the_panel_shows_the_exact_count_and_a_rough_memory_figure(cast):
+def test_the_panel_shows_the_exact_count_and_the_pre_flight_peak(cast):
     response = _client(cast.alice).get(URL, _form(cast, r=8))
     assert response.status_code == 200
     body = response.content.decode()
@@ -90,7 +90,8 @@ def test_the_panel_shows_the_exact_count_and_a_rough_memory_figure(cast):
     assert config.is_valid()
     trainable, total = _real_count("llama", "causal-lm", "lora", config.config_kwargs())
     assert f"{trainable:,}" in body and f"{total:,}" in body
-    assert "rough estimate" in body
+    assert 'Peak memory <span class="muted">(pre-flight)</span>' in body
+    assert "rough estimate" not in body  # one memory figure, the one the worker acts on
     assert "no similar run yet" in body
 
 

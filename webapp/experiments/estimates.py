@@ -140,6 +140,13 @@ class LaunchEstimate:
         return _span([item.params.trainable for item in self.items if item.params])
 
     @property
+    def peak_span(self) -> tuple[int, int] | None:
+        """The pre-flight peaks' range, where every item has one."""
+        if not self.items or any(item.fit is None for item in self.items):
+            return None
+        return _span([item.fit.peak for item in self.items])
+
+    @property
     def memory_span(self) -> tuple[int, int] | None:
         return _span([item.memory.total for item in self.items if item.memory])
 
