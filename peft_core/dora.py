@@ -24,7 +24,7 @@ The norm never materialises W0 + ΔW (each row i, costing one W0·Aᵀ):
 
 ‖W0_i‖² is kept between steps (W0 is frozen) and recomputed when W0's version
 counter moves (merge, load_state_dict); the norm is computed in the adapter's dtype, also
-under autocast (a 4-bit W0 is dequantised for it). While training, the step is written out
+under autocast (a quantised W0 is dequantised for it, see below). While training, the step is written out
 by hand (`DoraStep`, LoRA's step of lora_steps.py with g; it applies where LoRA's does),
 with u = x̃·Aᵀ and, writing v = x̃·W0ᵀ and z = v + s·u·Bᵀ:
 
@@ -37,6 +37,16 @@ with u = x̃·Aᵀ and, writing v = x̃·W0ᵀ and z = v + s·u·Bᵀ:
 It keeps one (n, d_out) tensor (z) for backward where the autograd of HF PEFT's form keeps
 two or more, and makes a few elementwise passes over (n, d_out) instead of about ten.
 v runs in the dtype HF PEFT gives it: autocast's, else the adapter's (W0 upcast).
+
+Quantised base (bitsandbytes, `--quantize`), where W0 exists only packed and is dequantised
+for each use, never kept (HF PEFT does the same, so the two agree):
+    NF4   W0 = dequantize_4bit(packed, quant_state); the step above runs, x·W0ᵀ through
+          bitsandbytes' 4-bit matmul in its compute dtype (bf16).
+    int8  W0_i = CB_i · SCB_i / 127 (LLM.int8: int8 rows CB, one absmax scale SCB_i per
+          row); the plain forward runs (the step cannot reproduce the int8 matmul, which
+          quantises x too): W0·x is the layer's own output, and with dropout x̃·W0ᵀ is
+          F.linear against the dequantised W0, as in HF PEFT.
+A quantised base is never merged into (model.merge refuses it, for every method).
 
 Merge: W0 ← g ⊙ (W0 + ΔW) per output row, remembering ‖W0 + ΔW‖_r (the norm
 of the unmerged weight); unmerge: W0 ← W'/g − ΔW. GPT-2's Conv1D stores the
@@ -53,11 +63,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from peft_core import lora
 from peft_core.configs import DoraConfig, LoraConfig
 from peft_core.lora import LoraLinear
-from peft_core.lora_steps import add_product, base_grad, drop, no_autocast
+from peft_core.lora_steps import add_product, base_grad, drop, is_4bit, is_quantized, no_autocast
 from peft_core.methods import Method
 
 
@@ -75,14 +86,26 @@ class DoraLinear(LoraLinear):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """‖W0 + s·B·A‖ per output row, (d_out,), detached, without forming W0 + s·B·A; in
-        the adapter's dtype even under autocast (a 4-bit W0 is dequantised for it)."""
+        the adapter's dtype even under autocast (a quantised W0 is dequantised for it)."""
         a, b, s = self.lora_A.weight, self.lora_B.weight, self.scale  # (r, d_in), (d_out, r)
         with no_autocast(a.device):
-            w0 = self.frozen().weight(a.dtype)  # (d_out, d_in), a view where no cast is needed
+            w0 = self.base_weight(a.dtype)  # (d_out, d_in), a view where no cast is needed
             base = self._base_square(w0)  # ‖W0_i‖²
             cross = (b * (w0 @ a.T)).sum(dim=1)  # B_i·(A·W0_iᵀ)    (d_out, r) -> (d_out,)
             low_rank = (b @ (a @ a.T) * b).sum(dim=1)  # B_i·(A·Aᵀ)·B_iᵀ
         return (base + 2 * s * cross + s * s * low_rank).clamp_min(0).sqrt()
+
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W0 (d_out, d_in) in `dtype`; an int8 W0 dequantised row by row (W0_i = CB_i·SCB_i/127,
+        bitsandbytes' LLM.int8 layout), others as the steps see them (lora_steps.Frozen)."""
+        layer = self.base_layer
+        if is_int8(layer):
+            from bitsandbytes.functional import int8_vectorwise_dequant
+
+            # SCB moves from the weight to the layer's state on its first forward
+            scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+            return int8_vectorwise_dequant(layer.weight.data, scales).to(dtype)
+        return self.frozen().weight(dtype)
 
     def _base_square(self, w0: torch.Tensor) -> torch.Tensor:
         """‖W0_i‖², (d_out,), recomputed only when the base weight changed."""
@@ -103,9 +126,18 @@ class DoraLinear(LoraLinear):
         y = self.base_layer(x)  # (…, d_out)
         dropping = self.training and not isinstance(self.lora_dropout, nn.Identity)
         x_drop = self.lora_dropout(x)
-        w0_x = self._without_bias(self.base_layer(x_drop) if dropping else y)
+        w0_x = self._dropped_base(x_drop) if dropping else self._without_bias(y)
         low_rank = self.lora_B(self.lora_A(x_drop.to(self.lora_A.weight.dtype))) * self.scale
-        return y + ((g - 1) * w0_x + g * low_rank).to(y.dtype)
+        return (y + (g - 1) * w0_x + g * low_rank).to(y.dtype)  # one rounding into y's dtype
+
+    def _dropped_base(self, x_drop: torch.Tensor) -> torch.Tensor:
+        """x̃·W0ᵀ: through the base layer, or against the dequantised W0 in the adapter's dtype
+        (autocast's where it is on) for an int8 base, as HF PEFT computes it: bitsandbytes'
+        int8 matmul would quantise x̃ again."""
+        if not is_int8(self.base_layer):
+            return self._without_bias(self.base_layer(x_drop))
+        low = self.lora_A.weight.dtype
+        return F.linear(x_drop.to(low), self.base_weight(low))
 
     def _dropped_dtype(self, x: torch.Tensor) -> torch.dtype:
         """HF PEFT's dtype for x̃·W0ᵀ: autocast's where it is on, else the adapter's (it upcasts W0)."""
@@ -213,6 +245,11 @@ def _dropped_grad_input(ctx, grad_h, grad_low, grad_z, grad_u, a, noise):  # noq
     if grad_x.dtype == dropped_part.dtype:
         return grad_x.addcmul_(dropped_part, noise)
     return grad_x.add_(dropped_part.mul_(noise))
+
+
+def is_int8(layer: nn.Module) -> bool:
+    """A bitsandbytes Linear8bitLt (an Int8Params weight with its per-row scales SCB)."""
+    return is_quantized(layer) and not is_4bit(layer)
 
 
 def inject_dora(model: nn.Module, config: DoraConfig) -> list[str]:

@@ -162,9 +162,24 @@ def _mergeable_layers(model: nn.Module) -> list[nn.Module]:
     return _layers(model, method)
 
 
+# bitsandbytes' packed weight classes, by the quantisation they hold
+PACKED_WEIGHTS = {"Params4bit": "4-bit (nf4)", "Int8Params": "int8"}
+
+
 def merge(model: nn.Module) -> None:
-    """Fold every adapter layer into its base weight; forward then costs what the base costs."""
-    for layer in _mergeable_layers(model):
+    """Fold every adapter layer into its base weight; forward then costs what the base costs.
+    A quantised base is refused, saying so: W0 + ΔW would have to be dequantised and packed
+    again, and the repacking rounds the merged weight, so the outputs would change."""
+    layers = _mergeable_layers(model)
+    packed = {PACKED_WEIGHTS.get(type(layer.base_layer.weight).__name__) for layer in layers}
+    if packed - {None}:
+        raise ValueError(
+            f"merging into a quantised base ({', '.join(sorted(packed - {None}))}) is refused: "
+            "its weights are packed, and repacking W0 + ΔW would round away part of the "
+            "adapter. Load the base unquantised (quantize none) and merge there, as merged "
+            "exports do; unmerged, the adapter works as it is on either base."
+        )
+    for layer in layers:
         layer.merge()
 
 
