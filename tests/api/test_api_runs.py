@@ -336,11 +336,17 @@ def test_the_training_envelope_is_launched_through_the_api_and_judged_by_trainco
     assert Run.objects.count() == 1
 
 
-def test_dora_on_a_4_bit_base_is_a_400_naming_quantize(cast, api):
-    body = _body(cast, method="dora", train_config={"quantize": "nf4"})
+def test_a_bottleneck_adapter_on_a_4_bit_base_is_a_400_naming_quantize_and_dora_is_queued(
+    cast, api
+):
+    body = _body(cast, method="bottleneck", method_config={}, train_config={"quantize": "nf4"})
     refused = api(cast.bob).post(reverse("api-runs"), body, format="json")
-    assert refused.status_code == 400 and "DoRA's magnitude" in refused.json()["quantize"][0]
+    assert refused.status_code == 400
+    assert "bottleneck cannot train on a nf4 base" in refused.json()["quantize"][0]
     assert not Run.objects.exists()
+    body = _body(cast, method="dora", train_config={"quantize": "nf4"})
+    assert api(cast.bob).post(reverse("api-runs"), body, format="json").status_code == 201
+    assert Run.objects.get().method == "dora"
 
 
 def test_packing_reaches_the_run_and_is_a_400_where_examples_cannot_share_a_row(cast, api):

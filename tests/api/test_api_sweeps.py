@@ -113,11 +113,11 @@ def test_a_training_setting_is_a_grid_axis_for_every_method(cast, api):
 
 
 def test_a_quantised_base_is_refused_for_a_method_that_cannot_sit_on_it(cast, api):
-    body = _body(cast, methods=["lora", "dora"], grid={"train.quantize": ["none", "nf4"]})
+    body = _body(cast, methods=["lora", "mam"], grid={"train.quantize": ["none", "nf4"]})
     refused = api(cast.bob).post(reverse("api-sweeps"), body, format="json")
     assert refused.status_code == 400
-    assert "dora cannot train on a nf4 base" in " ".join(refused.json()["grid"])
-    body = _body(cast, methods=["lora", "ia3"], grid={"train.quantize": ["none", "nf4"]})
+    assert "mam cannot train on a nf4 base" in " ".join(refused.json()["grid"])
+    body = _body(cast, methods=["lora", "dora", "ia3"], grid={"train.quantize": ["none", "nf4"]})
     assert api(cast.bob).post(reverse("api-sweeps"), body, format="json").status_code == 201
 
 

@@ -186,7 +186,9 @@ def test_a_quantised_base_trains_lora_after_an_eval_mode_forward(model_cache, ro
 
 
 def test_methods_that_cannot_sit_on_a_quantised_base_are_refused(tmp_path, model_cache, capsys):
-    args = [*CLI[:6], "dora", *CLI[7:], "--output", str(tmp_path), "--cache-dir", str(model_cache)]
+    cli = [*CLI[:6], "bottleneck", *CLI[7:]]
+    args = [*cli, "--output", str(tmp_path), "--cache-dir", str(model_cache)]
     with pytest.raises(SystemExit):
         main(args)
-    assert "dora cannot train on a nf4 base: DoRA's magnitude" in capsys.readouterr().err
+    assert "bottleneck cannot train on a nf4 base: PEFT Lab has not" in capsys.readouterr().err
+    assert not (tmp_path / "adapter_model.safetensors").exists()
