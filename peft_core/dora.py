@@ -45,7 +45,8 @@ for each use, never kept (HF PEFT does the same, so the two agree):
     int8  W0_i = CB_i · SCB_i / 127 (LLM.int8: int8 rows CB, one absmax scale SCB_i per
           row); the plain forward runs (the step cannot reproduce the int8 matmul, which
           quantises x too): W0·x is the layer's own output, and with dropout x̃·W0ᵀ is
-          F.linear against the dequantised W0, as in HF PEFT.
+          a matmul against the dequantised W0, as in HF PEFT, W0 made again in backward
+          (`DequantizedLinear`) where HF's autograd keeps a dense copy of it per layer.
 A quantised base is never merged into (model.merge refuses it, for every method).
 
 Merge: W0 ← g ⊙ (W0 + ΔW) per output row, remembering ‖W0 + ΔW‖_r (the norm
@@ -132,12 +133,11 @@ class DoraLinear(LoraLinear):
 
     def _dropped_base(self, x_drop: torch.Tensor) -> torch.Tensor:
         """x̃·W0ᵀ: through the base layer, or against the dequantised W0 in the adapter's dtype
-        (autocast's where it is on) for an int8 base, as HF PEFT computes it: bitsandbytes'
-        int8 matmul would quantise x̃ again."""
+        (autocast's where it is on) for an int8 base, as HF PEFT computes it (bitsandbytes'
+        int8 matmul would quantise x̃ again), W0 made again in backward rather than kept."""
         if not is_int8(self.base_layer):
             return self._without_bias(self.base_layer(x_drop))
-        low = self.lora_A.weight.dtype
-        return F.linear(x_drop.to(low), self.base_weight(low))
+        return DequantizedLinear.apply(x_drop, self, self._dropped_dtype(x_drop))
 
     def _dropped_dtype(self, x: torch.Tensor) -> torch.dtype:
         """HF PEFT's dtype for x̃·W0ᵀ: autocast's where it is on, else the adapter's (it upcasts W0)."""
@@ -226,6 +226,23 @@ class DoraStep(torch.autograd.Function):
             grad_a = grad_u.T @ inputs.to(low) if ctx.needs_input_grad[3] else None
             grad_b = (u.T @ grad_z).mul_(base.scale).T if ctx.needs_input_grad[4] else None
         return grad_x, None, None, grad_a, grad_b, grad_g
+
+
+class DequantizedLinear(torch.autograd.Function):
+    """x·W0ᵀ in `dtype` for a DoraLinear's frozen packed W0 (base_weight): W0 is dequantised
+    again for ∂x = ∂h·W0 instead of being saved, so backward keeps no (d_out, d_in) copy."""
+
+    @staticmethod
+    def forward(ctx, x, layer, dtype):  # noqa: ANN001, ANN205
+        ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
+        with no_autocast(x.device):
+            return F.linear(x.to(dtype), layer.base_weight(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        with no_autocast(grad.device):
+            weight = ctx.layer.base_weight(ctx.dtype)
+            return (grad.to(ctx.dtype) @ weight).to(ctx.x_dtype), None, None
 
 
 def _add_scaled(h: torch.Tensor, z: torch.Tensor, g: torch.Tensor, v: torch.Tensor):

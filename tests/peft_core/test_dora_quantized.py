@@ -218,3 +218,29 @@ def test_the_cli_trains_dora_on_a_quantised_base_and_hf_peft_loads_it(
     with torch.no_grad():
         gap = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max()
     assert gap <= 1e-5
+
+
+def _saved_weight_copies(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """How many floating (d_out, d_in) tensors of an adapted int8 linear autograd keeps for
+    backward in one training forward under bf16 autocast."""
+    shapes = {tuple(m.weight.shape) for m in model.modules() if type(m).__name__ == "Linear8bitLt"}
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point() and tuple(tensor.shape) in shapes:
+            saved.append(tensor.shape)
+        return tensor
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.train()(input_ids=input_ids, labels=input_ids).loss.backward()
+    return len(saved)
+
+
+def test_int8_dora_with_dropout_keeps_no_dequantised_weight_for_backward(model_cache, input_ids):
+    """x̃·W0ᵀ runs against a dequantised W0; backward makes it again rather than keeping a
+    dense (bf16) copy of each adapted weight, as HF PEFT's autograd does."""
+    ours, hf = _pair(model_cache, "int8", 0.1)
+    assert _saved_weight_copies(hf, input_ids) > 0  # the probe sees HF PEFT's (21 here)
+    assert _saved_weight_copies(ours, input_ids) == 0
