@@ -1,7 +1,7 @@
 """Apply, merge, disable, save and load PEFT adapters: the method-independent part.
 
     apply(model, config)     freeze W0, inject the method's modules, train modules_to_save
-    merge / unmerge          fold the adapter into W0 and back (mergeable methods only)
+    merge / unmerge          fold the adapter into W0 and back (mergeable methods, unquantised base)
     disabled(model)          base behaviour inside the `with` block
     save_adapter / load_adapter
                              HF PEFT's directory layout: adapter_config.json +
