@@ -73,6 +73,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peft_core.configs import QUANTIZABLE_METHODS
+
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig
@@ -87,7 +89,7 @@ FRAMEWORK_BYTES = {"cpu": 120 * MIB, "cuda": 256 * MIB}  # F_dev, calibrated (mo
 STATE_BYTES = 4 + 4 + 8  # fp32 weight, gradient, two AdamW moments
 STEP_BYTES = 8  # AdamW's foreach temporaries per trainable parameter
 NORM_BYTES = 4 * 2  # two norm inputs per block, kept in fp32
-QUANTIZABLE = ("lora", "ia3", "prompt", "prefix")  # configs.QUANTIZABLE_METHODS
+QUANTIZABLE = QUANTIZABLE_METHODS  # what a QLoRA base can carry: worth suggesting
 
 
 class PreflightError(ValueError):
