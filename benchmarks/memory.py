@@ -20,9 +20,10 @@ nf4+ckpt (bitsandbytes NF4 base, bf16 compute). `ckpt` is transformers' non-reen
 gradient checkpointing, on both sides.
 
 Each (setting, side) runs in a fresh child process: load the base, adapt it, then one step.
-Reported: `weights` (memory the loaded, adapted model holds) and `step` (the high-water
-mark of the step above that), in MiB, and `peak` = weights + step, what the device must
-have. On CUDA these are torch.cuda.memory_allocated / max_memory_allocated; on CPU the
+Reported: `loaded` (memory the loaded, adapted model holds before the step; on CPU a
+memory-mapped safetensors file counts only once its pages are read) and `step` (the
+high-water mark of the step above that), in MiB, and `peak` = loaded + step, what the device
+must have. On CUDA these are torch.cuda.memory_allocated / max_memory_allocated; on CPU the
 resident set size and its high-water mark (VmHWM, reset before the step; glibc is told to
 return every freed block over 64 KiB, see benchmarks/_timing.py). The goal (issue 14):
 ours ≤ 0.6 × HF PEFT's peak at equal settings.
@@ -252,7 +253,7 @@ def _print_row(row: dict, sides: list[str]) -> None:
         if f"{side}_peak" in row:
             cells.append(
                 f"{side} {row[f'{side}_peak']:7.0f} MiB "
-                f"(weights {row[f'{side}_weights']:5.0f} + step {row[f'{side}_step']:6.0f})"
+                f"(loaded {row[f'{side}_weights']:5.0f} + step {row[f'{side}_step']:6.0f})"
             )
         else:
             cells.append(f"{side} failed: {row.get(f'{side}_error')}")
