@@ -41,3 +41,33 @@ def test_peft_vs_hf_runs_lora_and_dora_at_each_dropout_on_both_sides():
     lora = next(case for case in chosen if case.name == "lora q,v d=0.1")
     assert lora.ours().dropout == 0.1 and lora.hf().lora_dropout == 0.1
     assert "lora q,v" not in {case.name for case in chosen}
+
+
+def test_peft_vs_hf_says_whether_each_goal_was_met(capsys):
+    sys.path.insert(0, str(SCRIPTS[0].parent.parent))
+    from benchmarks import peft_vs_hf
+
+    rows = [
+        {"method": "lora all-linear d=0.05", "ratio": 0.95},
+        {"method": "dora all-linear d=0.05", "ratio": 0.75},
+        {"method": "lora q,v", "ratio": 0.99},  # no goal of its own
+    ]
+    peft_vs_hf.print_goals(rows)
+    assert capsys.readouterr().out.splitlines() == [
+        "goal: lora all-linear d=0.05 ≤ 0.9 × HF PEFT: 0.950, missed by 0.050",
+        "goal: dora all-linear d=0.05 ≤ 0.8 × HF PEFT: 0.750, met",
+    ]
+
+
+@pytest.mark.slow
+def test_memory_measures_both_sides_in_children_and_prints_the_goal():
+    """memory.py end to end on the small Llama at a toy size: each side trains in its own
+    child, and the verdict line carries the measured ratio."""
+    script = SCRIPTS[0].parent / "memory.py"
+    command = [sys.executable, str(script), "--model", "small", "--batch", "2", "--seq", "32"]
+    command += ["--setting", "bf16+ckpt", "--no-trainer", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row, verdict = result.stdout.strip().splitlines()[-2:]
+    assert row.startswith("bf16+ckpt") and "ours" in row and "hf" in row and "failed" not in row
+    assert verdict.startswith("bf16+ckpt: ours / HF PEFT peak ") and "(goal ≤ 0.6)" in verdict
