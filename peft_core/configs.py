@@ -156,8 +156,8 @@ class LoraConfig:
     dropout: float = setting(
         0.05,
         "Dropout",
-        "Dropout on the adapter's input while training, against overfitting (0 to disable; "
-        "0 also turns on the faster hand-written training step).",
+        "Dropout on the adapter's input while training, against overfitting (0 to disable, "
+        "which makes each step a little faster: no masks to draw).",
         kind=float,
         low=0,
         high=1,
