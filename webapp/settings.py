@@ -331,6 +331,30 @@ RUN_MAX_ATTEMPTS = env_int("PEFTLAB_RUN_MAX_ATTEMPTS", 3, minimum=1)
 RUN_RESEND_AFTER_S = env_int("PEFTLAB_RUN_RESEND_AFTER_S", 600, minimum=10)
 # Checkpoints (adapter, optimizer, RNG, step) every so many steps, unless the run sets its own.
 RUN_CHECKPOINT_EVERY_STEPS = env_int("PEFTLAB_RUN_CHECKPOINT_EVERY_STEPS", 100, minimum=1)
+# A run keeps its last so many checkpoints in the artifact store (the newest that still passes
+# its sha256 check is resumed from); all go when the run ends.
+CHECKPOINTS_KEPT = env_int("PEFTLAB_CHECKPOINTS_KEPT", 2, minimum=1)
+# Where model-sized bytes live (checkpoints; webapp/experiments/store.py): file:///abs/dir, or
+# file:// alone for VAR_DIR/artifacts. Adapters stay in the database.
+ARTIFACT_STORE = env_str("PEFTLAB_ARTIFACT_STORE", "file://")
+
+
+def artifact_storage(url: str) -> dict:
+    """STORAGES["artifacts"] for PEFTLAB_ARTIFACT_STORE."""
+    if not url.startswith("file://"):
+        raise ImproperlyConfigured(f"PEFTLAB_ARTIFACT_STORE={url!r}: only file://… is supported")
+    root = Path(url.removeprefix("file://") or VAR_DIR / "artifacts")
+    if not root.is_absolute():
+        raise ImproperlyConfigured(f"PEFTLAB_ARTIFACT_STORE={url!r}: the path must be absolute")
+    backend = "webapp.experiments.store.WriteOnceFileStorage"
+    return {"BACKEND": backend, "OPTIONS": {"location": str(root.resolve())}}
+
+
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "artifacts": artifact_storage(ARTIFACT_STORE),
+}
 # While PostgreSQL is unreachable a worker keeps training and buffers its metrics; it waits
 # this long for the database before giving up on a write it cannot skip (the end of a run).
 RUN_DB_OUTAGE_S = env_int("PEFTLAB_RUN_DB_OUTAGE_S", 300, minimum=0)

@@ -150,6 +150,9 @@ class RunCallbacks(Callbacks):
         except DB_DOWN as exc:
             self._database_away(exc)
             return
+        except OSError as exc:  # the artifact store: full, unreachable; the run goes on
+            self.on_log(f"checkpoint at step {checkpoint.step} skipped: not stored ({exc})")
+            return
         self.checkpoints_stored += 1
         size_mb = sum(len(data) for data in files.values()) / 2**20
         self.on_log(f"checkpoint at step {checkpoint.step} ({size_mb:.1f} MB)")
@@ -302,14 +305,14 @@ def _record_failure(callbacks: RunCallbacks, exc: BaseException) -> None:
 
 
 def _resume_point(run_id: int, callbacks: RunCallbacks) -> Checkpoint | None:
-    files = _retrying(leases.checkpoint_files, run_id=run_id)
-    if not files:
-        return None
-    try:
-        return checkpoint_from_files(files)
-    except CheckpointError as exc:
-        callbacks.on_log(f"the stored checkpoint is unusable ({exc}); starting over")
-        return None
+    """The newest stored checkpoint that passes its checks (sha256, format), else None."""
+    for version in _retrying(leases.checkpoint_versions, run_id=run_id):
+        try:
+            files = _retrying(leases.checkpoint_files, run_id=run_id, version=version)
+            return checkpoint_from_files(files)
+        except (CheckpointError, artifacts.ArtifactDamaged) as exc:
+            callbacks.on_log(f"stored checkpoint {version} is unusable ({exc})")
+    return None
 
 
 def _train_run(run: Run, callbacks: RunCallbacks) -> str:

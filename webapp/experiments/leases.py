@@ -17,16 +17,17 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from webapp.experiments.artifacts import artifact_files, artifact_insert
+from webapp.experiments import artifacts
+from webapp.experiments.artifacts import artifact_insert
 from webapp.experiments.models import (
     CLAIMABLE_STATUSES,
     EXTERNAL_WORKER,
     Artifact,
-    ArtifactKind,
     FailureClass,
     Run,
     RunStatus,
 )
+from webapp.experiments.store import store_delete
 
 
 class StaleFenceError(RuntimeError):
@@ -112,22 +113,39 @@ def run_finish(
     with transaction.atomic():
         if not owned(run_id, fence).update(**fields):
             raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
-        Artifact.objects.filter(run_id=run_id, kind=ArtifactKind.CHECKPOINT).delete()
+        artifacts.checkpoints_delete(run_id=run_id)
 
 
 def checkpoint_store(*, run_id: int, fence: int, files: dict[str, bytes]) -> None:
-    """Replace the run's checkpoint with `files`, all or nothing (one transaction)."""
-    with transaction.atomic():
-        if not owned(run_id, fence).select_for_update().exists():
-            raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
-        Artifact.objects.filter(run_id=run_id, kind=ArtifactKind.CHECKPOINT).delete()
-        for name, data in sorted(files.items()):
-            artifact_insert(run_id=run_id, kind=ArtifactKind.CHECKPOINT, name=name, data=data)
+    """Add `files` as the run's newest checkpoint and keep the last CHECKPOINTS_KEPT.
+
+    The bytes go to the artifact store first, outside any transaction; the rows then appear
+    all together or not at all, and files no row came to name are deleted again.
+    """
+    stored = artifacts.checkpoint_upload(run_id=run_id, files=files)
+    try:
+        with transaction.atomic():
+            if not owned(run_id, fence).select_for_update().exists():
+                raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+            keep = settings.CHECKPOINTS_KEPT
+            artifacts.checkpoint_record(run_id=run_id, stored=stored, keep=keep)
+    except BaseException:
+        store_delete(file.key for file in stored.values())
+        raise
 
 
-def checkpoint_files(*, run_id: int) -> dict[str, bytes]:
-    """The run's last checkpoint as {file name: bytes}; empty when it has none."""
-    return artifact_files(run_id=run_id, kind=ArtifactKind.CHECKPOINT)
+def checkpoint_versions(*, run_id: int) -> list[int]:
+    """The run's stored checkpoints, newest first."""
+    return artifacts.checkpoint_versions(run_id=run_id)
+
+
+def checkpoint_files(*, run_id: int, version: int | None = None) -> dict[str, bytes]:
+    """A checkpoint (the newest unless `version`) as {file name: bytes}; empty when there is
+    none. Raises ArtifactDamaged when a file fails its sha256 check."""
+    versions = artifacts.checkpoint_versions(run_id=run_id)
+    if version is None and not versions:
+        return {}
+    return artifacts.checkpoint_files(run_id=run_id, version=version or versions[0])
 
 
 @dataclass(frozen=True)

@@ -357,23 +357,42 @@ class ArtifactKind(models.TextChoices):
     MERGED = "merged", "Merged model"
 
 
+class ArtifactHome(models.TextChoices):
+    DATABASE = "db", "Database"  # ArtifactChunk rows
+    STORE = "store", "Artifact store"  # one file under `key` (webapp/experiments/store.py)
+
+
 class Artifact(models.Model):
-    """A stored file of a run (the adapter's files), kept as chunk rows in the database."""
+    """A stored file of a run, in one of two homes: chunk rows in the database (adapters) or
+    a write-once file in the artifact store (checkpoints). `version` tells apart the files of
+    one name that a run keeps at once (its last checkpoints)."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="artifacts")
     kind = models.CharField(
         max_length=20, choices=ArtifactKind.choices, default=ArtifactKind.ADAPTER
     )
     name = models.CharField(max_length=100)
+    version = models.PositiveIntegerField(default=1)
     size = models.PositiveBigIntegerField(default=0)
     sha256 = models.CharField(max_length=64)
+    home = models.CharField(
+        max_length=10, choices=ArtifactHome.choices, default=ArtifactHome.DATABASE
+    )
+    key = models.CharField(max_length=300, blank=True, default="")  # in the store
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["run", "kind", "name"], name="artifact_unique_name")
+            models.UniqueConstraint(
+                fields=["run", "kind", "name", "version"], name="artifact_unique_version"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(home="db", key="")
+                | (models.Q(home="store") & ~models.Q(key="")),
+                name="artifact_key_iff_store",
+            ),
         ]
-        ordering = ["name"]
+        ordering = ["name", "version"]
 
     def __str__(self) -> str:
         return self.name

@@ -1,0 +1,158 @@
+"""The artifact store: model-sized files (checkpoints) behind Django's storage API.
+
+`PEFTLAB_ARTIFACT_STORE` picks the backend (settings.STORAGES["artifacts"]); `file://` keeps
+the files under VAR_DIR/artifacts. Whatever the backend, three rules hold:
+
+- a file appears whole or not at all: its bytes go to a temporary name that is renamed into
+  place once all are down and synced, so a crash leaves a `.partial-` file no key names,
+  never a short file under a real key;
+- a key is written once and never changed: writing a key that exists is refused;
+- a read hashes while it streams and holds the last chunk back until size and sha256 match
+  what was recorded at write time, so a damaged file is never delivered whole.
+
+Keys are made here from ids and a plain file name (`store_key`); no user string becomes a
+path, and the file backend also refuses any key that would leave its root.
+"""
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from django.core.files import File
+from django.core.files.storage import FileSystemStorage, storages
+
+READ_BYTES = 4 * 1024 * 1024
+PARTIAL_PREFIX = ".partial-"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class ArtifactDamaged(RuntimeError):
+    """A stored file's bytes no longer match the sha256 recorded when it was written."""
+
+
+class ArtifactMissing(ArtifactDamaged):
+    """A stored file's bytes are gone from the store."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    key: str
+    size: int
+    sha256: str
+
+
+class WriteOnceFileStorage(FileSystemStorage):
+    """FileSystemStorage that writes through a temporary file and never replaces a file."""
+
+    def get_available_name(self, name, max_length=None):
+        if self.exists(name):
+            raise FileExistsError(f"{name} is already stored; stored files are never changed")
+        return name
+
+    def _save(self, name, content):
+        path = self.path(name)  # safe_join: SuspiciousFileOperation outside the root
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in content.chunks():
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(partial, path)  # atomic, and fails when the name exists
+        finally:
+            os.unlink(partial)
+        return name
+
+
+def artifact_storage():
+    return storages["artifacts"]
+
+
+def store_key(*, run_id: int, kind: str, name: str) -> str:
+    """A fresh key for one file of a run: runs/<id>/<kind>/<random>/<name>."""
+    if not _PLAIN_NAME.fullmatch(name) or not _PLAIN_NAME.fullmatch(kind):
+        raise ValueError(f"{name!r} of kind {kind!r} is not a plain file name")
+    return f"runs/{int(run_id)}/{kind}/{uuid.uuid4().hex}/{name}"
+
+
+def store_write(key: str, source: bytes | BinaryIO) -> Stored:
+    """Write `source` (bytes or a readable binary file) under `key`, hashing as it goes."""
+    reader = _HashingReader(io.BytesIO(source) if isinstance(source, bytes) else source)
+    saved = artifact_storage().save(key, File(reader, name=key))
+    if saved != key:  # a backend that picked another name breaks the write-once rule
+        artifact_storage().delete(saved)
+        raise FileExistsError(f"{key} could not be stored under its own name")
+    return Stored(key=key, size=reader.size, sha256=reader.digest.hexdigest())
+
+
+def store_check(key: str, *, size: int) -> None:
+    """Raise before any byte is sent when the file is gone or has the wrong size."""
+    storage = artifact_storage()
+    if not storage.exists(key):
+        raise ArtifactMissing(f"{key} is missing from the artifact store")
+    if storage.size(key) != size:
+        raise ArtifactDamaged(f"{key} is {storage.size(key)} bytes in the store, not {size}")
+
+
+def store_stream(key: str, *, size: int, sha256: str) -> Iterator[bytes]:
+    """The file's bytes in chunks; raises ArtifactDamaged instead of yielding the last chunk
+    when the bytes read differ from `size` and `sha256`."""
+    try:
+        handle = artifact_storage().open(key, "rb")
+    except FileNotFoundError:
+        raise ArtifactMissing(f"{key} is missing from the artifact store") from None
+    with handle:
+        yield from _verified_chunks(handle.chunks(READ_BYTES), key, size=size, sha256=sha256)
+
+
+def store_read(key: str, *, size: int, sha256: str) -> bytes:
+    return b"".join(store_stream(key, size=size, sha256=sha256))
+
+
+def store_delete(keys: Iterable[str]) -> None:
+    storage = artifact_storage()
+    for key in keys:
+        storage.delete(key)  # a key already gone is no error
+
+
+def _verified_chunks(
+    chunks: Iterable[bytes], key: str, *, size: int, sha256: str
+) -> Iterator[bytes]:
+    digest, seen, held = hashlib.sha256(), 0, None
+    for chunk in chunks:
+        digest.update(chunk)
+        seen += len(chunk)
+        if seen > size:
+            raise ArtifactDamaged(f"{key} holds more than its {size} bytes")
+        if held is not None:
+            yield held
+        held = chunk
+    if seen != size or digest.hexdigest() != sha256:
+        raise ArtifactDamaged(f"{key} fails its sha256 check")
+    if held is not None:
+        yield held
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only, unseekable view of `source` that hashes and counts what is read."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.source, self.digest, self.size = source, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.source.read(len(buffer))
+        buffer[: len(data)] = data
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
