@@ -3,6 +3,15 @@
 from django.db import migrations, models
 
 
+def drop_what_the_old_schema_cannot_hold(apps, schema_editor):
+    """Backwards: rows in the store and later versions have no place in 0011's Artifact
+    (chunk rows only, one file per name); they go (their store files stay, unnamed)."""
+    Artifact = apps.get_model("experiments", "Artifact")
+    Artifact.objects.filter(models.Q(home="store") | models.Q(version__gt=1)).delete()
+    if schema_editor.connection.vendor == "postgresql":  # the table is altered next
+        schema_editor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+
 class Migration(migrations.Migration):
     dependencies = [
         ("experiments", "0011_run_base_weights"),
@@ -53,4 +62,5 @@ class Migration(migrations.Migration):
                 name="artifact_key_iff_store",
             ),
         ),
+        migrations.RunPython(migrations.RunPython.noop, drop_what_the_old_schema_cannot_hold),
     ]
