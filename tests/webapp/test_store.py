@@ -174,3 +174,24 @@ def test_a_flipped_adapter_byte_is_never_downloaded_whole(cast, make_run, client
     response = client.get(reverse("run_adapter_download", args=[run.id]))
     with pytest.raises(artifacts.ArtifactDamaged):
         b"".join(response.streaming_content)
+
+
+@pytest.mark.parametrize(
+    ("url", "location"),
+    [("file://", "artifacts"), ("file:///srv/peftlab/a", "/srv/peftlab/a")],
+)
+def test_the_store_setting_names_a_directory(url, location):
+    from webapp import settings as module
+
+    options = module.artifact_storage(url)["OPTIONS"]
+    assert options["location"] == str(module.VAR_DIR / location)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/prefix", "file://relative/dir", "/srv/x", ""])
+def test_a_store_setting_it_cannot_serve_fails_loudly(url):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from webapp import settings as module
+
+    with pytest.raises(ImproperlyConfigured, match="PEFTLAB_ARTIFACT_STORE"):
+        module.artifact_storage(url)

@@ -71,3 +71,22 @@ def test_resume_starts_over_when_every_checkpoint_is_gone(root, make_run):
     callbacks = training.RunCallbacks(run.id, fence)
     assert training._resume_point(run.id, callbacks) is None
     assert any("missing from the artifact store" in line for line in callbacks.lines)
+
+
+def test_a_store_that_refuses_a_checkpoint_is_logged_and_training_goes_on(
+    settings, tmp_path, make_run
+):
+    full = tmp_path / "full"
+    full.write_text("a file where the store's root should be: every write fails")
+    backend = {"BACKEND": "webapp.experiments.store.WriteOnceFileStorage"}
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "artifacts": {**backend, "OPTIONS": {"location": str(full)}},
+    }
+    run = make_run()
+    fence = leases.run_claim(run_id=run.id, worker="w1:1")
+    callbacks = training.RunCallbacks(run.id, fence)
+    callbacks.on_checkpoint(_checkpoint_at(2))
+    assert callbacks.checkpoints_stored == 0
+    assert any("checkpoint at step 2 skipped: not stored" in line for line in callbacks.lines)
+    assert not Artifact.objects.filter(run=run).exists()
