@@ -340,14 +340,34 @@ ARTIFACT_STORE = env_str("PEFTLAB_ARTIFACT_STORE", "file://")
 
 
 def artifact_storage(url: str) -> dict:
-    """STORAGES["artifacts"] for PEFTLAB_ARTIFACT_STORE."""
+    """STORAGES["artifacts"] for PEFTLAB_ARTIFACT_STORE; s3:// takes the PEFTLAB_S3_* settings."""
+    if url.startswith("s3://"):
+        return artifact_storage_s3(url)
     if not url.startswith("file://"):
-        raise ImproperlyConfigured(f"PEFTLAB_ARTIFACT_STORE={url!r}: only file://… is supported")
+        raise ImproperlyConfigured(f"PEFTLAB_ARTIFACT_STORE={url!r}: use file://… or s3://…")
     root = Path(url.removeprefix("file://") or VAR_DIR / "artifacts")
     if not root.is_absolute():
         raise ImproperlyConfigured(f"PEFTLAB_ARTIFACT_STORE={url!r}: the path must be absolute")
     backend = "webapp.experiments.store.WriteOnceFileStorage"
     return {"BACKEND": backend, "OPTIONS": {"location": str(root.resolve())}}
+
+
+def artifact_storage_s3(url: str) -> dict:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ImproperlyConfigured(f"PEFTLAB_ARTIFACT_STORE={url!r} names no bucket")
+    options = {
+        "bucket_name": bucket,
+        "location": prefix.strip("/"),
+        "endpoint_url": env_str("PEFTLAB_S3_ENDPOINT_URL", "") or None,  # None: AWS
+        "region_name": env_str("PEFTLAB_S3_REGION", "") or None,
+        "access_key": env_str("PEFTLAB_S3_ACCESS_KEY_ID", "") or None,  # None: boto3's chain
+        "secret_key": env_str("PEFTLAB_S3_SECRET_ACCESS_KEY", "") or None,
+        "file_overwrite": False,
+        "default_acl": None,
+        "querystring_auth": True,
+    }
+    return {"BACKEND": "webapp.experiments.store_s3.WriteOnceS3Storage", "OPTIONS": options}
 
 
 STORAGES = {

@@ -187,7 +187,18 @@ def test_the_store_setting_names_a_directory(url, location):
     assert options["location"] == str(module.VAR_DIR / location)
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/prefix", "file://relative/dir", "/srv/x", ""])
+def test_an_s3_store_setting_names_bucket_prefix_and_endpoint(monkeypatch):
+    from webapp import settings as module
+
+    monkeypatch.setenv("PEFTLAB_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.delenv("PEFTLAB_S3_ACCESS_KEY_ID", raising=False)
+    options = module.artifact_storage("s3://runs-bucket/peftlab/prod/")["OPTIONS"]
+    assert (options["bucket_name"], options["location"]) == ("runs-bucket", "peftlab/prod")
+    assert (options["endpoint_url"], options["access_key"]) == ("http://minio:9000", None)
+    assert options["file_overwrite"] is False
+
+
+@pytest.mark.parametrize("url", ["s3://", "gs://b/p", "file://relative/dir", "/srv/x", ""])
 def test_a_store_setting_it_cannot_serve_fails_loudly(url):
     from django.core.exceptions import ImproperlyConfigured
 
