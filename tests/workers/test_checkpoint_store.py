@@ -90,3 +90,37 @@ def test_a_store_that_refuses_a_checkpoint_is_logged_and_training_goes_on(
     assert callbacks.checkpoints_stored == 0
     assert any("checkpoint at step 2 skipped: not stored" in line for line in callbacks.lines)
     assert not Artifact.objects.filter(run=run).exists()
+
+
+def _files_under(root) -> list:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def test_a_run_given_up_by_the_reaper_or_cancelled_while_lost_keeps_no_checkpoint(
+    root, cast, make_run, django_capture_on_commit_callbacks
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from webapp.experiments import services
+    from webapp.experiments.models import Run, RunStatus
+
+    given_up, cancelled = make_run(), make_run()
+    for run in (given_up, cancelled):
+        _store(run.id, leases.run_claim(run_id=run.id, worker="w1:1"), 2)
+    assert len(_files_under(root)) == 4
+    Run.objects.filter(id=given_up.id).update(attempt=3)
+    old = timezone.now() - timedelta(minutes=5)
+    Run.objects.filter(id__in=[given_up.id, cancelled.id]).update(heartbeat_at=old)
+    with django_capture_on_commit_callbacks(execute=True):
+        reaped = leases.runs_reap(lease_s=30, max_attempts=3)
+    assert (reaped.failed, reaped.lost) == ([given_up.id], [cancelled.id])
+    assert not Artifact.objects.filter(run=given_up).exists()
+    assert len(_files_under(root)) == 2  # the lost run's, kept for its resume
+
+    with django_capture_on_commit_callbacks(execute=True):
+        run = services.run_cancel_request(user=cast.alice, run=cancelled)
+    assert run.status == RunStatus.CANCELLED
+    assert not Artifact.objects.filter(run=cancelled).exists()
+    assert _files_under(root) == []

@@ -181,6 +181,7 @@ def runs_reap(*, lease_s: float, max_attempts: int) -> Reaped:
                     "finished_at": now,
                 }
                 failed.append(run.id)
+                artifacts.checkpoints_delete(run_id=run.id)  # never resumed now
             else:
                 fields = {
                     "status": RunStatus.LOST,

@@ -23,7 +23,7 @@ from webapp.accounts.secrets import secret_new
 from webapp.accounts.services import audit_record
 from webapp.experiments import queue
 from webapp.experiments.adapter_upload import too_large_message, validate_adapter
-from webapp.experiments.artifacts import artifact_insert
+from webapp.experiments.artifacts import artifact_insert, checkpoints_delete
 from webapp.experiments.method_forms import SweepItem
 from webapp.experiments.models import (
     CLAIMABLE_STATUSES,
@@ -134,9 +134,10 @@ def run_cancel_request(*, user, run: Run) -> Run:
     """A queued run is cancelled at once; a running one is flagged and stops within one step."""
     _require_launcher(user=user, team=run.project.team)
     now = timezone.now()
-    Run.objects.filter(id=run.id, status__in=CLAIMABLE_STATUSES).update(
+    if Run.objects.filter(id=run.id, status__in=CLAIMABLE_STATUSES).update(
         status=RunStatus.CANCELLED, cancel_requested=True, finished_at=now, fence=F("fence") + 1
-    )
+    ):
+        checkpoints_delete(run_id=run.id)  # a lost run's checkpoints: it is never resumed now
     Run.objects.filter(id=run.id, status=RunStatus.RUNNING).update(cancel_requested=True)
     run.refresh_from_db()
     return run
