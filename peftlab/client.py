@@ -286,6 +286,11 @@ class Client:
                     file, f"/api/v1/artifacts/{artifact['id']}/download/"
                 )
             _check_download(artifact, digest, size)
+        except ApiError as error:
+            part.unlink(missing_ok=True)
+            if error.status == 409:  # the server found the stored file damaged
+                raise DownloadError(str(error)) from error
+            raise
         except BaseException:
             part.unlink(missing_ok=True)
             raise

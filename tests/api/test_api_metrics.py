@@ -5,6 +5,7 @@ import hashlib
 import pytest
 from django.urls import reverse
 
+from webapp.api import views as api_views
 from webapp.experiments import artifacts, leases, metrics
 from webapp.experiments.models import MetricPoint, Run, RunStatus
 
@@ -156,6 +157,9 @@ def test_artifact_download_streams_the_stored_bytes(cast, api, make_run, monkeyp
         ("adapter", "adapter_model.safetensors", 5120)
     ]
     assert listing[0]["sha256"] == hashlib.sha256(weights).hexdigest()
+    small = api(cast.carol).get(listing[0]["download_url"])  # checked whole, then sent
+    assert small.status_code == 200 and small.content == weights
+    monkeypatch.setattr(api_views, "VERIFY_FIRST_BYTES", 1000)  # as if it were big: streamed
     response = api(cast.carol).get(listing[0]["download_url"])
     assert response.status_code == 200
     assert b"".join(response.streaming_content) == weights

@@ -10,6 +10,7 @@ from django.urls import reverse
 from rest_framework.test import APIClient
 
 from webapp.accounts.services import api_token_create
+from webapp.api import views as api_views
 from webapp.experiments import artifacts, leases, store
 from webapp.experiments.models import Artifact, ArtifactChunk, ArtifactHome, ArtifactKind, RunStatus
 
@@ -156,8 +157,9 @@ def test_a_damaged_checkpoint_in_the_store_is_never_read_as_good(root, make_run)
         leases.checkpoint_files(run_id=run.id)
 
 
-def test_a_flipped_adapter_byte_is_never_downloaded_whole(cast, make_run, client):
-    """A database-home adapter through the API's file download and the page's zip."""
+def test_a_flipped_adapter_byte_is_never_downloaded_whole(cast, make_run, client, monkeypatch):
+    """A database-home adapter through the API's file download (small: a 409 before the body;
+    over the verify-first size: the stream is cut) and the page's zip."""
     run = make_run(status=RunStatus.SUCCEEDED)
     data = b"w" * 100
     adapter = artifacts.artifact_insert(
@@ -166,7 +168,11 @@ def test_a_flipped_adapter_byte_is_never_downloaded_whole(cast, make_run, client
     ArtifactChunk.objects.filter(artifact=adapter).update(data=b"W" + data[1:])
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token_create(user=cast.bob, name='t')[1]}")
-    response = api.get(reverse("api-artifact-download", args=[adapter.id]))
+    url = reverse("api-artifact-download", args=[adapter.id])
+    response = api.get(url)
+    assert response.status_code == 409 and "is damaged" in response.json()["detail"]
+    monkeypatch.setattr(api_views, "VERIFY_FIRST_BYTES", 10)  # as if the file were big
+    response = api.get(url)
     assert response.status_code == 200  # headers go first; the body is cut
     with pytest.raises(artifacts.ArtifactDamaged):
         b"".join(response.streaming_content)

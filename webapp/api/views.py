@@ -25,6 +25,7 @@ from webapp.api import serializers as s
 from webapp.api.errors import Conflict, form_errors, service_errors
 from webapp.api.parsers import DepthSafeJSONParser, refuse_oversized_body
 from webapp.experiments import exports, metrics, selectors, services
+from webapp.experiments.artifacts import ArtifactDamaged, artifact_check
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
 from webapp.experiments.models import ArtifactKind, ExportStatus
 from webapp.experiments.zipstream import artifact_chunks, stream_zip
@@ -38,6 +39,7 @@ ERRORS = {
 TOO_LARGE = OpenApiResponse(s.ErrorSerializer, description="The body is over the limit.")
 CONFLICT = {409: OpenApiResponse(s.ErrorSerializer, description="Not in a state for this.")}
 WRONG_LOGIN = "Wrong username or password."
+VERIFY_FIRST_BYTES = 64 * 2**20  # a download this small is checked whole before it is sent
 
 
 class Pagination(LimitOffsetPagination):
@@ -327,13 +329,27 @@ class ArtifactDownload(APIView):
         responses={
             (200, "application/octet-stream"): OpenApiResponse(description="The file's bytes."),
             **ERRORS,
+            **CONFLICT,
         }
     )
     def get(self, request, artifact_id: int):
+        """A file up to VERIFY_FIRST_BYTES is checked whole before a byte is sent, so damage is
+        a 409 before the body; a bigger one streams hashed and a mismatch cuts the transfer."""
         artifact = selectors.artifact_get_for_user(user=request.user, artifact_id=artifact_id)
-        response = StreamingHttpResponse(
-            artifact_chunks(artifact), content_type="application/octet-stream"
-        )
+        try:
+            artifact_check(artifact)  # a store file gone or resized
+            if artifact.size <= VERIFY_FIRST_BYTES:
+                body = b"".join(artifact_chunks(artifact))
+                response = HttpResponse(body, content_type="application/octet-stream")
+            else:
+                response = StreamingHttpResponse(
+                    artifact_chunks(artifact), content_type="application/octet-stream"
+                )
+        except ArtifactDamaged:
+            raise Conflict(
+                f"{artifact.name} is damaged: its stored bytes no longer match the sha256 "
+                "recorded when it was written, so it is not served."
+            ) from None
         response["Content-Disposition"] = content_disposition_header(True, artifact.name)
         response["Content-Length"] = str(artifact.size)
         response["X-Content-Type-Options"] = "nosniff"
