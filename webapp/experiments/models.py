@@ -379,6 +379,11 @@ class Artifact(models.Model):
         max_length=10, choices=ArtifactHome.choices, default=ArtifactHome.DATABASE
     )
     key = models.CharField(max_length=300, blank=True, default="")  # in the store
+    # sha256 of each BLOCK_BYTES block of a store file, so a Range read is verified too.
+    blocks = models.JSONField(default=list, blank=True)
+    # The last full check of the bytes (a download or the scheduled one) and, if it failed, why.
+    checked_at = models.DateTimeField(null=True, blank=True)
+    damaged = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
