@@ -334,9 +334,18 @@ RUN_CHECKPOINT_EVERY_STEPS = env_int("PEFTLAB_RUN_CHECKPOINT_EVERY_STEPS", 100, 
 # A run keeps its last so many checkpoints in the artifact store (the newest that still passes
 # its sha256 check is resumed from); all go when the run ends.
 CHECKPOINTS_KEPT = env_int("PEFTLAB_CHECKPOINTS_KEPT", 2, minimum=1)
-# Where model-sized bytes live (checkpoints; webapp/experiments/store.py): file:///abs/dir, or
-# file:// alone for VAR_DIR/artifacts. Adapters stay in the database.
+# Where model-sized bytes live (checkpoints, merged exports, datasets;
+# webapp/experiments/store.py): file:///abs/dir, or file:// alone for VAR_DIR/artifacts,
+# or s3://bucket/prefix. Adapters stay in the database unless ADAPTERS_IN_STORE (70B, r >= 64).
 ARTIFACT_STORE = env_str("PEFTLAB_ARTIFACT_STORE", "file://")
+ADAPTERS_IN_STORE = env_bool("PEFTLAB_ADAPTERS_IN_STORE", False)
+# On an S3 store a big download may be a redirect to a short-lived presigned URL instead of
+# passing through the web process; the bytes are then checked once written (read back) and
+# by the scheduled check (`manage.py verify_artifacts`), as the web cannot hash them in flight.
+S3_PRESIGNED_URLS = env_bool("PEFTLAB_S3_PRESIGNED_URLS", False)
+S3_PRESIGNED_TTL_S = env_int("PEFTLAB_S3_PRESIGNED_TTL_S", 300, minimum=10)
+# `manage.py verify_artifacts` re-reads every stored file checked longer ago than this.
+ARTIFACT_RECHECK_DAYS = env_int("PEFTLAB_ARTIFACT_RECHECK_DAYS", 7, minimum=1)
 
 
 def artifact_storage(url: str) -> dict:

@@ -464,6 +464,9 @@ def _store_adapter(run: Run, fence: int, model) -> int:
     with tempfile.TemporaryDirectory(prefix="peftlab-adapter-") as tmp:
         name, revision = upstream_of(weights_of(run.base_model, run.base_weights))
         peft_core.save_adapter(model, tmp, base_model_name_or_path=name, revision=revision)
+        version = _retrying(
+            leases.artifact_version_next, run_id=run.id, fence=fence, kind=ArtifactKind.ADAPTER
+        )
         for path in sorted(Path(tmp).iterdir()):
             data = path.read_bytes()
             _retrying(
@@ -473,6 +476,7 @@ def _store_adapter(run: Run, fence: int, model) -> int:
                 kind=ArtifactKind.ADAPTER,
                 name=path.name,
                 data=data,
+                version=version,
             )
             total += len(data)
     return total

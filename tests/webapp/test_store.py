@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 
 from webapp.accounts.services import api_token_create
 from webapp.api import views as api_views
-from webapp.experiments import artifacts, leases, store
+from webapp.experiments import artifacts, leases, pages, store
 from webapp.experiments.models import Artifact, ArtifactChunk, ArtifactHome, ArtifactKind, RunStatus
 
 
@@ -177,7 +177,11 @@ def test_a_flipped_adapter_byte_is_never_downloaded_whole(cast, make_run, client
     with pytest.raises(artifacts.ArtifactDamaged):
         b"".join(response.streaming_content)
     client.force_login(cast.bob)
-    response = client.get(reverse("run_adapter_download", args=[run.id]))
+    url = reverse("run_adapter_download", args=[run.id])
+    response = client.get(url)  # small: checked before the zip starts
+    assert response.status_code == 409 and b"is damaged" in response.content
+    monkeypatch.setattr(pages, "VERIFY_FIRST_BYTES", 10)  # as if it were big: the zip is cut
+    response = client.get(url)
     with pytest.raises(artifacts.ArtifactDamaged):
         b"".join(response.streaming_content)
 

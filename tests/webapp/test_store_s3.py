@@ -116,3 +116,30 @@ def test_checkpoints_live_in_the_bucket_and_go_with_the_run(
     with django_capture_on_commit_callbacks(execute=True):
         leases.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
     assert _keys(s3) == []
+
+
+def test_a_range_is_one_ranged_get_verified_block_by_block(s3, monkeypatch):
+    monkeypatch.setattr(store, "BLOCK_BYTES", 1000)
+    data = os.urandom(4500)
+    stored = store.store_write("k/model.safetensors", data)
+    assert len(stored.blocks) == 5
+    read = store.store_stream_range(
+        "k/model.safetensors", start=2100, stop=3050, size=stored.size, blocks=list(stored.blocks)
+    )
+    assert b"".join(read) == data[2100:3050]
+    client, prefix = s3
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/k/model.safetensors", Body=data[:4499] + b"!")
+    good = store.store_stream_range(
+        "k/model.safetensors", start=0, stop=10, size=stored.size, blocks=list(stored.blocks)
+    )
+    assert b"".join(good) == data[:10]  # block 0 still matches
+    with pytest.raises(store.ArtifactDamaged, match="block 4"):
+        b"".join(
+            store.store_stream_range(
+                "k/model.safetensors",
+                start=4000,
+                stop=4500,
+                size=stored.size,
+                blocks=list(stored.blocks),
+            )
+        )

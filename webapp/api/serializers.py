@@ -18,6 +18,7 @@ from webapp.experiments.metrics import MAX_INGEST_POINTS
 from webapp.experiments.models import (
     FINISHED_STATUSES,
     Artifact,
+    ArtifactKind,
     Dataset,
     PlaygroundPrompt,
     Project,
@@ -407,12 +408,29 @@ class FinishSerializer(serializers.Serializer):
         return value
 
 
+class ArtifactQuerySerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=ArtifactKind.choices, required=False)
+    version = serializers.IntegerField(min_value=1, max_value=2**31 - 1, required=False)
+
+
 class ArtifactSerializer(serializers.ModelSerializer):
     download_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Artifact
-        fields = ["id", "kind", "name", "size", "sha256", "download_url"]
+        fields = [
+            "id",
+            "kind",
+            "name",
+            "version",
+            "size",
+            "sha256",
+            "home",
+            "created_at",
+            "checked_at",
+            "damaged",
+            "download_url",
+        ]
         read_only_fields = fields
 
     def get_download_url(self, artifact: Artifact) -> str:

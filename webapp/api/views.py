@@ -7,7 +7,12 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import HttpResponse, StreamingHttpResponse
 from django.utils.http import content_disposition_header
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    inline_serializer,
+)
 from rest_framework import generics, serializers, status
 from rest_framework.exceptions import NotFound, Throttled, ValidationError
 from rest_framework.pagination import LimitOffsetPagination
@@ -24,11 +29,11 @@ from webapp.api import selectors as api_selectors
 from webapp.api import serializers as s
 from webapp.api.errors import Conflict, form_errors, service_errors
 from webapp.api.parsers import DepthSafeJSONParser, refuse_oversized_body
-from webapp.experiments import exports, metrics, selectors, services
-from webapp.experiments.artifacts import ArtifactDamaged, artifact_check
+from webapp.experiments import downloads, exports, metrics, selectors, services
+from webapp.experiments.artifacts import ArtifactDamaged
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
 from webapp.experiments.models import ArtifactKind, ExportStatus
-from webapp.experiments.zipstream import artifact_chunks, stream_zip
+from webapp.experiments.zipstream import stream_zip
 from webapp.http import client_ip, error_text
 
 ERRORS = {
@@ -39,7 +44,7 @@ ERRORS = {
 TOO_LARGE = OpenApiResponse(s.ErrorSerializer, description="The body is over the limit.")
 CONFLICT = {409: OpenApiResponse(s.ErrorSerializer, description="Not in a state for this.")}
 WRONG_LOGIN = "Wrong username or password."
-VERIFY_FIRST_BYTES = 64 * 2**20  # a download this small is checked whole before it is sent
+VERIFY_FIRST_BYTES = downloads.VERIFY_FIRST_BYTES  # this small: checked whole before sent
 
 
 class Pagination(LimitOffsetPagination):
@@ -315,10 +320,24 @@ class RunFinish(APIView):
 
 
 class RunArtifacts(APIView):
-    @extend_schema(responses={200: s.ArtifactSerializer(many=True), **ERRORS})
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("kind", str, enum=[k.value for k in ArtifactKind]),
+            OpenApiParameter("version", int, description="Only this version's files."),
+        ],
+        responses={200: s.ArtifactSerializer(many=True), **ERRORS},
+        description="Every stored file of the run, every version (oldest first by name); "
+        '`damaged` says why a file failed its last check ("" when it passed or was not '
+        "checked since it was written). Each row's download_url serves that version.",
+    )
     def get(self, request, run_id: int):
         run = selectors.run_get_for_user(user=request.user, run_id=run_id)
         artifacts = selectors.artifact_list_for_run(run=run)
+        query = validated(s.ArtifactQuerySerializer, request.query_params)
+        if query.get("kind"):
+            artifacts = artifacts.filter(kind=query["kind"])
+        if query.get("version"):
+            artifacts = artifacts.filter(version=query["version"])
         return Response(
             s.ArtifactSerializer(artifacts, many=True, context={"request": request}).data
         )
@@ -333,27 +352,19 @@ class ArtifactDownload(APIView):
         }
     )
     def get(self, request, artifact_id: int):
-        """A file up to VERIFY_FIRST_BYTES is checked whole before a byte is sent, so damage is
-        a 409 before the body; a bigger one streams hashed and a mismatch cuts the transfer."""
+        """Verified as webapp/experiments/downloads.py says: a file up to VERIFY_FIRST_BYTES
+        is checked whole, so damage is a 409 before the body; a bigger one streams hashed and
+        a mismatch cuts the transfer. HEAD and single byte ranges (store files) work."""
         artifact = selectors.artifact_get_for_user(user=request.user, artifact_id=artifact_id)
         try:
-            artifact_check(artifact)  # a store file gone or resized
-            if artifact.size <= VERIFY_FIRST_BYTES:
-                body = b"".join(artifact_chunks(artifact))
-                response = HttpResponse(body, content_type="application/octet-stream")
-            else:
-                response = StreamingHttpResponse(
-                    artifact_chunks(artifact), content_type="application/octet-stream"
-                )
+            return downloads.file_response(request, artifact, verify_first_bytes=VERIFY_FIRST_BYTES)
+        except downloads.RangeNotSatisfiable as exc:
+            return downloads.not_satisfiable(exc)
         except ArtifactDamaged:
             raise Conflict(
                 f"{artifact.name} is damaged: its stored bytes no longer match the sha256 "
                 "recorded when it was written, so it is not served."
             ) from None
-        response["Content-Disposition"] = content_disposition_header(True, artifact.name)
-        response["Content-Length"] = str(artifact.size)
-        response["X-Content-Type-Options"] = "nosniff"
-        return response
 
 
 # ---- sweeps ----------------------------------------------------------------------------------

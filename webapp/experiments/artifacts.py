@@ -10,8 +10,10 @@ longer match the digest written with them are never handed on as if they were th
 import hashlib
 from collections.abc import Iterator
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Max, QuerySet
+from django.utils import timezone
 
 from webapp.experiments.models import Artifact, ArtifactChunk, ArtifactHome, ArtifactKind
 from webapp.experiments.store import (
@@ -23,6 +25,7 @@ from webapp.experiments.store import (
     store_key,
     store_read,
     store_stream,
+    store_stream_range,
     store_write,
 )
 
@@ -34,9 +37,16 @@ CHUNK_BYTES = 4 * 1024 * 1024
 CHUNKS_PER_STATEMENT = 8
 
 
-def artifact_insert(*, run_id: int, kind: str, name: str, data: bytes) -> Artifact:
+def artifact_insert(
+    *, run_id: int, kind: str, name: str, data: bytes, version: int = 1
+) -> Artifact:
     artifact = Artifact.objects.create(
-        run_id=run_id, kind=kind, name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        run_id=run_id,
+        kind=kind,
+        name=name,
+        version=version,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
     )
     chunks = (
         ArtifactChunk(artifact=artifact, index=i, data=data[start : start + CHUNK_BYTES])
@@ -46,30 +56,132 @@ def artifact_insert(*, run_id: int, kind: str, name: str, data: bytes) -> Artifa
     return artifact
 
 
-def artifact_files(*, run_id: int, kind: str) -> dict[str, bytes]:
-    """The run's files of one kind as {file name: bytes}, for a worker (no user check).
-    Raises ArtifactDamaged when a file's bytes do not hash to its recorded sha256."""
-    return {a.name: _verified(a) for a in Artifact.objects.filter(run_id=run_id, kind=kind)}
+def artifact_record(*, run_id: int, kind: str, name: str, version: int, file: Stored) -> Artifact:
+    """A row for a file already written to the store (`store_write`'s answer)."""
+    return Artifact.objects.create(
+        run_id=run_id,
+        kind=kind,
+        name=name,
+        version=version,
+        size=file.size,
+        sha256=file.sha256,
+        blocks=list(file.blocks),
+        home=ArtifactHome.STORE,
+        key=file.key,
+    )
+
+
+def artifact_put(*, run_id: int, kind: str, name: str, data: bytes, version: int = 1) -> Artifact:
+    """Store a small file in its home: an adapter as chunk rows (or in the store, where
+    settings.ADAPTERS_IN_STORE says adapters are too big for the database), anything else
+    in the store. A row that cannot be written takes its store file with it."""
+    if kind == ArtifactKind.ADAPTER and not settings.ADAPTERS_IN_STORE:
+        return artifact_insert(run_id=run_id, kind=kind, name=name, data=data, version=version)
+    stored = store_write(store_key(run_id=run_id, kind=kind, name=name), data)
+    try:
+        return artifact_record(run_id=run_id, kind=kind, name=name, version=version, file=stored)
+    except BaseException:
+        store_delete([stored.key])
+        raise
+
+
+# ---------------------------------------------------------------- versions
+
+
+def latest_version(*, run_id: int, kind: str) -> int | None:
+    """The newest version of the run's files of one kind (None: it has none)."""
+    versions = Artifact.objects.filter(run_id=run_id, kind=kind)
+    return versions.aggregate(last=Max("version"))["last"]
+
+
+def next_version(*, run_id: int, kind: str) -> int:
+    return (latest_version(run_id=run_id, kind=kind) or 0) + 1
+
+
+def version_files(artifacts: QuerySet[Artifact], *, version: int | None = None):
+    """One version of a set of files (the newest when `version` is None)."""
+    if version is None:
+        version = artifacts.aggregate(last=Max("version"))["last"]
+    return artifacts.filter(version=version)
+
+
+# ---------------------------------------------------------------- verified reads
+
+
+def artifact_files(*, run_id: int, kind: str, version: int | None = None) -> dict[str, bytes]:
+    """The run's files of one kind (its newest version unless one is named) as
+    {file name: bytes}, for a worker (no user check). Raises ArtifactDamaged when a file's
+    bytes do not hash to its recorded sha256."""
+    files = version_files(Artifact.objects.filter(run_id=run_id, kind=kind), version=version)
+    return {a.name: _verified(a) for a in files}
 
 
 def artifact_file(*, run_id: int, kind: str, name: str) -> bytes | None:
-    """One stored file's bytes (None when the run has no such file); ArtifactDamaged as above."""
-    artifact = Artifact.objects.filter(run_id=run_id, kind=kind, name=name).last()
+    """One stored file's newest bytes (None when the run has no such file); ArtifactDamaged
+    as above."""
+    files = Artifact.objects.filter(run_id=run_id, kind=kind, name=name)
+    artifact = files.order_by("version").last()
     return None if artifact is None else _verified(artifact)
 
 
 def artifact_check(artifact: Artifact) -> None:
     """Raise ArtifactDamaged before a download starts when a store file is gone or resized."""
     if artifact.home == ArtifactHome.STORE:
-        store_check(artifact.key, size=artifact.size)
+        try:
+            store_check(artifact.key, size=artifact.size)
+        except ArtifactDamaged as exc:
+            artifact_checked(artifact, damage=str(exc))
+            raise
 
 
 def artifact_stream(artifact: Artifact) -> Iterator[bytes]:
     """The file's bytes in chunks, hashed as they go: on a mismatch the last chunk is never
-    yielded and ArtifactDamaged cuts the stream."""
+    yielded and ArtifactDamaged cuts the stream (and the row records the damage)."""
     if artifact.home == ArtifactHome.STORE:
-        return store_stream(artifact.key, size=artifact.size, sha256=artifact.sha256)
-    return _verified_rows(artifact)
+        chunks = store_stream(artifact.key, size=artifact.size, sha256=artifact.sha256)
+    else:
+        chunks = _verified_rows(artifact)
+    return _recorded(artifact, chunks)
+
+
+def artifact_range(artifact: Artifact, *, start: int, stop: int) -> Iterator[bytes] | None:
+    """Bytes [start, stop) of a store file, each block checked before it is sent; None where
+    the file has no block digests (a database-home file: send it whole instead)."""
+    if artifact.home != ArtifactHome.STORE or not artifact.blocks:
+        return None
+    chunks = store_stream_range(
+        artifact.key, start=start, stop=stop, size=artifact.size, blocks=artifact.blocks
+    )
+    return _recorded(artifact, chunks, whole=False)
+
+
+def artifact_verify(artifact: Artifact) -> str:
+    """Read the whole file and check it: "" when it is intact, else why not (recorded)."""
+    try:
+        artifact_check(artifact)
+        for _ in artifact_stream(artifact):
+            pass
+    except ArtifactDamaged as exc:
+        return str(exc)
+    return ""
+
+
+def artifact_checked(artifact: Artifact, *, damage: str = "") -> None:
+    """Record the outcome of a full read of the file (or a failed partial one)."""
+    artifact.checked_at, artifact.damaged = timezone.now(), damage[:2000]
+    Artifact.objects.filter(id=artifact.id).update(
+        checked_at=artifact.checked_at, damaged=artifact.damaged
+    )
+
+
+def _recorded(artifact: Artifact, chunks: Iterator[bytes], whole: bool = True) -> Iterator[bytes]:
+    try:
+        yield from chunks
+    except ArtifactDamaged as exc:
+        artifact_checked(artifact, damage=str(exc))
+        raise
+    if whole:
+        artifact_checked(artifact)
 
 
 def artifacts_delete(artifacts: QuerySet[Artifact]) -> None:
@@ -101,19 +213,10 @@ def checkpoint_record(*, run_id: int, stored: dict[str, Stored], keep: int) -> i
     Call inside the transaction that holds the run; returns the new version."""
     checkpoints = Artifact.objects.filter(run_id=run_id, kind=ArtifactKind.CHECKPOINT)
     version = (checkpoints.aggregate(last=Max("version"))["last"] or 0) + 1
-    Artifact.objects.bulk_create(
-        Artifact(
-            run_id=run_id,
-            kind=ArtifactKind.CHECKPOINT,
-            name=name,
-            version=version,
-            size=file.size,
-            sha256=file.sha256,
-            home=ArtifactHome.STORE,
-            key=file.key,
+    for name, file in stored.items():
+        artifact_record(
+            run_id=run_id, kind=ArtifactKind.CHECKPOINT, name=name, version=version, file=file
         )
-        for name, file in stored.items()
-    )
     artifacts_delete(checkpoints.filter(version__lte=version - keep))
     return version
 
@@ -139,13 +242,17 @@ def checkpoints_delete(*, run_id: int) -> None:
 
 def _verified(artifact: Artifact) -> bytes:
     if artifact.home == ArtifactHome.STORE:
-        return store_read(artifact.key, size=artifact.size, sha256=artifact.sha256)
+        try:
+            return store_read(artifact.key, size=artifact.size, sha256=artifact.sha256)
+        except ArtifactDamaged as exc:
+            artifact_checked(artifact, damage=str(exc))
+            raise
     chunks = artifact.chunks.order_by("index").values_list("data", flat=True)
     data = b"".join(bytes(chunk) for chunk in chunks)
     if hashlib.sha256(data).hexdigest() != artifact.sha256:
-        raise ArtifactDamaged(
-            f"run {artifact.run_id}: stored {artifact.name} fails its sha256 check"
-        )
+        damage = f"run {artifact.run_id}: stored {artifact.name} fails its sha256 check"
+        artifact_checked(artifact, damage=damage)
+        raise ArtifactDamaged(damage)
     return data
 
 

@@ -18,7 +18,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from webapp.experiments import artifacts
-from webapp.experiments.artifacts import artifact_insert
+from webapp.experiments.artifacts import next_version
 from webapp.experiments.models import (
     CLAIMABLE_STATUSES,
     EXTERNAL_WORKER,
@@ -80,13 +80,28 @@ def run_log_append(*, run_id: int, fence: int, lines: Iterable[str]) -> None:
         owned(run_id, fence).update(log=_log_with(run.log, list(lines)))
 
 
-def artifact_store(*, run_id: int, fence: int, kind: str, name: str, data: bytes) -> Artifact:
-    """Store one file of a run as chunk rows; replaces an earlier file of the same name."""
+def artifact_version_next(*, run_id: int, fence: int, kind: str) -> int:
+    """The version this attempt's files of `kind` take: one past the newest stored, so an
+    adapter an earlier attempt stored stays beside the new one instead of being replaced."""
+    if not owned(run_id, fence).exists():
+        raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
+    return next_version(run_id=run_id, kind=kind)
+
+
+def artifact_store(
+    *, run_id: int, fence: int, kind: str, name: str, data: bytes, version: int = 1
+) -> Artifact:
+    """Store one file of a run as chunk rows under `version`; a retry of the same write
+    replaces what it wrote (the same name and version), never another version."""
     with transaction.atomic():
         if not owned(run_id, fence).select_for_update().exists():
             raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
-        Artifact.objects.filter(run_id=run_id, kind=kind, name=name).delete()
-        return artifact_insert(run_id=run_id, kind=kind, name=name, data=data)
+        artifacts.artifacts_delete(
+            Artifact.objects.filter(run_id=run_id, kind=kind, name=name, version=version)
+        )
+        return artifacts.artifact_put(
+            run_id=run_id, kind=kind, name=name, data=data, version=version
+        )
 
 
 def run_finish(

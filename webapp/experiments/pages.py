@@ -4,15 +4,29 @@ page-context builders and the download responses that `views` and `share_views` 
 
 from csp.constants import UNSAFE_EVAL
 from django.core.exceptions import ValidationError
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django_htmx.http import HTMX_STOP_POLLING
 
 from peft_core.catalogue import CATALOGUE
 from webapp.accounts.permissions import Action, can
 from webapp.experiments import comparison, exports, selectors
+from webapp.experiments.artifacts import (
+    ArtifactDamaged,
+    artifact_check,
+    artifact_verify,
+    version_files,
+)
 from webapp.experiments.displayed_metrics import displayed
-from webapp.experiments.models import ArtifactKind, ExportStatus, MergedExport, RunStatus
+from webapp.experiments.downloads import VERIFY_FIRST_BYTES
+from webapp.experiments.models import (
+    Artifact,
+    ArtifactHome,
+    ArtifactKind,
+    ExportStatus,
+    MergedExport,
+    RunStatus,
+)
 from webapp.experiments.services import PLAYGROUND_MAX_RUNS
 from webapp.experiments.zipstream import stream_zip
 from webapp.http import error_text
@@ -29,15 +43,53 @@ EXPORT_STEPS = (ExportStatus.QUEUED, ExportStatus.MERGING, ExportStatus.WRITING,
 def run_page_context(run, *, urls: dict[str, str]) -> dict:
     """The run page's context; `urls` names its live partial, downloads and merged export
     routes (a member's or a share link's)."""
+    adapter = list(_newest(run, ArtifactKind.ADAPTER))
+    damaged = damaged_files(run, adapter) if run.is_finished else []
     return urls | {
         "run": run,
         "series": selectors.metric_series(run=run),
         "eta_seconds": selectors.run_eta_seconds(run=run),
-        "artifacts": selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.ADAPTER),
+        "artifacts": adapter,
+        "adapter_damaged": any(a.damaged for a in adapter),
+        "damaged": damaged,
+        "versions": selectors.artifact_versions(run=run, kind=ArtifactKind.ADAPTER),
         "model_spec": CATALOGUE.get(run.base_model),
         "merged": merged_context(run),
         "displayed_metrics": displayed(run_page=True),
     }
+
+
+def _newest(run, kind: str):
+    return version_files(selectors.artifact_list_for_run(run=run).filter(kind=kind))
+
+
+def damaged_files(run, adapter: list[Artifact]) -> list[Artifact]:
+    """The run's files that fail a check, newest first. The adapter is checked now: whole
+    when it is small database rows (its sha256 over a few MB), else that its store file is
+    there with its size; every other file by what its last full read found."""
+    small = sum(a.size for a in adapter) <= VERIFY_FIRST_BYTES
+    for artifact in adapter:
+        if small and artifact.home == ArtifactHome.DATABASE:
+            artifact_verify(artifact)
+        else:
+            try:
+                artifact_check(artifact)
+            except ArtifactDamaged:
+                pass  # recorded on the row
+    checked = {a.id: a for a in adapter}
+    recorded = selectors.artifact_list_for_run(run=run).exclude(damaged="")
+    found = {a.id: a for a in recorded} | {i: a for i, a in checked.items() if a.damaged}
+    return sorted(found.values(), key=lambda a: (a.kind, -a.version, a.name))
+
+
+def requested_version(request) -> int | None:
+    """?version=N of a download (None: the newest); Http404 for anything but a number."""
+    raw = request.GET.get("version")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 2**31:
+        raise Http404("No such version.")
+    return int(raw)
 
 
 def merged_context(run) -> dict | None:
@@ -66,15 +118,44 @@ def _zip_response(stream, filename: str) -> StreamingHttpResponse:
     return response
 
 
-def adapter_response(run):
-    """The adapter's files as one streamed zip (HF PEFT layout)."""
-    artifacts = list(selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.ADAPTER))
+def adapter_response(run, *, version: int | None = None):
+    """The adapter's files (the newest version, or `version`) as one streamed zip (HF PEFT
+    layout). A small adapter is checked whole first, so damage is a 409 with the reason; a
+    big one streams hashed and damage cuts the transfer."""
+    files = selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.ADAPTER)
+    artifacts = list(version_files(files, version=version))
     if not artifacts:
-        return HttpResponse("This run has no adapter yet.", status=404, content_type="text/plain")
+        what = "no adapter yet" if version is None else f"no adapter version {version}"
+        return HttpResponse(f"This run has {what}.", status=404, content_type="text/plain")
+    problem = _damage_before_sending(artifacts)
+    if problem:
+        return HttpResponse(problem, status=409, content_type="text/plain")
     card = {exports.MODEL_CARD: exports.model_card(run).encode()}
     when = run.finished_at or run.created_at
     stream = stream_zip(artifacts, extra=card, when=when)
     return _zip_response(stream, f"peftlab-run-{run.id}-adapter.zip")
+
+
+def _damage_before_sending(artifacts: list[Artifact]) -> str:
+    """Why the files must not be sent ("" when they may): a store file gone or resized, or
+    (for files small enough to read twice) bytes that fail their sha256."""
+    small = sum(a.size for a in artifacts) <= VERIFY_FIRST_BYTES
+    for artifact in artifacts:
+        problem = artifact_verify(artifact) if small else _check(artifact)
+        if problem:
+            return (
+                f"{artifact.name} is damaged: its stored bytes no longer match what was "
+                f"written, so it is not served ({problem})."
+            )
+    return ""
+
+
+def _check(artifact: Artifact) -> str:
+    try:
+        artifact_check(artifact)
+    except ArtifactDamaged as exc:
+        return str(exc)
+    return ""
 
 
 def merged_response(run, *, page_url: str):

@@ -3,7 +3,7 @@ team's id can only ever produce 404: existence does not leak."""
 
 import json
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Min, Q, QuerySet, Sum
 from django.http import Http404
 from django.utils import timezone
 
@@ -143,6 +143,17 @@ def dataset_jsonl(*, dataset: Dataset) -> bytes:
 
 def artifact_list_for_run(*, run: Run) -> QuerySet[Artifact]:
     return Artifact.objects.filter(run=run)
+
+
+def artifact_versions(*, run: Run, kind: str) -> list[dict]:
+    """The run's versions of one kind, newest first: {version, created_at, size, files}."""
+    rows = (
+        Artifact.objects.filter(run=run, kind=kind)
+        .values("version")
+        .annotate(created_at=Min("created_at"), size=Sum("size"), files=Count("id"))
+        .order_by("-version")
+    )
+    return list(rows)
 
 
 def metric_series(

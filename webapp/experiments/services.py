@@ -23,7 +23,7 @@ from webapp.accounts.secrets import secret_new
 from webapp.accounts.services import audit_record
 from webapp.experiments import queue
 from webapp.experiments.adapter_upload import too_large_message, validate_adapter
-from webapp.experiments.artifacts import artifact_insert, checkpoints_delete
+from webapp.experiments.artifacts import artifact_put, checkpoints_delete
 from webapp.experiments.method_forms import SweepItem
 from webapp.experiments.models import (
     CLAIMABLE_STATUSES,
@@ -443,13 +443,13 @@ def adapter_upload_create(
             "checked and re-serialised by PEFT Lab; queued for evaluation on "
             f"{dataset.name}.",
         )
-        artifact_insert(
+        artifact_put(
             run_id=run.id,
             kind=ArtifactKind.ADAPTER,
             name="adapter_config.json",
             data=adapter.config_bytes,
         )
-        artifact_insert(
+        artifact_put(
             run_id=run.id,
             kind=ArtifactKind.ADAPTER,
             name="adapter_model.safetensors",

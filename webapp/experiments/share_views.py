@@ -21,6 +21,7 @@ from webapp.experiments.pages import (
     compare_context,
     merged_panel,
     merged_response,
+    requested_version,
     run_page_context,
 )
 
@@ -78,7 +79,8 @@ def shared_live(request, secret: str):
 @never_cache
 @require_GET
 def shared_adapter(request, secret: str):
-    return _private(adapter_response(_shared_run(secret)))
+    run = _shared_run(secret)
+    return _private(adapter_response(run, version=requested_version(request)))
 
 
 @never_cache

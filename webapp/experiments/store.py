@@ -8,7 +8,9 @@ the files under VAR_DIR/artifacts. Whatever the backend, three rules hold:
   never a short file under a real key;
 - a key is written once and never changed: writing a key that exists is refused;
 - a read hashes while it streams and holds the last chunk back until size and sha256 match
-  what was recorded at write time, so a damaged file is never delivered whole.
+  what was recorded at write time, so a damaged file is never delivered whole;
+- a ranged read (HTTP Range) checks every BLOCK_BYTES block it touches against the block's
+  sha256, also recorded at write time, before it yields a byte of that block.
 
 Keys are made here from ids and a plain file name (`store_key`); no user string becomes a
 path, and the file backend also refuses any key that would leave its root.
@@ -24,10 +26,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, storages
 
 READ_BYTES = 4 * 1024 * 1024
+# A ranged read is verified block by block: it reads at most one block more than it sends.
+BLOCK_BYTES = 16 * 1024 * 1024
 PARTIAL_PREFIX = ".partial-"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -45,6 +50,7 @@ class Stored:
     key: str
     size: int
     sha256: str
+    blocks: tuple[str, ...] = ()  # sha256 of each BLOCK_BYTES block, in order
 
 
 class WriteOnceFileStorage(FileSystemStorage):
@@ -90,7 +96,16 @@ def store_write(key: str, source: bytes | BinaryIO) -> Stored:
     if saved != key:  # a backend that picked another name breaks the write-once rule
         artifact_storage().delete(saved)
         raise FileExistsError(f"{key} could not be stored under its own name")
-    return Stored(key=key, size=reader.size, sha256=reader.digest.hexdigest())
+    if settings.S3_PRESIGNED_URLS:  # downloads bypass the web's check: check it once here
+        try:
+            for _ in store_stream(key, size=reader.size, sha256=reader.digest.hexdigest()):
+                pass
+        except ArtifactDamaged:
+            artifact_storage().delete(key)
+            raise
+    return Stored(
+        key=key, size=reader.size, sha256=reader.digest.hexdigest(), blocks=reader.blocks()
+    )
 
 
 def store_check(key: str, *, size: int) -> None:
@@ -111,6 +126,48 @@ def store_stream(key: str, *, size: int, sha256: str) -> Iterator[bytes]:
         raise ArtifactMissing(f"{key} is missing from the artifact store") from None
     with handle:
         yield from _verified_chunks(handle.chunks(READ_BYTES), key, size=size, sha256=sha256)
+
+
+def store_stream_range(
+    key: str, *, start: int, stop: int, size: int, blocks: list[str]
+) -> Iterator[bytes]:
+    """Bytes [start, stop) of the file. Each block they fall in is read whole and checked
+    against its recorded sha256 before any of it is yielded; ArtifactDamaged otherwise."""
+    if not 0 <= start < stop <= size or len(blocks) != -(-size // BLOCK_BYTES):
+        raise ValueError(f"bytes {start}-{stop} of a {size}-byte file with {len(blocks)} blocks")
+    first = start // BLOCK_BYTES
+    try:
+        handle = open_from(artifact_storage(), key, first * BLOCK_BYTES)
+    except FileNotFoundError:
+        raise ArtifactMissing(f"{key} is missing from the artifact store") from None
+    with handle:
+        for index in range(first, -(-stop // BLOCK_BYTES)):
+            offset = index * BLOCK_BYTES
+            want = min(BLOCK_BYTES, size - offset)
+            block = _read_exactly(handle, want)
+            if len(block) != want or hashlib.sha256(block).hexdigest() != blocks[index]:
+                raise ArtifactDamaged(f"{key}: block {index} fails its sha256 check")
+            yield block[max(start - offset, 0) : stop - offset]
+
+
+def open_from(storage, key: str, offset: int) -> BinaryIO:
+    """The stored file opened for reading at `offset` (a ranged GET where the backend has one)."""
+    if hasattr(storage, "open_from"):
+        return storage.open_from(key, offset)
+    handle = storage.open(key, "rb")
+    handle.seek(offset)
+    return handle
+
+
+def _read_exactly(handle, want: int) -> bytes:
+    parts, got = [], 0
+    while got < want:
+        part = handle.read(min(want - got, READ_BYTES))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def store_read(key: str, *, size: int, sha256: str) -> bytes:
@@ -146,6 +203,8 @@ class _HashingReader(io.RawIOBase):
 
     def __init__(self, source: BinaryIO) -> None:
         self.source, self.digest, self.size = source, hashlib.sha256(), 0
+        self._blocks: list[str] = []
+        self._block, self._in_block = hashlib.sha256(), 0
 
     def readable(self) -> bool:
         return True
@@ -155,4 +214,18 @@ class _HashingReader(io.RawIOBase):
         buffer[: len(data)] = data
         self.digest.update(data)
         self.size += len(data)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), BLOCK_BYTES - self._in_block)
+            self._block.update(view[:take])
+            self._in_block += take
+            view = view[take:]
+            if self._in_block == BLOCK_BYTES:
+                self._blocks.append(self._block.hexdigest())
+                self._block, self._in_block = hashlib.sha256(), 0
         return len(data)
+
+    def blocks(self) -> tuple[str, ...]:
+        """The block digests, the last (short) block included; () for an empty file."""
+        tail = [self._block.hexdigest()] if self._in_block else []
+        return (*self._blocks, *tail)

@@ -48,9 +48,16 @@ class WriteOnceS3Storage(S3Storage):
     def _open(self, name, mode="rb"):
         if mode != "rb":
             raise ValueError("stored files are read only")
+        return self._get(name)
+
+    def open_from(self, name, offset: int) -> File:
+        """The object's body from byte `offset` on: one ranged GET, nothing before it read."""
+        return self._get(name, Range=f"bytes={int(offset)}-") if offset else self._get(name)
+
+    def _get(self, name, **extra) -> File:
         key = self._normalize_name(clean_name(name))
         try:
-            body = self.connection.meta.client.get_object(Bucket=self.bucket_name, Key=key)
+            body = self.connection.meta.client.get_object(Bucket=self.bucket_name, Key=key, **extra)
         except ClientError as err:
             if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{name} does not exist") from None

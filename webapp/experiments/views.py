@@ -28,6 +28,7 @@ from webapp.experiments.pages import (
     merged_build,
     merged_panel,
     merged_response,
+    requested_version,
     role_can,
     run_page_context,
 )
@@ -343,7 +344,7 @@ def run_tags(request, run_id: int):
 @require_GET
 def run_adapter_download(request, run_id: int):
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
-    return adapter_response(run)
+    return adapter_response(run, version=requested_version(request))
 
 
 @login_required
