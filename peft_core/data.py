@@ -58,7 +58,7 @@ import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +76,8 @@ BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16-le"),
     (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
+READ_BYTES = 1024 * 1024  # an upload is decoded this many bytes at a time
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what csv and open(newline="") end a line with
 JSON_STRUCTURE = re.compile(r'[\[\]{}"\\]')
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 PROMPT_SEPARATOR = "\n"
@@ -124,23 +126,43 @@ def parse_dataset(
     max_rows: int = MAX_ROWS,
     max_value_chars: int = MAX_VALUE_CHARS,
 ) -> list[dict]:
-    """Rows of a CSV (header line first) or JSONL upload, checked for `task`.
+    """Rows of a CSV (header line first) or JSONL upload held in memory: `read_dataset`'s."""
+    source = io.BytesIO(data)
+    return list(
+        read_dataset(source, fmt=fmt, task=task, max_rows=max_rows, max_value_chars=max_value_chars)
+    )
 
-    The bytes are decoded and split into lines as they are read. Only the task's columns are
-    kept; other columns are ignored. Any problem with the bytes raises DatasetError naming the
-    1-based line (and the column, when it is known) of the first one.
+
+def read_dataset(
+    source: BinaryIO,
+    *,
+    fmt: str,
+    task: str,
+    max_rows: int = MAX_ROWS,
+    max_value_chars: int = MAX_VALUE_CHARS,
+) -> Iterator[dict]:
+    """Rows of a CSV (header line first) or JSONL file, checked for `task`, one at a time.
+
+    `source` is read once, READ_BYTES at a time, and decoded and split into lines as it goes,
+    so memory holds a chunk and a line whatever the file's size. Only the task's columns are
+    kept; other columns are ignored. Any problem with the bytes raises DatasetError naming
+    the 1-based line (and the column, when it is known) of the first one; the checks that
+    need every row (some rows, two labels) raise once the last row has been yielded.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_task(task)
-    lines = _lines(data)
+    lines = _lines(source)
     records = _csv_records(lines, task) if fmt == "csv" else _jsonl_records(lines)
-    rows = _checked_rows(records, task, max_rows, max_value_chars)
-    if task == "seq-cls" and len(label_names(rows)) < 2:
+    labels: set[str] = set()
+    for row in _checked_rows(records, task, max_rows, max_value_chars):
+        if task == "seq-cls":
+            labels.add(row["label"])
+        yield row
+    if task == "seq-cls" and len(labels) < 2:
         raise DatasetError(
-            f"a classification dataset needs at least 2 labels, got {label_names(rows)}"
+            f"a classification dataset needs at least 2 labels, got {sorted(labels)}"
         )
-    return rows
 
 
 def _check_task(task: str) -> None:
@@ -156,18 +178,36 @@ def _shown(text: str) -> str:
 # --- lines: encoding, NUL, length -------------------------------------------
 
 
-def _lines(data: bytes) -> Iterator[str]:
-    """Decoded lines, line endings kept, read incrementally from `data`."""
-    encoding, bom = _encoding(data)
-    stream = io.BytesIO(data)
-    stream.seek(len(bom))
-    text = io.TextIOWrapper(stream, encoding=encoding, newline="")
-    try:
-        for number, line in enumerate(text, start=1):
+def _lines(source: BinaryIO) -> Iterator[str]:
+    """Decoded lines, line endings kept (\n, \r\n or a lone \r, as csv expects), read
+    incrementally from `source`; a line over MAX_LINE_CHARS is refused before it is whole."""
+    head = source.read(len(codecs.BOM_UTF32_LE))
+    encoding, bom = _encoding(head)
+    decoder = codecs.getincrementaldecoder(encoding)()
+    number, partial, fed, chunk = 1, "", 0, head[len(bom) :]
+    while True:
+        chunk += source.read(READ_BYTES)
+        final = not chunk
+        pending = len(decoder.getstate()[0])
+        try:
+            text = partial + decoder.decode(chunk, final)
+        except UnicodeDecodeError as error:
+            raise _decode_error(error, encoding, fed - pending, partial, number) from None
+        fed, chunk, start = fed + len(chunk), b"", 0
+        for match in LINE_BREAK.finditer(text):
+            if match.end() == len(text) and match.group() == "\r" and not final:
+                break  # perhaps the first half of a \r\n the next chunk completes
+            line, start = text[start : match.end()], match.end()
             _check_line(line, number)
             yield line
-    except UnicodeDecodeError:
-        raise _decode_error(data[len(bom) :], encoding) from None
+            number += 1
+        partial = text[start:]
+        _check_line_length(partial, number)
+        if final:
+            if partial:
+                _check_line(partial, number)
+                yield partial
+            return
 
 
 def _encoding(data: bytes) -> tuple[str, bytes]:
@@ -180,28 +220,29 @@ def _encoding(data: bytes) -> tuple[str, bytes]:
     return "utf-8", b""
 
 
-def _decode_error(body: bytes, encoding: str) -> DatasetError:
-    """The error for the first undecodable byte of `body` (the bytes after the BOM)."""
-    try:
-        body.decode(encoding)
-    except UnicodeDecodeError as error:
-        start = error.start
-    else:  # the incremental decoder and the whole-text one disagree: cannot happen
-        return DatasetError(f"not valid {encoding.upper()}")
-    before = body[:start].decode(encoding, errors="replace")
-    line = before.count("\n") + before.count("\r") - before.count("\r\n") + 1
+def _decode_error(
+    error: UnicodeDecodeError, encoding: str, offset: int, partial: str, line: int
+) -> DatasetError:
+    """The error for an undecodable byte: `offset` is where the bytes the decoder failed on
+    start in the body (after the BOM), `partial` the text of line `line` read before them."""
+    before = partial + error.object[: error.start].decode(encoding, errors="replace")
+    line += before.count("\n") + before.count("\r") - before.count("\r\n")
     char = len(before) - max(before.rfind("\n"), before.rfind("\r"))
     name = "UTF-8" if encoding == "utf-8" else "UTF-16"
-    return DatasetError(f"not valid {name} (byte {start})", line=line, char=char)
+    return DatasetError(f"not valid {name} (byte {offset + error.start})", line=line, char=char)
 
 
 def _check_line(line: str, number: int) -> None:
-    if len(line) > MAX_LINE_CHARS:
-        raise DatasetError(f"the line is longer than {MAX_LINE_CHARS:,} characters", line=number)
+    _check_line_length(line, number)
     nul = line.find("\x00")
     if nul >= 0:
         message = "NUL character (a UTF-16 file needs its byte-order mark)"
         raise DatasetError(message, line=number, char=nul + 1)
+
+
+def _check_line_length(line: str, number: int) -> None:
+    if len(line) > MAX_LINE_CHARS:
+        raise DatasetError(f"the line is longer than {MAX_LINE_CHARS:,} characters", line=number)
 
 
 # --- JSON lines --------------------------------------------------------------
@@ -325,17 +366,17 @@ def _checked_header(names: list[str], task: str, line: int) -> list[str]:
 
 def _checked_rows(
     records: Iterator[tuple[int, dict]], task: str, max_rows: int, max_value_chars: int
-) -> list[dict]:
-    rows: list[dict] = []
+) -> Iterator[dict]:
+    count = 0
     columns: TaskColumns | None = None
     for line, record in records:
         columns = columns or _columns_for(record, task, line)
-        if len(rows) >= max_rows:
+        if count >= max_rows:
             raise DatasetError(f"too many rows: the limit is {max_rows}", line=line)
-        rows.append({name: _checked_value(record, name, line, max_value_chars) for name in columns})
-    if not rows:
+        count += 1
+        yield {name: _checked_value(record, name, line, max_value_chars) for name in columns}
+    if not count:
         raise DatasetError("the file has no data rows")
-    return rows
 
 
 def _columns_for(record: dict, task: str, line: int) -> TaskColumns:

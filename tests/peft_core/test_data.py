@@ -18,6 +18,7 @@ from peft_core.data import (
     eval_batches,
     label_names,
     parse_dataset,
+    read_dataset,
     split_rows,
     tokenize_rows,
     train_batches,
@@ -232,6 +233,51 @@ def test_leading_blank_lines_before_the_csv_header_are_counted():
         parse_dataset(b"\r\n\r\n\r\ntext,labels\na,x\n", fmt="csv", task="seq-cls")
     with pytest.raises(DatasetError, match="line 7: 1 fields, but the header has 2"):
         parse_dataset(b"\r\n\r\n\r\ntext,label\na,x\nb,y\nc\n", fmt="csv", task="seq-cls")
+
+
+# --- streaming ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read_bytes", [1, 2, 3, 7])
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: text.encode("utf-8"),
+        lambda text: codecs.BOM_UTF8 + text.encode("utf-8"),
+        lambda text: codecs.BOM_UTF16_LE + text.encode("utf-16-le"),
+    ],
+    ids=["utf-8", "utf-8-bom", "utf-16-le"],
+)
+def test_a_file_read_in_tiny_chunks_gives_the_same_rows_and_errors(monkeypatch, read_bytes, encode):
+    """Chunk edges fall inside characters, inside \r\n and inside the BOM."""
+    rows = [{"text": "héllo “wörld”", "label": "a"}, {"text": "two\r\nlines", "label": "b"}]
+    text = csv_bytes(rows).decode() + "\r\rlast,b\r"  # csv ends its lines with \r\n
+    monkeypatch.setattr("peft_core.data.READ_BYTES", read_bytes)
+    source = io.BytesIO(encode(text))
+    expected = [*rows, {"text": "last", "label": "b"}]
+    assert list(read_dataset(source, fmt="csv", task="seq-cls")) == expected
+    bad = b"text,label\r\nok,a\r\n\r\nfine,caf\xe9\n"
+    with pytest.raises(DatasetError, match=r"line 4, column 9: not valid UTF-8 \(byte 28\)"):
+        list(read_dataset(io.BytesIO(bad), fmt="csv", task="seq-cls"))
+
+
+def test_rows_come_one_at_a_time_and_a_late_error_stops_the_stream():
+    data = jsonl({"text": "a", "label": "x"}, {"text": "b", "label": "y"}) + b"\n{broken\n"
+    rows = read_dataset(io.BytesIO(data), fmt="jsonl", task="seq-cls")
+    assert next(rows) == {"text": "a", "label": "x"}
+    assert next(rows) == {"text": "b", "label": "y"}
+    with pytest.raises(DatasetError, match="line 3"):
+        next(rows)
+
+
+def test_an_endless_line_is_refused_before_it_is_read_whole(monkeypatch):
+    """A file with no line break stops at MAX_LINE_CHARS plus a chunk, not at its end."""
+    monkeypatch.setattr("peft_core.data.MAX_LINE_CHARS", 1000)
+    monkeypatch.setattr("peft_core.data.READ_BYTES", 100)
+    source = io.BytesIO(b"text,label\n" + b"x" * 1_000_000)
+    with pytest.raises(DatasetError, match="line 2: the line is longer than 1,000"):
+        list(read_dataset(source, fmt="csv", task="seq-cls"))
+    assert source.tell() < 2000
 
 
 # --- splitting ------------------------------------------------------------------
