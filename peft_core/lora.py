@@ -132,16 +132,17 @@ class LoraLinear(WrappedLinear, nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """W ← W + ΔW with ΔW in the factors' float32 and the sum rounded once into W's dtype
+        (in-place ops compute in the wider dtype): a bf16 W gets the nearest bf16 to W + ΔW,
+        not ΔW rounded to bf16 and then the sum rounded again."""
         if not self.merged:
-            weight = self.base_layer.weight
-            weight += self.delta_weight().to(weight.dtype)
+            self.base_layer.weight.add_(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            weight = self.base_layer.weight
-            weight -= self.delta_weight().to(weight.dtype)
+            self.base_layer.weight.sub_(self.delta_weight())
             self.merged = False
 
     def extra_repr(self) -> str:

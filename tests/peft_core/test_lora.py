@@ -256,6 +256,21 @@ def test_lora_linear_keeps_float32_adapter_on_bf16_base():
     assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("base", [nn.Linear(64, 48), Conv1D(48, 64)], ids=["linear", "conv1d"])
+def test_merging_into_a_bf16_weight_rounds_the_sum_once(base):
+    """W + ΔW with ΔW in float32, then one rounding to bf16: the nearest bf16 to the merged
+    weight (rounding ΔW to bf16 first, then the sum, lands elsewhere in many entries)."""
+    layer = LoraLinear(base.to(torch.bfloat16), r=4, alpha=8, dropout=0.0, rslora=False)
+    perturb(layer, seed=2)
+    w0, delta = layer.base_layer.weight.clone(), layer.delta_weight()
+    once = (w0.float() + delta).to(torch.bfloat16)
+    assert (w0 + delta.to(torch.bfloat16) != once).any()  # the two ways differ here
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, once)
+    layer.unmerge()
+    assert_close(layer.base_layer.weight, w0, atol=0.02, rtol=0.01)  # bf16 cannot undo exactly
+
+
 # ---------------------------------------------------------------- battery
 
 
