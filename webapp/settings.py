@@ -258,14 +258,17 @@ AXES_USERNAME_CALLABLE = "webapp.accounts.views.login_attempt_username"
 AXES_DISABLE_ACCESS_LOG = True  # successful logins are already in the audit log
 AXES_VERBOSE = False  # no start-up banner in every manage.py command
 
-# Uploads: a dataset is parsed from memory and stored as rows in the database, never on disk.
-# A bigger dataset body is refused from its Content-Length, unread (413); one that fits stays
-# under FILE_UPLOAD_MAX_MEMORY_SIZE, so Django keeps it in memory. Non-file bodies (the API's
-# JSON, form fields) hold at most DATA_UPLOAD_MAX_MEMORY_SIZE: a full metrics batch is ~1.5 MB.
-DATASET_MAX_BYTES = env_int("PEFTLAB_DATASET_MAX_BYTES", 20 * 1024 * 1024, minimum=1024)
+# Uploads: a dataset body over DATASET_MAX_BYTES is refused from its Content-Length, unread
+# (413). An uploaded file over FILE_UPLOAD_MAX_MEMORY_SIZE is spilled by Django to a temporary
+# file (FILE_UPLOAD_TEMP_DIR, the system's by default), and a dataset is parsed from there in one
+# streaming pass, its rows written to the artifact store: the cap is a matter of disk (the
+# upload and its rows, each up to the cap, while it is parsed), not memory. Non-file bodies
+# (the API's JSON, form fields) hold at most DATA_UPLOAD_MAX_MEMORY_SIZE: a full metrics batch
+# is ~1.5 MB.
+DATASET_MAX_BYTES = env_int("PEFTLAB_DATASET_MAX_BYTES", 2 * 1024**3, minimum=1024)
 DATASET_MAX_ROWS = env_int("PEFTLAB_DATASET_MAX_ROWS", 200_000, minimum=10)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
-FILE_UPLOAD_MAX_MEMORY_SIZE = DATASET_MAX_BYTES + 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = int(2.5 * 1024 * 1024)
 
 # Adapter uploads: checked in a separate, resource-limited process, killed after the timeout.
 # A merged export still queued or building after this long (its worker died) is sent again

@@ -5,7 +5,6 @@ or ended elsewhere, writes raise StaleFenceError and this worker stops without t
 """
 
 import dataclasses
-import json
 import logging
 import math
 import tempfile
@@ -41,7 +40,7 @@ from peft_core.train import (
     evaluate,
     train,
 )
-from webapp.experiments import artifacts, leases, metrics
+from webapp.experiments import artifacts, dataset_files, leases, metrics
 from webapp.experiments.leases import StaleFenceError
 from webapp.experiments.metrics import Point
 from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, RunStatus
@@ -236,10 +235,11 @@ def _retrying(write, *args, **kwargs):
 
 
 def dataset_rows(dataset: Dataset) -> tuple[list[dict], list[dict]]:
+    """(train, validation) rows; an upload's file is read through its sha256 check, so a
+    damaged one fails the run for its dataset (DatasetDamaged) instead of training on it."""
     if dataset.is_builtin:
         return sample_rows(dataset.builtin_key)
-    content = Dataset.objects.values_list("content", flat=True).get(id=dataset.id)
-    rows = [json.loads(line) for line in bytes(content).decode().split("\n") if line]
+    rows = dataset_files.dataset_rows(dataset)
     return split_rows(rows, val_fraction=0.1, seed=0)
 
 

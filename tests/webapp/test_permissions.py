@@ -91,7 +91,7 @@ def ctx(cast, model_root):
     )
     _run(cast, "grid · r=4", sweep=sweep)
     upload = Dataset.objects.create(
-        team=cast.acme, name="upload", task="causal-lm", content=b"", created_by=cast.alice
+        team=cast.acme, name="upload", task="causal-lm", created_by=cast.alice
     )
     return SimpleNamespace(
         cast=cast,

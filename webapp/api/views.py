@@ -31,6 +31,7 @@ from webapp.api.errors import Conflict, form_errors, service_errors
 from webapp.api.parsers import DepthSafeJSONParser, refuse_oversized_body
 from webapp.experiments import downloads, exports, metrics, selectors, services
 from webapp.experiments.artifacts import ArtifactDamaged
+from webapp.experiments.dataset_files import DatasetDamaged
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
 from webapp.experiments.models import ArtifactKind, ExportStatus
 from webapp.experiments.zipstream import stream_zip
@@ -180,7 +181,7 @@ class DatasetList(generics.GenericAPIView):
                 team=form.cleaned_data["team"],
                 name=form.cleaned_data["name"],
                 filename=upload.name,
-                data=upload.read(),
+                data=upload,
                 task=form.cleaned_data["task"],
             )
         data = s.DatasetSerializer(dataset, context={"request": request}).data
@@ -188,10 +189,14 @@ class DatasetList(generics.GenericAPIView):
 
 
 class DatasetDetail(APIView):
-    @extend_schema(responses={200: s.DatasetDetailSerializer, **ERRORS})
+    @extend_schema(responses={200: s.DatasetDetailSerializer, **ERRORS, **CONFLICT})
     def get(self, request, dataset_id: int):
         dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-        context = {"request": request, "preview": selectors.dataset_preview(dataset=dataset)}
+        try:
+            preview = selectors.dataset_preview(dataset=dataset)
+        except DatasetDamaged as exc:
+            raise Conflict(f"{exc}.") from None
+        context = {"request": request, "preview": preview}
         return Response(s.DatasetDetailSerializer(dataset, context=context).data)
 
     @extend_schema(responses={204: None, **ERRORS, **CONFLICT})

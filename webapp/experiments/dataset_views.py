@@ -4,7 +4,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -12,15 +12,15 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from peft_core.data import MAX_COLUMNS, MAX_VALUE_CHARS
 from webapp.accounts.permissions import Action, can
 from webapp.experiments import selectors, services
-from webapp.experiments.forms import (
-    DatasetUploadForm,
-)
+from webapp.experiments.dataset_files import DatasetDamaged, dataset_check
+from webapp.experiments.forms import DatasetUploadForm, size_text
 from webapp.http import client_ip, error_text
 from webapp.registry.models import ModelStatus
 from webapp.registry.selectors import model_list_for_user, model_named_for_user
 
 # The model the token preview starts with: one whose tokenizer a fresh install has.
 DEFAULT_PREVIEW_MODEL = {"causal-lm": "tiny-llama", "seq-cls": "all-minilm-l6-v2"}
+VERIFY_FIRST_BYTES = 64 * 2**20  # a download this small is checked whole before it is sent
 
 
 @require_GET
@@ -60,7 +60,7 @@ def _dataset_upload(request):
                 team=form.cleaned_data["team"],
                 name=form.cleaned_data["name"],
                 filename=upload.name,
-                data=upload.read(),
+                data=upload,
                 task=form.cleaned_data["task"],
             )
         except (ValidationError, PermissionDenied) as exc:
@@ -73,7 +73,7 @@ def _dataset_upload(request):
 
 def _dataset_upload_page(request, form, *, status: int, error: str = ""):
     limits = {
-        "mib": settings.DATASET_MAX_BYTES / (1024 * 1024),
+        "size": size_text(settings.DATASET_MAX_BYTES),
         "rows": settings.DATASET_MAX_ROWS,
         "columns": MAX_COLUMNS,
         "value_chars": MAX_VALUE_CHARS,
@@ -86,7 +86,10 @@ def _dataset_upload_page(request, form, *, status: int, error: str = ""):
 @require_GET
 def dataset_detail(request, dataset_id: int):
     dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-    preview = selectors.dataset_preview(dataset=dataset)
+    try:
+        preview, damaged = selectors.dataset_preview(dataset=dataset), ""
+    except DatasetDamaged as exc:
+        preview, damaged = [], str(exc)
     columns = list(preview[0].keys()) if preview else []
     ready = model_list_for_user(user=request.user).filter(status=ModelStatus.READY)
     models = [model for model in ready if dataset.task in model.tasks]
@@ -96,6 +99,7 @@ def dataset_detail(request, dataset_id: int):
         {
             "dataset": dataset,
             "preview": preview,
+            "damaged": damaged,
             "columns": columns,
             "models": models,
             "default_model": DEFAULT_PREVIEW_MODEL[dataset.task],
@@ -119,6 +123,8 @@ def dataset_tokens(request, dataset_id: int):
     else:
         try:
             context["preview"] = token_preview.token_preview(dataset=dataset, model=model)
+        except DatasetDamaged as exc:
+            context["problem"] = f"No preview: {exc}."
         except token_preview.NoTokenizer:
             context["problem"] = (
                 f"{model.name}'s tokenizer is not on this server yet: it is written when the "
@@ -130,11 +136,20 @@ def dataset_tokens(request, dataset_id: int):
 @login_required
 @require_GET
 def dataset_download(request, dataset_id: int):
-    """The stored rows as JSON lines, under a name the server picks."""
+    """The stored rows as JSON lines, under a name the server picks. A file up to
+    VERIFY_FIRST_BYTES is checked whole, so damage is a 409 before the body; a bigger one
+    streams hashed and a mismatch cuts the transfer."""
     dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-    response = HttpResponse(
-        selectors.dataset_jsonl(dataset=dataset), content_type="application/x-ndjson"
-    )
+    chunks = selectors.dataset_jsonl_chunks(dataset=dataset)
+    try:
+        dataset_check(dataset)  # a file gone or resized
+        if dataset.file_size <= VERIFY_FIRST_BYTES:
+            response = HttpResponse(b"".join(chunks), content_type="application/x-ndjson")
+        else:
+            response = StreamingHttpResponse(chunks, content_type="application/x-ndjson")
+            response["Content-Length"] = dataset.file_size
+    except DatasetDamaged as exc:
+        return HttpResponse(f"{exc}.", status=409, content_type="text/plain; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="dataset-{dataset.id}.jsonl"'
     response["X-Content-Type-Options"] = "nosniff"
     return response

@@ -227,6 +227,14 @@ def parse_grid(text: str) -> dict[str, list[str]]:
 UPLOAD_FORM_OVERHEAD_BYTES = 64 * 1024  # the other fields and the multipart boundaries
 
 
+def size_text(size: int) -> str:
+    """A byte count as people read a limit: "2 GiB", "20 MiB", "1,024 bytes"."""
+    for unit, name in ((1024**3, "GiB"), (1024**2, "MiB")):
+        if size >= unit:
+            return f"{size / unit:.3g} {name}"
+    return f"{size:,} bytes"
+
+
 class DatasetUploadForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="A name, shown on the launch form.")
     team = forms.ModelChoiceField(
@@ -236,11 +244,13 @@ class DatasetUploadForm(forms.Form):
         choices=TaskType.choices,
         help_text="Causal LM: columns prompt,completion (or text). Classification: text,label.",
     )
-    file = forms.FileField(help_text="CSV with a header row, or JSON Lines (.jsonl).")
+    file = forms.FileField()
 
     def __init__(self, *args, teams, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["team"].queryset = teams
+        limit = size_text(settings.DATASET_MAX_BYTES)
+        self.fields["file"].help_text = f"CSV with a header row, or JSON Lines; at most {limit}."
 
     def clean_file(self):
         upload = self.cleaned_data["file"]
@@ -250,8 +260,8 @@ class DatasetUploadForm(forms.Form):
 
     @staticmethod
     def too_large_message() -> str:
-        limit_mb = settings.DATASET_MAX_BYTES / (1024 * 1024)
-        return f"The file is larger than {limit_mb:g} MiB, the limit for a dataset."
+        limit = size_text(settings.DATASET_MAX_BYTES)
+        return f"The file is larger than {limit}, the limit for a dataset."
 
     @staticmethod
     def max_body_bytes() -> int:
@@ -262,7 +272,7 @@ class DatasetUploadForm(forms.Form):
     def body_too_large(cls, request) -> bool:
         """Whether the declared body cannot hold an acceptable upload. Asked before anything
         parses the body: Django reads no more than Content-Length, so a bigger file is refused
-        unread, and an accepted one fits FILE_UPLOAD_MAX_MEMORY_SIZE (memory, never disk)."""
+        unread; an accepted one past FILE_UPLOAD_MAX_MEMORY_SIZE waits in a temporary file."""
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:

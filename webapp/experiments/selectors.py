@@ -2,6 +2,7 @@
 team's id can only ever produce 404: existence does not leak."""
 
 import json
+from collections.abc import Iterator
 
 from django.db.models import Count, Min, Q, QuerySet, Sum
 from django.http import Http404
@@ -9,6 +10,7 @@ from django.utils import timezone
 
 from webapp.accounts.models import Membership, Role, Team
 from webapp.accounts.secrets import secret_digest
+from webapp.experiments.dataset_files import dataset_chunks, dataset_rows
 from webapp.experiments.displayed_metrics import RUN_PAGE_KEYS
 from webapp.experiments.downsample import DEFAULT_MAX_POINTS, json_values, series_downsampled
 from webapp.experiments.models import (
@@ -107,7 +109,6 @@ def dataset_list_for_user(*, user) -> QuerySet[Dataset]:
     """Built-in samples (no team) and the datasets of the user's teams."""
     return (
         Dataset.objects.filter(Q(team__isnull=True) | Q(team__memberships__user=user))
-        .defer("content")
         .distinct()
         .order_by("team_id", "name")
     )
@@ -118,27 +119,31 @@ def dataset_get_for_user(*, user, dataset_id: int) -> Dataset:
 
 
 def dataset_preview(*, dataset: Dataset, limit: int = 20) -> list[dict]:
-    """The first rows of an upload (built-ins are previewed from their generator)."""
+    """The first rows (built-ins are previewed from their generator). An upload's file is read
+    whole to check its sha256: DatasetDamaged when it fails."""
     if dataset.is_builtin:
         from peft_core.samples import sample_rows
 
         train, _ = sample_rows(dataset.builtin_key)
         return train[:limit]
-    content = Dataset.objects.values_list("content", flat=True).get(id=dataset.id)
-    lines = [line for line in bytes(content).decode().split("\n") if line][:limit]
-    return [json.loads(line) for line in lines]
+    return dataset_rows(dataset, limit=limit)
 
 
 def dataset_jsonl(*, dataset: Dataset) -> bytes:
-    """Every row as JSON lines: an upload as stored, a built-in from its generator."""
-    if dataset.is_builtin:
-        from peft_core.samples import sample_rows
+    """Every row as JSON lines, in memory: `dataset_jsonl_chunks` joined."""
+    return b"".join(dataset_jsonl_chunks(dataset=dataset))
 
-        train, validation = sample_rows(dataset.builtin_key)
-        lines = [json.dumps(row, ensure_ascii=False) for row in train + validation]
-        return "\n".join(lines).encode() + b"\n"
-    content = Dataset.objects.values_list("content", flat=True).get(id=dataset.id)
-    return bytes(content) + b"\n"
+
+def dataset_jsonl_chunks(*, dataset: Dataset) -> Iterator[bytes]:
+    """Every row as JSON lines: an upload's stored file hashed as it streams (DatasetDamaged
+    instead of its last chunk on a mismatch), a built-in from its generator."""
+    if not dataset.is_builtin:
+        return dataset_chunks(dataset)
+    from peft_core.samples import sample_rows
+
+    train, validation = sample_rows(dataset.builtin_key)
+    lines = [json.dumps(row, ensure_ascii=False) for row in train + validation]
+    return iter(["\n".join(lines).encode() + b"\n"])
 
 
 def artifact_list_for_run(*, run: Run) -> QuerySet[Artifact]:

@@ -6,17 +6,17 @@ points in `metrics`; a run's stored files in `artifacts`. Work for a worker is n
 never imported: `queue.enqueue_on_commit`.
 """
 
-import hashlib
-import json
+import io
 from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.files import File
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from peft_core.data import DatasetError, label_names, parse_dataset
+from peft_core.data import DatasetError
 from webapp.accounts.models import Team
 from webapp.accounts.permissions import Action, require
 from webapp.accounts.secrets import secret_new
@@ -24,6 +24,7 @@ from webapp.accounts.services import audit_record
 from webapp.experiments import queue
 from webapp.experiments.adapter_upload import too_large_message, validate_adapter
 from webapp.experiments.artifacts import artifact_put, checkpoints_delete
+from webapp.experiments.dataset_files import dataset_file_delete, dataset_file_write
 from webapp.experiments.method_forms import SweepItem
 from webapp.experiments.models import (
     CLAIMABLE_STATUSES,
@@ -43,6 +44,7 @@ from webapp.experiments.models import (
     Sweep,
     Tag,
 )
+from webapp.experiments.store import store_delete
 from webapp.registry.selectors import model_for_team, upload_models
 
 
@@ -158,45 +160,50 @@ def run_tag_remove(*, user, run: Run, name: str) -> None:
 
 
 def dataset_upload_create(
-    *, user, team: Team, name: str, filename: str, data: bytes, task: str
+    *, user, team: Team, name: str, filename: str, data: bytes | File, task: str
 ) -> Dataset:
-    """Parse and validate an upload; raises ValidationError naming the line, storing nothing.
+    """Parse and validate an upload in one pass; raises ValidationError naming the line,
+    storing nothing.
 
-    The rows are stored in the database; nothing is written to disk. The client's file name
-    is kept only as text to show (`original_name`), never used as a path.
+    `data` is the bytes or an uploaded file (Django spills a big one to a temporary file);
+    the checked rows go to the artifact store as JSON lines (dataset_files). The client's file
+    name is kept only as text to show (`original_name`), never used as a path.
     """
     _require_launcher(user=user, team=team)
     original_name = _upload_name(filename)
     fmt = _upload_format(original_name)
-    if len(data) > settings.DATASET_MAX_BYTES:
+    if (len(data) if isinstance(data, bytes) else data.size) > settings.DATASET_MAX_BYTES:
         raise ValidationError(f"The file is larger than {settings.DATASET_MAX_BYTES:,} bytes.")
     try:
-        rows = parse_dataset(data, fmt=fmt, task=task, max_rows=settings.DATASET_MAX_ROWS)
+        file = dataset_file_write(
+            source=io.BytesIO(data) if isinstance(data, bytes) else data,
+            fmt=fmt,
+            task=task,
+            team_id=team.id,
+            max_bytes=settings.DATASET_MAX_BYTES,
+            max_rows=settings.DATASET_MAX_ROWS,
+        )
     except DatasetError as exc:
         raise ValidationError(str(exc)) from None
-    content = "\n".join(_jsonl_line(row) for row in rows).encode()
-    return Dataset.objects.create(
-        team=team,
-        name=name,
-        task=task,
-        original_name=original_name,
-        file_format=fmt,
-        content=content,
-        columns=sorted({key for row in rows for key in row}),
-        label_names=label_names(rows) if task == "seq-cls" else [],
-        row_count=len(rows),
-        sha256=hashlib.sha256(data).hexdigest(),
-        created_by=user,
-    )
-
-
-# Characters that str.splitlines() breaks on and json.dumps leaves raw: escaped, so that the
-# stored JSON lines split back into exactly one row per line.
-LINE_BREAKS_ESCAPED = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-
-
-def _jsonl_line(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False).translate(LINE_BREAKS_ESCAPED)
+    try:
+        return Dataset.objects.create(
+            team=team,
+            name=name,
+            task=task,
+            original_name=original_name,
+            file_format=fmt,
+            file_key=file.stored.key,
+            file_size=file.stored.size,
+            file_sha256=file.stored.sha256,
+            columns=file.columns,
+            label_names=file.label_names,
+            row_count=file.row_count,
+            sha256=file.upload_sha256,
+            created_by=user,
+        )
+    except BaseException:
+        store_delete([file.stored.key])
+        raise
 
 
 def _upload_name(filename: str) -> str:
@@ -289,6 +296,7 @@ def dataset_delete(*, user, dataset: Dataset, ip: str | None = None) -> None:
         raise ValidationError("Runs use this dataset; delete them first.")
     target = f"dataset {dataset.id} “{dataset.name}”"
     dataset.delete()
+    dataset_file_delete(dataset.file_key)
     audit_record(actor=user, team=dataset.team, action="dataset.delete", target=target, ip=ip)
 
 

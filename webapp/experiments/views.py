@@ -57,8 +57,8 @@ def _run_filters(request) -> dict:
     }
 
 
-# What the list never shows and can be large: a run's log and JSON, a dataset's rows.
-RUN_LIST_UNSHOWN = ("log", "summary", "profile", "notes", "error", "dataset__content")
+# What the list never shows and can be large: a run's log and JSON.
+RUN_LIST_UNSHOWN = ("log", "summary", "profile", "notes", "error")
 
 
 @login_required
