@@ -7,6 +7,7 @@ transport under ``var/``. ``DATABASE_URL=postgres://…`` and
 
 import math
 import os
+import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +50,22 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
 
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+_BYTE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_BYTE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def env_bytes(name: str, default: str, *, minimum: int = 1) -> int:
+    """A size in bytes, written as 2GB, 500MiB or 1048576."""
+    raw = env_str(name, default) or default
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", raw)
+    if not match or match[2].upper() not in _BYTE_UNITS:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a size (e.g. 2GB, 500MiB, 1048576)")
+    value = int(match[1]) * _BYTE_UNITS[match[2].upper()]
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}={raw!r} must be at least {minimum} bytes")
+    return value
 
 
 VAR_DIR = Path(env_str("PEFTLAB_VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -274,6 +291,9 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = int(2.5 * 1024 * 1024)
 # A merged export still queued or building after this long (its worker died) is sent again
 # when someone asks for it.
 MERGED_EXPORT_STALE_S = env_int("PEFTLAB_MERGED_EXPORT_STALE_S", 3600, minimum=60)
+# A merged export's weights are written in safetensors shards of at most this size, each
+# stored as one file (save_pretrained's max_shard_size; a bigger single tensor gets its own).
+MERGED_SHARD_SIZE = env_bytes("PEFTLAB_MERGED_SHARD_SIZE", "2GB", minimum=1024)
 ADAPTER_MAX_BYTES = env_int("PEFTLAB_ADAPTER_MAX_BYTES", 512 * 1024 * 1024, minimum=1024)
 ADAPTER_CHECK_TIMEOUT_S = env_int("PEFTLAB_ADAPTER_CHECK_TIMEOUT_S", 120, minimum=5)
 

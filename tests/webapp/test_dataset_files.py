@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -16,7 +17,7 @@ from rest_framework.test import APIClient
 
 from peft_core.data import DatasetError
 from webapp.accounts.services import api_token_create
-from webapp.experiments import dataset_files, selectors, services
+from webapp.experiments import dataset_files, selectors, services, store
 from webapp.experiments.models import Dataset
 
 pytestmark = pytest.mark.django_db
@@ -256,3 +257,45 @@ def test_a_200_mb_upload_parses_with_flat_memory(tmp_path):
     assert (report["rows"], report["sha256"]) == (rows, sha256)
     assert report["size"] > FILE_BYTES * 0.95  # the rows, re-written as JSON lines
     assert report["grew_kib"] / 1024 < RSS_BOUND_MB, report
+
+
+# --- on an S3-compatible store ----------------------------------------------------------
+
+S3_ENDPOINT = os.environ.get("PEFTLAB_TEST_S3_ENDPOINT_URL", "")
+S3_BUCKET = os.environ.get("PEFTLAB_TEST_S3_BUCKET", "peftlab")
+
+
+@pytest.fixture
+def s3(settings, monkeypatch):
+    """The store on the test server (CI starts one), under a fresh prefix."""
+    if not S3_ENDPOINT:
+        if settings.REQUIRE_SERVICES:
+            pytest.fail("CI must test the S3 store: PEFTLAB_TEST_S3_ENDPOINT_URL is not set")
+        pytest.skip("no S3-compatible server (PEFTLAB_TEST_S3_ENDPOINT_URL)")
+    from webapp import settings as module
+
+    for name, value in {
+        "PEFTLAB_S3_ENDPOINT_URL": S3_ENDPOINT,
+        "PEFTLAB_S3_REGION": "us-east-1",
+        "PEFTLAB_S3_ACCESS_KEY_ID": os.environ.get("PEFTLAB_TEST_S3_ACCESS_KEY_ID", "S3RVER"),
+        "PEFTLAB_S3_SECRET_ACCESS_KEY": os.environ.get("PEFTLAB_TEST_S3_SECRET", "S3RVER"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    prefix = f"test-{uuid.uuid4().hex}"
+    storage = module.artifact_storage(f"s3://{S3_BUCKET}/{prefix}")
+    settings.STORAGES = {**settings.STORAGES, "artifacts": storage}
+    return store.artifact_storage().connection.meta.client, prefix
+
+
+def test_on_s3_an_upload_is_one_object_read_back_checked(cast, s3):
+    client, prefix = s3
+    dataset = _upload(cast)
+    listing = client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix + "/")
+    assert [item["Key"] for item in listing["Contents"]] == [f"{prefix}/{dataset.file_key}"]
+    assert dataset_files.dataset_rows(dataset, limit=1) == [
+        {"text": "great film", "label": "positive"}
+    ]
+    damaged = selectors.dataset_jsonl(dataset=dataset).replace(b"great", b"grease")[:-1]
+    client.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/{dataset.file_key}", Body=damaged)
+    with pytest.raises(dataset_files.DatasetDamaged, match="the dataset file is damaged"):
+        dataset_files.dataset_rows(dataset)

@@ -500,7 +500,7 @@ class RunMerged(APIView):
             raise Conflict(f"The merged model could not be built: {export.error}")
         if export.status != ExportStatus.READY:
             return self._building(export)
-        files = selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.MERGED)
+        files = exports.merged_files(run)  # the newest version
         response = StreamingHttpResponse(stream_zip(list(files)), content_type="application/zip")
         name = f"peftlab-run-{run.id}-merged.zip"
         response["Content-Disposition"] = content_disposition_header(True, name)

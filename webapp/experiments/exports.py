@@ -5,12 +5,14 @@ model_card(run)        README.md for the adapter zip (and, merged=True, for the 
                        Markdown: base model, method and its config, training settings, the
                        dataset and its sha256, metrics, and how to load the files.
 merged_export_*       for a mergeable method (LoRA, DoRA, (IA)³): the adapter folded into the
-                       base model's weights, a plain transformers directory (config.json,
-                       model.safetensors, tokenizer, README.md) that loads with
-                       AutoModelFor*.from_pretrained, no PEFT. A worker builds it on the
-                       `export` queue (workers/exports.py); it is stored as the run's
-                       `merged` artifacts and served like the adapter. This module never
-                       loads a model: the web process imports it.
+                       base model's weights, in the base's own dtype, a plain transformers
+                       directory (config.json, safetensors shards and their index, tokenizer,
+                       README.md) that loads with AutoModelFor*.from_pretrained, no PEFT. A
+                       worker builds it on the `export` queue (workers/exports.py) and puts
+                       each file in the artifact store; the run's `merged` artifacts record
+                       them as one version (a rebuild adds the next) and are served like the
+                       adapter, newest version first. This module never loads a model: the
+                       web process imports it.
 
 Every user string (run, dataset and project names, notes, method config values) reaches the
 card through `_yaml` (always double-quoted, escaped: it cannot end the front matter or add a
@@ -29,14 +31,20 @@ import yaml
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Max, QuerySet
 from django.utils import timezone
 
 from peft_core.catalogue import CATALOGUE, upstream_name
 from peft_core.configs import TrainConfig
 from peft_core.registry import METHOD_CONFIGS, build_config
 from webapp.experiments import queue
-from webapp.experiments.artifacts import ArtifactDamaged, artifact_file, artifact_insert
+from webapp.experiments.artifacts import (
+    ArtifactDamaged,
+    artifact_file,
+    artifact_record,
+    next_version,
+    version_files,
+)
 from webapp.experiments.models import (
     EXPORT_BUSY_STATUSES,
     Artifact,
@@ -47,6 +55,7 @@ from webapp.experiments.models import (
     RunStatus,
     TaskType,
 )
+from webapp.experiments.store import Stored, store_delete
 
 MODEL_CARD = "README.md"
 # The Hub ids of the catalogue's pretrained models (their files come from pip packages here).
@@ -397,9 +406,10 @@ def _notes_section(run: Run) -> list[str]:
 
 def merged_export_request(*, run: Run, retry: bool = False) -> MergedExport:
     """The run's merged export, queued now unless one is ready or building (a second request
-    waits for the first); a failed one is queued again only when `retry`. Anyone who can read
-    the run may ask: it only derives what the run already holds. ValidationError when the
-    run has nothing to merge."""
+    waits for the first); a failed one is queued again only when `retry`, a ready one when
+    the run's adapter has a newer version than the build saw (the result is a new version
+    of the merged files; the old ones stay). Anyone who can read the run may ask: it only
+    derives what the run already holds. ValidationError when the run has nothing to merge."""
     refusal = merged_export_refusal(run)
     if refusal:
         raise ValidationError(refusal)
@@ -407,11 +417,29 @@ def merged_export_request(*, run: Run, retry: bool = False) -> MergedExport:
         export, created = MergedExport.objects.select_for_update().get_or_create(run=run)
         stale = timezone.now() - timedelta(seconds=settings.MERGED_EXPORT_STALE_S)
         failed = retry and export.status == ExportStatus.FAILED
-        if created or failed or (export.is_busy and export.updated_at < stale):
+        outdated = export.status == ExportStatus.READY and _adapter_newer(export)
+        if created or failed or outdated or (export.is_busy and export.updated_at < stale):
             export.status, export.error = ExportStatus.QUEUED, ""
-            export.save(update_fields=["status", "error", "updated_at"])
+            export.requested_at = timezone.now()
+            export.save(update_fields=["status", "error", "requested_at", "updated_at"])
             queue.enqueue_on_commit(queue.MERGED_EXPORT, export.id)
     return export
+
+
+def _adapter_newer(export: MergedExport) -> bool:
+    """Whether an adapter file was stored after this build was asked for. `requested_at` is
+    when it was last queued, and the worker reads the adapter after that, so this errs only
+    towards one build too many, never towards serving a merge of an old adapter as current."""
+    adapter = Artifact.objects.filter(run_id=export.run_id, kind=ArtifactKind.ADAPTER)
+    newest = adapter.aggregate(last=Max("created_at"))["last"]
+    return newest is not None and newest > export.requested_at
+
+
+def merged_files(run: Run, *, version: int | None = None) -> QuerySet[Artifact]:
+    """The files of the run's merged model: its newest version unless `version`."""
+    return version_files(
+        Artifact.objects.filter(run=run, kind=ArtifactKind.MERGED), version=version
+    )
 
 
 def merged_export_refusal(run: Run) -> str:
@@ -450,21 +478,34 @@ def merged_export_progress(*, export_id: int, attempt: int, status: str) -> bool
     return bool(_export_owned(export_id, attempt).update(status=status, updated_at=timezone.now()))
 
 
-def merged_export_store(*, export_id: int, attempt: int, files: dict[str, bytes]) -> bool:
-    """Store the built files as the run's `merged` artifacts and mark the export ready, all or
-    nothing; False (storing nothing) when another attempt has taken the build over."""
-    with transaction.atomic():
-        export = _export_owned(export_id, attempt).select_for_update().first()
-        if export is None:
-            return False
-        Artifact.objects.filter(run_id=export.run_id, kind=ArtifactKind.MERGED).delete()
-        for name, data in sorted(files.items()):
-            artifact_insert(run_id=export.run_id, kind=ArtifactKind.MERGED, name=name, data=data)
-        size = sum(len(data) for data in files.values())
-        _export_owned(export_id, attempt).update(
-            status=ExportStatus.READY, size=size, error="", updated_at=timezone.now()
+def merged_export_store(*, export_id: int, attempt: int, stored: dict[str, Stored]) -> int | None:
+    """Record files the worker put in the artifact store as the run's next `merged` version
+    and mark the export ready, all or nothing: the new version's number, or None when another
+    attempt has taken the build over. Earlier versions stay. Files no row came to name (a
+    superseded attempt, a failed commit) are deleted from the store again."""
+    try:
+        with transaction.atomic():
+            export = _export_owned(export_id, attempt).select_for_update().first()
+            version = None if export is None else _merged_record(export, stored)
+    except BaseException:
+        store_delete(file.key for file in stored.values())
+        raise
+    if version is None:
+        store_delete(file.key for file in stored.values())
+    return version
+
+
+def _merged_record(export: MergedExport, stored: dict[str, Stored]) -> int:
+    version = next_version(run_id=export.run_id, kind=ArtifactKind.MERGED)
+    for name, file in sorted(stored.items()):
+        artifact_record(
+            run_id=export.run_id, kind=ArtifactKind.MERGED, name=name, version=version, file=file
         )
-    return True
+    size = sum(file.size for file in stored.values())
+    MergedExport.objects.filter(id=export.id).update(
+        status=ExportStatus.READY, size=size, error="", updated_at=timezone.now()
+    )
+    return version
 
 
 def merged_export_fail(*, export_id: int, attempt: int, error: str) -> None:

@@ -171,7 +171,7 @@ def merged_response(run, *, page_url: str):
         return HttpResponse(message, status=409, content_type="text/plain")
     if export.status != ExportStatus.READY:
         return redirect(f"{page_url}#merged")
-    files = list(selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.MERGED))
+    files = list(exports.merged_files(run))  # the newest version
     return _zip_response(stream_zip(files), f"peftlab-run-{run.id}-merged.zip")
 
 
