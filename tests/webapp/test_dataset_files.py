@@ -4,6 +4,7 @@ through the sha256 check, the cap in settings, the file deleted with the dataset
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -245,14 +246,18 @@ def test_a_200_mb_upload_parses_with_flat_memory(tmp_path):
         "DJANGO_SETTINGS_MODULE": "webapp.settings",
         "PEFTLAB_ARTIFACT_STORE": f"file://{tmp_path / 'store'}",
     }
-    child = subprocess.run(
-        [sys.executable, "-c", PARSE_IN_A_CHILD, str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", PARSE_IN_A_CHILD, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+    finally:  # pytest keeps the last runs' tmp_path: not 400 MB of them
+        path.unlink()
+        shutil.rmtree(tmp_path / "store", ignore_errors=True)
     report = json.loads(child.stdout.strip().splitlines()[-1])
     assert (report["rows"], report["sha256"]) == (rows, sha256)
     assert report["size"] > FILE_BYTES * 0.95  # the rows, re-written as JSON lines
