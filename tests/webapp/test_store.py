@@ -216,3 +216,19 @@ def test_a_store_setting_it_cannot_serve_fails_loudly(url):
 
     with pytest.raises(ImproperlyConfigured, match="PEFTLAB_ARTIFACT_STORE"):
         module.artifact_storage(url)
+
+
+def test_a_checkpoint_uploaded_but_never_recorded_goes_when_the_run_ends(
+    root, make_run, django_capture_on_commit_callbacks
+):
+    """A worker killed between uploading a checkpoint and recording it leaves files no row
+    names; the run's end sweeps its whole checkpoint folder."""
+    run = make_run()
+    fence = leases.run_claim(run_id=run.id, worker="w1:1")
+    artifacts.checkpoint_upload(run_id=run.id, files={"checkpoint.json": b"{}"})  # then killed
+    other = make_run(name="other")
+    artifacts.checkpoint_upload(run_id=other.id, files={"checkpoint.json": b"{}"})
+    assert len(_files_under(root)) == 2
+    with django_capture_on_commit_callbacks(execute=True):
+        leases.run_finish(run_id=run.id, fence=fence, status=RunStatus.SUCCEEDED)
+    assert [path.split("/")[1] for path in _files_under(root)] == [str(other.id)]

@@ -1,8 +1,9 @@
 """Fault injection on real processes: a Celery worker and the reaper as subprocesses, on the
 configured database and broker (PostgreSQL and Redis in CI).
 
-- `kill -9` of the worker mid-run: the run is lost within 60 s, a restarted worker resumes
-  it from its checkpoint, and it ends succeeded with one adapter and no duplicate points.
+- `kill -9` of the worker mid-run, on the S3 store: the run is lost within 60 s, a restarted
+  worker resumes it from its checkpoint (read back from S3, verified), and it ends succeeded
+  with one adapter and no duplicate points; no checkpoint byte was ever in PostgreSQL.
 - The same task message delivered twice trains once.
 - Redis (a server of this test's own) restarted mid-run: the training finishes.
 - PostgreSQL unreachable for 30 s mid-run (a TCP proxy between it and the worker and reaper
@@ -28,9 +29,17 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from tests.webapp.test_store_s3 import BUCKET, s3  # noqa: F401 (a fixture)
 from tests.workers.test_celery_worker import database_env
 from webapp.celery import app as celery_app
-from webapp.experiments.models import Artifact, MetricPoint, Run, RunStatus
+from webapp.experiments.models import (
+    Artifact,
+    ArtifactChunk,
+    ArtifactHome,
+    MetricPoint,
+    Run,
+    RunStatus,
+)
 from workers.tasks import train_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -119,6 +128,11 @@ def _queued_run(cast, *, steps: int, checkpoint_every: int = 0, name: str = "fau
     )
 
 
+def _s3_keys(client, prefix: str) -> list[str]:
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
+    return [item["Key"] for item in listing.get("Contents", ())]
+
+
 def _wait_for(predicate, what: str, processes: Processes, timeout: float = TIMEOUT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -150,18 +164,29 @@ def _assert_complete_once(run: Run, steps: int) -> None:
 
 
 def test_kill_9_mid_run_loses_the_run_and_a_restarted_worker_resumes_it(
-    cast, processes, empty_queue
+    cast,
+    processes,
+    empty_queue,
+    s3,  # noqa: F811 (the imported fixture)
 ):
+    """On the S3 store (CI's S3 server): the checkpoints go there, none into PostgreSQL."""
+    client, prefix = s3
+    store_env = {"PEFTLAB_ARTIFACT_STORE": f"s3://{BUCKET}/{prefix}"}
     steps = 300
     run = _queued_run(cast, steps=steps, checkpoint_every=20)
-    worker = processes.worker()
-    processes.reaper()
+    worker = processes.worker(**store_env)
+    processes.reaper(**store_env)
     train_run.delay(run.id)
     _wait_for(
         lambda: _status(run).step >= 50 and Artifact.objects.filter(run=run, kind="checkpoint"),
         "a checkpoint at step 40 or later",
         processes,
     )
+    checkpoints = Artifact.objects.filter(run=run, kind="checkpoint")
+    assert set(checkpoints.values_list("home", flat=True)) == {ArtifactHome.STORE}
+    assert not ArtifactChunk.objects.filter(artifact__run=run, artifact__kind="checkpoint")
+    in_s3 = {key.removeprefix(prefix + "/") for key in _s3_keys(client, prefix)}
+    assert set(checkpoints.values_list("key", flat=True)) <= in_s3
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     killed_at, killed_step = time.monotonic(), _status(run).step
@@ -170,9 +195,16 @@ def test_kill_9_mid_run_loses_the_run_and_a_restarted_worker_resumes_it(
     lost_after_s = time.monotonic() - killed_at
     assert lost_after_s <= 60
 
-    restarted = processes.worker(name="restarted")
+    restarted = processes.worker(name="restarted", **store_env)
     _wait_for(lambda: _status(run).is_finished, "the resumed run to finish", processes)
     _assert_complete_once(run, steps)
+    # The run's checkpoints go once its end is committed (the worker deletes them just after).
+    _wait_for(
+        lambda: not [key for key in _s3_keys(client, prefix) if "/checkpoint/" in key],
+        "the ended run's checkpoints to leave the store",
+        processes,
+        timeout=30,
+    )
     assert run.attempt == 2, processes.logs()
     resumed = re.findall(r"resumed from step (\d+)", Path(restarted.log_path).read_text())
     assert len(resumed) == 1, processes.logs()

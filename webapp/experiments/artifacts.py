@@ -22,6 +22,8 @@ from webapp.experiments.store import (
     Stored,
     store_check,
     store_delete,
+    store_delete_under,
+    store_folder,
     store_key,
     store_read,
     store_stream,
@@ -234,7 +236,11 @@ def checkpoint_files(*, run_id: int, version: int) -> dict[str, bytes]:
 
 
 def checkpoints_delete(*, run_id: int) -> None:
+    """Drop the run's checkpoints: the rows now; once that commits, every file under the
+    run's checkpoint folder, also one a killed worker uploaded but never recorded."""
     artifacts_delete(Artifact.objects.filter(run_id=run_id, kind=ArtifactKind.CHECKPOINT))
+    folder = store_folder(run_id=run_id, kind=ArtifactKind.CHECKPOINT)
+    transaction.on_commit(lambda: store_delete_under(folder), robust=True)
 
 
 # ---------------------------------------------------------------- database rows

@@ -82,11 +82,18 @@ def artifact_storage():
     return storages["artifacts"]
 
 
+def store_folder(*, run_id: int, kind: str) -> str:
+    """Where a run's files of one kind live: runs/<id>/<kind>/."""
+    if not _PLAIN_NAME.fullmatch(kind):
+        raise ValueError(f"{kind!r} is not a plain kind")
+    return f"runs/{int(run_id)}/{kind}/"
+
+
 def store_key(*, run_id: int, kind: str, name: str) -> str:
     """A fresh key for one file of a run: runs/<id>/<kind>/<random>/<name>."""
     if not _PLAIN_NAME.fullmatch(name) or not _PLAIN_NAME.fullmatch(kind):
         raise ValueError(f"{name!r} of kind {kind!r} is not a plain file name")
-    return f"runs/{int(run_id)}/{kind}/{uuid.uuid4().hex}/{name}"
+    return store_folder(run_id=run_id, kind=kind) + f"{uuid.uuid4().hex}/{name}"
 
 
 def store_write(key: str, source: bytes | BinaryIO) -> Stored:
@@ -178,6 +185,24 @@ def store_delete(keys: Iterable[str]) -> None:
     storage = artifact_storage()
     for key in keys:
         storage.delete(key)  # a key already gone is no error
+
+
+def store_walk(folder: str) -> Iterator[str]:
+    """Every key under `folder` (a store_folder), partial uploads included."""
+    storage = artifact_storage()
+    try:
+        folders, files = storage.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in files:
+        yield folder + name
+    for name in folders:
+        yield from store_walk(f"{folder}{name}/")
+
+
+def store_delete_under(folder: str) -> None:
+    """Delete every file under `folder`, also files no row names (a killed upload's)."""
+    store_delete(list(store_walk(folder)))
 
 
 def _verified_chunks(
