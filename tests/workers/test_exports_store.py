@@ -28,7 +28,7 @@ from tests.peft_core.test_lora import perturb
 from tests.webapp.test_exports import _logits, _trained_run
 from tests.webapp.test_store_s3 import BUCKET, s3  # noqa: F401 (a fixture)
 from webapp.accounts.services import api_token_create
-from webapp.experiments import artifacts, exports, leases, store
+from webapp.experiments import artifacts, exports, leases, services, store
 from webapp.experiments.models import (
     Artifact,
     ArtifactChunk,
@@ -38,6 +38,7 @@ from webapp.experiments.models import (
     MergedExport,
     Run,
     RunStatus,
+    Sweep,
 )
 from webapp.registry import services as registry
 from workers.exports import build_merged_export
@@ -242,6 +243,28 @@ def test_a_failed_record_deletes_the_uploaded_files(lora_run, artifact_store, mo
     with pytest.raises(RuntimeError):
         exports.merged_export_store(export_id=export.id, attempt=attempt, stored=stored)
     assert not any(store.artifact_storage().exists(file.key) for file in stored.values())
+
+
+@pytest.mark.parametrize("how", ["run", "sweep"])
+def test_deleting_the_run_deletes_its_merged_files_from_the_store(
+    cast, lora_run, artifact_store, how, django_capture_on_commit_callbacks
+):
+    """The rows cascade; the store files, which no row names after that, go on commit."""
+    run, _ = lora_run
+    _build(run)
+    keys = list(Artifact.objects.filter(run=run).exclude(key="").values_list("key", flat=True))
+    assert keys and all(store.artifact_storage().exists(key) for key in keys)
+    with django_capture_on_commit_callbacks(execute=True):
+        if how == "run":
+            services.run_delete(user=cast.alice, run=run)
+        else:
+            sweep = Sweep.objects.create(
+                project=run.project, name="s", base_model=run.base_model, dataset=run.dataset
+            )
+            Run.objects.filter(id=run.id).update(sweep=sweep)
+            services.sweep_delete(user=cast.alice, sweep=sweep)
+    assert not Run.objects.filter(id=run.id).exists()
+    assert not any(store.artifact_storage().exists(key) for key in keys)
 
 
 # ---- a bf16 base ---------------------------------------------------------------------------

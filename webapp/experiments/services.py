@@ -23,13 +23,14 @@ from webapp.accounts.secrets import secret_new
 from webapp.accounts.services import audit_record
 from webapp.experiments import queue
 from webapp.experiments.adapter_upload import too_large_message, validate_adapter
-from webapp.experiments.artifacts import artifact_put, checkpoints_delete
+from webapp.experiments.artifacts import artifact_put, artifacts_delete, checkpoints_delete
 from webapp.experiments.dataset_files import dataset_file_delete, dataset_file_write
 from webapp.experiments.method_forms import SweepItem
 from webapp.experiments.models import (
     CLAIMABLE_STATUSES,
     EXTERNAL_WORKER,
     FINISHED_STATUSES,
+    Artifact,
     ArtifactKind,
     Comment,
     Dataset,
@@ -269,6 +270,7 @@ def run_delete(*, user, run: Run, ip: str | None = None) -> None:
             raise ValidationError(
                 "Cancel the run first: a queued, running or lost run cannot be deleted."
             )
+        artifacts_delete(Artifact.objects.filter(run=run))  # store files go on commit
         run.delete()
     audit_record(actor=user, team=team, action="run.delete", target=target, ip=ip)
 
@@ -282,6 +284,7 @@ def sweep_delete(*, user, sweep: Sweep, ip: str | None = None) -> int:
         statuses = sweep.runs.select_for_update().order_by("id").values_list("status", flat=True)
         if any(status not in FINISHED_STATUSES for status in statuses):  # locked as run_delete
             raise ValidationError("Cancel the sweep's live runs first.")
+        artifacts_delete(Artifact.objects.filter(run__sweep=sweep))  # store files on commit
         deleted, _ = sweep.runs.all().delete()
         sweep.delete()
     audit_record(actor=user, team=team, action="sweep.delete", target=target, ip=ip)
