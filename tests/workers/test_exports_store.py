@@ -245,15 +245,32 @@ def test_a_failed_record_deletes_the_uploaded_files(lora_run, artifact_store, mo
     assert not any(store.artifact_storage().exists(file.key) for file in stored.values())
 
 
+def _orphan(run) -> str:
+    """A shard a worker uploaded and was killed before recording: no row names it."""
+    key = store.store_key(run_id=run.id, kind=ArtifactKind.MERGED, name="model.safetensors")
+    return store.store_write(key, b"half an export").key
+
+
+def test_the_next_build_deletes_what_a_killed_worker_left_in_the_store(lora_run, artifact_store):
+    run, _ = lora_run
+    orphan = _orphan(run)
+    _build(run)
+    assert not store.artifact_storage().exists(orphan)
+    for artifact in exports.merged_files(run):
+        store.store_read(artifact.key, size=artifact.size, sha256=artifact.sha256)
+
+
 @pytest.mark.parametrize("how", ["run", "sweep"])
 def test_deleting_the_run_deletes_its_merged_files_from_the_store(
     cast, lora_run, artifact_store, how, django_capture_on_commit_callbacks
 ):
-    """The rows cascade; the store files, which no row names after that, go on commit."""
+    """The rows go, and on commit every file under the run's store folders, also one that no
+    row ever named."""
     run, _ = lora_run
     _build(run)
     keys = list(Artifact.objects.filter(run=run).exclude(key="").values_list("key", flat=True))
-    assert keys and all(store.artifact_storage().exists(key) for key in keys)
+    keys.append(_orphan(run))
+    assert all(store.artifact_storage().exists(key) for key in keys)
     with django_capture_on_commit_callbacks(execute=True):
         if how == "run":
             services.run_delete(user=cast.alice, run=run)

@@ -55,7 +55,7 @@ from webapp.experiments.models import (
     RunStatus,
     TaskType,
 )
-from webapp.experiments.store import Stored, store_delete
+from webapp.experiments.store import Stored, store_delete, store_folder, store_walk
 
 MODEL_CARD = "README.md"
 # The Hub ids of the catalogue's pretrained models (their files come from pip packages here).
@@ -492,7 +492,19 @@ def merged_export_store(*, export_id: int, attempt: int, stored: dict[str, Store
         raise
     if version is None:
         store_delete(file.key for file in stored.values())
+    else:
+        _merged_orphans_delete(export.run_id)
     return version
+
+
+def _merged_orphans_delete(run_id: int) -> None:
+    """Delete the run's merged files that no row names: uploads of a worker killed before it
+    recorded them. Right after a build is recorded no other build of the run is uploading
+    (a superseded one would find its record refused and delete its files anyway)."""
+    named = Artifact.objects.filter(run_id=run_id, kind=ArtifactKind.MERGED)
+    keys = set(named.values_list("key", flat=True))
+    folder = store_folder(run_id=run_id, kind=ArtifactKind.MERGED)
+    store_delete([key for key in store_walk(folder) if key not in keys])
 
 
 def _merged_record(export: MergedExport, stored: dict[str, Stored]) -> int:

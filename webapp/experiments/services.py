@@ -45,7 +45,7 @@ from webapp.experiments.models import (
     Sweep,
     Tag,
 )
-from webapp.experiments.store import store_delete
+from webapp.experiments.store import store_delete, store_delete_under, store_folder
 from webapp.registry.selectors import model_for_team, upload_models
 
 
@@ -270,9 +270,17 @@ def run_delete(*, user, run: Run, ip: str | None = None) -> None:
             raise ValidationError(
                 "Cancel the run first: a queued, running or lost run cannot be deleted."
             )
-        artifacts_delete(Artifact.objects.filter(run=run))  # store files go on commit
+        _run_files_delete([run.id])
         run.delete()
     audit_record(actor=user, team=team, action="run.delete", target=target, ip=ip)
+
+
+def _run_files_delete(run_ids: list[int]) -> None:
+    """The runs' artifact rows now and, once that commits, every file under their store
+    folders: the rows' files and any that a killed worker uploaded but never recorded."""
+    artifacts_delete(Artifact.objects.filter(run_id__in=run_ids))
+    folders = [store_folder(run_id=i, kind=kind) for i in run_ids for kind in ArtifactKind.values]
+    transaction.on_commit(lambda: [store_delete_under(f) for f in folders], robust=True)
 
 
 def sweep_delete(*, user, sweep: Sweep, ip: str | None = None) -> int:
@@ -284,7 +292,7 @@ def sweep_delete(*, user, sweep: Sweep, ip: str | None = None) -> int:
         statuses = sweep.runs.select_for_update().order_by("id").values_list("status", flat=True)
         if any(status not in FINISHED_STATUSES for status in statuses):  # locked as run_delete
             raise ValidationError("Cancel the sweep's live runs first.")
-        artifacts_delete(Artifact.objects.filter(run__sweep=sweep))  # store files on commit
+        _run_files_delete(list(sweep.runs.values_list("id", flat=True)))
         deleted, _ = sweep.runs.all().delete()
         sweep.delete()
     audit_record(actor=user, team=team, action="sweep.delete", target=target, ip=ip)
