@@ -479,8 +479,10 @@ class RunMerged(APIView):
     @extend_schema(
         responses={
             (200, "application/zip"): OpenApiResponse(
-                description="The adapter folded into the base model: config.json, "
-                "model.safetensors, the tokenizer and README.md (the model card)."
+                description="The adapter folded into the base model (its newest version), "
+                "in the base's dtype: config.json, the weights as model.safetensors or, past "
+                "PEFTLAB_MERGED_SHARD_SIZE, shards with model.safetensors.index.json, the "
+                "tokenizer and README.md (the model card)."
             ),
             202: OpenApiResponse(
                 description="Being built: {status, detail}. Ask again after Retry-After."
