@@ -13,6 +13,7 @@ import pytest
 import torch
 from django.conf import settings
 from django.db.models import F
+from django.template.defaultfilters import filesizeformat
 from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
@@ -129,7 +130,7 @@ def test_a_sharded_export_streams_into_the_store_and_loads_in_transformers(
     client = Client()
     client.force_login(cast.bob)
     page = client.get(reverse("run_detail", args=[run.id])).content.decode()
-    assert "Download merged model (.zip," in page
+    assert f"Download merged model (.zip, {filesizeformat(export.size)})" in page
     directory = _unzip(_download(client, run), tmp_path / "merged")
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == shards
@@ -201,6 +202,8 @@ def test_an_adapters_new_version_rebuilds_as_version_2_and_keeps_version_1(
     export.refresh_from_db()
     newest = list(exports.merged_files(run))
     assert {a.version for a in newest} == {2} and export.size == sum(a.size for a in newest)
+    page = client.get(reverse("run_detail", args=[run.id])).content.decode()
+    assert f"Download merged model (.zip, {filesizeformat(export.size)} · version 2)" in page
     model = AutoModelForCausalLM.from_pretrained(
         _unzip(_download(client, run), tmp_path / "merged-v2"), local_files_only=True
     )

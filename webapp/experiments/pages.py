@@ -15,6 +15,7 @@ from webapp.experiments.artifacts import (
     ArtifactDamaged,
     artifact_check,
     artifact_verify,
+    latest_version,
     version_files,
 )
 from webapp.experiments.displayed_metrics import displayed
@@ -103,6 +104,7 @@ def merged_context(run) -> dict | None:
         "export": export,
         "busy": bool(export and export.is_busy),
         "percent": round(100 * step / len(EXPORT_STEPS)),
+        "version": latest_version(run_id=run.id, kind=ArtifactKind.MERGED) if export else None,
     }
 
 
