@@ -143,3 +143,40 @@ def test_a_range_is_one_ranged_get_verified_block_by_block(s3, monkeypatch):
                 blocks=list(stored.blocks),
             )
         )
+
+
+def test_a_big_file_can_be_a_presigned_redirect_checked_when_written(
+    s3, settings, make_run, cast, monkeypatch
+):
+    import urllib.request
+
+    from django.urls import reverse
+    from rest_framework.test import APIClient
+
+    from webapp.accounts.services import api_token_create
+    from webapp.api import views as api_views
+    from webapp.experiments import artifacts
+
+    settings.S3_PRESIGNED_URLS = True
+    monkeypatch.setattr(api_views, "VERIFY_FIRST_BYTES", 10)  # as if the file were big
+    run = make_run(status=RunStatus.SUCCEEDED)
+    data = os.urandom(3000)
+    key = store.store_key(run_id=run.id, kind="merged", name="model.safetensors")
+    artifact = artifacts.artifact_record(
+        run_id=run.id,
+        kind="merged",
+        name="model.safetensors",
+        version=1,
+        file=store.store_write(key, data),  # read back and checked once written
+    )
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token_create(user=cast.bob, name='t')[1]}")
+    url = reverse("api-artifact-download", args=[artifact.id])
+    answer = api.get(url)
+    assert answer.status_code == 302
+    location = answer["Location"]
+    assert location.startswith(ENDPOINT) and "Expires=" in location  # short-lived, signed
+    with urllib.request.urlopen(location, timeout=10) as response:  # noqa: S310 (the test server)
+        assert response.read() == data
+    artifacts.artifact_checked(artifact, damage="found by the verifier")
+    assert api.get(url).status_code == 200  # a file known damaged is never redirected to
