@@ -13,6 +13,7 @@ configured database and broker (PostgreSQL and Redis in CI).
 The figures they print are the ones docs/RELIABILITY.md quotes.
 """
 
+import io
 import os
 import re
 import shutil
@@ -22,16 +23,20 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.test import Client
+from django.urls import reverse
 
 from tests.webapp.test_store_s3 import BUCKET, s3  # noqa: F401 (a fixture)
 from tests.workers.test_celery_worker import database_env
 from webapp.celery import app as celery_app
+from webapp.experiments import exports
 from webapp.experiments.models import (
     Artifact,
     ArtifactChunk,
@@ -40,6 +45,7 @@ from webapp.experiments.models import (
     Run,
     RunStatus,
 )
+from workers.exports import build_merged_export
 from workers.tasks import train_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -128,6 +134,25 @@ def _queued_run(cast, *, steps: int, checkpoint_every: int = 0, name: str = "fau
     )
 
 
+def _merged_export_through_the_store(run: Run, cast, client, prefix: str) -> None:
+    """Export the finished run merged (the worker's task function, here) and download it:
+    its shards are S3 objects, no chunk rows, and the zip holds every stored file whole."""
+    export = exports.merged_export_request(run=run)
+    assert build_merged_export(export.id) == "ready"
+    merged = Artifact.objects.filter(run=run, kind="merged")
+    assert set(merged.values_list("home", flat=True)) == {ArtifactHome.STORE}
+    assert not ArtifactChunk.objects.filter(artifact__run=run, artifact__kind="merged")
+    in_s3 = {key.removeprefix(prefix + "/") for key in _s3_keys(client, prefix)}
+    assert set(merged.values_list("key", flat=True)) <= in_s3
+    browser = Client()
+    browser.force_login(cast.alice)
+    response = browser.get(reverse("run_merged_download", args=[run.id]))
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+    sizes = {info.filename: info.file_size for info in archive.infolist()}
+    assert sizes == dict(merged.values_list("name", "size"))
+    assert "config.json" in sizes and any(name.endswith(".safetensors") for name in sizes)
+
+
 def _s3_keys(client, prefix: str) -> list[str]:
     listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
     return [item["Key"] for item in listing.get("Contents", ())]
@@ -169,7 +194,8 @@ def test_kill_9_mid_run_loses_the_run_and_a_restarted_worker_resumes_it(
     empty_queue,
     s3,  # noqa: F811 (the imported fixture)
 ):
-    """On the S3 store (CI's S3 server): the checkpoints go there, none into PostgreSQL."""
+    """On the S3 store (CI's S3 server): the checkpoints go there, none into PostgreSQL;
+    the finished run's merged export goes there too and downloads whole."""
     client, prefix = s3
     store_env = {"PEFTLAB_ARTIFACT_STORE": f"s3://{BUCKET}/{prefix}"}
     steps = 300
@@ -206,6 +232,7 @@ def test_kill_9_mid_run_loses_the_run_and_a_restarted_worker_resumes_it(
         timeout=30,
     )
     assert run.attempt == 2, processes.logs()
+    _merged_export_through_the_store(run, cast, client, prefix)
     resumed = re.findall(r"resumed from step (\d+)", Path(restarted.log_path).read_text())
     assert len(resumed) == 1, processes.logs()
     resumed_step = int(resumed[0])
