@@ -260,3 +260,46 @@ def test_a_deployment_can_send_adapters_to_the_store(root, settings, make_run):
     assert artifact.home == ArtifactHome.STORE and (root / artifact.key).read_bytes() == b"big"
     assert not ArtifactChunk.objects.filter(artifact=artifact).exists()
     assert artifacts.artifact_files(run_id=run.id, kind="adapter") == {"a.bin": b"big"}
+
+
+def test_each_merged_version_downloads_by_number_and_a_damaged_one_is_a_409(
+    root, cast, make_run, api, client
+):
+    import io
+    import zipfile
+
+    from webapp.experiments.models import ExportStatus, MergedExport
+
+    run = make_run(status=RunStatus.SUCCEEDED)
+    _adapter(run)
+    for version in (1, 2):
+        data = f"weights v{version}".encode()
+        key = store.store_key(run_id=run.id, kind="merged", name="model.safetensors")
+        artifacts.artifact_record(
+            run_id=run.id,
+            kind="merged",
+            name="model.safetensors",
+            version=version,
+            file=store.store_write(key, data),
+        )
+    MergedExport.objects.create(run=run, status=ExportStatus.READY, attempt=2)
+
+    def weights(response) -> bytes:
+        zipped = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+        return zipped.read("model.safetensors")
+
+    client.force_login(cast.bob)
+    page = reverse("run_merged_download", args=[run.id])
+    api_url = reverse("api-run-merged", args=[run.id])
+    assert weights(client.get(page)) == weights(api.get(api_url)) == b"weights v2"
+    assert weights(client.get(page, {"version": 1})) == b"weights v1"
+    assert weights(api.get(api_url, {"version": 1})) == b"weights v1"
+    assert client.get(page, {"version": 7}).status_code == 404
+    assert api.get(api_url, {"version": 7}).status_code == 404
+    assert api.get(api_url, {"version": "x"}).status_code == 400
+
+    newest = Artifact.objects.get(run=run, kind="merged", version=2)
+    (root / newest.key).write_bytes(b"weights v3")  # same size, other bytes
+    assert client.get(page).status_code == 409
+    assert api.get(api_url).status_code == 409
+    assert weights(client.get(page, {"version": 1})) == b"weights v1"  # the old one is intact

@@ -29,7 +29,7 @@ from tests.peft_core.test_lora import perturb
 from tests.webapp.test_exports import _logits, _trained_run
 from tests.webapp.test_store_s3 import BUCKET, s3  # noqa: F401 (a fixture)
 from webapp.accounts.services import api_token_create
-from webapp.experiments import artifacts, exports, leases, services, store
+from webapp.experiments import artifacts, exports, leases, pages, services, store
 from webapp.experiments.models import (
     Artifact,
     ArtifactChunk,
@@ -138,7 +138,9 @@ def test_a_sharded_export_streams_into_the_store_and_loads_in_transformers(
     assert_close(_logits(model), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_a_damaged_shard_in_the_store_cuts_the_download(cast, lora_run, artifact_store, settings):
+def test_a_damaged_shard_in_the_store_cuts_the_download(
+    cast, lora_run, artifact_store, settings, monkeypatch
+):
     run, _ = lora_run
     settings.MERGED_SHARD_SIZE = SHARD_BYTES
     _build(run)
@@ -150,13 +152,21 @@ def test_a_damaged_shard_in_the_store_cuts_the_download(cast, lora_run, artifact
 
     client = Client()
     client.force_login(cast.bob)
-    response = client.get(reverse("run_merged_download", args=[run.id]))
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token_create(user=cast.bob, name='t')[1]}")
+    page_url = reverse("run_merged_download", args=[run.id])
+    api_url = reverse("api-run-merged", args=[run.id])
+    # A tiny model is checked whole before the zip starts: a 409 naming the shard.
+    response = client.get(page_url)
+    assert response.status_code == 409 and victim.name.encode() in response.content
+    assert api.get(api_url).status_code == 409
+    # A model past the whole-check size streams, and the damaged member cuts it.
+    monkeypatch.setattr(pages, "VERIFY_FIRST_BYTES", 1000)
+    response = client.get(page_url)
     assert response.status_code == 200  # the headers left before the damaged member
     with pytest.raises(artifacts.ArtifactDamaged):
         b"".join(response.streaming_content)
-    api = APIClient()
-    api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token_create(user=cast.bob, name='t')[1]}")
-    response = api.get(reverse("api-run-merged", args=[run.id]))
+    response = api.get(api_url)
     with pytest.raises(artifacts.ArtifactDamaged):
         b"".join(response.streaming_content)
 

@@ -408,9 +408,12 @@ class FinishSerializer(serializers.Serializer):
         return value
 
 
-class ArtifactQuerySerializer(serializers.Serializer):
-    kind = serializers.ChoiceField(choices=ArtifactKind.choices, required=False)
+class VersionQuerySerializer(serializers.Serializer):
     version = serializers.IntegerField(min_value=1, max_value=2**31 - 1, required=False)
+
+
+class ArtifactQuerySerializer(VersionQuerySerializer):
+    kind = serializers.ChoiceField(choices=ArtifactKind.choices, required=False)
 
 
 class ArtifactSerializer(serializers.ModelSerializer):

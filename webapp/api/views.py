@@ -34,6 +34,7 @@ from webapp.experiments.artifacts import ArtifactDamaged
 from webapp.experiments.dataset_files import DatasetDamaged
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
 from webapp.experiments.models import ArtifactKind, ExportStatus
+from webapp.experiments.pages import damage_before_sending
 from webapp.experiments.zipstream import stream_zip
 from webapp.http import client_ip, error_text
 
@@ -493,17 +494,27 @@ class RunMerged(APIView):
         description="Mergeable methods only (LoRA, DoRA, (IA)³) and succeeded runs; "
         "another method answers 404 with the reason. The first request queues the build "
         "and answers 202 until a worker has stored it; a failed build answers 409 until "
-        "a POST asks for it again.",
+        "a POST asks for it again. `?version=N` downloads an earlier build as it is "
+        "(GET /runs/{id}/artifacts/?kind=merged lists them). A damaged file is a 409 "
+        "before the body where its size allows, else the transfer is cut.",
+        parameters=[OpenApiParameter("version", int, description="An earlier build.")],
     )
     def get(self, request, run_id: int):
         run = selectors.run_get_for_user(user=request.user, run_id=run_id)
-        export = self._request(run)
-        if export.status == ExportStatus.FAILED:
-            raise Conflict(f"The merged model could not be built: {export.error}")
-        if export.status != ExportStatus.READY:
-            return self._building(export)
-        files = exports.merged_files(run)  # the newest version
-        response = StreamingHttpResponse(stream_zip(list(files)), content_type="application/zip")
+        version = validated(s.VersionQuerySerializer, request.query_params).get("version")
+        if version is None:
+            export = self._request(run)
+            if export.status == ExportStatus.FAILED:
+                raise Conflict(f"The merged model could not be built: {export.error}")
+            if export.status != ExportStatus.READY:
+                return self._building(export)
+        files = list(exports.merged_files(run, version=version))  # the newest by default
+        if not files:
+            raise NotFound(f"This run has no merged model version {version}.")
+        problem = damage_before_sending(files)
+        if problem:
+            raise Conflict(problem)
+        response = StreamingHttpResponse(stream_zip(files), content_type="application/zip")
         name = f"peftlab-run-{run.id}-merged.zip"
         response["Content-Disposition"] = content_disposition_header(True, name)
         response["X-Content-Type-Options"] = "nosniff"

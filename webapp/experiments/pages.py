@@ -129,7 +129,7 @@ def adapter_response(run, *, version: int | None = None):
     if not artifacts:
         what = "no adapter yet" if version is None else f"no adapter version {version}"
         return HttpResponse(f"This run has {what}.", status=404, content_type="text/plain")
-    problem = _damage_before_sending(artifacts)
+    problem = damage_before_sending(artifacts)
     if problem:
         return HttpResponse(problem, status=409, content_type="text/plain")
     card = {exports.MODEL_CARD: exports.model_card(run).encode()}
@@ -138,7 +138,7 @@ def adapter_response(run, *, version: int | None = None):
     return _zip_response(stream, f"peftlab-run-{run.id}-adapter.zip")
 
 
-def _damage_before_sending(artifacts: list[Artifact]) -> str:
+def damage_before_sending(artifacts: list[Artifact]) -> str:
     """Why the files must not be sent ("" when they may): a store file gone or resized, or
     (for files small enough to read twice) bytes that fail their sha256."""
     small = sum(a.size for a in artifacts) <= VERIFY_FIRST_BYTES
@@ -160,10 +160,17 @@ def _check(artifact: Artifact) -> str:
     return ""
 
 
-def merged_response(run, *, page_url: str):
+def merged_response(run, *, page_url: str, version: int | None = None):
     """The merged model's zip once a worker has built it. Until then the build is asked for
     (once: a second request waits for the first) and the visitor goes back to the page,
-    which shows its progress; a build that failed answers 409 with its reason."""
+    which shows its progress; a build that failed answers 409 with its reason. `version`
+    names an earlier build, served as it is (404 when there is no such version)."""
+    if version is not None:
+        files = list(exports.merged_files(run, version=version))
+        if not files:
+            message = f"This run has no merged model version {version}."
+            return HttpResponse(message, status=404, content_type="text/plain")
+        return _merged_zip(run, files)
     try:
         export = exports.merged_export_request(run=run)
     except ValidationError as exc:
@@ -173,7 +180,13 @@ def merged_response(run, *, page_url: str):
         return HttpResponse(message, status=409, content_type="text/plain")
     if export.status != ExportStatus.READY:
         return redirect(f"{page_url}#merged")
-    files = list(exports.merged_files(run))  # the newest version
+    return _merged_zip(run, list(exports.merged_files(run)))  # the newest version
+
+
+def _merged_zip(run, files: list[Artifact]):
+    problem = damage_before_sending(files)
+    if problem:
+        return HttpResponse(problem, status=409, content_type="text/plain")
     return _zip_response(stream_zip(files), f"peftlab-run-{run.id}-merged.zip")
 
 

@@ -89,7 +89,8 @@ def shared_merged(request, secret: str):
     """The merged model; the first request queues its build (a share link's page has no
     forms: it only derives what the shared run already holds, once per run)."""
     page_url = reverse("share_view", args=[secret])
-    return _private(merged_response(_shared_run(secret), page_url=page_url))
+    run, version = _shared_run(secret), requested_version(request)
+    return _private(merged_response(run, page_url=page_url, version=version))
 
 
 @never_cache

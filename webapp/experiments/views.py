@@ -351,7 +351,8 @@ def run_adapter_download(request, run_id: int):
 @require_GET
 def run_merged_download(request, run_id: int):
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
-    return merged_response(run, page_url=reverse("run_detail", args=[run.id]))
+    page_url = reverse("run_detail", args=[run.id])
+    return merged_response(run, page_url=page_url, version=requested_version(request))
 
 
 @login_required
