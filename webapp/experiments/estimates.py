@@ -42,7 +42,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from webapp.experiments import selectors
+from webapp.experiments import heavy, selectors
 from webapp.experiments.forms import RunForm, SweepForm
 from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep
 from webapp.experiments.models import RunStatus
@@ -176,18 +176,14 @@ def duration_text(seconds: float) -> str:
 
 
 def model_shape(model_key: str) -> Shape:
-    from webapp.experiments import architecture
-
-    return architecture.model_shape(model_key)
+    return heavy.architecture().model_shape(model_key)
 
 
 def parameter_count(
     *, model_key: str, task: str, num_labels: int, method: str, config: dict
 ) -> ParamCount:
     """Trainable and total parameters of `method` on the model; raises UnknownArchitecture."""
-    from webapp.experiments import architecture
-
-    return architecture.parameter_count(
+    return heavy.architecture().parameter_count(
         model_key=model_key, task=task, num_labels=num_labels, method=method, config=config
     )
 
@@ -403,8 +399,7 @@ class _Context:
 
     def _preflight(self, method: str, config: dict):
         """The pre-flight's peak against the workers' memory (peft_core.preflight)."""
-        from webapp.experiments import architecture
-
+        architecture = heavy.architecture()
         try:
             estimate = architecture.preflight_estimate(
                 model_key=self.model_key,

@@ -19,6 +19,7 @@ from django.conf import settings
 
 from peft_core.catalogue import CATALOGUE, load_tokenizer, package_dir
 from peft_core.data import IGNORE_INDEX, label_names, tokenize_rows
+from webapp.experiments.heavy import transformers_ready
 from webapp.experiments.models import Dataset
 from webapp.experiments.selectors import dataset_preview
 from webapp.registry.models import BaseModel, ModelSource
@@ -71,6 +72,7 @@ def tokenizer_directory(model: BaseModel) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(directory: str, mtime_ns: int):
+    transformers_ready()
     return load_tokenizer(Path(directory))
 
 
