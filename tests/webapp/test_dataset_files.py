@@ -150,6 +150,8 @@ def test_a_flipped_byte_is_named_by_the_page_the_downloads_and_the_api(client, c
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {plain}")
     answer = api.get(reverse("api-dataset", args=[dataset.id]))
     assert answer.status_code == 409 and "the dataset file is damaged" in answer.json()["detail"]
+    answer = api.get(reverse("api-dataset-download", args=[dataset.id]))  # was a 500
+    assert answer.status_code == 409 and "the dataset file is damaged" in answer.json()["detail"]
     with pytest.raises(dataset_files.DatasetDamaged):
         dataset_files.dataset_rows(dataset, limit=1)
 

@@ -4,7 +4,7 @@ services raise onto 403, 400 and 409."""
 
 from django.contrib.auth import authenticate
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import StreamingHttpResponse
 from django.utils.http import content_disposition_header
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -32,6 +32,7 @@ from webapp.api.parsers import DepthSafeJSONParser, refuse_oversized_body
 from webapp.experiments import downloads, exports, metrics, selectors, services
 from webapp.experiments.artifacts import ArtifactDamaged
 from webapp.experiments.dataset_files import DatasetDamaged
+from webapp.experiments.dataset_views import jsonl_response
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
 from webapp.experiments.models import ArtifactKind, ExportStatus
 from webapp.experiments.pages import damage_before_sending
@@ -209,16 +210,17 @@ class DatasetDetail(APIView):
 
 
 class DatasetDownload(APIView):
-    @extend_schema(responses={(200, "application/x-ndjson"): OpenApiTypes.BINARY, **ERRORS})
+    @extend_schema(
+        responses={(200, "application/x-ndjson"): OpenApiTypes.BINARY, **ERRORS, **CONFLICT}
+    )
     def get(self, request, dataset_id: int):
-        """Every row as JSON lines, as an attachment named dataset-<id>.jsonl."""
+        """Every row as JSON lines, as an attachment named dataset-<id>.jsonl: checked whole
+        first up to 64 MiB (a damaged file is a 409), streamed hashed and cut beyond."""
         dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-        response = HttpResponse(
-            selectors.dataset_jsonl(dataset=dataset), content_type="application/x-ndjson"
-        )
-        response["Content-Disposition"] = f'attachment; filename="dataset-{dataset.id}.jsonl"'
-        response["X-Content-Type-Options"] = "nosniff"
-        return response
+        try:
+            return jsonl_response(dataset)
+        except DatasetDamaged as exc:
+            raise Conflict(f"{exc}.") from None
 
 
 # ---- runs ------------------------------------------------------------------------------------

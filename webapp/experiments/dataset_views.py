@@ -140,16 +140,22 @@ def dataset_download(request, dataset_id: int):
     VERIFY_FIRST_BYTES is checked whole, so damage is a 409 before the body; a bigger one
     streams hashed and a mismatch cuts the transfer."""
     dataset = selectors.dataset_get_for_user(user=request.user, dataset_id=dataset_id)
-    chunks = selectors.dataset_jsonl_chunks(dataset=dataset)
     try:
-        dataset_check(dataset)  # a file gone or resized
-        if dataset.file_size <= VERIFY_FIRST_BYTES:
-            response = HttpResponse(b"".join(chunks), content_type="application/x-ndjson")
-        else:
-            response = StreamingHttpResponse(chunks, content_type="application/x-ndjson")
-            response["Content-Length"] = dataset.file_size
+        return jsonl_response(dataset)
     except DatasetDamaged as exc:
         return HttpResponse(f"{exc}.", status=409, content_type="text/plain; charset=utf-8")
+
+
+def jsonl_response(dataset):
+    """The page's and the API's download; DatasetDamaged before the response where the size
+    allows (the caller answers 409), else a stream that a mismatch cuts."""
+    chunks = selectors.dataset_jsonl_chunks(dataset=dataset)
+    dataset_check(dataset)  # a file gone or resized
+    if dataset.file_size <= VERIFY_FIRST_BYTES:
+        response = HttpResponse(b"".join(chunks), content_type="application/x-ndjson")
+    else:
+        response = StreamingHttpResponse(chunks, content_type="application/x-ndjson")
+        response["Content-Length"] = dataset.file_size
     response["Content-Disposition"] = f'attachment; filename="dataset-{dataset.id}.jsonl"'
     response["X-Content-Type-Options"] = "nosniff"
     return response
