@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from peft_core.data import DatasetError, read_dataset
 from webapp.experiments.models import Dataset
@@ -32,6 +33,7 @@ from webapp.experiments.store import (
     store_check,
     store_delete,
     store_stream,
+    store_stream_range,
     store_write,
 )
 
@@ -98,7 +100,16 @@ def dataset_check(dataset: Dataset) -> None:
         try:
             store_check(dataset.file_key, size=dataset.file_size)
         except ArtifactDamaged as exc:
+            dataset_checked(dataset, damage=str(exc))
             raise DatasetDamaged(f"{DAMAGED} ({exc})") from None
+
+
+def dataset_checked(dataset: Dataset, *, damage: str = "") -> None:
+    """Record the outcome of a read of the whole file (or of a failed partial one)."""
+    dataset.checked_at, dataset.damaged = timezone.now(), damage[:2000]
+    Dataset.objects.filter(id=dataset.id).update(
+        checked_at=dataset.checked_at, damaged=dataset.damaged
+    )
 
 
 def dataset_chunks(dataset: Dataset) -> Iterator[bytes]:
@@ -110,21 +121,48 @@ def dataset_chunks(dataset: Dataset) -> Iterator[bytes]:
     try:
         yield from chunks
     except ArtifactDamaged as exc:
+        dataset_checked(dataset, damage=str(exc))
+        raise DatasetDamaged(f"{DAMAGED} ({exc}); upload it again") from None
+    dataset_checked(dataset)
+
+
+def _first_blocks(dataset: Dataset) -> Iterator[bytes]:
+    """The file from its start, one block at a time, each checked against its own sha256
+    before it is yielded: a reader that stops early reads (and checks) only what it used."""
+    try:
+        yield from store_stream_range(
+            dataset.file_key,
+            start=0,
+            stop=dataset.file_size,
+            size=dataset.file_size,
+            blocks=dataset.file_blocks,
+        )
+    except ArtifactDamaged as exc:
+        dataset_checked(dataset, damage=str(exc))
         raise DatasetDamaged(f"{DAMAGED} ({exc}); upload it again") from None
 
 
 def dataset_rows(dataset: Dataset, *, limit: int | None = None) -> list[dict]:
-    """An upload's rows (the first `limit` of them), returned only once the whole file has
-    passed its sha256 check; DatasetDamaged otherwise."""
+    """An upload's rows. All of them only once the whole file has passed its sha256 check;
+    the first `limit` once the blocks they lie in have passed theirs (a file stored before
+    block digests existed is read whole). DatasetDamaged otherwise."""
+    partial = limit is not None and bool(dataset.file_blocks) and dataset.file_size > 0
     rows: list[dict] = []
     unreadable = False
-    for line in _lines(dataset_chunks(dataset)):
-        if unreadable or (limit is not None and len(rows) >= limit):
+    lines = _lines(_first_blocks(dataset) if partial else dataset_chunks(dataset))
+    for line in lines:
+        if limit is not None and len(rows) >= limit:
+            if partial:
+                break  # the blocks read so far passed their check
             continue  # read on: the check is at the end
+        if unreadable:
+            continue
         try:
             rows.append(json.loads(line))
         except ValueError:  # damage the stream will name once it reaches the end
             unreadable = True
+            if partial:  # each block passed its check: the file was stored so
+                break
     if unreadable:
         raise DatasetDamaged(f"{DAMAGED} (a stored row is not JSON); upload it again")
     return rows

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from peft_core.data import MAX_COLUMNS, MAX_VALUE_CHARS
 from webapp.accounts.permissions import Action, can
 from webapp.experiments import selectors, services
-from webapp.experiments.dataset_files import DatasetDamaged, dataset_check
+from webapp.experiments.dataset_files import DAMAGED, DatasetDamaged, dataset_check
 from webapp.experiments.forms import DatasetUploadForm, size_text
 from webapp.http import client_ip, error_text
 from webapp.registry.models import ModelStatus
@@ -90,6 +90,8 @@ def dataset_detail(request, dataset_id: int):
         preview, damaged = selectors.dataset_preview(dataset=dataset), ""
     except DatasetDamaged as exc:
         preview, damaged = [], str(exc)
+    if dataset.damaged and not damaged:  # found past the preview by a run or the verifier
+        preview, damaged = [], f"{DAMAGED} ({dataset.damaged})"
     columns = list(preview[0].keys()) if preview else []
     ready = model_list_for_user(user=request.user).filter(status=ModelStatus.READY)
     models = [model for model in ready if dataset.task in model.tasks]

@@ -4,9 +4,10 @@ Downloads check what they send; this checks what nobody downloads, so damage (a 
 bit on a disk, an object changed behind our back, a file gone) shows on the run page and in
 the API before someone needs the file, and a presigned download, which bypasses the web's
 hash, is covered too. Each pass re-reads the files checked longest ago (never checked
-first), up to a byte budget, and records the outcome on each row. It also deletes what no
-row can name: files under a run's folder without a row and `.partial-` leftovers of crashed
-writes, once they are older than a day (an upload in flight is younger).
+first), up to a byte budget, and records the outcome on each row (run files and uploaded
+datasets alike). It also deletes what no row can name: files under runs/ or datasets/
+without a row and `.partial-` leftovers of crashed writes, once they are older than a day
+(an upload in flight is younger).
 """
 
 import logging
@@ -18,7 +19,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from webapp.experiments.artifacts import artifact_verify
-from webapp.experiments.models import Artifact
+from webapp.experiments.dataset_files import DatasetDamaged, dataset_check, dataset_chunks
+from webapp.experiments.models import Artifact, Dataset
 from webapp.experiments.store import PARTIAL_PREFIX, artifact_storage, store_delete, store_walk
 
 logger = logging.getLogger(__name__)
@@ -55,14 +57,42 @@ def verify_due(*, max_bytes: int, now=None) -> Checked:
     return checked
 
 
+def verify_datasets_due(*, max_bytes: int, now=None) -> Checked:
+    """The same for uploaded datasets' files."""
+    now = now or timezone.now()
+    due = (
+        Dataset.objects.exclude(file_key="")
+        .filter(
+            Q(checked_at__isnull=True)
+            | Q(checked_at__lt=now - timedelta(days=settings.ARTIFACT_RECHECK_DAYS))
+        )
+        .order_by(F("checked_at").asc(nulls_first=True), "id")
+    )
+    checked = Checked()
+    for dataset in due.iterator(chunk_size=100):
+        if checked.files and checked.bytes + dataset.file_size > max_bytes:
+            break
+        try:
+            dataset_check(dataset)
+            for _ in dataset_chunks(dataset):
+                pass
+        except DatasetDamaged as exc:
+            checked.damaged.append(f"dataset {dataset.id} ({dataset.name}): {exc}")
+            logger.error("damaged: dataset %s: %s", dataset.id, exc)
+        checked.files += 1
+        checked.bytes += dataset.file_size
+    return checked
+
+
 def sweep_runs_folder(*, now=None) -> list[str]:
-    """Delete files under runs/ that no Artifact row names and that are older than a day;
-    returns their keys."""
+    """Delete files under runs/ and datasets/ that no row names and that are older than a
+    day; returns their keys."""
     now = now or timezone.now()
     storage = artifact_storage()
     named = set(Artifact.objects.exclude(key="").values_list("key", flat=True))
+    named |= set(Dataset.objects.exclude(file_key="").values_list("file_key", flat=True))
     doomed = []
-    for key in store_walk("runs/"):
+    for key in (*store_walk("runs/"), *store_walk("datasets/")):
         if key in named:
             continue
         try:

@@ -47,6 +47,11 @@ class Dataset(models.Model):
     file_key = models.CharField(max_length=300, blank=True, default="")
     file_size = models.PositiveBigIntegerField(default=0)
     file_sha256 = models.CharField(max_length=64, blank=True, default="")
+    # sha256 of each store.BLOCK_BYTES block: a preview reads and checks only its first blocks.
+    file_blocks = models.JSONField(default=list, blank=True)
+    # The last full read of the file (a run, a download, the scheduled check) and what failed.
+    checked_at = models.DateTimeField(null=True, blank=True)
+    damaged = models.TextField(blank=True, default="")
     columns = models.JSONField(default=list)
     label_names = models.JSONField(default=list)
     row_count = models.PositiveIntegerField(default=0)

@@ -196,6 +196,7 @@ def dataset_upload_create(
             file_key=file.stored.key,
             file_size=file.stored.size,
             file_sha256=file.stored.sha256,
+            file_blocks=list(file.stored.blocks),
             columns=file.columns,
             label_names=file.label_names,
             row_count=file.row_count,

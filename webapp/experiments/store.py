@@ -32,6 +32,7 @@ from django.core.files.storage import FileSystemStorage, storages
 
 READ_BYTES = 4 * 1024 * 1024
 # A ranged read is verified block by block: it reads at most one block more than it sends.
+# Stored block digests are of this size: it can never change.
 BLOCK_BYTES = 16 * 1024 * 1024
 PARTIAL_PREFIX = ".partial-"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

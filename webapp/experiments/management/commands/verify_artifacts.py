@@ -4,14 +4,15 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from webapp.experiments.integrity import sweep_runs_folder, verify_due
+from webapp.experiments.integrity import sweep_runs_folder, verify_datasets_due, verify_due
 
 
 class Command(BaseCommand):
     help = (
         "Re-read the stored files not checked for PEFTLAB_ARTIFACT_RECHECK_DAYS (sha256 of "
         "every byte), record damage on the run pages, and delete files under runs/ that no "
-        "row names (crashed uploads) once they are a day old. Exits 2 when a file is damaged."
+        "row names (crashed uploads) once they are a day old. Run files first, then uploaded "
+        "datasets. Exits 2 when a file is damaged."
     )
 
     def add_arguments(self, parser):
@@ -26,7 +27,12 @@ class Command(BaseCommand):
         if max_gib <= 0 or every < 0:
             raise CommandError("--max-gib must be positive and --every not negative")
         while True:
-            checked = verify_due(max_bytes=int(max_gib * 2**30))
+            budget = int(max_gib * 2**30)
+            checked = verify_due(max_bytes=budget)
+            datasets = verify_datasets_due(max_bytes=max(budget - checked.bytes, 1))
+            checked.files += datasets.files
+            checked.bytes += datasets.bytes
+            checked.damaged += datasets.damaged
             swept = sweep_runs_folder()
             self.stdout.write(
                 f"checked {checked.files} files ({checked.bytes / 2**20:.1f} MiB), "
