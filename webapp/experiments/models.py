@@ -190,6 +190,14 @@ class Run(models.Model):
     # Trained outside PEFT Lab; its metrics arrive through the API's batched ingest.
     external = models.BooleanField(default=False)
     notes = models.TextField(blank=True, default="")
+    # What it runs on: `devices` processes of one torchrun (data parallel) on a worker of
+    # `gpu_class` ("any", or a class such as "a100" that workers advertise by their queue).
+    devices = models.PositiveSmallIntegerField(default=1)
+    gpu_class = models.CharField(max_length=40, default="any")
+    # Within a team, higher first, then first come; between teams, fair order (queue.py).
+    priority = models.SmallIntegerField(default=0)
+    # Where and with what it was trained: package versions, git sha, GPUs, host, hashes.
+    lineage = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
