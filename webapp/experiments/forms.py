@@ -244,7 +244,7 @@ class DatasetUploadForm(forms.Form):
         choices=TaskType.choices,
         help_text="Causal LM: columns prompt,completion (or text). Classification: text,label.",
     )
-    file = forms.FileField()
+    file = forms.FileField(help_text="CSV with a header row, or JSON Lines.")  # + the cap
 
     def __init__(self, *args, teams, **kwargs):
         super().__init__(*args, **kwargs)
