@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import re
+import subprocess
 import sys
 import types
 import typing
@@ -27,7 +28,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from tqdm import tqdm
 
-from peft_core import apply, save_adapter, trainable_parameters
+from peft_core import apply, distributed, save_adapter, trainable_parameters
 from peft_core.catalogue import CATALOGUE, load_model, model_dir, upstream_name
 from peft_core.checks import ConfigError, settings
 from peft_core.configs import refuse_packing, refuse_quantized
@@ -67,7 +68,9 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # what a torchrun child is started with (--devices N)
     try:
         return args.run(args)
     except (UsageError, DatasetError) as error:
@@ -118,6 +121,20 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     train_parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     _add_envelope_arguments(train_parser)
+    train_parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to train (auto: a GPU if there is one)",
+    )
+    train_parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes (1-8), started with torchrun: one per GPU, or N CPU "
+        "processes (gloo) with --device cpu; each takes 1/N of every batch",
+    )
     train_parser.add_argument("--cache-dir", type=Path, help="model cache (~/.cache/peftlab)")
     train_parser.add_argument(
         "--no-preflight",
@@ -165,9 +182,58 @@ def run_datasets(args: argparse.Namespace) -> int:
 # --- peftlab train ----------------------------------------------------------
 
 
+MAX_DEVICES = 8
+
+
 def run_train(args: argparse.Namespace) -> int:
     method_config = parse_method_config(METHODS[args.method], args.set)
     train_config = _train_config(args)
+    _check_devices(args, train_config)
+    if args.devices > 1 and not distributed.launched_by_torchrun():
+        base = resolve_base(args.model)
+        if base.directory is None:  # a bundled model: converted once here, not by each rank
+            model_dir(base.name, cache_dir=args.cache_dir)
+        return _torchrun(args)
+    try:
+        return _train_here(args, method_config, train_config)
+    finally:
+        distributed.shutdown()
+
+
+def _check_devices(args: argparse.Namespace, train_config: TrainConfig) -> None:
+    global DEVICE
+    if not 1 <= args.devices <= MAX_DEVICES:
+        raise UsageError(f"--devices must be 1 to {MAX_DEVICES}, not {args.devices}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no GPU is visible to torch here")
+    if args.device != "auto":
+        DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and args.devices > torch.cuda.device_count():
+        raise UsageError(
+            f"--devices {args.devices}: only {torch.cuda.device_count()} GPU(s) are visible"
+        )
+    if args.devices > train_config.batch_size:
+        raise UsageError(
+            f"--devices {args.devices} needs --batch-size of at least {args.devices}: each "
+            "process trains on its share of every batch"
+        )
+
+
+def _torchrun(args: argparse.Namespace) -> int:
+    """Start `--devices` copies of this command under torchrun (a standalone rendezvous on
+    this host); each joins the process group as it starts (distributed.init_from_torchrun)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={args.devices}", "-m", "peft_core.cli", *args.argv,
+    ]  # fmt: skip
+    return subprocess.run(command, check=False).returncode
+
+
+def _train_here(args: argparse.Namespace, method_config: Any, train_config: TrainConfig) -> int:
+    global DEVICE
+    if distributed.launched_by_torchrun():
+        DEVICE = distributed.init_from_torchrun(DEVICE.type)
+    here = distributed.world()
     base = resolve_base(args.model)
     task, train_rows, val_rows = _load_rows(args, base)
     labels = label_names(train_rows) if task == "seq-cls" else None
@@ -185,9 +251,18 @@ def run_train(args: argparse.Namespace) -> int:
     base_metrics = evaluate(
         model, tokenizer, task=task, rows=val_rows, config=train_config, label_names=labels
     )
-    torch.manual_seed(train_config.seed)  # the adapter's initialisation, reproducibly
+    torch.manual_seed(train_config.seed)  # the adapter's initialisation, the same on each rank
     apply(model, with_tokenizer(method_config, tokenizer))
-    print(f"{args.model} + {args.method}: {trainable_parameters(model):,} trainable parameters")
+    if not here.is_main:  # a data-parallel helper: trains its share, writes nothing
+        train(
+            model, tokenizer, task=task, train_rows=train_rows, val_rows=val_rows,
+            config=train_config, label_names=labels,
+        )  # fmt: skip
+        return 0
+    ranks = f" on {here.size} processes ({DEVICE.type})" if here.parallel else ""
+    print(
+        f"{args.model} + {args.method}: {trainable_parameters(model):,} trainable parameters{ranks}"
+    )
     args.output.mkdir(parents=True, exist_ok=True)
     with open(args.output / METRICS_FILE, "w") as metrics_file:
         callbacks = ProgressCallbacks(train_config.steps, metrics_file)

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from peft_core.distributed import bernoulli_like
+
 
 def is_4bit(layer: nn.Module) -> bool:
     """A bitsandbytes Linear4bit (its weight a packed Params4bit with a quant_state)."""
@@ -132,7 +134,7 @@ def drop(x: torch.Tensor, step: Step, count: int) -> tuple[list[torch.Tensor], l
     order) and its values, bit for bit."""
     if not step.p:
         return [x], []
-    noises = [torch.empty_like(x).bernoulli_(1.0 - step.p).mul_(step.keep) for _ in range(count)]
+    noises = [bernoulli_like(x, 1.0 - step.p).mul_(step.keep) for _ in range(count)]
     return [x * noise for noise in noises], noises
 
 

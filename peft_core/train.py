@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peft_core import data, packing
+from peft_core import data, distributed, packing
 from peft_core.checkpoint import Checkpoint, CheckpointError, capture_checkpoint, restore_checkpoint
 from peft_core.configs import TRAJECTORY_FIELDS, TrainConfig
 from peft_core.data import Example, eval_batches, tokenize_rows, train_batches
@@ -236,7 +236,11 @@ def evaluate_examples(
         pad_token_id=pad_token_id,
         max_batches=config.eval_batches,
     )
+    here = distributed.world()
     for batch in batches:
+        batch = distributed.rows_of(batch, here)  # all of it in one process
+        if batch["input_ids"].shape[0] == 0:
+            continue
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with autocast(config, device):
             batch_loss, batch_count, batch_correct = _summed_loss(model, batch)
@@ -245,6 +249,9 @@ def evaluate_examples(
             count + batch_count,
             correct + batch_correct,
         )
+    if here.parallel:
+        loss_sum, count, correct = distributed.sum_across([loss_sum, count, correct], here, device)
+        count, correct = round(count), round(correct)
     model.train(was_training)
     if count == 0:
         raise ValueError("no validation examples to evaluate")
@@ -271,6 +278,23 @@ def train_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
         return model(**batch).loss
     summed, count = causal_lm_loss(model, batch)
     return summed / count  # nan for a batch with nothing supervised: a skipped step
+
+
+def supervised_count(batch: dict[str, torch.Tensor]) -> int:
+    """What a batch's mean loss divides by: supervised next tokens (causal LM) or rows."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.shape[0]
+    return int((labels[:, 1:] != data.IGNORE_INDEX).sum())
+
+
+def share_loss(model: nn.Module, batch: dict[str, torch.Tensor], total: int) -> torch.Tensor:
+    """This rank's share of a micro-batch's mean loss: its rows' summed loss over `total`,
+    the supervised count of the whole micro-batch across ranks (peft_core.distributed)."""
+    if batch["labels"].dim() == 1:
+        return model(**batch).loss * (batch["labels"].shape[0] / total)
+    summed, _ = causal_lm_loss(model, batch)
+    return summed / total
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]):
@@ -314,6 +338,7 @@ class _Loop:
         self.tokens = 0
         self.nonfinite_streak = 0
         self.metrics: dict[str, float] = {}
+        self.world = distributed.world()
 
     def _lr_factor(self, step: int) -> float:
         warmup, steps = self.config.warmup_steps, self.config.steps
@@ -391,7 +416,7 @@ class _Loop:
         self.model.train()
         batch_iter = iter(batches)
         for step in range(self.start_step + 1, self.config.steps + 1):
-            if self.callbacks.should_stop():
+            if distributed.any_rank(self.callbacks.should_stop(), self.world, self.device):
                 self.callbacks.on_log(f"stopped before step {step}")
                 return step - 1, True
             micro = [next(batch_iter) for _ in range(self.config.grad_accum)]
@@ -424,19 +449,10 @@ class _Loop:
     def _step(self, step: int, micro: list[dict[str, torch.Tensor]], started: float) -> None:
         """One optimizer step over `micro` (grad_accum micro-batches)."""
         learning_rate = self.schedule.get_last_lr()[0]
-        losses, tokens = [], 0
-        for batch in micro:
-            batch_tokens = int(batch["attention_mask"].sum())  # non-padding, packed or not
-            batch = {k: v.to(self.device) for k, v in packing.model_batch(batch).items()}
-            with autocast(self.config, self.device):
-                loss = train_loss(self.model, batch)
-            losses.append(loss.detach())
-            if not torch.isfinite(loss):
-                break
-            scaled = loss / len(micro)
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            tokens += batch_tokens
-        loss = torch.stack(losses).float().mean()
+        if self.world.parallel:
+            loss, tokens = self._parallel_backward(micro)
+        else:
+            loss, tokens = self._backward(micro)
         grad_norm = None
         if torch.isfinite(loss):
             if self.scaler:
@@ -459,6 +475,57 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens += tokens
         self._report_step(step, loss.item(), learning_rate, grad_norm.item(), started)
+
+    def _backward(self, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        """One process: each micro-batch's mean loss, backward; (their mean, tokens)."""
+        losses, tokens = [], 0
+        for batch in micro:
+            batch_tokens = int(batch["attention_mask"].sum())  # non-padding, packed or not
+            batch = {k: v.to(self.device) for k, v in packing.model_batch(batch).items()}
+            with autocast(self.config, self.device):
+                loss = train_loss(self.model, batch)
+            losses.append(loss.detach())
+            if not torch.isfinite(loss):
+                break
+            scaled = loss / len(micro)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            tokens += batch_tokens
+        return torch.stack(losses).float().mean(), tokens
+
+    def _parallel_backward(self, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        """This rank's rows of each micro-batch, weighted by the micro-batch's supervised
+        tokens over all ranks; the gradients then summed across ranks, so every rank holds
+        what one process would have from the whole batch (peft_core.distributed)."""
+        here = self.world
+        batches = [packing.model_batch(distributed.rows_of(batch, here)) for batch in micro]
+        totals = distributed.sum_across(
+            [supervised_count(batch) for batch in batches], here, self.device
+        )
+        shares: list[float] = []
+        for whole, batch, total in zip(micro, batches, totals, strict=True):
+            if batch["labels"].shape[0] == 0 or total == 0:
+                shares.append(0.0 if total else math.nan)
+                continue
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            rows = whole["input_ids"].shape[0]
+            with (
+                autocast(self.config, self.device),
+                distributed.drawing_for_whole_batch(rows, here),
+            ):
+                loss = share_loss(self.model, batch, round(total))
+            shares.append(loss.item())
+            if not math.isfinite(shares[-1]):
+                break
+            scaled = loss / len(micro)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        shares += [math.nan] * (len(micro) - len(shares))  # a micro-batch not reached
+        losses = distributed.sum_across(shares, here, self.device)
+        distributed.sum_gradients(self.params, here)
+        distributed.sync_random_state(here, self.device)
+        if any(not math.isfinite(value) for value in losses):
+            return torch.tensor(math.nan), 0
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in micro)  # as one process
+        return torch.tensor(sum(losses) / len(micro)), tokens
 
     def _scaler_skip(self, step: int) -> None:
         self.scaler.step(self.optimizer)  # sees the inf and does not update
