@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 import peft_core
+from peft_core import distributed
 from peft_core.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -45,6 +46,7 @@ from webapp.experiments.leases import StaleFenceError
 from webapp.experiments.metrics import Point
 from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, RunStatus
 from workers import cache as model_cache
+from workers import ranks
 from workers.cache import base_model_copy
 from workers.models import upstream_of, weights_directory, weights_key, weights_of
 
@@ -258,7 +260,10 @@ def execute_run(run_id: int, *, worker: str) -> str:
     callbacks.lease.start()
     try:
         run = _retrying(Run.objects.select_related("dataset").get, id=run_id)
-        status = _train_run(run, callbacks)
+        if run.devices > 1 and not run.external:  # torchrun, one process per device
+            status = ranks.train_on_ranks(run, callbacks)
+        else:
+            status = _train_run(run, callbacks)
     except StaleFenceError:
         logger.warning("run %s: claimed elsewhere or ended; this worker stops", run_id)
         return "stale"
@@ -365,9 +370,12 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     )
     same_base += (config.max_length, config.batch_size, config.eval_batches, DEVICE)
     with peft_core.disabled(model):
-        base_metrics = model_cache.base_metrics(
-            same_base, lambda: evaluate(model, tokenizer, **evaluation)
-        )
+        if distributed.world().parallel:  # every rank evaluates its share, together
+            base_metrics = evaluate(model, tokenizer, **evaluation)
+        else:
+            base_metrics = model_cache.base_metrics(
+                same_base, lambda: evaluate(model, tokenizer, **evaluation)
+            )
     callbacks.on_eval(0, {f"base_{key}": value for key, value in base_metrics.items()})
     callbacks.on_log(f"base model: {_format(base_metrics)}")
 
@@ -384,6 +392,8 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
         label_names=labels,
         resume=resume,
     )
+    if not distributed.world().is_main:
+        return "trained its share"  # rank 0 stores the adapter and ends the run
     if result.stopped:
         callbacks.on_log(f"cancelled at step {result.steps_done}")
         callbacks.finish(RunStatus.CANCELLED)
@@ -514,3 +524,8 @@ def _profile(model, tokenizer, task, val_rows, result, adapter_bytes: int, peak_
 
 def _format(metrics: dict) -> str:
     return ", ".join(f"{key}={value:.4f}" for key, value in sorted(metrics.items()))
+
+
+# For workers/ranks.py: each rank of a multi-device run trains through the same body.
+train_run_body = _train_run
+record_failure = _record_failure
