@@ -420,6 +420,16 @@ PREFLIGHT = env_bool("PEFTLAB_PREFLIGHT", True)
 # worker machine); 0: this machine's total memory.
 WORKER_MEMORY_GIB = env_int("PEFTLAB_WORKER_MEMORY_GIB", 0, minimum=0)
 
+# System metrics (workers/system.py): a training worker samples CPU %, RSS and each GPU's
+# utilisation, memory and power this often and stores them as the run's sys/… metrics.
+SYSTEM_METRICS_EVERY_S = env_int("PEFTLAB_SYSTEM_METRICS_EVERY_S", 15, minimum=1)
+# The code's git commit for a run's lineage (an image build passes it in); empty: ask git in
+# BASE_DIR when it is a checkout, else "unknown".
+GIT_SHA = env_str("PEFTLAB_GIT_SHA", "")
+# The GPUs this worker's runs use, as CUDA numbers them (indices or GPU-… UUIDs); unset: all.
+# Read here, as every setting is, so that system metrics and lineage name only those GPUs.
+CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+
 # CI sets this: a test run that needs PostgreSQL and Redis must fail, not skip, without them.
 REQUIRE_SERVICES = env_bool("PEFTLAB_REQUIRE_SERVICES", False)
 

@@ -43,10 +43,11 @@ from peft_core.train import (
 )
 from webapp.experiments import artifacts, dataset_files, leases, metrics
 from webapp.experiments.leases import StaleFenceError
+from webapp.experiments.lineage import run_lineage_record
 from webapp.experiments.metrics import Point
 from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, RunStatus
 from workers import cache as model_cache
-from workers import ranks
+from workers import ranks, system
 from workers.cache import base_model_copy
 from workers.models import upstream_of, weights_directory, weights_key, weights_of
 
@@ -106,6 +107,7 @@ class RunCallbacks(Callbacks):
         self.run_id, self.fence = run_id, fence
         self.memory = memory
         self.lease: Lease | None = None
+        self.system: system.SystemSampler | None = None  # sys/ metrics (workers/system.py)
         self.points: list[Point] = []
         self.lines: list[str] = []
         self.step = 0
@@ -199,6 +201,8 @@ class RunCallbacks(Callbacks):
     def finish(self, status: str, **fields) -> None:
         """Write what is buffered, then end the run (leases.run_finish), waiting out a
         database outage of up to RUN_DB_OUTAGE_S for both."""
+        if self.system is not None:
+            self.system.stop()  # its last sample, at the last step, while the run is ours
         self.flush_until_written()
         _retrying(leases.run_finish, run_id=self.run_id, fence=self.fence, status=status, **fields)
 
@@ -260,6 +264,10 @@ def execute_run(run_id: int, *, worker: str) -> str:
     callbacks.lease.start()
     try:
         run = _retrying(Run.objects.select_related("dataset").get, id=run_id)
+        # System metrics and lineage: workers/system.py.
+        callbacks.system = system.sampler_start(run, fence, step_of=lambda: callbacks.step)
+        lineage = system.run_lineage(run)
+        _retrying(run_lineage_record, run_id=run_id, fence=fence, lineage=lineage)
         if run.devices > 1 and not run.external:  # torchrun, one process per device
             status = ranks.train_on_ranks(run, callbacks)
         else:
@@ -273,6 +281,8 @@ def execute_run(run_id: int, *, worker: str) -> str:
         return "failed"
     finally:
         callbacks.lease.stop()
+        if callbacks.system is not None:
+            callbacks.system.stop()
     return status
 
 
