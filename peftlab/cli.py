@@ -195,6 +195,17 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint-every", type=int, metavar="N", help="steps between resumable checkpoints"
     )
+    parser.add_argument(
+        "--devices", type=int, metavar="N", help="GPUs of one data-parallel run, 1-8 (default 1)"
+    )
+    parser.add_argument(
+        "--gpu-class",
+        metavar="CLASS",
+        help='a GPU class workers advertise, e.g. a100 (default "any")',
+    )
+    parser.add_argument(
+        "--priority", type=int, metavar="P", help="-10..10: higher first in your team (default 0)"
+    )
     parser.epilog = "A training option left out takes the launch form's default."
     parser.add_argument("--project", type=int, metavar="ID", help="default: your first project")
     parser.add_argument("--name")
@@ -233,9 +244,15 @@ def run_runs_launch(args: argparse.Namespace) -> int:
             train_config=_train_config(args),
             name=args.name,
             project=args.project,
+            **_placement(args),
         )
         print(f"run {run['id']} {run['status']}: {client.page_url(run['url'])}")
         return watch_run(client, run["id"], args.interval) if args.watch else 0
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """Devices, GPU class and priority as given (the server judges them)."""
+    return {"devices": args.devices, "gpu_class": args.gpu_class, "priority": args.priority}
 
 
 def run_runs_list(args: argparse.Namespace) -> int:
@@ -363,6 +380,7 @@ def run_sweep_launch(args: argparse.Namespace) -> int:
             train_config=_train_config(args),
             name=args.name or f"{', '.join(methods)} on {dataset.get('name', args.dataset)}",
             project=args.project,
+            **_placement(args),
         )
         print(f"sweep {sweep['id']}: {len(sweep['runs'])} runs queued")
         for run in sweep["runs"]:

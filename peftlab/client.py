@@ -199,8 +199,12 @@ class Client:
         name: str | None = None,
         project: int | None = None,
         external: bool = False,
+        devices: int | None = None,
+        gpu_class: str | None = None,
+        priority: int | None = None,
     ) -> dict:
-        """A queued run (or, with external=True, a running one this script feeds and finishes)."""
+        """A queued run (or, with external=True, a running one this script feeds and finishes);
+        devices, gpu_class and priority left out take the server's defaults (1, any, 0)."""
         payload = {
             "base_model": base_model,
             "dataset": dataset,
@@ -210,6 +214,7 @@ class Client:
             "external": external,
         }
         payload.update(_present({"name": name, "project": project}))
+        payload.update(_present({"devices": devices, "gpu_class": gpu_class, "priority": priority}))
         return self._call("POST", "/api/v1/runs/", json=payload)
 
     def cancel_run(self, run_id: int) -> dict:
@@ -325,8 +330,12 @@ class Client:
         train_config: dict | None = None,
         name: str | None = None,
         project: int | None = None,
+        devices: int | None = None,
+        gpu_class: str | None = None,
+        priority: int | None = None,
     ) -> dict:
-        """One queued run per method and grid point ({"lora.r": [4, 8]}); the sweep with its runs."""
+        """One queued run per method and grid point ({"lora.r": [4, 8]}); the sweep with its runs.
+        devices, gpu_class and priority apply to every run."""
         payload = {
             "base_model": base_model,
             "dataset": dataset,
@@ -335,6 +344,7 @@ class Client:
             "train_config": train_config or {},
         }
         payload.update(_present({"name": name, "project": project}))
+        payload.update(_present({"devices": devices, "gpu_class": gpu_class, "priority": priority}))
         return self._call("POST", "/api/v1/sweeps/", json=payload)
 
     def watch_sweep(self, sweep_id: int, interval: float = 2.0) -> Iterator[dict]:

@@ -32,3 +32,21 @@ def test_the_store_is_the_bucket_minio_bucket_creates():
     assert waits == "service_completed_successfully"
     for name in ("web", "worker", "reaper", "verifier"):
         assert SERVICES[name]["depends_on"]["migrate"]["condition"].startswith("service_compl")
+
+
+def test_training_workers_serve_run_queues_and_the_playground_its_own():
+    """The GPU worker takes its -Q from `manage.py worker_queues` (its class and devices) and no
+    playground prompt; a playground worker of its own takes those and exports, in compose and
+    in `make run` (bin/serve)."""
+    from webapp.experiments.queue import PLAYGROUND_QUEUE, QUEUES
+
+    worker = " ".join(SERVICES["worker"]["command"])
+    assert '-Q "$$(python manage.py worker_queues)"' in worker and "playground" not in worker
+    assert "worker_queues" in get_commands()
+    playground = SERVICES["playground"]["command"]
+    served = playground[playground.index("-Q") + 1].split(",")
+    assert PLAYGROUND_QUEUE in served and set(served) == set(QUEUES.values())
+    assert SERVICES["playground"]["depends_on"]["migrate"]["condition"].startswith("service_compl")
+    serve = (Path(__file__).parents[1] / "bin" / "serve").read_text()
+    assert 'RUN_QUEUES=$("$PY" manage.py worker_queues)' in serve
+    assert 'worker -Q "$RUN_QUEUES"' in serve and "worker -Q playground,export" in serve

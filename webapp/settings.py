@@ -334,12 +334,26 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Tasks are routed by name (webapp.experiments.queue.QUEUES). Playground answers and merged
-# exports have queues of their own: a worker consuming them beside "gpu" takes one between
-# two runs instead of behind every queued run; a worker with `-Q playground,export` alone
-# answers at once.
+# Tasks are routed by name (webapp.experiments.queue.QUEUES); a run goes to the queue of the
+# class and device count it needs, gpu.<class>.x<devices> (queue.run_queue). Playground answers
+# and merged exports have queues of their own, served by a worker of their own
+# (`-Q playground,export`), so a question never waits behind a training.
 CELERY_TASK_ROUTES = ("webapp.experiments.queue.route",)
-CELERY_TASK_DEFAULT_QUEUE = "gpu"
+CELERY_TASK_DEFAULT_QUEUE = "gpu.any.x1"
+# What a training worker advertises (`manage.py worker_queues` turns it into its -Q list): its
+# GPU class ("any": it takes only runs that ask for no class) and its device count, 0 meaning
+# the GPUs torch sees, or 2 on a machine without any (torchrun runs gloo on CPU).
+WORKER_GPU_CLASS = env_str("PEFTLAB_WORKER_GPU_CLASS", "any")
+if not re.fullmatch(r"[a-z0-9-]{1,40}", WORKER_GPU_CLASS):
+    raise ImproperlyConfigured("PEFTLAB_WORKER_GPU_CLASS must match [a-z0-9-]{1,40}")
+WORKER_DEVICES = env_int("PEFTLAB_WORKER_DEVICES", 0)
+if WORKER_DEVICES > 8:
+    raise ImproperlyConfigured("PEFTLAB_WORKER_DEVICES must be 0 (detect) to 8")
+# Quotas, judged by the launch (429 over them) and by the fair order (webapp.experiments.quotas):
+# a team's queued runs, the devices its runs hold at once (more wait), a user's launches a minute.
+TEAM_MAX_QUEUED = env_int("PEFTLAB_TEAM_MAX_QUEUED", 50, minimum=1)
+TEAM_MAX_RUNNING = env_int("PEFTLAB_TEAM_MAX_RUNNING", 8, minimum=1)
+LAUNCH_RATE = env_int("PEFTLAB_LAUNCH_RATE", 30, minimum=1)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from webapp.experiments import queue
+
 CHROMIUM = Path("/usr/bin/chromium")
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync API runs a loop
 
@@ -55,7 +57,8 @@ def log_in(page, live_server, username: str, password: str) -> None:
     page.wait_for_url(f"{live_server.url}/")
 
 
-QUEUES = ("gpu", "playground", "export")
+# The run queues `make run`'s worker serves on a CPU box, then the playground's and exports'.
+QUEUES = (*queue.worker_queues("any", 2), "playground", "export")
 
 
 @pytest.fixture

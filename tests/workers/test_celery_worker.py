@@ -17,8 +17,10 @@ from django.db import connection
 from django.urls import reverse
 
 from webapp.celery import app as celery_app
-from webapp.experiments import services
+from webapp.experiments import queue, services
 from webapp.experiments.models import MetricPoint, Run, RunStatus
+
+RUN_QUEUES = queue.worker_queues("any", 2)  # as `make run` starts its worker on a CPU box
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -43,10 +45,12 @@ def _worker_env() -> dict:
 @pytest.fixture
 def worker(tmp_path):
     with celery_app.connection_for_write() as conn:
-        conn.default_channel.queue_declare("gpu", durable=True, auto_delete=False)
-        conn.default_channel.queue_purge("gpu")
+        for name in RUN_QUEUES:
+            conn.default_channel.queue_declare(name, durable=True, auto_delete=False)
+            conn.default_channel.queue_purge(name)
     log = (tmp_path / "worker.log").open("w")
-    command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-Q", "gpu"]
+    command = [sys.executable, "-m", "celery", "-A", "webapp", "worker"]
+    command += ["-Q", ",".join(RUN_QUEUES)]
     command += ["--concurrency", "1", "--without-gossip", "--without-mingle", "-l", "info"]
     process = subprocess.Popen(
         command, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, cwd=settings.BASE_DIR

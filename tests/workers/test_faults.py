@@ -36,7 +36,7 @@ from django.urls import reverse
 from tests.webapp.test_store_s3 import BUCKET, s3  # noqa: F401 (a fixture)
 from tests.workers.test_celery_worker import database_env
 from webapp.celery import app as celery_app
-from webapp.experiments import exports
+from webapp.experiments import exports, queue
 from webapp.experiments.models import (
     Artifact,
     ArtifactChunk,
@@ -51,6 +51,7 @@ from workers.tasks import train_run
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 TIMEOUT_S = 300
+RUN_QUEUE = queue.run_queue("any", 1)  # where a 1-device run of any class goes
 # A short lease, so a lost run shows quickly; the reaper must still wait a whole lease after
 # any database outage before judging.
 FAST_LEASES = {
@@ -82,7 +83,7 @@ class Processes:
         return process
 
     def worker(self, name: str = "worker", **env) -> subprocess.Popen:
-        command = ["-m", "celery", "-A", "webapp", "worker", "-Q", "gpu", "--concurrency", "1"]
+        command = ["-m", "celery", "-A", "webapp", "worker", "-Q", RUN_QUEUE, "--concurrency", "1"]
         command += ["--prefetch-multiplier", "1", "--without-gossip", "--without-mingle"]
         command += ["-n", f"{name}@%h", "-l", "info"]
         return self.start(name, command, env)
@@ -113,8 +114,8 @@ def processes(tmp_path):
 @pytest.fixture
 def empty_queue():
     with celery_app.connection_for_write() as conn:
-        conn.default_channel.queue_declare("gpu", durable=True, auto_delete=False)
-        conn.default_channel.queue_purge("gpu")
+        conn.default_channel.queue_declare(RUN_QUEUE, durable=True, auto_delete=False)
+        conn.default_channel.queue_purge(RUN_QUEUE)
 
 
 def _queued_run(cast, *, steps: int, checkpoint_every: int = 0, name: str = "fault") -> Run:

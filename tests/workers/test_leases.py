@@ -13,7 +13,7 @@ from django.utils import timezone
 from peft_core.data import DatasetError
 from peft_core.train import NonFiniteLossError
 from webapp.celery import app as celery_app
-from webapp.experiments import leases, metrics, services
+from webapp.experiments import leases, metrics, queue, services
 from webapp.experiments.leases import StaleFenceError
 from webapp.experiments.metrics import Point
 from webapp.experiments.models import Artifact, FailureClass, MetricPoint, Run, RunStatus
@@ -25,14 +25,17 @@ pytestmark = pytest.mark.django_db
 LEASE_S = 30
 
 
+RUN_QUEUE = queue.run_queue("any", 1)  # where a run of make_run goes
+
+
 @pytest.fixture
 def empty_queue():
     with celery_app.connection_for_write() as conn:
-        conn.default_channel.queue_declare("gpu", durable=True, auto_delete=False)
-        conn.default_channel.queue_purge("gpu")
+        conn.default_channel.queue_declare(RUN_QUEUE, durable=True, auto_delete=False)
+        conn.default_channel.queue_purge(RUN_QUEUE)
     yield
     with celery_app.connection_for_write() as conn:
-        conn.default_channel.queue_purge("gpu")
+        conn.default_channel.queue_purge(RUN_QUEUE)
 
 
 def _running(make_run, *, silent_for_s: float, attempt: int = 1) -> tuple[Run, int]:
@@ -118,7 +121,7 @@ def test_the_reaper_judges_nobody_before_it_has_watched_a_whole_lease(
     reaped = reaper.tick(now=1000.0 + LEASE_S)
     assert reaped == leases.Reaped(lost=[run.id], failed=[])
     assert published == [("peftlab.train_run", (run.id,))]
-    assert queue_length() == 1
+    assert queue_length(RUN_QUEUE) == 1
 
 
 def test_the_reaper_sends_again_runs_that_wait_with_an_empty_queue(

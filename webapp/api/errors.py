@@ -1,4 +1,5 @@
-"""Turn what services and forms raise into DRF answers: 403 and 400/409 with a readable text.
+"""Turn what services and forms raise into DRF answers: 403, 400/409 and 429 with a readable
+text.
 
 Services raise Django's PermissionDenied and ValidationError; selectors raise Http404, which
 DRF already answers with 404.
@@ -13,7 +14,14 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import exceptions, status
 
+from webapp.experiments.quotas import QuotaExceeded
 from webapp.http import error_text
+
+
+class OverQuota(exceptions.APIException):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_detail = "Over a quota."
+    default_code = "over_quota"
 
 
 class Conflict(exceptions.APIException):
@@ -24,9 +32,12 @@ class Conflict(exceptions.APIException):
 
 @contextmanager
 def service_errors(*, conflict: bool = False) -> Iterator[None]:
-    """PermissionDenied → 403 {"detail"}; ValidationError → 400 {"detail"}, or 409 if `conflict`."""
+    """PermissionDenied → 403 {"detail"}; ValidationError → 400 {"detail"}, or 409 if `conflict`;
+    a launch over a quota → 429 {"detail"} naming the limit."""
     try:
         yield
+    except QuotaExceeded as exc:
+        raise OverQuota(str(exc)) from None
     except DjangoPermissionDenied as exc:
         raise exceptions.PermissionDenied(error_text(exc)) from None
     except DjangoValidationError as exc:

@@ -15,7 +15,13 @@ from rest_framework.exceptions import ValidationError
 from webapp.accounts.permissions import Action, require
 from webapp.api.errors import form_errors
 from webapp.experiments import selectors
-from webapp.experiments.forms import ADVANCED_TRAINING, LaunchForm, RunForm, SweepForm
+from webapp.experiments.forms import (
+    ADVANCED_TRAINING,
+    PLACEMENT_DEFAULTS,
+    LaunchForm,
+    RunForm,
+    SweepForm,
+)
 from webapp.experiments.method_forms import (
     METHOD_FORMS,
     MethodForm,
@@ -111,11 +117,12 @@ def _launch_data(*, user, payload: dict) -> dict:
         raise ValidationError({"train_config": {key: [_unknown(TRAIN_KEYS)] for key in unknown}})
     values = {key: LaunchForm.base_fields[key].initial for key in TRAIN_KEYS}
     values |= {key: value for key, value in train.items() if value is not None}
+    placement = {key: payload[key] for key in PLACEMENT_DEFAULTS if payload.get(key) is not None}
     return {
         "project": launch_project_id(user=user, project_id=payload.get("project")),
         "base_model": payload["base_model"],
         "dataset": payload["dataset"],
-        **{key: _form_value(value) for key, value in values.items()},
+        **{key: _form_value(value) for key, value in (values | placement).items()},
     }
 
 

@@ -198,6 +198,7 @@ class RunSerializer(serializers.ModelSerializer):
         fields += ["method_config", "train_config", "status", "step", "total_steps", "progress"]
         fields += ["error", "failure_class", "summary", "tags", "notes", "external"]
         fields += ["created_by", "created_at", "started_at", "finished_at", "attempt", "latest"]
+        fields += ["devices", "gpu_class", "priority"]
         read_only_fields = fields
 
     def get_url(self, run: Run) -> str:
@@ -265,6 +266,19 @@ class LaunchSerializer(serializers.Serializer):
     train_config = _settings_field(
         "steps, batch_size, learning_rate, max_length, eval_every; a missing one takes the "
         "launch form's default."
+    )
+    # Bounds are the launch form's (one judge); these only take the JSON types.
+    devices = serializers.IntegerField(
+        required=False, help_text="GPUs of one data-parallel run, 1 to 8 (default 1)."
+    )
+    gpu_class = serializers.CharField(
+        max_length=40,
+        required=False,
+        help_text='The GPU class a worker advertises, e.g. "a100", or "any" (the default).',
+    )
+    priority = serializers.IntegerField(
+        required=False,
+        help_text="-10 to 10 (default 0): higher first among your team's waiting runs.",
     )
 
     def validate_train_config(self, value: dict) -> dict:

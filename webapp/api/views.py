@@ -46,6 +46,7 @@ ERRORS = {
 }
 TOO_LARGE = OpenApiResponse(s.ErrorSerializer, description="The body is over the limit.")
 CONFLICT = {409: OpenApiResponse(s.ErrorSerializer, description="Not in a state for this.")}
+OVER_QUOTA = {429: OpenApiResponse(s.ErrorSerializer, description="Over a quota: it names it.")}
 WRONG_LOGIN = "Wrong username or password."
 VERIFY_FIRST_BYTES = downloads.VERIFY_FIRST_BYTES  # this small: checked whole before sent
 
@@ -239,17 +240,21 @@ class RunList(generics.GenericAPIView):
         page = self.paginate_queryset(runs)
         return self.get_paginated_response(run_data(request, page, many=True))
 
-    @extend_schema(request=s.RunCreateSerializer, responses={201: s.RunSerializer, **ERRORS})
+    @extend_schema(
+        request=s.RunCreateSerializer, responses={201: s.RunSerializer, **ERRORS, **OVER_QUOTA}
+    )
     def post(self, request):
         payload = validated(s.RunCreateSerializer, request.data)
         with service_errors():
             form, method_config = launch.run_form_validate(user=request.user, payload=payload)
             create = services.run_create_external if payload["external"] else services.run_create
+            placement = {} if payload["external"] else form.placement()
             run = create(
                 user=request.user,
                 method=form.cleaned_data["method"],
                 method_config=method_config,
                 **form.launch_kwargs(),
+                **placement,
             )
         return Response(run_data(request, run), status=status.HTTP_201_CREATED)
 
@@ -390,7 +395,8 @@ class SweepList(generics.GenericAPIView):
         return self.get_paginated_response(s.SweepSerializer(page, many=True, context=context).data)
 
     @extend_schema(
-        request=s.SweepCreateSerializer, responses={201: s.SweepDetailSerializer, **ERRORS}
+        request=s.SweepCreateSerializer,
+        responses={201: s.SweepDetailSerializer, **ERRORS, **OVER_QUOTA},
     )
     def post(self, request):
         payload = validated(s.SweepCreateSerializer, request.data)
@@ -401,6 +407,7 @@ class SweepList(generics.GenericAPIView):
                 items=items,
                 grid=form.cleaned_data["grid"],
                 **form.launch_kwargs(),
+                **form.placement(),
             )
         return Response(sweep_data(request, sweep), status=status.HTTP_201_CREATED)
 

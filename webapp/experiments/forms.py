@@ -9,12 +9,16 @@ from peft_core.checks import ConfigError, config_field
 from peft_core.configs import TrainConfig, refuse_packing, refuse_quantized
 from webapp.experiments.method_forms import method_choices, settings_field
 from webapp.experiments.models import TaskType
+from webapp.experiments.queue import ANY_CLASS, GPU_CLASS_PATTERN, MAX_DEVICES
 from webapp.registry.selectors import launch_model_choices, model_for_team
 
 ADVANCED_TRAINING = (
     "schedule", "warmup_steps", "grad_accum", "gradient_checkpointing", "precision",
     "quantize", "attn", "packing", "grad_clip", "early_stop_patience", "seed",
 )  # fmt: skip
+
+
+PLACEMENT_DEFAULTS = {"devices": 1, "gpu_class": ANY_CLASS, "priority": 0}
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -102,6 +106,33 @@ class LaunchForm(forms.Form):
     early_stop_patience = settings_field(TrainConfig, "early_stop_patience")
     seed = settings_field(TrainConfig, "seed")
 
+    # Where it runs (Advanced): the worker's queue is a function of these (queue.run_queue).
+    devices = forms.IntegerField(
+        min_value=1,
+        max_value=MAX_DEVICES,
+        initial=1,
+        required=False,
+        help_text="GPUs of one data-parallel run (torchrun, one process each); a worker with "
+        "at least this many takes it.",
+    )
+    gpu_class = forms.RegexField(
+        label="GPU class",
+        regex=rf"^(?:{GPU_CLASS_PATTERN})$",
+        max_length=40,
+        initial=ANY_CLASS,
+        required=False,
+        error_messages={"invalid": "Lower-case letters, digits and dashes (e.g. a100), or any."},
+        help_text="The class of GPU it needs, as the workers advertise it (e.g. a100), or any.",
+    )
+    priority = forms.IntegerField(
+        min_value=-10,
+        max_value=10,
+        initial=0,
+        required=False,
+        help_text="Higher goes first among your team's waiting runs (-10 to 10); between "
+        "teams the order stays fair.",
+    )
+
     def __init__(self, *args, projects, datasets, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["project"].queryset = projects
@@ -156,6 +187,13 @@ class LaunchForm(forms.Form):
         """The arguments run_create and sweep_create share, from the cleaned form."""
         keys = ("project", "name", "base_model", "dataset")
         return {key: self.cleaned_data[key] for key in keys} | {"train_config": self.train_config()}
+
+    def placement(self) -> dict:
+        """Where its runs go: devices, GPU class and priority (a field left out: its default)."""
+        return {
+            key: default if self.cleaned_data.get(key) in (None, "") else self.cleaned_data[key]
+            for key, default in PLACEMENT_DEFAULTS.items()
+        }
 
 
 class RunForm(LaunchForm):

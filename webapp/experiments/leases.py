@@ -5,6 +5,10 @@ write names that fence. Once another claim has taken the run, or the run ended o
 marked lost, the stale worker's writes change nothing and raise StaleFenceError. The
 reaper (`runs_reap`, `runs_unclaimed`) finds runs whose lease expired and moves their
 fence on, so a presumed-dead worker's late writes are refused even before a new claim.
+
+Which run a free worker takes is decided here too (`run_next_fair`), not by the order of
+Celery's messages: a message for a run of queue Q is a turn for whichever waiting run of Q
+goes next in the fair order.
 """
 
 from collections.abc import Iterable
@@ -13,11 +17,11 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Max, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from webapp.experiments import artifacts
+from webapp.experiments import artifacts, quotas
 from webapp.experiments.artifacts import next_version
 from webapp.experiments.models import (
     CLAIMABLE_STATUSES,
@@ -27,6 +31,7 @@ from webapp.experiments.models import (
     Run,
     RunStatus,
 )
+from webapp.experiments.queue import run_queue, run_queue_parts
 from webapp.experiments.store import store_delete
 
 
@@ -55,6 +60,68 @@ def run_claim(*, run_id: int, worker: str) -> int | None:
         if claimed != 1:
             return None
         return Run.objects.values_list("fence", flat=True).get(id=run_id)
+
+
+def run_next_fair(*, queue: str, exclude: Iterable[int] = ()) -> int | None:
+    """The waiting run of `queue` that a free worker of it trains next, or None.
+
+    Between teams: the team whose running runs hold the fewest devices, then the team whose
+    last run started longest ago (or never), so one slot alternates between teams however
+    many runs each queued. Within a team: higher priority, then first come. A team whose
+    running runs hold its PEFTLAB_TEAM_MAX_RUNNING devices waits.
+    """
+    parts = run_queue_parts(queue)
+    if parts is None:
+        return None
+    gpu_class, devices = parts
+    waiting = Run.objects.filter(
+        status__in=CLAIMABLE_STATUSES, gpu_class=gpu_class, devices=devices
+    ).exclude(id__in=list(exclude))
+    team_ids = set(waiting.values_list("project__team_id", flat=True).distinct())
+    busy = quotas.running_devices(team_ids)
+    last_start = _last_start(team_ids)
+    turns = []
+    for team_id in team_ids:
+        if busy.get(team_id, 0) + devices > settings.TEAM_MAX_RUNNING:
+            continue
+        head = (
+            waiting.filter(project__team_id=team_id)
+            .order_by("-priority", "created_at", "id")
+            .values_list("id", flat=True)
+            .first()
+        )
+        started = last_start.get(team_id)
+        turns.append((busy.get(team_id, 0), started is not None, started, head))
+    return min(turns)[-1] if turns else None
+
+
+def _last_start(team_ids) -> dict:
+    rows = (
+        Run.objects.filter(project__team_id__in=team_ids, started_at__isnull=False)
+        .exclude(worker=EXTERNAL_WORKER)
+        .values("project__team_id")
+        .annotate(last=Max("started_at"))
+    )
+    return {row["project__team_id"]: row["last"] for row in rows}
+
+
+def run_held_after(*, run_id: int) -> tuple[int, str] | None:
+    """After run `run_id` ended: its team's next waiting run and its queue, if the team's
+    device limit was holding it back (the worker then sends it a message: the one it had
+    may have been spent by a worker that found the team at its limit)."""
+    run = Run.objects.select_related("project").only("devices", "project__team_id").get(id=run_id)
+    team_id = run.project.team_id
+    head = (
+        Run.objects.filter(project__team_id=team_id, status__in=CLAIMABLE_STATUSES)
+        .order_by("-priority", "created_at", "id")
+        .only("id", "devices", "gpu_class")
+        .first()
+    )
+    if head is None:
+        return None
+    busy = quotas.running_devices([team_id]).get(team_id, 0)
+    was_held = busy + run.devices + head.devices > settings.TEAM_MAX_RUNNING
+    return (head.id, run_queue(head.gpu_class, head.devices)) if was_held else None
 
 
 def owned(run_id: int, fence: int):

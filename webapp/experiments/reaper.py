@@ -18,6 +18,7 @@ from django.db import InterfaceError, OperationalError, connection
 
 from webapp.celery import app as celery_app
 from webapp.experiments import leases, queue
+from webapp.experiments.models import Run
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +48,23 @@ class Reaper:
         except (OperationalError, InterfaceError) as exc:
             self._disconnected(exc)
             return None
+        queues = run_queues(reaped.lost + unclaimed)
         for run_id in reaped.lost:
             logger.warning("run %s lost: sending it to a worker again", run_id)
-            send(run_id)
+            queue.enqueue_run(run_id, queues[run_id])
         for run_id in reaped.failed:
             logger.warning("run %s lost on its last attempt: failed", run_id)
         resend = [run_id for run_id in unclaimed if run_id not in reaped.lost]
-        if resend and queue_length() == 0:
-            # Nothing is waiting in the queue, yet these runs wait for a worker: their
-            # messages vanished (a broker restarted without persistence). A duplicate is
-            # harmless: the claim lets one worker train, the others skip.
+        empty = {name: queue_length(name) == 0 for name in {queues[r] for r in resend}}
+        resend = [run_id for run_id in resend if empty[queues[run_id]]]
+        if resend:
+            # Nothing is waiting in their queues, yet these runs wait for a worker: their
+            # messages vanished (a broker restarted without persistence), or a worker spent
+            # them while their team was at its device limit. A duplicate is harmless: the
+            # claim lets one worker train, the others skip.
             logger.warning("runs %s wait with an empty queue: sending them again", resend)
             for run_id in resend:
-                send(run_id)
+                queue.enqueue_run(run_id, queues[run_id])
         return reaped
 
     def _disconnected(self, exc: Exception) -> None:
@@ -85,19 +90,19 @@ class Reaper:
             time.sleep(every_s)
 
 
-def send(run_id: int) -> None:
-    queue.enqueue(queue.TRAIN_RUN, run_id)
+def run_queues(run_ids: list[int]) -> dict[int, str]:
+    """{run id: the queue of the class and devices it needs}."""
+    rows = Run.objects.filter(id__in=run_ids).values_list("id", "gpu_class", "devices")
+    return {run_id: queue.run_queue(gpu_class, devices) for run_id, gpu_class, devices in rows}
 
 
-def queue_length() -> int | None:
-    """Messages waiting in the training queue, or None if the broker cannot tell."""
+def queue_length(name: str) -> int | None:
+    """Messages waiting in the run queue `name`, or None if the broker cannot tell."""
     try:
         with celery_app.connection_for_write() as conn:
             # Not passive: Redis drops an empty list, and a passive declaration of it fails.
-            declared = conn.default_channel.queue_declare(
-                queue.TRAINING_QUEUE, durable=True, auto_delete=False
-            )
+            declared = conn.default_channel.queue_declare(name, durable=True, auto_delete=False)
             return declared.message_count
     except Exception:  # a broker that cannot count: never resend blindly
-        logger.exception("reaper: could not count the queue")
+        logger.exception("reaper: could not count the queue %s", name)
         return None

@@ -21,7 +21,7 @@ from webapp.accounts.models import Team
 from webapp.accounts.permissions import Action, require
 from webapp.accounts.secrets import secret_new
 from webapp.accounts.services import audit_record
-from webapp.experiments import queue
+from webapp.experiments import queue, quotas
 from webapp.experiments.adapter_upload import too_large_message, validate_adapter
 from webapp.experiments.artifacts import artifact_put, artifacts_delete, checkpoints_delete
 from webapp.experiments.dataset_files import dataset_file_delete, dataset_file_write
@@ -63,10 +63,41 @@ def run_create(
     method: str,
     method_config: dict,
     train_config: dict,
+    devices: int = 1,
+    gpu_class: str = queue.ANY_CLASS,
+    priority: int = 0,
+) -> Run:
+    """Insert a queued run and enqueue its training once the transaction commits; a launch
+    over a quota is QuotaExceeded, with nothing created."""
+    _require_launcher(user=user, team=project.team)
+    with transaction.atomic():
+        quotas.launch_check(user=user, team=project.team, runs=1, devices=devices)
+        return _run_insert(
+            user=user,
+            project=project,
+            name=name,
+            base_model=base_model,
+            dataset=dataset,
+            method=method,
+            method_config=method_config,
+            train_config=train_config,
+            placement={"devices": devices, "gpu_class": gpu_class, "priority": priority},
+        )
+
+
+def _run_insert(
+    *,
+    user,
+    project: Project,
+    name: str,
+    base_model: str,
+    dataset: Dataset,
+    method: str,
+    method_config: dict,
+    train_config: dict,
+    placement: dict,
     sweep: Sweep | None = None,
 ) -> Run:
-    """Insert a queued run and enqueue its training once the transaction commits."""
-    _require_launcher(user=user, team=project.team)
     run = Run.objects.create(
         project=project,
         sweep=sweep,
@@ -79,8 +110,9 @@ def run_create(
         method_config=method_config,
         train_config=train_config,
         total_steps=int(train_config.get("steps", 0)),
+        **placement,
     )
-    queue.enqueue_on_commit(queue.TRAIN_RUN, run.id)
+    queue.enqueue_run_on_commit(run)
     return run
 
 
@@ -102,10 +134,16 @@ def sweep_create(
     items: list[SweepItem],
     grid: dict,
     train_config: dict,
+    devices: int = 1,
+    gpu_class: str = queue.ANY_CLASS,
+    priority: int = 0,
 ) -> Sweep:
-    """One Sweep row and one queued run per item, all enqueued once the transaction commits."""
+    """One Sweep row and one queued run per item, all enqueued once the transaction commits.
+    The quotas judge the whole sweep first: over one, nothing is created."""
     _require_launcher(user=user, team=project.team)
+    placement = {"devices": devices, "gpu_class": gpu_class, "priority": priority}
     with transaction.atomic():
+        quotas.launch_check(user=user, team=project.team, runs=len(items), devices=devices)
         sweep = Sweep.objects.create(
             project=project,
             name=name,
@@ -116,10 +154,11 @@ def sweep_create(
                 "methods": sorted({i.method for i in items}),
                 "grid": grid,
                 "train": train_config,
+                "placement": placement,
             },
         )
         for item in items:
-            run_create(
+            _run_insert(
                 user=user,
                 project=project,
                 name=f"{name} · {item.label}"[:120],
@@ -128,6 +167,7 @@ def sweep_create(
                 method=item.method,
                 method_config=item.config,
                 train_config=train_config | item.train,
+                placement=placement,
                 sweep=sweep,
             )
     return sweep
@@ -477,7 +517,7 @@ def adapter_upload_create(
         )
         # A worker measures it as it measures a trained run: base and adapter eval loss on
         # the dataset's validation split, latency, parameters.
-        queue.enqueue_on_commit(queue.TRAIN_RUN, run.id)
+        queue.enqueue_run_on_commit(run)
     return run
 
 

@@ -32,6 +32,7 @@ from webapp.experiments.pages import (
     role_can,
     run_page_context,
 )
+from webapp.experiments.quotas import QuotaExceeded
 from webapp.http import client_ip, error_text, int_or_none
 
 
@@ -108,17 +109,23 @@ def run_new(request):
     form = RunForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
     method = request.POST.get("method") or initial.get("method", "lora")
     method_form = _method_form(method, request.POST or None, initial=method_initial)
+    status = 400 if request.method == "POST" else 200  # reached on POST only when refused
     if request.method == "POST" and form.is_valid() and method_form.is_valid():
-        run = services.run_create(
-            user=request.user,
-            method=form.cleaned_data["method"],
-            method_config=method_form.config_kwargs(),
-            **form.launch_kwargs(),
-        )
-        messages.success(request, f"Run “{run.name}” launched. {LAUNCHED_RUN}")
-        return redirect("run_detail", run_id=run.id)
+        try:
+            run = services.run_create(
+                user=request.user,
+                method=form.cleaned_data["method"],
+                method_config=method_form.config_kwargs(),
+                **form.launch_kwargs(),
+                **form.placement(),
+            )
+        except QuotaExceeded as exc:
+            form.add_error(None, str(exc))
+            status = 429
+        else:
+            messages.success(request, f"Run “{run.name}” launched. {LAUNCHED_RUN}")
+            return redirect("run_detail", run_id=run.id)
     context = {"form": form, "method_form": method_form, "catalogue": CATALOGUE}
-    status = 400 if request.method == "POST" else 200  # reached on POST only when invalid
     return render(request, "experiments/run_new.html", context, status=status)
 
 
@@ -147,6 +154,9 @@ def _clone_initial(run) -> dict:
         "dataset": run.dataset_id,
         "method": run.method,
         **run.train_config,
+        "devices": run.devices,
+        "gpu_class": run.gpu_class,
+        "priority": run.priority,
     }
 
 
@@ -381,22 +391,29 @@ def sweep_new(request):
         form = SweepForm(initial=initial, projects=projects, datasets=datasets)
         return render(request, "experiments/sweep_new.html", {"form": form})
     form = SweepForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
+    status = 400 if request.method == "POST" else 200  # reached on POST only when refused
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
             items = expand_sweep(
                 data["methods"], data["grid"], form.train_config(), data["dataset"].task
             )
+            sweep = services.sweep_create(
+                user=request.user,
+                items=items,
+                grid=data["grid"],
+                **form.launch_kwargs(),
+                **form.placement(),
+            )
         except ValidationError as exc:
             form.add_error("grid", exc)
+        except QuotaExceeded as exc:
+            form.add_error(None, str(exc))
+            status = 429
         else:
-            sweep = services.sweep_create(
-                user=request.user, items=items, grid=data["grid"], **form.launch_kwargs()
-            )
             launched = f"Sweep “{sweep.name}” launched: {len(items)} runs. {LAUNCHED_SWEEP}"
             messages.success(request, launched)
             return redirect("sweep_detail", sweep_id=sweep.id)
-    status = 400 if request.method == "POST" else 200  # reached on POST only when invalid
     return render(request, "experiments/sweep_new.html", {"form": form}, status=status)
 
 
@@ -433,6 +450,7 @@ def _sweep_initial(request, datasets) -> dict:
             "methods": grid.get("methods", []),
             "grid": "\n".join(f"{k} = {', '.join(v)}" for k, v in grid.get("grid", {}).items()),
             **grid.get("train", {}),
+            **grid.get("placement", {}),
         }
     return initial
 
