@@ -1,8 +1,23 @@
 """Small request and error helpers shared by the page, account and API views."""
 
+import ipaddress
+
+from django.conf import settings
+
 
 def client_ip(request) -> str | None:
-    """The peer address as the audit log records it (the proxy in front sets REMOTE_ADDR)."""
+    """The client's address, as the audit log records it and login throttling counts it.
+
+    Behind our proxy the peer is the proxy: the client is the last X-Forwarded-For entry, the
+    one the proxy itself wrote (entries before it are whatever the client sent). A value that
+    is no address falls back to the peer: it is stored in inet columns.
+    """
+    if settings.BEHIND_PROXY:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(forwarded))
+        except ValueError:
+            pass
     return request.META.get("REMOTE_ADDR") or None
 
 

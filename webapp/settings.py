@@ -227,8 +227,12 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("PEFTLAB_HSTS_INCLUDE_SUBDOMAINS", Tru
 # without it, check --deploy's reminder (W021) is silenced on purpose.
 SECURE_HSTS_PRELOAD = env_bool("PEFTLAB_HSTS_PRELOAD", False)
 SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
-# Behind a TLS-terminating proxy, which must set X-Forwarded-Proto (and strip a client's own).
-if env_bool("PEFTLAB_BEHIND_PROXY", False):
+# Behind a proxy (deploy/nginx.conf in docker-compose.yml), which must set X-Forwarded-Proto and
+# X-Forwarded-For, replacing a client's own: the scheme and the client's address are then read
+# from them (webapp.http.client_ip), so login throttling and the audit log see the client, not
+# the proxy. Never set it where clients reach gunicorn directly: they could forge both.
+BEHIND_PROXY = env_bool("PEFTLAB_BEHIND_PROXY", False)
+if BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
@@ -258,8 +262,11 @@ CONTENT_SECURITY_POLICY = {
 
 # Login rate limiting (django-axes), for the login page and POST /api/v1/auth/token/: after
 # PEFTLAB_LOGIN_FAILURE_LIMIT refused passwords for one username from one address, that pair
-# is answered 429 for PEFTLAB_LOGIN_COOLOFF_MINUTES. A success resets the count. The counts
-# live in the database, so every web process sees them.
+# is answered 429 for PEFTLAB_LOGIN_COOLOFF_MINUTES; after PEFTLAB_LOGIN_ADDRESS_FAILURE_LIMIT
+# failures from one address across usernames (a password spray), the whole address is. A
+# refused bearer token counts as a failure of the name "(bearer token)" from its address
+# (webapp.accounts.throttle). A success resets its pair's count. The counts live in the
+# database, so every web process sees them.
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out pair before the password
     "django.contrib.auth.backends.ModelBackend",
@@ -267,6 +274,9 @@ AUTHENTICATION_BACKENDS = [
 AXES_FAILURE_LIMIT = env_int("PEFTLAB_LOGIN_FAILURE_LIMIT", 5, minimum=1)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("PEFTLAB_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+LOGIN_ADDRESS_FAILURE_LIMIT = env_int("PEFTLAB_LOGIN_ADDRESS_FAILURE_LIMIT", 20, minimum=1)
+AXES_HANDLER = "webapp.accounts.throttle.PairAndAddressHandler"
+AXES_CLIENT_IP_CALLABLE = "webapp.http.client_ip"
 AXES_RESET_ON_SUCCESS = True
 # Attempts during a lockout do not extend it: the cool-off ends when the page says it does.
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False

@@ -18,6 +18,7 @@ from django.urls import reverse
 from rest_framework.test import APIClient
 
 from webapp.accounts.models import AuditEvent
+from webapp.accounts.services import api_token_create
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = settings.AXES_FAILURE_LIMIT
@@ -176,3 +177,59 @@ def test_failures_on_the_page_and_the_api_add_up(client, cast):
     for _ in range(LIMIT - 1):
         _api_login("bob", "guess")
     assert _page_login(client, "bob", "guess").status_code == 429
+
+
+ADDRESS_LIMIT = settings.LOGIN_ADDRESS_FAILURE_LIMIT
+
+
+def test_a_password_spray_from_one_address_is_locked_out(client, cast):
+    # 23 usernames × 1 password: no username fails twice, the address fails 23 times.
+    assert ADDRESS_LIMIT <= 20
+    codes = [_page_login(client, f"user{n}", "Summer2026!").status_code for n in range(23)]
+    assert codes == [200] * (ADDRESS_LIMIT - 1) + [429] * (23 - ADDRESS_LIMIT + 1)
+    assert _api_login("alice", "alice-pw-9").status_code == 429  # the right password too
+    # Another address is unaffected, on the page and on the API.
+    assert _page_login(Client(REMOTE_ADDR="10.0.0.2"), "alice", "alice-pw-9").status_code == 302
+    assert _api_login("bob", "bob-pw-9", ip="10.0.0.2").status_code == 201
+
+    _cool_off_passes()
+    assert _page_login(client, "alice", "alice-pw-9").status_code == 302
+
+
+def test_behind_the_proxy_the_forwarded_address_is_counted(cast, settings):
+    # Every request comes from the proxy's address; the client is in X-Forwarded-For.
+    settings.BEHIND_PROXY = True
+    proxy = {"REMOTE_ADDR": "172.18.0.5"}
+    sprayer = Client(**proxy, HTTP_X_FORWARDED_FOR="198.51.100.7")
+    for n in range(ADDRESS_LIMIT):
+        _page_login(sprayer, f"user{n}", "Summer2026!")
+    assert _page_login(sprayer, "alice", "alice-pw-9").status_code == 429
+    # A forged entry before the proxy's own does not change the address counted.
+    forged = Client(**proxy, HTTP_X_FORWARDED_FOR="203.0.113.9, 198.51.100.7")
+    assert _page_login(forged, "alice", "alice-pw-9").status_code == 429
+    colleague = Client(**proxy, HTTP_X_FORWARDED_FOR="198.51.100.8")
+    assert _page_login(colleague, "alice", "alice-pw-9").status_code == 302
+    assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {"198.51.100.7"}
+
+
+def _bearer_get(token: str, ip: str = "127.0.0.1"):
+    return APIClient().get(reverse("api-me"), HTTP_AUTHORIZATION=f"Bearer {token}", REMOTE_ADDR=ip)
+
+
+def test_refused_bearer_tokens_are_throttled_per_address(cast):
+    _, plain = api_token_create(user=cast.bob, name="t")
+    assert _bearer_get(plain).status_code == 200
+    for _ in range(LIMIT - 1):
+        assert _bearer_get(secrets.token_urlsafe(32)).status_code == 401
+    locked = _bearer_get(secrets.token_urlsafe(32))
+    assert locked.status_code == 429
+    assert locked.json()["detail"].startswith("Too many refused tokens from your address.")
+    assert int(locked["Retry-After"]) == settings.AXES_COOLOFF_TIME.total_seconds()
+    # A valid token from that address waits too; from another address it works.
+    assert _bearer_get(plain).status_code == 429
+    assert _bearer_get(plain, ip="10.0.0.2").status_code == 200
+    # Token guesses do not lock any user's login, only add to the address's count.
+    assert _api_login("bob", "bob-pw-9", ip="127.0.0.1").status_code == 201
+
+    _cool_off_passes()
+    assert _bearer_get(plain).status_code == 200

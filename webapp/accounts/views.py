@@ -26,7 +26,7 @@ from webapp.experiments.selectors import project_list_for_user
 from webapp.http import client_ip, error_text
 
 AUDIT_PAGE_SIZE = 50
-LOCKED_OUT = "Too many failed logins for this username from your address."
+LOCKED_OUT = "Too many failed logins from your address (for this username, or for many)."
 
 
 class AuditedLoginView(auth_views.LoginView):
