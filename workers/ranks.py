@@ -47,6 +47,10 @@ def train_on_ranks(run, callbacks) -> str:
         f"--nproc-per-node={run.devices}", "-m", "workers.ranks",
         str(run.id), str(callbacks.fence),
     ]  # fmt: skip
+    from workers.models import weights_directory, weights_of
+
+    # A bundled model is converted into the cache here, once, not by every rank at once.
+    weights_directory(weights_of(run.base_model, run.base_weights))
     callbacks.on_log(f"training on {run.devices} processes (torchrun, data parallel)")
     callbacks.flush()
     with tempfile.TemporaryFile(mode="w+") as output:
@@ -56,8 +60,10 @@ def train_on_ranks(run, callbacks) -> str:
         try:
             while group.poll() is None:
                 if callbacks.lease is not None and callbacks.lease.lost:
-                    _kill(group)
-                    return "stale"
+                    if not _ended_by_rank_0(run, callbacks.fence):
+                        _kill(group)  # another worker has the run now
+                        return "stale"
+                    _wait_or_kill(group, timeout=60)  # rank 0 ended it: the ranks are exiting
                 time.sleep(POLL_S)
         except BaseException:  # the worker itself is stopping: take the ranks with it
             _kill(group)
@@ -79,6 +85,19 @@ def train_on_ranks(run, callbacks) -> str:
     if callbacks.lease is not None:
         callbacks.lease.stop()  # no more heartbeats: lost after one lease
     return "lost"
+
+
+def _ended_by_rank_0(run, fence: int) -> bool:
+    """Whether the lease was lost because rank 0 ended the run under our fence."""
+    run.refresh_from_db(fields=["status", "fence"])
+    return run.fence == fence and run.is_finished
+
+
+def _wait_or_kill(group: subprocess.Popen, *, timeout: float) -> None:
+    try:
+        group.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(group)
 
 
 def _kill(group: subprocess.Popen) -> None:
