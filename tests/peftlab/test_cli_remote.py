@@ -70,6 +70,20 @@ def test_launch_queues_the_run_as_asked(peftlab, cast):
     assert run.created_by == cast.alice
 
 
+def test_launch_places_the_run_and_an_over_quota_launch_names_the_limit(peftlab, settings):
+    result = peftlab(*LAUNCH, "--dataset", "sample-instructions", "--name", "big",
+                     "--devices", 2, "--gpu-class", "a100", "--priority", 3)  # fmt: skip
+    assert result.code == 0, result.err
+    run = Run.objects.get(name="big")
+    assert (run.devices, run.gpu_class, run.priority) == (2, "a100", 3)
+    settings.TEAM_MAX_QUEUED = 1
+    result = peftlab("sweep", "launch", "--model", "tiny-llama", "--dataset",
+                     "sample-instructions", "--methods", "lora,ia3", "--devices", 2)  # fmt: skip
+    assert result.code == 1
+    assert result.err.startswith("peftlab: error: 429: Team Acme has 1 queued runs and this")
+    assert Run.objects.count() == 1
+
+
 def test_launch_finds_a_dataset_by_id_or_exact_name(peftlab, cast):
     upload = Dataset.objects.create(team=cast.acme, name="my pairs", task="causal-lm", row_count=2)
     assert peftlab(*LAUNCH, "--dataset", "my pairs", "--name", "by-name").code == 0
