@@ -395,3 +395,8 @@ def test_a_run_trained_elsewhere_holds_none_of_the_team_s_devices(cast, make_run
     waiting = make_run()
     assert quotas.running_devices([cast.acme.id]) == {}
     assert leases.run_next_fair(queue="gpu.any.x1") == waiting.id
+
+
+def test_a_run_cannot_be_sent_without_its_queue():
+    with pytest.raises(ValueError, match="enqueue_run"):
+        queue.enqueue(queue.TRAIN_RUN, 1)

@@ -67,7 +67,9 @@ def route(name: str, *args, **kwargs) -> dict | None:
 
 
 def enqueue(name: str, object_id: int) -> None:
-    """Send the task now."""
+    """Send the task now (a run: `enqueue_run`, its queue depends on the run)."""
+    if name == TRAIN_RUN:
+        raise ValueError("send a run with enqueue_run(run_id, run_queue(class, devices))")
     app.send_task(name, args=(object_id,))
 
 
