@@ -187,6 +187,9 @@ class RunSerializer(serializers.ModelSerializer):
     method_config = serializers.DictField(read_only=True)
     train_config = serializers.DictField(read_only=True)
     summary = serializers.DictField(read_only=True)
+    # Recorded at claim: package versions, git sha, GPUs, host, seed, base model and dataset
+    # hashes (webapp/experiments/lineage.py); {} until a worker takes the run.
+    lineage = serializers.DictField(read_only=True)
     progress = serializers.IntegerField(source="progress_percent", read_only=True)
     tags = serializers.SlugRelatedField(many=True, read_only=True, slug_field="name")
     created_by = serializers.SlugRelatedField(read_only=True, slug_field="username")
@@ -198,6 +201,7 @@ class RunSerializer(serializers.ModelSerializer):
         fields += ["method_config", "train_config", "status", "step", "total_steps", "progress"]
         fields += ["error", "failure_class", "summary", "tags", "notes", "external"]
         fields += ["created_by", "created_at", "started_at", "finished_at", "attempt", "latest"]
+        fields += ["lineage"]
         fields += ["devices", "gpu_class", "priority"]
         read_only_fields = fields
 

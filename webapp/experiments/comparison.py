@@ -11,6 +11,7 @@ from django.core.cache import cache
 
 from webapp.experiments.displayed_metrics import COMPARE_KEYS
 from webapp.experiments.downsample import Series, json_values, series_downsampled, step_anchors
+from webapp.experiments.lineage import LABELS, lineage_keys
 from webapp.experiments.models import Run
 
 MAX_POINTS = 1000
@@ -90,8 +91,21 @@ def hyperparameters(runs: list[Run]) -> tuple[list[str], list[dict], set[str]]:
         for run in runs
     ]
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    differing = {c for c in columns if len({repr(row.get(c)) for row in rows}) > 1}
-    return columns, rows, differing
+    return columns, rows, differing(columns, rows)
+
+
+def differing(columns: list[str], rows: list[dict]) -> set[str]:
+    """The columns whose values are not the same in every row (a missing value differs)."""
+    return {c for c in columns if len({repr(row.get(c)) for row in rows}) > 1}
+
+
+def lineage_rows(runs: list[Run]) -> list[tuple[str, list, bool]]:
+    """(label, one value per run, differs) per lineage key any run recorded; the table the
+    compare page shows transposed from the hyper-parameters', as its values are long."""
+    rows = [run.lineage for run in runs]
+    keys = lineage_keys(rows)
+    differs = differing(keys, rows)
+    return [(LABELS.get(k, k), [row.get(k, "—") for row in rows], k in differs) for k in keys]
 
 
 def quality(run: Run) -> tuple[str, float | None]:

@@ -10,9 +10,38 @@ class DisplayedMetric:
     key: str  # the metric's key in MetricPoint
     label: str  # as the legend, the axis and the picker say it
     mode: str  # Plotly's scatter mode: a per-step series draws lines, an eval adds markers
-    run_page: bool = False  # drawn on the run page's chart
+    run_page: bool = False  # drawn on the run page (in its `chart`)
     compare: bool = False  # offered by the compare page's curve picker
     smoothed: bool = False  # the compare page's smoothing applies (noisy per-step series)
+    chart: str = "loss"  # the run page's chart that draws it (a SYSTEM_CHARTS one for sys/)
+    axis: str = "loss"  # that chart's y axis
+
+
+# The run page's "System" section: the sys/ metrics a training worker samples
+# (workers/system.py), per chart, for the process tree and each GPU a run can span.
+SYSTEM_CHARTS = (
+    ("sys-usage", "CPU and GPU utilisation"),
+    ("sys-memory", "Memory"),
+    ("sys-power", "GPU power"),
+)
+SYSTEM_GPUS = 8  # a run spans at most 8 devices
+
+
+def _system_metrics() -> tuple[DisplayedMetric, ...]:
+    def system(key: str, label: str, chart: str, axis: str) -> DisplayedMetric:
+        return DisplayedMetric(key, label, "lines+markers", run_page=True, chart=chart, axis=axis)
+
+    metrics = [
+        system("sys/cpu_percent", "CPU (100 = one core)", "sys-usage", "%"),
+        system("sys/rss_mib", "RSS (training processes)", "sys-memory", "MiB"),
+    ]
+    for i in range(SYSTEM_GPUS):
+        metrics += [
+            system(f"sys/gpu{i}/util_percent", f"GPU {i} utilisation", "sys-usage", "%"),
+            system(f"sys/gpu{i}/mem_mib", f"GPU {i} memory used", "sys-memory", "MiB"),
+            system(f"sys/gpu{i}/power_w", f"GPU {i} power", "sys-power", "W"),
+        ]
+    return tuple(metrics)
 
 
 DISPLAYED_METRICS = (
@@ -21,6 +50,7 @@ DISPLAYED_METRICS = (
     DisplayedMetric("base_eval_loss", "base model eval loss", "markers", run_page=True),
     DisplayedMetric("learning_rate", "learning rate", "lines", compare=True),
     DisplayedMetric("eval_accuracy", "eval accuracy", "lines+markers", compare=True),
+    *_system_metrics(),
 )
 RUN_PAGE_KEYS = tuple(metric.key for metric in DISPLAYED_METRICS if metric.run_page)
 COMPARE_KEYS = tuple(metric.key for metric in DISPLAYED_METRICS if metric.compare)

@@ -18,8 +18,9 @@ from webapp.experiments.artifacts import (
     latest_version,
     version_files,
 )
-from webapp.experiments.displayed_metrics import displayed
+from webapp.experiments.displayed_metrics import SYSTEM_CHARTS, displayed
 from webapp.experiments.downloads import VERIFY_FIRST_BYTES
+from webapp.experiments.lineage import lineage_items
 from webapp.experiments.models import (
     Artifact,
     ArtifactHome,
@@ -57,6 +58,8 @@ def run_page_context(run, *, urls: dict[str, str]) -> dict:
         "model_spec": CATALOGUE.get(run.base_model),
         "merged": merged_context(run),
         "displayed_metrics": displayed(run_page=True),
+        "system_charts": SYSTEM_CHARTS,
+        "lineage": lineage_items(run.lineage),
     }
 
 
@@ -232,6 +235,7 @@ def compare_context(runs: list) -> dict:
         "differing": differing,
         "tradeoff": payload["tradeoff"],
         "displayed_metrics": displayed(compare=True),
+        "lineage_rows": comparison.lineage_rows(runs),
     }
     tally = selectors.playground_tally(runs=runs)
     if any(t["prompts"] for t in tally.values()):

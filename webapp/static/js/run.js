@@ -1,29 +1,53 @@
-// The run page's loss chart: an island fed by the json_script that the live partial renders.
+// The run page's charts: islands fed by the json_script that the live partial renders. Each
+// metric names its chart (displayed_metrics.py): "loss", or one of the System section's.
 (function () {
   "use strict";
 
-  function draw() {
-    const chart = document.getElementById("loss-chart");
-    const data = document.getElementById("series-data");
-    const metrics = document.getElementById("metrics-data");  // displayed_metrics.py
-    if (!chart || !data || !metrics || typeof Plotly === "undefined") return;
-    const series = JSON.parse(data.textContent);
-    const traces = JSON.parse(metrics.textContent).filter((m) => series[m.key]).map((m) => ({
-      x: series[m.key].step,
-      y: series[m.key].value,
-      name: m.label,
-      mode: m.mode,
-      type: "scatter",
-    }));
-    const layout = {
+  function layout(axis) {
+    return {
       margin: { l: 50, r: 10, t: 10, b: 40 },
       xaxis: { title: { text: "step" }, rangemode: "tozero" },
-      yaxis: { title: { text: "loss" } },
+      yaxis: { title: { text: axis } },
       legend: { orientation: "h", y: 1.12 },
       height: 320,
     };
-    chart.classList.toggle("empty", traces.length === 0);
-    Plotly.react(chart, traces, layout, { displaylogo: false, responsive: true });
+  }
+
+  function draw() {
+    const data = document.getElementById("series-data");
+    const metrics = document.getElementById("metrics-data");
+    if (!data || !metrics || typeof Plotly === "undefined") return;
+    const series = JSON.parse(data.textContent);
+    const charts = {};  // chart name -> {axis, traces}
+    for (const m of JSON.parse(metrics.textContent)) {
+      const chart = charts[m.chart] || (charts[m.chart] = { axis: m.axis, traces: [] });
+      if (!series[m.key]) continue;
+      chart.traces.push({
+        x: series[m.key].step,
+        y: series[m.key].value,
+        name: m.label,
+        mode: m.mode,
+        type: "scatter",
+      });
+    }
+    // Shown before drawing, so that Plotly sizes the charts to their place.
+    const section = document.getElementById("system");
+    const system = Object.entries(charts).some(([n, c]) => n !== "loss" && c.traces.length);
+    if (section) section.hidden = !system;
+    for (const [name, chart] of Object.entries(charts)) {
+      const element = document.getElementById(name + "-chart");
+      if (!element) continue;
+      const empty = chart.traces.length === 0;
+      element.classList.toggle("empty", empty);
+      if (name !== "loss") {
+        element.hidden = empty;  // no GPU: no GPU power chart
+        if (empty) continue;
+      }
+      Plotly.react(element, chart.traces, layout(chart.axis), {
+        displaylogo: false,
+        responsive: true,
+      });
+    }
   }
 
   document.addEventListener("DOMContentLoaded", draw);
