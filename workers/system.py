@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 MIB = 2**20
 MIN_CPU_WINDOW_S = 0.1  # a CPU % over a shorter interval says nothing; it is left out
+# The first sample comes this soon (while the model loads), so that a run shorter than the
+# period, or one whose last step only another process sees (torchrun's rank 0), has one.
+FIRST_SAMPLE_S = 2.0
 DB_DOWN = (OperationalError, InterfaceError)
 
 
@@ -174,9 +177,10 @@ class SystemSampler(threading.Thread):
         self._lock = threading.Lock()  # the thread's samples and stop()'s last one
 
     def run(self) -> None:
+        wait_s = min(self.every_s, FIRST_SAMPLE_S)
         try:
-            while not self._stopped.wait(self.every_s) and self.take():
-                pass
+            while not self._stopped.wait(wait_s) and self.take():
+                wait_s = self.every_s
         finally:
             connection.close()
 

@@ -264,8 +264,9 @@ def execute_run(run_id: int, *, worker: str) -> str:
     callbacks.lease.start()
     try:
         run = _retrying(Run.objects.select_related("dataset").get, id=run_id)
-        # System metrics and lineage: workers/system.py.
-        callbacks.system = system.sampler_start(run, fence, step_of=lambda: callbacks.step)
+        # System metrics of training (none for an uploaded adapter), lineage: workers/system.py
+        if not run.external:
+            callbacks.system = system.sampler_start(run, fence, step_of=lambda: callbacks.step)
         lineage = system.run_lineage(run)
         _retrying(run_lineage_record, run_id=run_id, fence=fence, lineage=lineage)
         if run.devices > 1 and not run.external:  # torchrun, one process per device

@@ -146,3 +146,23 @@ def _wait_for(condition, timeout_s: float = 15.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_two_device_run_samples_its_ranks_too(make_run, settings, monkeypatch):
+    """The worker samples its whole process tree: torchrun's two ranks, each with torch
+    loaded, add their memory to the worker's own; the steps come from rank 0's reports."""
+    from tests.workers.test_celery_worker import database_env
+
+    monkeypatch.setenv("DATABASE_URL", database_env()["DATABASE_URL"])  # the ranks' database
+    settings.SYSTEM_METRICS_EVERY_S = 1
+    config = {"steps": 6, "batch_size": 4, "max_length": 32, "seed": 5}
+    run = make_run(devices=2, train_config=config, total_steps=6)
+    assert execute_run(run.id, worker="w:1") == RunStatus.SUCCEEDED
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.log
+    rss = _sys_points(run, "sys/rss_mib")
+    alone_mib = psutil.Process().memory_info().rss / 2**20
+    assert max(value for _, value in rss) > alone_mib + 200  # two ranks with torch loaded
+    assert (run.lineage["devices"], run.lineage["seed"]) == (2, 5)
