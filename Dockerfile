@@ -19,5 +19,9 @@ RUN pip install --no-cache-dir . \
 
 RUN useradd --create-home peftlab && mkdir -p /var/lib/peftlab && chown peftlab /var/lib/peftlab
 USER peftlab
+# The code's commit, for runs' lineage (the image has no .git):
+# docker compose build --build-arg PEFTLAB_GIT_SHA=$(git rev-parse HEAD)
+ARG PEFTLAB_GIT_SHA=""
+ENV PEFTLAB_GIT_SHA=$PEFTLAB_GIT_SHA
 EXPOSE 8000
 CMD ["gunicorn", "webapp.wsgi", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4"]
