@@ -82,6 +82,11 @@ class Callbacks:
         """Checked before every step; True ends training (cancel)."""
         return False
 
+    def checkpoint_on_stop(self) -> bool:
+        """Asked once should_stop() ended training: True hands on_checkpoint the state after
+        the last finished step (a worker shutting down resumes there elsewhere)."""
+        return False
+
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Every `checkpoint_every` steps: store it (checkpoint_to_files) to resume later."""
 
@@ -418,6 +423,8 @@ class _Loop:
         for step in range(self.start_step + 1, self.config.steps + 1):
             if distributed.any_rank(self.callbacks.should_stop(), self.world, self.device):
                 self.callbacks.on_log(f"stopped before step {step}")
+                if self.start_step < step - 1 and self.callbacks.checkpoint_on_stop():
+                    self.callbacks.on_checkpoint(self.checkpoint(step - 1))
                 return step - 1, True
             micro = [next(batch_iter) for _ in range(self.config.grad_accum)]
             self._step(step, micro, started)

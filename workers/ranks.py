@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from peft_core.train import Callbacks
+from workers import drain
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def train_on_ranks(run, callbacks) -> str:
         tail = output.read()[-3000:]
     run.refresh_from_db(fields=["status", "fence"])
     if run.fence != callbacks.fence:
-        return "stale"
+        return "released" if drain.DRAINING.is_set() else "stale"
     if run.is_finished:
         return run.status
     logger.warning(
@@ -120,6 +121,7 @@ def main(run_id: int, fence: int) -> int:
     from webapp.experiments.models import Run
     from workers import training
 
+    drain.listen()  # SIGUSR2 from the worker shutting down: rank 0 checkpoints and releases
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     device = distributed.init_from_torchrun(device_type)
     training.DEVICE = str(device)

@@ -41,13 +41,13 @@ from peft_core.train import (
     evaluate,
     train,
 )
-from webapp.experiments import artifacts, dataset_files, leases, metrics
+from webapp.experiments import artifacts, dataset_files, leases, metrics, queue
 from webapp.experiments.leases import StaleFenceError
 from webapp.experiments.lineage import run_lineage_record
 from webapp.experiments.metrics import Point
 from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, RunStatus
 from workers import cache as model_cache
-from workers import ranks, system
+from workers import drain, ranks, system
 from workers.cache import base_model_copy
 from workers.models import upstream_of, weights_directory, weights_key, weights_of
 
@@ -163,7 +163,12 @@ class RunCallbacks(Callbacks):
     def should_stop(self) -> bool:
         if self.lease is not None and self.lease.lost:
             raise StaleFenceError(f"run {self.run_id}: the lease was lost")
+        if drain.DRAINING.is_set():  # the worker is shutting down (workers/drain.py)
+            return True
         return self.cancel_requested or (self.lease is not None and self.lease.cancel_requested)
+
+    def checkpoint_on_stop(self) -> bool:
+        return drain.DRAINING.is_set()
 
     def _add(self, step: int, metrics: dict[str, float]) -> None:
         now = time.time()
@@ -405,6 +410,8 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     )
     if not distributed.world().is_main:
         return "trained its share"  # rank 0 stores the adapter and ends the run
+    if result.stopped and drain.DRAINING.is_set():
+        return _release(run, callbacks, result.steps_done)
     if result.stopped:
         callbacks.on_log(f"cancelled at step {result.steps_done}")
         callbacks.finish(RunStatus.CANCELLED)
@@ -422,6 +429,17 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log(f"done: {_format(final_metrics)}")
     callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
     return "succeeded"
+
+
+def _release(run: Run, callbacks: "RunCallbacks", step: int) -> str:
+    """The worker is shutting down: the checkpoint of `step` is stored (on_checkpoint), the
+    run goes back to its queue as lost and the next worker resumes it there."""
+    reason = f"its worker shut down (SIGTERM) after step {step}; it resumes from there"
+    callbacks.on_log(f"shutting down: checkpointed at step {step}, handing the run back")
+    callbacks.flush_until_written()
+    if _retrying(leases.run_release, run_id=run.id, fence=callbacks.fence, reason=reason):
+        queue.enqueue_run(run.id, queue.run_queue(run.gpu_class, run.devices))
+    return "released"
 
 
 def _preflight(

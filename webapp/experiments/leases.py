@@ -198,6 +198,25 @@ def run_finish(
         artifacts.checkpoints_delete(run_id=run_id)
 
 
+def run_release(*, run_id: int, fence: int, reason: str) -> bool:
+    """Give a running run back as lost, to be resumed from its checkpoint by the next worker
+    (a worker shutting down). Moves the fence on, as the reaper does; the caller queues it
+    again once this has committed. False when the fence no longer holds the run."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = owned(run_id, fence).select_for_update().only("log").first()
+        if run is None:
+            return False
+        owned(run_id, fence).update(
+            status=RunStatus.LOST,
+            error=reason,
+            heartbeat_at=now,  # since when it waits as lost
+            fence=F("fence") + 1,
+            log=_log_with(run.log, [f"released: {reason}"]),
+        )
+    return True
+
+
 def checkpoint_store(*, run_id: int, fence: int, files: dict[str, bytes]) -> None:
     """Add `files` as the run's newest checkpoint and keep the last CHECKPOINTS_KEPT.
 
