@@ -49,6 +49,10 @@ def test_the_system_section_draws_what_was_sampled(page, live_server, cast):
     assert page.evaluate(traces, "sys-usage-chart") == [["CPU (100 = one core)", [151, 153]]]
     assert page.evaluate(traces, "sys-memory-chart") == [["RSS (training processes)", [801, 803]]]
     assert page.evaluate(traces, "loss-chart") == [["train loss", [2.5, 2, 1.5]]]
+    # Each drawn in its own cell of the section's grid, not over the next one.
+    fits = "id => { const e = document.getElementById(id); return e.querySelector('.main-svg')"
+    fits += ".getBoundingClientRect().right <= e.getBoundingClientRect().right + 1; }"
+    assert page.evaluate(fits, "sys-usage-chart") and page.evaluate(fits, "sys-memory-chart")
     page.click("details.lineage summary")
     assert page.is_visible("details.lineage >> text=2.10.0")
 

@@ -30,19 +30,21 @@
         type: "scatter",
       });
     }
-    // Shown before drawing, so that Plotly sizes the charts to their place.
+    // Every chart shown or hidden before any is drawn, so that Plotly sizes each to its
+    // final place in the System section's grid.
     const section = document.getElementById("system");
     const system = Object.entries(charts).some(([n, c]) => n !== "loss" && c.traces.length);
     if (section) section.hidden = !system;
+    const drawn = [];
     for (const [name, chart] of Object.entries(charts)) {
       const element = document.getElementById(name + "-chart");
       if (!element) continue;
       const empty = chart.traces.length === 0;
       element.classList.toggle("empty", empty);
-      if (name !== "loss") {
-        element.hidden = empty;  // no GPU: no GPU power chart
-        if (empty) continue;
-      }
+      if (name !== "loss") element.hidden = empty;  // no GPU: no GPU power chart
+      if (name === "loss" || !empty) drawn.push([element, chart]);
+    }
+    for (const [element, chart] of drawn) {
       Plotly.react(element, chart.traces, layout(chart.axis), {
         displaylogo: false,
         responsive: true,
