@@ -102,3 +102,27 @@ def test_worker_takes_a_run_from_queued_to_downloaded(cast, worker, client):
     ]
     tensors = safetensors.torch.load(archive.read("adapter_model.safetensors"))
     assert any(key.endswith("lora_A.weight") for key in tensors)
+
+
+def test_the_worker_takes_runs_in_the_fair_order_not_the_messages_order(cast, worker):
+    """Acme's three runs were sent before Umbrella's one; the worker's second run is
+    Umbrella's: each message is a turn of its queue, spent on the fair choice."""
+    process, log_path = worker
+    launch = {
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"],
+        "method": "lora",
+        "method_config": {"r": 2},
+        "train_config": {"steps": 2, "batch_size": 2, "max_length": 32, "eval_every": 0},
+    }
+    acme = [
+        services.run_create(user=cast.alice, project=cast.acme_project, name=f"a{i}", **launch)
+        for i in range(3)
+    ]
+    umbrella = services.run_create(
+        user=cast.mallory, project=cast.umbrella_project, name="b", **launch
+    )
+    for run in [*acme, umbrella]:
+        _wait_until_finished(run, process, log_path)
+    started = Run.objects.order_by("started_at").values_list("name", flat=True)
+    assert list(started) == ["a0", "b", "a1", "a2"], log_path.read_text()[-3000:]
