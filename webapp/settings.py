@@ -208,8 +208,14 @@ STATICFILES_DIRS = [
     BASE_DIR / "webapp" / "static",
     ("plotly", Path(plotly.__file__).parent / "package_data"),
 ]
-# Our static files are few; serving them from the finders avoids a collectstatic step.
-WHITENOISE_USE_FINDERS = True
+# PEFTLAB_STATIC_COLLECTED=1 once `manage.py collectstatic` fills STATIC_ROOT with this setting
+# on (bin/serve and compose's web service do): each file is then also stored under a name that
+# carries its content's hash, with a .gz beside it, and pages link those names, so browsers
+# keep them a year without asking again (whitenoise sends them gzipped and `immutable`; in
+# compose nginx serves them). Unset (tests, a bare runserver): served from the finders with
+# no collectstatic step, uncompressed, cached 60 s.
+STATIC_COLLECTED = env_bool("PEFTLAB_STATIC_COLLECTED", False)
+WHITENOISE_USE_FINDERS = not STATIC_COLLECTED
 WHITENOISE_AUTOREFRESH = DEBUG
 
 # ---- security ------------------------------------------------------------------------------
@@ -428,7 +434,11 @@ def artifact_storage_s3(url: str) -> dict:
 
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if STATIC_COLLECTED
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
     "artifacts": artifact_storage(ARTIFACT_STORE),
 }
 # While PostgreSQL is unreachable a worker keeps training and buffers its metrics; it waits
