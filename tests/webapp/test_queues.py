@@ -13,6 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from tests.webapp.test_compare import _sweep_form
 from tests.webapp.test_pages import _form
 from webapp.accounts.services import api_token_create
 from webapp.celery import app as celery_app
@@ -218,6 +219,22 @@ def test_a_sweep_over_quota_is_refused_whole(cast, api, settings):
     assert response.status_code == 429
     assert "Team Acme has 1 queued runs and this launch adds 3" in response.json()["detail"]
     assert (Sweep.objects.count(), Run.objects.count()) == (0, 1)
+
+
+def test_the_sweep_form_over_quota_shows_the_limit_and_its_clone_keeps_the_placement(
+    cast, client, settings
+):
+    client.force_login(cast.bob)
+    form = _sweep_form(cast, devices=2, gpu_class="a100", priority=-2)
+    assert client.post(reverse("sweep_new"), form).status_code == 302
+    sweep = Sweep.objects.get()
+    initial = client.get(reverse("sweep_new"), {"clone": sweep.id}).context["form"].initial
+    assert (initial["devices"], initial["gpu_class"], initial["priority"]) == (2, "a100", -2)
+    settings.TEAM_MAX_QUEUED = 4  # 3 queued, 3 more asked
+    response = client.post(reverse("sweep_new"), form)
+    assert response.status_code == 429
+    assert "Team Acme has 3 queued runs and this launch adds 3" in response.content.decode()
+    assert Sweep.objects.count() == 1 and Run.objects.count() == 3
 
 
 def test_a_run_on_more_devices_than_the_team_may_use_is_refused(cast, settings):
