@@ -179,10 +179,18 @@ class SystemSampler(threading.Thread):
     def run(self) -> None:
         wait_s = min(self.every_s, FIRST_SAMPLE_S)
         try:
-            while not self._stopped.wait(wait_s) and self.take():
+            while not self._stopped.wait(wait_s) and self._take_safely():
                 wait_s = self.every_s
         finally:
             connection.close()
+
+    def _take_safely(self) -> bool:
+        """take(), where a failure to sample ends the sampling, never the run."""
+        try:
+            return self.take()
+        except Exception:
+            logger.exception("run %s: system metrics stopped", self.run_id)
+            return False
 
     def take(self) -> bool:
         """Sample if the step moved, then store what is kept; False once the run is not ours."""
@@ -222,7 +230,7 @@ class SystemSampler(threading.Thread):
         if self.is_alive():
             self.join(timeout=30)
         if not self.lost:
-            self.take()
+            self._take_safely()
 
 
 def sampler_start(run: Run, fence: int, step_of: Callable[[], int]) -> SystemSampler:
@@ -285,12 +293,13 @@ def gpu_lineage(devices: int) -> dict:
             }
         return {"gpu": "cpu", "gpu_count": 0}
     nvml = _nvml()
-    names = [_text(nvml.nvmlDeviceGetName(handle)) for handle in handles]
-    lineage = {"gpu": ", ".join(dict.fromkeys(names)), "gpu_count": len(handles)}
+    lineage = {"gpu": "unknown", "gpu_count": len(handles)}
     try:
+        names = [_text(nvml.nvmlDeviceGetName(handle)) for handle in handles]
+        lineage["gpu"] = ", ".join(dict.fromkeys(names))
         lineage["driver"] = _text(nvml.nvmlSystemGetDriverVersion())
-    except nvml.NVMLError:
-        pass
+    except nvml.NVMLError as exc:
+        logger.warning("NVML could not name the GPUs or the driver: %s", exc)
     return lineage
 
 

@@ -25,6 +25,9 @@ from workers.training import execute_run
 STEPS = 12
 NO_GPU = not system.gpu_handles()
 SPIN = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+# 300 MiB, each page written (a zeroed allocation may not be resident until it is).
+HOLD = "import time\nb = bytearray(300 * 2**20)\nb[::4096] = b'x' * (300 * 256)\n"
+HOLD += "print(flush=True)\ntime.sleep(60)"
 
 
 def _sys_points(run: Run, key: str) -> list[tuple[int, float]]:
@@ -122,6 +125,19 @@ def test_the_process_tree_counts_a_busy_child():
     assert figures["sys/rss_mib"] > psutil.Process().memory_info().rss / 2**20
 
 
+def test_the_process_tree_counts_a_childs_memory():
+    tree = system.ProcessTree(psutil.Process().pid)
+    before = tree.sample()["sys/rss_mib"]
+    child = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # its 300 MiB are written
+        grown = tree.sample()["sys/rss_mib"] - before
+    finally:
+        child.kill()
+        child.wait()
+    assert 300 <= grown < 400
+
+
 def test_gpu_figures_are_those_nvml_gives_and_none_without_it():
     """Without NVML (no NVIDIA driver here) there is nothing to sample and nothing fails."""
     handles = system.gpu_handles()
@@ -158,12 +174,13 @@ def test_a_two_device_run_samples_its_ranks_too(make_run, settings, monkeypatch)
 
     monkeypatch.setenv("DATABASE_URL", database_env()["DATABASE_URL"])  # the ranks' database
     settings.SYSTEM_METRICS_EVERY_S = 1
-    config = {"steps": 6, "batch_size": 4, "max_length": 32, "seed": 5}
-    run = make_run(devices=2, train_config=config, total_steps=6)
+    config = {"steps": 60, "batch_size": 4, "max_length": 32, "seed": 5}  # several periods
+    run = make_run(devices=2, train_config=config, total_steps=60)
     assert execute_run(run.id, worker="w:1") == RunStatus.SUCCEEDED
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.log
     rss = _sys_points(run, "sys/rss_mib")
+    assert max(step for step, _ in rss) > 0  # rank 0's progress, read from the run's row
     alone_mib = psutil.Process().memory_info().rss / 2**20
     assert max(value for _, value in rss) > alone_mib + 200  # two ranks with torch loaded
     assert (run.lineage["devices"], run.lineage["seed"]) == (2, 5)
