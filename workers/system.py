@@ -121,7 +121,9 @@ def gpu_handles(limit: int | None = None) -> list:
 
 
 def _visible_handles(nvml, visible: str) -> list:
-    """CUDA_VISIBLE_DEVICES read as CUDA reads it: up to the first entry it cannot use."""
+    """CUDA_VISIBLE_DEVICES read as CUDA reads it: up to the first entry it cannot use. An
+    index is NVML's, in PCI bus order: CUDA's too with CUDA_DEVICE_ORDER=PCI_BUS_ID, and on a
+    host of one GPU model either way; UUIDs name a GPU whatever the order."""
     handles = []
     for entry in (part.strip() for part in visible.split(",")):
         try:
