@@ -48,13 +48,14 @@ class Reaper:
         except (OperationalError, InterfaceError) as exc:
             self._disconnected(exc)
             return None
-        queues = run_queues(reaped.lost + unclaimed)
+        queues = run_queues(reaped.lost + unclaimed)  # a run deleted meanwhile has none
         for run_id in reaped.lost:
             logger.warning("run %s lost: sending it to a worker again", run_id)
-            queue.enqueue_run(run_id, queues[run_id])
+            if run_id in queues:
+                queue.enqueue_run(run_id, queues[run_id])
         for run_id in reaped.failed:
             logger.warning("run %s lost on its last attempt: failed", run_id)
-        resend = [run_id for run_id in unclaimed if run_id not in reaped.lost]
+        resend = [r for r in unclaimed if r not in reaped.lost and r in queues]
         empty = {name: queue_length(name) == 0 for name in {queues[r] for r in resend}}
         resend = [run_id for run_id in resend if empty[queues[run_id]]]
         if resend:
