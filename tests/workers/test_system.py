@@ -173,8 +173,8 @@ def test_a_two_device_run_samples_its_ranks_too(make_run, settings, monkeypatch)
     from tests.workers.test_celery_worker import database_env
 
     monkeypatch.setenv("DATABASE_URL", database_env()["DATABASE_URL"])  # the ranks' database
-    settings.SYSTEM_METRICS_EVERY_S = 1
-    config = {"steps": 60, "batch_size": 4, "max_length": 32, "seed": 5}  # several periods
+    settings.SYSTEM_METRICS_EVERY_S = 0.2  # below the setting's floor: many samples per second
+    config = {"steps": 60, "batch_size": 4, "max_length": 32, "seed": 5}  # about a second
     run = make_run(devices=2, train_config=config, total_steps=60)
     assert execute_run(run.id, worker="w:1") == RunStatus.SUCCEEDED
     run.refresh_from_db()
