@@ -109,6 +109,17 @@ def _kill(group: subprocess.Popen) -> None:
     group.wait()
 
 
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank went away (gloo's
+    "Connection closed by peer", an NCCL error): a fault of the machine, not of the run."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(mark in text for mark in ("Connection closed by peer", "gloo", "NCCL"))
+
+
 def main(run_id: int, fence: int) -> int:
     """One rank: join the group, then train as the one-device path does."""
     import django
@@ -138,6 +149,9 @@ def main(run_id: int, fence: int) -> int:
             logger.warning("run %s: no longer ours; rank 0 stops", run_id)
             return 1
         except Exception as exc:
+            if _peer_lost(exc):  # another rank died: the run is lost, not failed
+                logger.warning("run %s: a rank is gone (%s); rank 0 stops", run_id, exc)
+                return 1
             logger.exception("run %s failed on rank 0", run_id)
             training.record_failure(callbacks, exc)
             return 1
