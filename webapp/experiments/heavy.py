@@ -9,10 +9,12 @@ loads them goes through `architecture()` or `transformers_ready()`.
 """
 
 import threading
+import time
 from types import ModuleType
 
 _lock = threading.Lock()
 _ready = False
+RETRIES = 50  # × 0.1 s
 # The names the web's paths use: resolved here once, they are plain attributes afterwards.
 NAMES = (
     "AutoConfig",
@@ -29,12 +31,22 @@ def transformers_ready() -> None:
     if _ready:
         return
     with _lock:
-        if not _ready:
-            import transformers
+        if _ready:
+            return
+        for attempt in range(RETRIES):
+            try:
+                import transformers
 
-            for name in NAMES:
-                getattr(transformers, name)
-            _ready = True
+                for name in NAMES:
+                    getattr(transformers, name)
+                break
+            except (ImportError, AttributeError):
+                # A thread outside this lock (code that imports transformers for something
+                # else) is half-way through the same submodule: wait for it, then again.
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.1)
+        _ready = True
 
 
 def architecture() -> ModuleType:
