@@ -17,6 +17,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -69,8 +70,9 @@ def local_nginx_conf(work: Path, web_port: int, proxy_port: int, static_root: Pa
 def start_servers(work: Path) -> tuple[dict[str, int], list[subprocess.Popen]]:
     env = os.environ | {"PEFTLAB_VAR_DIR": str(work / "var"), "PEFTLAB_STATIC_COLLECTED": "1"}
     env["PEFTLAB_BEHIND_PROXY"] = "1"
-    env.pop("DATABASE_URL", None)  # a throwaway SQLite file: /health/ and a 400 need no rows
+    env.pop("DATABASE_URL", None)  # a throwaway SQLite file, migrated: no rows are needed
     manage = [sys.executable, str(ROOT / "manage.py")]
+    subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], env=env, check=True)
     subprocess.run([*manage, "collectstatic", "--noinput", "-v", "0"], env=env, check=True)
     ports = {"gunicorn": free_port(), "nginx": free_port()}
     web = subprocess.Popen(
@@ -186,6 +188,26 @@ def under_attack(port: int, connections: int, wait: float) -> dict:
     }
 
 
+def form_post_status(port: int) -> int:
+    """A browser's form POST (POST /logout/ with the CSRF cookie, token and Origin header):
+    302 when Django sees the Host the browser sent, port included; 403 when a proxy drops it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/login/")
+    response = conn.getresponse()
+    page = response.read().decode()
+    cookie = response.getheader("Set-Cookie").split(";")[0]
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    headers = {
+        "Cookie": cookie,
+        "Origin": f"http://127.0.0.1:{port}",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    conn.request("POST", "/logout/", body=f"csrfmiddlewaretoken={token}", headers=headers)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
 def static_figures(port: int, manifest_path: Path) -> dict:
     """plotly.js as a page links it: its URL, the bytes sent for a gzip client, Cache-Control."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -229,7 +251,7 @@ def main() -> None:
         try:
             result = {
                 side: under_attack(port, args.connections, args.wait)
-                | {"static": static_figures(port, manifest)}
+                | {"static": static_figures(port, manifest), "form_post": form_post_status(port)}
                 for side, port in ports.items()
                 if args.side in ("both", side)
             }

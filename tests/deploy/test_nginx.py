@@ -97,6 +97,11 @@ def test_slow_bodies_do_not_hold_up_health_behind_nginx(behind_nginx):
     assert behind_nginx["answered"] == behind_nginx["asked"] == 5
 
 
+def test_a_form_post_passes_the_csrf_origin_check_through_nginx(figures):
+    # nginx passes the Host header with its port ($http_host): Django compares it with Origin.
+    assert figures["nginx"]["form_post"] == figures["gunicorn"]["form_post"] == 302
+
+
 def test_static_files_are_compressed_and_cached_for_a_year(behind_nginx):
     static = behind_nginx["static"]
     assert static["status"] == 200
