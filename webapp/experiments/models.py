@@ -157,12 +157,17 @@ class Run(models.Model):
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="runs"
     )
-    base_model = models.CharField(max_length=100)
+    # A catalogue key or registered model for launched runs; any name for an external run.
+    base_model = models.CharField(max_length=200)
     # The registry row's source when the run was created: source, place, commit, content hash
     # (registry.BaseModel.weights). Empty for runs from before the registry: a catalogue key.
     base_weights = models.JSONField(default=dict, blank=True)
-    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="runs")
-    method = models.CharField(max_length=30)
+    # None only for an external run that named no PEFT Lab dataset.
+    dataset = models.ForeignKey(
+        Dataset, on_delete=models.PROTECT, related_name="runs", null=True, blank=True
+    )
+    # One of peft_core's methods for launched runs; any string (e.g. "full") for external ones.
+    method = models.CharField(max_length=60)
     method_config = models.JSONField(default=dict)
     train_config = models.JSONField(default=dict)
 
