@@ -312,6 +312,10 @@ MERGED_EXPORT_STALE_S = env_int("PEFTLAB_MERGED_EXPORT_STALE_S", 3600, minimum=6
 MERGED_SHARD_SIZE = env_bytes("PEFTLAB_MERGED_SHARD_SIZE", "2GB", minimum=1024)
 ADAPTER_MAX_BYTES = env_int("PEFTLAB_ADAPTER_MAX_BYTES", 512 * 1024 * 1024, minimum=1024)
 ADAPTER_CHECK_TIMEOUT_S = env_int("PEFTLAB_ADAPTER_CHECK_TIMEOUT_S", 120, minimum=5)
+# A file uploaded to a run trained elsewhere (POST /api/v1/runs/<id>/artifacts/, kind=file):
+# spilled to a temporary file by Django, then streamed into the artifact store, never whole
+# in memory. deploy/nginx.conf lets bodies of this size (and a little more) through there.
+RUN_FILE_MAX_BYTES = env_bytes("PEFTLAB_RUN_FILE_MAX_BYTES", "2GiB", minimum=1024)
 
 # Celery: it only carries run ids. The filesystem transport needs no service.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")

@@ -377,6 +377,7 @@ class ArtifactKind(models.TextChoices):
     ADAPTER = "adapter", "Adapter"
     CHECKPOINT = "checkpoint", "Checkpoint"
     MERGED = "merged", "Merged model"
+    FILE = "file", "File"  # any file a run trained elsewhere uploaded (external.py)
 
 
 class ArtifactHome(models.TextChoices):
@@ -386,14 +387,17 @@ class ArtifactHome(models.TextChoices):
 
 class Artifact(models.Model):
     """A stored file of a run, in one of two homes: chunk rows in the database (adapters) or
-    a write-once file in the artifact store (checkpoints). `version` tells apart the files of
-    one name that a run keeps at once (its last checkpoints)."""
+    a write-once file in the artifact store (checkpoints, merged models, uploaded files).
+    `version` tells apart the files of one name that a run keeps at once (its last
+    checkpoints, each upload of a file of the same name)."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="artifacts")
     kind = models.CharField(
         max_length=20, choices=ArtifactKind.choices, default=ArtifactKind.ADAPTER
     )
-    name = models.CharField(max_length=100)
+    # A file name, never a path; any printable one for an uploaded file (its store key has
+    # a plain name of its own: store.store_key).
+    name = models.CharField(max_length=200)
     version = models.PositiveIntegerField(default=1)
     size = models.PositiveBigIntegerField(default=0)
     sha256 = models.CharField(max_length=64)
