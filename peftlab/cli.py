@@ -7,6 +7,7 @@
     peftlab runs download 42 -o adapter/
     peftlab sweep launch --model tiny-llama --dataset sample-instructions \\
                          --methods lora,dora --grid lora.r=4,8 --watch
+    peftlab sync                                    # what tracked runs kept while offline
     peftlab train --model tiny-llama --dataset sample-instructions --output out/   # no server
 
 `train`, `models` and `datasets` are peft_core's local commands, imported only when used,
@@ -22,10 +23,12 @@ import math
 import socket
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from peftlab import spool
 from peftlab.client import (
     DEFAULT_URL,
     FINISHED_STATUSES,
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs(commands)
     _add_sweep(commands)
     _add_ask(commands)
+    _add_sync(commands)
     for name, help_text in LOCAL_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)  # main hands these over
     return parser
@@ -341,6 +345,73 @@ def run_ask(args: argparse.Namespace) -> int:
             scores = ", ".join(f"{label} {p:.3f}" for label, p in answer["scores"].items())
             print(f"--- {title}\n{answer['label']} ({scores})")
     return 0
+
+
+# --- peftlab sync ------------------------------------------------------------
+
+
+def _add_sync(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "sync",
+        help="send what tracked runs (peftlab.init) kept while the server was unreachable",
+        description="Sends each spool file's points, artifacts and finish, in order, and removes "
+        "it. Sending twice changes nothing. A file of a script that is still running is left "
+        "to that script.",
+    )
+    parser.add_argument(
+        "--dir", metavar="DIR", help="the spool directory (default $PEFTLAB_SPOOL_DIR or "
+        "~/.local/share/peftlab/spool)",
+    )  # fmt: skip
+    parser.set_defaults(run=run_sync)
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    directory = Path(args.dir).expanduser() if args.dir else spool.spool_dir()
+    paths = spool.spool_files(directory)
+    if not paths:
+        print(f"nothing to send: no spool files in {directory}")
+        return 0
+    left = 0
+    with _client() as client:
+        for path in paths:
+            line, sent = _sync_one(client, path)
+            print(f"{path.name}: {line}")
+            left += not sent
+    return 1 if left else 0
+
+
+def _sync_one(client: Client, path: Path) -> tuple[str, bool]:
+    """(what happened, whether the file was sent and removed)."""
+    try:
+        held = spool.Spool.open(path)
+    except spool.SpoolLocked:
+        return "left alone: the script that writes it is still running and sends it itself", False
+    except spool.SpoolError as error:
+        return f"skipped: {error}", False
+    if held.url != client.url:
+        held.close()
+        return f"skipped: for {held.url}, not {client.url} (set PEFTLAB_URL to send it)", False
+    try:
+        done = held.drain(client)
+    except spool.SpoolError as error:
+        held.close()
+        return f"stopped: {error}", False
+    return _drained_line(done), True
+
+
+def _drained_line(done) -> str:
+    parts = [f"run {done.run}: {done.points:,} points"]
+    if done.artifacts:
+        parts.append(f"{done.artifacts} artifact{'s' if done.artifacts > 1 else ''}")
+    parts.append(
+        f"finished {done.finished}"
+        if done.finished
+        else "no finish recorded (the script stopped first: the run stays running)"
+    )
+    line = ", ".join(parts) + " sent"
+    for refused in done.skipped:
+        line += f"\n  refused by the server: {refused}"
+    return line
 
 
 # --- peftlab sweep -----------------------------------------------------------

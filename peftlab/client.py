@@ -258,9 +258,77 @@ class Client:
             received += answer["received"]
         return received
 
-    def finish_run(self, run_id: int, status: str, summary: dict | None = None) -> dict:
-        payload = {"status": status, **_present({"summary": summary})}
+    def finish_run(
+        self, run_id: int, status: str, summary: dict | None = None, profile: dict | None = None
+    ) -> dict:
+        payload = {"status": status, **_present({"summary": summary, "profile": profile})}
         return self._call("POST", f"/api/v1/runs/{run_id}/finish/", json=payload)
+
+    def start_external_run(
+        self,
+        *,
+        base_model: str | None = None,
+        method: str | None = None,
+        project: int | None = None,
+        name: str | None = None,
+        method_config: dict | None = None,
+        train_config: dict | None = None,
+        tags: Iterable[str] | None = None,
+        dataset: int | None = None,
+        profile: dict | None = None,
+    ) -> dict:
+        """A running run for a script that trains elsewhere: any base model and method name,
+        no dataset needed. Feed it with ingest_metrics and upload_artifact, end it with
+        finish_run (peftlab.init does all of this)."""
+        payload = {
+            "external": True,
+            "method_config": method_config or {},
+            "train_config": train_config or {},
+            "tags": list(tags or []),
+        }
+        payload.update(_present({"base_model": base_model, "method": method, "name": name}))
+        payload.update(_present({"project": project, "dataset": dataset, "profile": profile}))
+        return self._call("POST", "/api/v1/runs/", json=payload)
+
+    def project_id(self, ref: int | str | None) -> int | None:
+        """A project named by id, "Team/Project" or its name alone (one where you may launch);
+        None stays None (the server's default)."""
+        if ref is None or isinstance(ref, int):
+            return ref
+        launchable = [p for p in self.projects() if p.get("can_launch", True)]
+        team, _, name = ref.rpartition("/")
+        matches = [p for p in launchable if p["name"] == name and team in ("", p["team"]["name"])]
+        if len(matches) == 1:
+            return matches[0]["id"]
+        names = ", ".join(f"{p['team']['name']}/{p['name']}" for p in (matches or launchable))
+        if matches:
+            raise ClientError(f"project {ref!r} is in several teams; name one: {names}")
+        raise ClientError(f"no project {ref!r} where you may launch runs; yours: {names or 'none'}")
+
+    def upload_artifact(
+        self, run_id: int, path: str | os.PathLike, *, kind: str = "file", name: str | None = None
+    ) -> dict:
+        """An external run's file (kind "file"), or its HF PEFT adapter: a directory holding
+        adapter_config.json and adapter_model.safetensors (kind "adapter")."""
+        path = Path(path)
+        if kind == "adapter":
+            config, weights = adapter_files(path)
+            with config.open("rb") as config_file, weights.open("rb") as weights_file:
+                files = {
+                    "config_file": (config.name, config_file),
+                    "weights_file": (weights.name, weights_file),
+                }
+                return self._call(
+                    "POST", f"/api/v1/runs/{run_id}/artifacts/", data={"kind": kind}, files=files
+                )
+        data = {"kind": kind, "name": name or path.name, "sha256": file_sha256(path)}
+        with path.open("rb") as file:
+            return self._call(
+                "POST",
+                f"/api/v1/runs/{run_id}/artifacts/",
+                data=data,
+                files={"file": (path.name, file)},
+            )
 
     def watch(self, run_id: int, interval: float = 2.0) -> Iterator[dict]:
         """The run, once per poll, until it has finished (the last one yielded is finished)."""
@@ -445,6 +513,29 @@ def _batches(points: Iterable[dict], size: int) -> Iterator[list[dict]]:
             batch = []
     if batch:
         yield batch
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_files(directory: Path) -> tuple[Path, Path]:
+    """An HF PEFT adapter directory's two files; ClientError naming what is missing."""
+    paths = tuple(directory / name for name in ADAPTER_FILES)
+    missing = [path.name for path in paths if not path.is_file()]
+    if not directory.is_dir() or missing:
+        raise ClientError(
+            f"{directory} is not an adapter directory: it needs {' and '.join(ADAPTER_FILES)}"
+            + (f" ({', '.join(missing)} missing)" if directory.is_dir() else "")
+        )
+    return paths
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(DOWNLOAD_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _require_plain_name(name: str) -> None:

@@ -1,0 +1,220 @@
+"""peftlab.init/log/finish against the real API, in process (see conftest.py): batching,
+order, steps, validation, and the spool while the server is away (the transport refuses
+connections as a stopped server does). test_tracking_live.py runs scripts against a real
+server process."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from peftlab import spool, tracking
+from peftlab.client import Client
+from webapp.experiments.models import MetricPoint, Run
+
+pytestmark = pytest.mark.django_db(transaction=True)
+SERVER = "http://testserver"
+
+
+class Switch(httpx.BaseTransport):
+    """The in-process app, or a refused connection while `down`; records each request."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+        self.down = False
+        self.requests: list[tuple[str, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        self.requests.append((request.method, request.url.path))
+        try:
+            return self.inner.handle_request(request)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                from django.db import connections
+
+                connections.close_all()  # the sender's own connection, or teardown waits on it
+
+    def posts(self, suffix: str) -> int:
+        return sum(method == "POST" and path.endswith(suffix) for method, path in self.requests)
+
+
+@pytest.fixture
+def switch(transport, alice_token, monkeypatch, tmp_path):
+    """alice's SDK on the in-process server, a spool of its own, backoffs of milliseconds."""
+    switch = Switch(transport)
+    monkeypatch.setattr(tracking, "client_options", {"transport": switch})
+    monkeypatch.setattr(tracking, "SEND_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(tracking, "DRAIN_DELAYS", (0.05,))
+    monkeypatch.setattr(tracking.Run, "finish_wait_s", 0.3)
+    monkeypatch.setenv("PEFTLAB_URL", SERVER)
+    monkeypatch.setenv("PEFTLAB_TOKEN", alice_token)
+    monkeypatch.setenv("PEFTLAB_SPOOL_DIR", str(tmp_path / "spool"))
+    yield switch
+    switch.down = False
+    for run in list(tracking._open_runs.values()):  # a failed test's run, before the db goes
+        run.finish("failed")
+
+
+def _init(**options) -> tracking.Run:
+    defaults = {"project": "Default", "name": "own", "base_model": "gpt2", "method": "lora"}
+    return tracking.init(**{**defaults, **options})
+
+
+def _series(run_id: int, key: str) -> list[tuple[int, float]]:
+    points = MetricPoint.objects.filter(run_id=run_id, key=key).order_by("step")
+    return list(points.values_list("step", "value"))
+
+
+def test_points_land_in_batches_with_the_summary_and_config(switch):
+    run = _init(config={"learning_rate": 2e-4, "nested": {"r": 8}}, tags=["own"])
+    for step in range(600):
+        run.log({"train_loss": 1 / (step + 1), "custom/x": step})
+    run.summary["eval_exact_match"] = 0.71
+    run.finish()
+
+    stored = Run.objects.get(id=run.id)
+    assert stored.status == "succeeded" and stored.external
+    assert stored.train_config == {"learning_rate": 2e-4, "nested": {"r": 8}}
+    assert stored.summary == {"train_loss": 1 / 600, "custom/x": 599.0, "eval_exact_match": 0.71}
+    assert _series(run.id, "custom/x") == [(step, float(step)) for step in range(600)]
+    # 1,200 points: at least three requests of at most 500, not one per log call.
+    assert 3 <= switch.posts("/metrics/") <= 5
+    assert switch.posts(f"/runs/{run.id}/finish/") == 1
+
+
+def test_steps_count_on_from_the_last_one_given(switch):
+    run = _init()
+    run.log({"a": 1})  # 0
+    run.log({"a": 2})  # 1
+    run.log({"a": 3}, step=10)
+    run.log({"a": 4})  # 11
+    tracking.finish()
+    assert _series(run.id, "a") == [(0, 1.0), (1, 2.0), (10, 3.0), (11, 4.0)]
+
+
+def test_keys_and_values_are_checked_as_the_server_checks_them(switch, caplog):
+    run = _init()
+    with pytest.raises(ValueError, match="metric key 'loss value'"):
+        run.log({"loss value": 1.0})
+    with pytest.raises(ValueError, match="metric key"):
+        run.log({"x" * 65: 1.0})
+    with pytest.raises(TypeError, match="train_loss: str is not a number"):
+        run.log({"train_loss": "low"})
+    with pytest.raises(ValueError, match="step must be"):
+        run.log({"a": 1.0}, step=-1)
+    run.log({"train_loss": float("nan"), "grad_norm": 2.0}, step=3)
+    assert "train_loss is nan" in caplog.text
+    run.finish()
+    assert _series(run.id, "grad_norm") == [(3, 2.0)]
+    assert _series(run.id, "train_loss") == []
+    with pytest.raises(RuntimeError, match="finished"):
+        run.log({"a": 1.0})
+
+
+def test_a_context_manager_fails_the_run_on_an_exception(switch):
+    with pytest.raises(ZeroDivisionError):
+        with _init() as run:
+            run.log({"a": 1.0})
+            1 / 0  # noqa: B018
+    assert Run.objects.get(id=run.id).status == "failed"
+
+
+def test_points_logged_while_the_server_is_away_are_spooled_then_sent_by_the_thread(switch):
+    run = _init()
+    run.log({"a": 0.0})
+    switch.down = True
+    for step in range(1, 300):
+        run.log({"a": float(step)})
+    files = _wait_for(lambda: spool.spool_files())
+    assert files and json.loads(files[0].read_text().splitlines()[0])["run"] == run.id
+    switch.down = False
+    _wait_for(lambda: not spool.spool_files())  # drained by the running SDK itself
+    run.finish()
+    assert _series(run.id, "a") == [(step, float(step)) for step in range(300)]
+    assert Run.objects.get(id=run.id).status == "succeeded"
+
+
+def test_a_finish_while_the_server_is_away_waits_for_peftlab_sync(switch, peftlab, caplog):
+    run = _init()
+    switch.down = True
+    for step in range(50):
+        run.log({"a": float(step)}, step=step)
+    run.finish()
+    assert "`peftlab sync` sends them" in caplog.text
+    assert Run.objects.get(id=run.id).status == "running"
+    [left] = spool.spool_files()
+
+    switch.down = False
+    result = peftlab("sync")
+    assert result.code == 0, result.err
+    assert f"run {run.id}: 50 points, finished succeeded sent" in result.out
+    assert Run.objects.get(id=run.id).status == "succeeded"
+    assert _series(run.id, "a") == [(step, float(step)) for step in range(50)]
+    assert not left.exists() and not left.with_suffix(".sent").exists()
+    assert "nothing to send" in peftlab("sync").out
+
+
+def test_a_run_started_offline_is_created_by_sync(switch, peftlab):
+    switch.down = True
+    run = _init(name="offline", config={"max_steps": 5})
+    assert run.id is None
+    for step in range(5):
+        run.log({"a": float(step)})
+    run.finish()
+    switch.down = False
+    result = peftlab("sync")
+    assert result.code == 0, result.err
+    stored = Run.objects.get(name="offline")
+    assert stored.status == "succeeded" and stored.total_steps == 5
+    assert _series(stored.id, "a") == [(step, float(step)) for step in range(5)]
+
+
+def test_sync_goes_on_from_where_it_stopped_and_sends_twice_harmlessly(switch, peftlab):
+    run = _init()
+    switch.down = True
+    for step in range(40):
+        run.log({"a": float(step)}, step=step)
+    run.finish()
+    [path] = spool.spool_files()
+    # As if a first sync had sent the points, then stopped before recording so.
+    switch.down = False
+    with Client(SERVER, tracking._credentials(None, None)[1], transport=switch) as client:
+        client.ingest_metrics(run.id, [{"key": "a", "step": s, "value": -1.0} for s in range(40)])
+    assert peftlab("sync").code == 0
+    assert _series(run.id, "a") == [(step, -1.0) for step in range(40)]  # kept as first stored
+    assert Run.objects.get(id=run.id).status == "succeeded"
+    assert not path.exists()
+
+
+def test_sync_leaves_a_running_scripts_spool_alone(switch, peftlab):
+    run = _init()
+    switch.down = True
+    run.log({"a": 1.0})
+    _wait_for(lambda: spool.spool_files())
+    switch.down = False
+    result = peftlab("sync")
+    assert result.code == 1 and "still running" in result.out
+    run.finish()
+    assert _series(run.id, "a") == [(0, 1.0)]
+
+
+def test_sync_refuses_an_artifact_path_outside_the_spool(switch, peftlab, tmp_path):
+    written = spool.Spool.create(SERVER, 1, tmp_path / "spool")
+    written.append({"artifact": {"kind": "file", "path": "../../etc/passwd", "name": None}})
+    written.close()
+    result = peftlab("sync")
+    assert result.code == 1 and "outside the spool" in result.out
+    assert switch.requests == []  # refused before any request
+
+
+def _wait_for(condition, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out")
