@@ -166,3 +166,33 @@ def model_root(tmp_path_factory):
 def allowed_root(settings, model_root):
     settings.MODEL_ROOTS = [model_root]
     return model_root
+
+
+@pytest.fixture
+def adapter_run(make_run):
+    """adapter_run(**fields): a succeeded Acme run holding a small adapter (config + weights,
+    as database chunks) of `adapter_version` (default 1); adapter_run.add(run, version=2)
+    stores another version."""
+    from webapp.experiments.models import RunStatus
+
+    def make(*, weights: bytes = b"w" * 300, adapter_version: int = 1, **fields):
+        fields = {"status": RunStatus.SUCCEEDED, "summary": {"eval_loss": 1.25}, **fields}
+        run = make_run(**fields)
+        add_adapter(run, weights=weights, version=adapter_version)
+        return run
+
+    make.add = add_adapter
+    return make
+
+
+def add_adapter(run, *, weights: bytes = b"w" * 300, version: int = 1) -> dict[str, bytes]:
+    """Store an adapter version on the run: {file name: bytes}."""
+    from webapp.experiments.artifacts import artifact_insert
+
+    files = {
+        "adapter_config.json": b'{"peft_type": "LORA", "r": 8}',
+        "adapter_model.safetensors": weights,
+    }
+    for name, data in files.items():
+        artifact_insert(run_id=run.id, kind="adapter", name=name, data=data, version=version)
+    return files

@@ -123,6 +123,7 @@ INSTALLED_APPS = [
     "webapp.accounts",
     "webapp.experiments",
     "webapp.registry",
+    "webapp.adapter_registry",
 ]
 
 MIDDLEWARE = [

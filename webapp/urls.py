@@ -13,5 +13,6 @@ urlpatterns = [
     path("api/v1/", include("webapp.api.urls")),
     path("", include("webapp.accounts.urls")),
     path("", include("webapp.registry.urls")),
+    path("", include("webapp.adapter_registry.urls")),
     path("", include("webapp.experiments.urls")),
 ]

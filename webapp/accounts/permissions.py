@@ -21,10 +21,11 @@ class Action(StrEnum):
     # create projects
     TRANSFER = "transfer"  # make someone else owner; rename or delete the team
     MODELS = "models"  # register the team's own base models
+    REGISTER = "register"  # register adapters in the model registry, move its aliases
 
 
 _VIEWER = {Action.READ}
-_MEMBER = _VIEWER | {Action.LAUNCH, Action.ANNOTATE, Action.SHARE}
+_MEMBER = _VIEWER | {Action.LAUNCH, Action.ANNOTATE, Action.SHARE, Action.REGISTER}
 _ADMIN = _MEMBER | {Action.DELETE, Action.MANAGE_MEMBERS, Action.MODELS}
 _OWNER = _ADMIN | {Action.TRANSFER}
 
@@ -44,6 +45,8 @@ DENIED_MESSAGE = {
     Action.MANAGE_MEMBERS: "Only a team admin or owner can manage members.",
     Action.TRANSFER: "Only the team's owner can do this.",
     Action.MODELS: "Only a team admin or owner can register models.",
+    Action.REGISTER: "Viewers cannot register adapters or move aliases in the model registry; "
+    "ask a team admin for the member role.",
 }
 
 # Roles ordered by power: an admin may grant or change roles strictly below owner.

@@ -3,7 +3,7 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
-from webapp.api import models_api, views
+from webapp.api import models_api, registry_api, views
 
 urlpatterns = [
     path("me/", views.Me.as_view(), name="api-me"),
@@ -37,6 +37,33 @@ urlpatterns = [
         "playground/<int:prompt_id>/",
         views.PlaygroundDetail.as_view(),
         name="api-playground-prompt",
+    ),
+    path("registry/", registry_api.RegistryList.as_view(), name="api-registry"),
+    path("registry/<str:ref>/", registry_api.RegistryDetail.as_view(), name="api-registry-ref"),
+    path(
+        "registry/<str:ref>/download/",
+        registry_api.RegistryRefDownload.as_view(),
+        name="api-registry-ref-download",
+    ),
+    path(
+        "registry/<str:name>/versions/",
+        registry_api.RegistryVersions.as_view(),
+        name="api-registry-versions",
+    ),
+    path(
+        "registry/<str:name>/versions/<int:number>/",
+        registry_api.RegistryVersion.as_view(),
+        name="api-registry-version",
+    ),
+    path(
+        "registry/<str:name>/versions/<int:number>/download/",
+        registry_api.RegistryVersionDownload.as_view(),
+        name="api-registry-version-download",
+    ),
+    path(
+        "registry/<str:name>/aliases/<str:alias>/",
+        registry_api.RegistryAlias.as_view(),
+        name="api-registry-alias",
     ),
     path("sweeps/", views.SweepList.as_view(), name="api-sweeps"),
     path("sweeps/<int:sweep_id>/", views.SweepDetail.as_view(), name="api-sweep"),

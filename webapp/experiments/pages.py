@@ -123,22 +123,33 @@ def _zip_response(stream, filename: str) -> StreamingHttpResponse:
     return response
 
 
-def adapter_response(run, *, version: int | None = None):
+def adapter_response(run, *, version: int | None = None, filename: str = ""):
     """The adapter's files (the newest version, or `version`) as one streamed zip (HF PEFT
     layout). A small adapter is checked whole first, so damage is a 409 with the reason; a
     big one streams hashed and damage cuts the transfer."""
-    files = selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.ADAPTER)
-    artifacts = list(version_files(files, version=version))
+    artifacts = adapter_files(run, version=version)
     if not artifacts:
         what = "no adapter yet" if version is None else f"no adapter version {version}"
         return HttpResponse(f"This run has {what}.", status=404, content_type="text/plain")
     problem = damage_before_sending(artifacts)
     if problem:
         return HttpResponse(problem, status=409, content_type="text/plain")
+    return adapter_zip(run, artifacts, filename=filename)
+
+
+def adapter_files(run, *, version: int | None = None) -> list[Artifact]:
+    """The run's adapter files of one version (the newest when `version` is None)."""
+    files = selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.ADAPTER)
+    return list(version_files(files, version=version))
+
+
+def adapter_zip(run, artifacts: list[Artifact], *, filename: str = "") -> StreamingHttpResponse:
+    """The files with the run's model card as a zip streamed hashed (damage_before_sending
+    first: see adapter_response)."""
     card = {exports.MODEL_CARD: exports.model_card(run).encode()}
     when = run.finished_at or run.created_at
     stream = stream_zip(artifacts, extra=card, when=when)
-    return _zip_response(stream, f"peftlab-run-{run.id}-adapter.zip")
+    return _zip_response(stream, filename or f"peftlab-run-{run.id}-adapter.zip")
 
 
 def damage_before_sending(artifacts: list[Artifact]) -> str:

@@ -311,9 +311,24 @@ def run_delete(*, user, run: Run, ip: str | None = None) -> None:
             raise ValidationError(
                 "Cancel the run first: a queued, running or lost run cannot be deleted."
             )
+        _refuse_registered(Run.objects.filter(id=run.id))
         _run_files_delete([run.id])
         run.delete()
     audit_record(actor=user, team=team, action="run.delete", target=target, ip=ip)
+
+
+def _refuse_registered(runs) -> None:
+    """A run whose adapter is a version in the model registry keeps it: the version must be
+    deleted first (the registry holds references to the run's files, not copies)."""
+    run = runs.filter(registered_versions__isnull=False).order_by("id").first()
+    if run is None:
+        return
+    versions = list(run.registered_versions.select_related("registered").order_by("id"))
+    named = ", ".join(f"{v.registered.name} v{v.number}" for v in versions)
+    raise ValidationError(
+        f"Run {run.id}'s adapter is registered in the model registry ({named}): delete "
+        f"{'that version' if len(versions) == 1 else 'those versions'} there first."
+    )
 
 
 def _run_files_delete(run_ids: list[int]) -> None:
@@ -333,6 +348,7 @@ def sweep_delete(*, user, sweep: Sweep, ip: str | None = None) -> int:
         statuses = sweep.runs.select_for_update().order_by("id").values_list("status", flat=True)
         if any(status not in FINISHED_STATUSES for status in statuses):  # locked as run_delete
             raise ValidationError("Cancel the sweep's live runs first.")
+        _refuse_registered(sweep.runs.all())
         _run_files_delete(list(sweep.runs.values_list("id", flat=True)))
         deleted, _ = sweep.runs.all().delete()
         sweep.delete()
