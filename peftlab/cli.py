@@ -7,6 +7,8 @@
     peftlab runs download 42 -o adapter/
     peftlab sweep launch --model tiny-llama --dataset sample-instructions \\
                          --methods lora,dora --grid lora.r=4,8 --watch
+    peftlab registry register 42 support-bot && peftlab registry alias support-bot 1 production
+    peftlab registry download support-bot@production -o adapter/
     peftlab sync                                    # what tracked runs kept while offline
     peftlab train --model tiny-llama --dataset sample-instructions --output out/   # no server
 
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs(commands)
     _add_sweep(commands)
     _add_ask(commands)
+    _add_registry(commands)
     _add_sync(commands)
     for name, help_text in LOCAL_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)  # main hands these over
@@ -301,6 +304,89 @@ def run_runs_download(args: argparse.Namespace) -> int:
         if not files:
             status = client.run(args.run_id)["status"]
             return _fail(f"run {args.run_id} has no adapter files (it is {status})")
+    for path in files:
+        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    print(f"load it with peft.PeftModel.from_pretrained(base, {directory!r})")
+    return 0
+
+
+# --- peftlab registry --------------------------------------------------------
+
+
+def _add_registry(commands: argparse._SubParsersAction) -> None:
+    registry = commands.add_parser(
+        "registry",
+        help="the model registry: adapters by name, version and alias",
+        description="Register runs' adapters under a name of your team (versions 1, 2, …), "
+        "point aliases such as production at a version, download by alias.",
+    )
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="your teams' registered models and their aliases")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    register = actions.add_parser("register", help="register a run's adapter as the next version")
+    register.add_argument("run_id", type=int, metavar="RUN_ID")
+    register.add_argument("name", metavar="NAME", help="created in the run's team if it is new")
+    register.add_argument(
+        "--adapter-version", type=int, metavar="N", help="the run's adapter version (newest)"
+    )
+    alias = actions.add_parser("alias", help="point an alias (production, …) at a version")
+    alias.add_argument("name", metavar="NAME")
+    alias.add_argument("version", type=_version_number, metavar="VERSION", help="N or vN")
+    alias.add_argument("alias", metavar="ALIAS")
+    download = actions.add_parser("download", help="download NAME@ALIAS or NAME@vN's adapter")
+    download.add_argument("ref", metavar="NAME@ALIAS")
+    download.add_argument("-o", "--output", help="directory (default NAME-ALIAS)")
+    for parser, run in ((listing, run_registry_list), (register, run_registry_register),
+                        (alias, run_registry_alias), (download, run_registry_download)):  # fmt: skip
+        parser.add_argument("--team", help="a team id or name, where several have the name")
+        parser.set_defaults(run=run)
+
+
+def _version_number(text: str) -> int:
+    number = text[1:] if text[:1] in ("v", "V") else text
+    if not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError(f"a version number such as 3 or v3, not {text!r}")
+    return int(number)
+
+
+def run_registry_list(args: argparse.Namespace) -> int:
+    with _client() as client:
+        rows = client.registry(team=args.team)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    table = [("NAME", "TEAM", "VERSIONS", "ALIASES")]
+    for row in rows:
+        aliases = " ".join(f"{a['name']}=v{a['version']}" for a in row["aliases"]) or "-"
+        table.append((row["name"], row["team"], str(row["versions"]), aliases))
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    for line in table:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        print("  ".join([*cells, line[-1]]).rstrip())
+    return 0
+
+
+def run_registry_register(args: argparse.Namespace) -> int:
+    with _client() as client:
+        version = client.register(args.run_id, args.name, adapter_version=args.adapter_version)
+    print(f"run {version['run']} registered as {version['ref']}")
+    return 0
+
+
+def run_registry_alias(args: argparse.Namespace) -> int:
+    with _client() as client:
+        alias = client.registry_alias(args.name, args.version, args.alias, team=args.team)
+    print(f"{args.name}@{alias['name']} → v{alias['version']}")
+    return 0
+
+
+def run_registry_download(args: argparse.Namespace) -> int:
+    if "@" not in args.ref:
+        raise UsageError(f"name a version: {args.ref}@production or {args.ref}@v1")
+    directory = args.output or args.ref.replace("@", "-")
+    with _client() as client:
+        files = client.registry_download(args.ref, directory, team=args.team)
     for path in files:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     print(f"load it with peft.PeftModel.from_pretrained(base, {directory!r})")

@@ -8,6 +8,7 @@
     for run in client.watch(run["id"]):
         print(run["status"], run["step"], run["latest"]["train_loss"])
     client.download_adapter(run["id"], "adapter/")  # loads with peft.PeftModel.from_pretrained
+    client.registry_download("support-bot@production", "prod/")  # the model registry, by alias
 
 Answers are the API's JSON as dicts; a list endpoint is an iterator over all its pages.
 An error answer raises `ApiError` ("400: method_config.r: Ensure this value …"); a server
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -244,9 +246,17 @@ class Client:
     def metrics(
         self, run_id: int, keys: Iterable[str] | None = None, max_points: int | None = None
     ) -> dict[str, dict[str, list]]:
-        """{key: {"step": [...], "value": [...]}}, downsampled to max_points if given."""
+        """{key: {"step": [...], "value": [...]}}, downsampled to max_points if given. Without
+        keys, every key of the run: the server answers a page of keys at a time, followed here
+        to the last page."""
         params = _present({"keys": ",".join(keys) if keys else None, "max_points": max_points})
-        return self._call("GET", f"/api/v1/runs/{run_id}/metrics/", params=params)["series"]
+        series: dict[str, dict[str, list]] = {}
+        while True:
+            page = self._call("GET", f"/api/v1/runs/{run_id}/metrics/", params=params)
+            series.update(page["series"])
+            if not page.get("next_cursor"):
+                return series
+            params["cursor"] = page["next_cursor"]
 
     def ingest_metrics(self, run_id: int, points: Iterable[dict]) -> int:
         """Send an external run's points ({"key", "step", "value", "wall_time"}: seconds since
@@ -379,6 +389,58 @@ class Client:
                 size += len(chunk)
                 file.write(chunk)
         return digest.hexdigest(), size
+
+    # --- model registry (adapters by name, version and alias) ---------------
+
+    def registry(self, team: int | str | None = None) -> list[dict]:
+        """The registered models of your teams (of one, by id or name, with team=)."""
+        return self._call("GET", "/api/v1/registry/", params=_present({"team": team}))
+
+    def registry_get(self, ref: str, team: int | str | None = None) -> dict:
+        """A registered model by name, with its versions and aliases; or one version by
+        "name@alias" or "name@v3", with its run, metrics and files (id, name, size, sha256)."""
+        return self._call("GET", _registry_path(ref), params=_present({"team": team}))
+
+    def register(
+        self, run_id: int, name: str, adapter_version: int | None = None, description: str = ""
+    ) -> dict:
+        """Register the run's adapter (its newest version unless adapter_version) as the next
+        version of `name` in the run's team, creating the name there if it is new."""
+        team = self.run(run_id)["project"]["team"]["id"]
+        payload = {"run": run_id, **_present({"adapter_version": adapter_version})}
+        payload["description"] = description
+        path = f"{_registry_path(name)}versions/"
+        try:
+            return self._call("POST", path, params={"team": team}, json=payload)
+        except ApiError as error:
+            if error.status != 404:  # the run was found above: the name is new
+                raise
+        self._call("POST", "/api/v1/registry/", json={"name": name, "team": team})
+        return self._call("POST", path, params={"team": team}, json=payload)
+
+    def registry_alias(
+        self, name: str, version: int, alias: str, team: int | str | None = None
+    ) -> dict:
+        """Point `alias` of `name` at version N (create it, or move it: the server audits it)."""
+        path = f"{_registry_path(name)}aliases/{_quoted(alias)}/"
+        params = _present({"team": team})
+        return self._call("PUT", path, params=params, json={"version": version})
+
+    def registry_download(
+        self, ref: str, directory: str | os.PathLike, team: int | str | None = None
+    ) -> list[Path]:
+        """Write the adapter files of "name@alias" or "name@vN" into directory, each checked
+        against its size and sha256 before it takes its name (as download_adapter does).
+        The alias is read once: the files are those of the version it named then."""
+        if "@" not in ref:
+            raise ClientError(f"name a version: {ref}@production or {ref}@v1")
+        version = self.registry_get(ref, team=team)
+        files = version["files"]
+        for artifact in files:  # all names first: a hostile listing writes nothing
+            _require_plain_name(artifact["name"])
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return [self._download(artifact, directory) for artifact in files]
 
     # --- sweeps -------------------------------------------------------------
 
@@ -536,6 +598,14 @@ def file_sha256(path: Path) -> str:
         while chunk := file.read(DOWNLOAD_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _quoted(part: str) -> str:
+    return quote(str(part), safe="@")
+
+
+def _registry_path(ref: str) -> str:
+    return f"/api/v1/registry/{_quoted(ref)}/"
 
 
 def _require_plain_name(name: str) -> None:
