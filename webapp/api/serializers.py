@@ -367,15 +367,7 @@ class MetricsQuerySerializer(serializers.Serializer):
         max_length=2000,
         required=False,
         default="",
-        help_text="Comma-separated metric keys; default: the run's keys a page at a time "
-        "(PEFTLAB_METRIC_KEYS_PER_PAGE of them, in order; next_cursor names the next page).",
-    )
-    cursor = serializers.CharField(
-        max_length=64,
-        required=False,
-        default="",
-        trim_whitespace=False,
-        help_text="Without keys: the next_cursor of the page before; default: the first page.",
+        help_text="Comma-separated metric keys; default: every key of the run.",
     )
     max_points = serializers.IntegerField(
         min_value=10,
@@ -519,17 +511,3 @@ class PlaygroundPromptSerializer(serializers.ModelSerializer):
         return self.context["request"].build_absolute_uri(
             reverse("playground_prompt", args=[prompt.id])
         )
-    def validate(self, data: dict) -> dict:
-        if data["keys"] and data["cursor"]:
-            raise serializers.ValidationError(
-                {
-                    "cursor": "A cursor pages through the run's keys; with keys named it means nothing."
-                }
-            )
-        return data
-
-    next_cursor = serializers.CharField(
-        allow_null=True,
-        help_text="Without keys: pass it as cursor for the next page of keys; null on the last "
-        "page (and whenever keys are named).",
-    )
