@@ -304,6 +304,12 @@ DATASET_MAX_ROWS = env_int("PEFTLAB_DATASET_MAX_ROWS", 200_000, minimum=10)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = int(2.5 * 1024 * 1024)
 
+# Metric keys: a run holds at most this many distinct ones (a batch that would pass it is
+# refused whole, 400 naming the cap); a metrics query that names no keys answers this many
+# keys' series per page, with a cursor to the next page.
+METRIC_KEYS_PER_RUN = env_int("PEFTLAB_MAX_METRIC_KEYS_PER_RUN", 1000, minimum=1)
+METRIC_KEYS_PER_PAGE = env_int("PEFTLAB_METRIC_KEYS_PER_PAGE", 50, minimum=1)
+
 # Adapter uploads: checked in a separate, resource-limited process, killed after the timeout.
 # A merged export still queued or building after this long (its worker died) is sent again
 # when someone asks for it.

@@ -236,3 +236,140 @@ def test_postgresql_ingests_through_copy(cast, make_run, settings, monkeypatch):
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM metric_staging")
         assert cursor.fetchone() == (0,)
+
+
+# ---- bounds: distinct keys per run, and the keys' pages --------------------------------------
+
+
+def _points(keys, step: int = 1) -> list[dict]:
+    return [{"key": key, "step": step, "value": 1.0} for key in keys]
+
+
+def test_a_batch_past_the_key_cap_is_refused_whole_naming_it(cast, api, settings):
+    settings.METRIC_KEYS_PER_RUN = 5
+    run_id, client = _external_run(cast, api), api(cast.bob)
+    url = reverse("api-run-metrics", args=[run_id])
+    assert client.post(url, {"points": _points("abc")}, format="json").status_code == 200
+    # 3 stored + 3 new: the whole batch refused, its known keys' points too.
+    over = client.post(url, {"points": _points("abxyz", step=2)}, format="json")
+    assert over.status_code == 400
+    detail = over.json()["detail"]
+    assert (
+        "at most 5 distinct metric keys" in detail and "PEFTLAB_MAX_METRIC_KEYS_PER_RUN" in detail
+    )
+    assert "has 3" in detail and "3 new" in detail
+    assert sorted(MetricPoint.objects.filter(run_id=run_id).values_list("key", "step")) == [
+        ("a", 1),
+        ("b", 1),
+        ("c", 1),
+    ]
+    # Known keys always pass; new ones up to the cap; one more is refused.
+    assert client.post(url, {"points": _points("abc", step=3)}, format="json").status_code == 200
+    assert client.post(url, {"points": _points("de", step=3)}, format="json").status_code == 200
+    assert client.post(url, {"points": _points("f", step=4)}, format="json").status_code == 400
+    alone = client.post(url, {"points": _points("uvwxyz")}, format="json")  # over it by itself
+    assert alone.status_code == 400 and "this batch brings 6 new" in alone.json()["detail"]
+    keys = set(MetricPoint.objects.filter(run_id=run_id).values_list("key", flat=True))
+    assert keys == set("abcde")
+
+
+def test_a_workers_batches_are_capped_too(make_run, settings):
+    settings.METRIC_KEYS_PER_RUN = 2
+    run = make_run()
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    record = [metrics.Point("train_loss", 1, 1.0, 0.0), metrics.Point("sys/rss_mib", 1, 9.0, 0.0)]
+    assert metrics.metrics_record(run_id=run.id, fence=fence, points=record) == 2
+    with pytest.raises(metrics.MetricKeysOverCap, match="at most 2"):
+        metrics.metrics_record(
+            run_id=run.id, fence=fence, points=[metrics.Point("eval_loss", 2, 1.0, 0.0)]
+        )
+    assert MetricPoint.objects.filter(run=run).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_batches_cannot_pass_the_cap_together(cast, make_run, settings, monkeypatch):
+    """Each batch alone fits (6 new keys under a cap of 10); both would not. The first one to
+    count holds the run's row lock until it commits: the second waits on that lock (seen in
+    pg_stat_activity) and then counts the first one's keys. Without the lock both would count
+    0 stored keys and store 12."""
+    import threading
+    import time
+
+    from django.db import connection, connections
+
+    if connection.vendor != "postgresql":
+        if settings.REQUIRE_SERVICES:
+            pytest.fail("CI runs the suite on PostgreSQL")
+        pytest.skip("row locks: PostgreSQL only (set DATABASE_URL)")
+    settings.METRIC_KEYS_PER_RUN = 10
+    run = make_run(external=True, status=RunStatus.RUNNING)
+    counted, release = [], threading.Event()
+    real_check = metrics._metric_keys_check
+
+    def check_then_wait(**kwargs):
+        real_check(**kwargs)
+        counted.append(kwargs["run_id"])
+        assert release.wait(timeout=30)
+
+    monkeypatch.setattr(metrics, "_metric_keys_check", check_then_wait)
+    outcomes = []
+
+    def send(prefix: str) -> None:
+        points = [metrics.Point(f"{prefix}{i}", 1, 1.0, 0.0) for i in range(6)]
+        try:
+            metrics.metrics_ingest(user=cast.bob, run=run, points=points)
+            outcomes.append("stored")
+        except metrics.MetricKeysOverCap:
+            outcomes.append("refused")
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=send, args=(prefix,)) for prefix in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(counted) < 2 and not _waiting_on_a_lock():
+        assert time.monotonic() < deadline, "neither batch counted nor waited"
+        time.sleep(0.02)
+    release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes) == ["refused", "stored"]
+    assert MetricPoint.objects.filter(run=run).values("key").distinct().count() == 6
+
+
+def _waiting_on_a_lock() -> bool:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[0] > 0
+
+
+def test_all_keys_come_a_page_at_a_time_with_a_cursor(cast, api, make_run, settings):
+    settings.METRIC_KEYS_PER_PAGE = 3
+    run = make_run()
+    fence = leases.run_claim(run_id=run.id, worker="w")
+    keys = ["eval_loss", "lr", "sys/cpu_percent", "sys/rss_mib", "tokens", "train_loss", "x"]
+    points = [metrics.Point(key, step, float(step), 0.0) for key in keys for step in range(4)]
+    metrics.metrics_record(run_id=run.id, fence=fence, points=points)
+    client, url = api(cast.carol), reverse("api-run-metrics", args=[run.id])
+    pages, cursor = [], ""
+    while cursor is not None:
+        page = client.get(url, {"cursor": cursor} if cursor else {}).json()
+        pages.append(sorted(page["series"]))
+        cursor = page["next_cursor"]
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert sorted(key for page in pages for key in page) == keys
+    assert all(
+        page == sorted(page) and page[-1] < nxt[0]
+        for page, nxt in zip(pages, pages[1:], strict=False)
+    )
+    named = client.get(url, {"keys": "x,lr,tokens,eval_loss"}).json()  # named: as many as asked
+    assert len(named["series"]) == 4 and named["next_cursor"] is None
+    assert named["series"]["x"] == {"step": [0, 1, 2, 3], "value": [0.0, 1.0, 2.0, 3.0]}
+    both = client.get(url, {"keys": "x", "cursor": "lr"})
+    assert both.status_code == 400 and "cursor" in both.json()

@@ -111,6 +111,17 @@ def test_external_run_ingest_in_batches_and_finish(client, sample_id):
     assert finished["status"] == "succeeded" and finished["step"] == 12_000
 
 
+def test_metrics_without_keys_follows_the_pages_of_keys(client, sample_id, settings):
+    settings.METRIC_KEYS_PER_PAGE = 2
+    run = client.launch_run(
+        base_model="tiny-llama", dataset=sample_id, method="lora", external=True
+    )
+    keys = ["a", "b", "c", "d", "e"]
+    client.ingest_metrics(run["id"], [{"key": k, "step": 3, "value": 0.5} for k in keys])
+    series = client.metrics(run["id"])  # three pages on the server
+    assert series == {key: {"step": [3], "value": [0.5]} for key in keys}
+
+
 def test_watch_polls_until_the_run_finishes(client, sample_id):
     run = client.launch_run(
         base_model="tiny-llama", dataset=sample_id, method="lora", external=True

@@ -9,6 +9,7 @@ from django.forms.utils import pretty_name
 
 from webapp.experiments.downsample import finite_or_none
 from webapp.experiments.method_forms import METHOD_FORMS
+from webapp.experiments.metrics import metric_keys_stored
 from webapp.experiments.models import MetricPoint, Run
 
 LATEST_KEYS = ("train_loss", "eval_loss")
@@ -29,9 +30,11 @@ def run_latest_metrics(*, run_ids: list[int]) -> dict[int, dict[str, float | Non
     }
 
 
-def metric_keys_for_run(*, run: Run) -> list[str]:
-    keys = MetricPoint.objects.filter(run=run).values_list("key", flat=True)
-    return list(keys.order_by("key").distinct())
+def metric_keys_page(*, run: Run, cursor: str = "", size: int) -> tuple[list[str], str | None]:
+    """Up to `size` of the run's metric keys after `cursor` (a key; "" from the start), and
+    the cursor of the next page (its last key), None on the last page."""
+    keys = metric_keys_stored(run_id=run.id, after=cursor, limit=size + 1)
+    return keys[:size], (keys[size - 1] if len(keys) > size else None)
 
 
 # Subclasses first: a FloatField is an IntegerField in Django.

@@ -367,7 +367,15 @@ class MetricsQuerySerializer(serializers.Serializer):
         max_length=2000,
         required=False,
         default="",
-        help_text="Comma-separated metric keys; default: every key of the run.",
+        help_text="Comma-separated metric keys; default: the run's keys a page at a time "
+        "(PEFTLAB_METRIC_KEYS_PER_PAGE of them, in order; next_cursor names the next page).",
+    )
+    cursor = serializers.CharField(
+        max_length=64,
+        required=False,
+        default="",
+        trim_whitespace=False,
+        help_text="Without keys: the next_cursor of the page before; default: the first page.",
     )
     max_points = serializers.IntegerField(
         min_value=10,
@@ -383,6 +391,15 @@ class MetricsQuerySerializer(serializers.Serializer):
             raise serializers.ValidationError(f"Not a metric key: {bad[0][:80]}")
         return keys
 
+    def validate(self, data: dict) -> dict:
+        if data["keys"] and data["cursor"]:
+            raise serializers.ValidationError(
+                {
+                    "cursor": "A cursor pages through the run's keys; with keys named it means nothing."
+                }
+            )
+        return data
+
 
 class SeriesSerializer(serializers.Serializer):
     step = serializers.ListField(child=serializers.IntegerField())
@@ -391,6 +408,11 @@ class SeriesSerializer(serializers.Serializer):
 
 class MetricsSerializer(serializers.Serializer):
     series = serializers.DictField(child=SeriesSerializer())
+    next_cursor = serializers.CharField(
+        allow_null=True,
+        help_text="Without keys: pass it as cursor for the next page of keys; null on the last "
+        "page (and whenever keys are named).",
+    )
 
 
 class FiniteFloatField(serializers.FloatField):

@@ -2,6 +2,7 @@
 browser's forms validate launches (webapp.api.launch); errors.service_errors maps what the
 services raise onto 403, 400 and 409."""
 
+from django.conf import settings
 from django.contrib.auth import authenticate
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import StreamingHttpResponse
@@ -291,28 +292,41 @@ class RunMetrics(APIView):
         super().initial(request, *args, **kwargs)
 
     @extend_schema(
-        parameters=[s.MetricsQuerySerializer], responses={200: s.MetricsSerializer, **ERRORS}
+        parameters=[s.MetricsQuerySerializer],
+        responses={200: s.MetricsSerializer, **ERRORS},
+        description="Downsampled series of the keys named, or of a page of the run's keys "
+        "(follow next_cursor for the rest).",
     )
     def get(self, request, run_id: int):
         run = selectors.run_get_for_user(user=request.user, run_id=run_id)
         query = validated(s.MetricsQuerySerializer, request.query_params)
-        keys = query["keys"] or tuple(api_selectors.metric_keys_for_run(run=run))
+        keys, next_cursor = query["keys"], None
+        if not keys:  # a page of the run's keys: a run may hold thousands
+            page, next_cursor = api_selectors.metric_keys_page(
+                run=run, cursor=query["cursor"], size=settings.METRIC_KEYS_PER_PAGE
+            )
+            keys = tuple(page)
         series = selectors.metric_series(run=run, keys=keys, max_points=query["max_points"])
-        return Response({"series": series})
+        return Response({"series": series, "next_cursor": next_cursor})
 
     @extend_schema(
         request=s.MetricsIngestSerializer,
         responses={200: s.IngestResultSerializer, 413: TOO_LARGE, **ERRORS, **CONFLICT},
         description="Points of a run trained elsewhere (external). A point already stored "
-        "(same key and step) is kept as it was, so a retried batch changes nothing.",
+        "(same key and step) is kept as it was, so a retried batch changes nothing. A run "
+        "holds at most PEFTLAB_MAX_METRIC_KEYS_PER_RUN distinct keys (1,000 by default): a "
+        "batch that would pass it is refused whole (400, naming the cap).",
     )
     def post(self, request, run_id: int):
         run = selectors.run_get_for_user(user=request.user, run_id=run_id)
         points = validated(s.MetricsIngestSerializer, request.data)["points"]
         with service_errors(conflict=True):
-            received = metrics.metrics_ingest(
-                user=request.user, run=run, points=[metrics.Point(**point) for point in points]
-            )
+            try:
+                received = metrics.metrics_ingest(
+                    user=request.user, run=run, points=[metrics.Point(**point) for point in points]
+                )
+            except metrics.MetricKeysOverCap as exc:  # a bound of the request: 400, not 409
+                raise ValidationError({"detail": error_text(exc)}) from None
         return Response({"received": received})
 
 

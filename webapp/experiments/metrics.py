@@ -12,6 +12,7 @@ import math
 import weakref
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.utils import timezone
@@ -47,6 +48,7 @@ def _metric_points_insert(*, run_id: int, points: list[Point]) -> int:
     in one COPY into a temporary table and one INSERT … ON CONFLICT DO NOTHING from it.
     """
     finite = [p for p in points if math.isfinite(p.value) and math.isfinite(p.wall_time)]
+    _metric_keys_check(run_id=run_id, points=finite)
     if connection.vendor == "postgresql":
         _metric_points_copy(run_id=run_id, points=finite)
     else:
@@ -56,6 +58,71 @@ def _metric_points_insert(*, run_id: int, points: list[Point]) -> int:
         ]
         MetricPoint.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=True)
     return len(finite)
+
+
+class MetricKeysOverCap(ValidationError):
+    """A batch that would give its run more distinct metric keys than METRIC_KEYS_PER_RUN."""
+
+
+# The batch's keys that the run has no point of yet: one index probe each (the unique
+# (run, key, step) index), however long the run's series are.
+KEYS_NOT_STORED = """WITH batch (key) AS (VALUES {rows})
+SELECT key FROM batch WHERE NOT EXISTS (
+    SELECT 1 FROM experiments_metricpoint AS p WHERE p.run_id = %s AND p.key = batch.key
+)"""
+
+
+def _metric_keys_check(*, run_id: int, points: list[Point]) -> None:
+    """Refuse the whole batch if it would give the run more than METRIC_KEYS_PER_RUN distinct
+    keys. The caller holds the run's row lock, so two batches are counted one after the
+    other and cannot pass the cap together. Only a batch that brings new keys counts the
+    stored ones (one index probe per key, at most cap + 1)."""
+    cap = settings.METRIC_KEYS_PER_RUN
+    keys = list(dict.fromkeys(p.key for p in points))
+    if len(keys) > cap:
+        raise MetricKeysOverCap(_over_cap(cap, stored=None, new=len(keys)))
+    if not keys:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            KEYS_NOT_STORED.format(rows=", ".join(["(%s)"] * len(keys))), [*keys, run_id]
+        )
+        new = len(cursor.fetchall())
+    if not new:
+        return
+    stored = len(metric_keys_stored(run_id=run_id, limit=cap + 1))
+    if stored + new > cap:
+        raise MetricKeysOverCap(_over_cap(cap, stored=stored, new=new))
+
+
+def _over_cap(cap: int, *, stored: int | None, new: int) -> str:
+    has = "" if stored is None else f"the run has {stored:,} and "
+    return (
+        f"A run takes at most {cap:,} distinct metric keys "
+        f"(PEFTLAB_MAX_METRIC_KEYS_PER_RUN); {has}this batch brings {new:,} new ones. "
+        "Nothing of the batch was stored."
+    )
+
+
+# The run's distinct keys in order from `after` on, read as a loose index scan: each key is
+# one probe of the unique (run, key, step) index for the next key up, so listing N keys
+# costs N probes whether the run holds 10 points or 10 million (a DISTINCT would read them
+# all). The LIMIT stops the recursion.
+RUN_KEYS = """WITH RECURSIVE run_keys (key) AS (
+    SELECT min(key) FROM experiments_metricpoint WHERE run_id = %s AND key > %s
+    UNION ALL
+    SELECT (SELECT min(p.key) FROM experiments_metricpoint AS p
+            WHERE p.run_id = %s AND p.key > run_keys.key)
+    FROM run_keys WHERE run_keys.key IS NOT NULL
+)
+SELECT key FROM run_keys WHERE key IS NOT NULL LIMIT %s"""
+
+
+def metric_keys_stored(*, run_id: int, after: str = "", limit: int) -> list[str]:
+    """Up to `limit` of the run's metric keys, in the database's order, each after `after`."""
+    with connection.cursor() as cursor:
+        cursor.execute(RUN_KEYS, [run_id, after, run_id, limit])
+        return [key for (key,) in cursor.fetchall()]
 
 
 # ON COMMIT DELETE ROWS empties the table at each commit; the DELETE … RETURNING empties it
@@ -203,7 +270,8 @@ MAX_INGEST_POINTS = 10_000
 
 def metrics_ingest(*, user, run: Run, points: list[Point]) -> int:
     """Store a batch for an external run; a point already stored (run, key, step) is kept as
-    it was, so a client that retries a batch changes nothing. Returns the points given."""
+    it was, so a client that retries a batch changes nothing. Returns the points given.
+    MetricKeysOverCap (a ValidationError) when the batch would pass the run's key cap."""
     require(user=user, team=run.project.team, action=Action.LAUNCH)
     if not run.external:
         raise ValidationError("PEFT Lab's workers write this run's metrics; it takes no ingest.")
