@@ -19,7 +19,11 @@ from django.utils import timezone
 from webapp.accounts import selectors as account_selectors
 from webapp.accounts import services as account_services
 from webapp.accounts.models import Invitation, Membership, Role
+from webapp.adapter_registry import selectors as adapter_selectors
+from webapp.adapter_registry import services as adapter_services
+from webapp.adapter_registry.models import ModelAlias, ModelVersion, RegisteredModel
 from webapp.experiments import selectors, services
+from webapp.experiments.artifacts import artifact_insert
 from webapp.experiments.method_forms import SweepItem
 from webapp.experiments.models import (
     Artifact,
@@ -139,6 +143,49 @@ def register_model(ctx, user):
         raise Http404
     with override_settings(MODEL_ROOTS=[ctx.model_root]):
         registry_services.model_register(user=user, team=team, name="matrix", path="my-qwen")
+
+
+def _registered(ctx) -> RegisteredModel:
+    """Acme's "matrix-bot", v1 an adapter of a run of its own (not ctx.run, which is deleted)."""
+    bot, created = RegisteredModel.objects.get_or_create(team=ctx.team, name="matrix-bot")
+    if created:
+        run = _run(ctx.cast, "registered")
+        artifact_insert(run_id=run.id, kind="adapter", name="adapter_model.safetensors", data=b"w")
+        ModelVersion.objects.create(registered=bot, number=1, run=run, adapter_version=1)
+        RegisteredModel.objects.filter(id=bot.id).update(last_number=1)
+        ctx.adapter_run = _run(ctx.cast, "to register")
+        artifact_insert(
+            run_id=ctx.adapter_run.id, kind="adapter", name="adapter_model.safetensors", data=b"x"
+        )
+    return bot
+
+
+def read_registry(ctx, user):
+    _registered(ctx)
+    bot = adapter_selectors.registered_named_for_user(user=user, name="matrix-bot")
+    version = adapter_selectors.version_selected(registered=bot, selector="v1")
+    assert adapter_selectors.version_files(version)
+
+
+def register_adapter(ctx, user):
+    _registered(ctx)
+    bot = adapter_selectors.registered_named_for_user(user=user, name="matrix-bot")
+    run = selectors.run_get_for_user(user=user, run_id=ctx.adapter_run.id)
+    adapter_services.version_create(user=user, registered=bot, run=run)
+
+
+def move_alias(ctx, user):
+    _registered(ctx)
+    bot = adapter_selectors.registered_named_for_user(user=user, name="matrix-bot")
+    version = adapter_selectors.version_get(registered=bot, number=1)
+    adapter_services.alias_set(user=user, registered=bot, name="production", version=version)
+
+
+def delete_registered_version(ctx, user):
+    _registered(ctx)
+    bot = adapter_selectors.registered_named_for_user(user=user, name="matrix-bot")
+    version = adapter_selectors.version_get(registered=bot, number=1)
+    adapter_services.version_delete(user=user, version=version)
 
 
 def launch_run(ctx, user):
@@ -387,6 +434,18 @@ MATRIX = {
     "see the team's registered base models": Cell(read_models, EVERY_ROLE),
     "register a base model (directory under an allowed root, Hub id@revision)": Cell(
         register_model, ADMINS_UP, lambda ctx, u: BaseModel.objects.filter(name="matrix").exists()
+    ),
+    "see the model registry; download registered adapters": Cell(read_registry, EVERY_ROLE),
+    "register adapters in the model registry": Cell(
+        register_adapter, MEMBERS_UP, lambda ctx, u: ModelVersion.objects.filter(number=2).exists()
+    ),
+    "set, move and remove model registry aliases": Cell(
+        move_alias, MEMBERS_UP, lambda ctx, u: ModelAlias.objects.filter(name="production").exists()
+    ),
+    "delete registered adapter versions": Cell(
+        delete_registered_version,
+        ADMINS_UP,
+        lambda ctx, u: not ModelVersion.objects.filter(number=1).exists(),
     ),
     "invite people": Cell(invite, ADMINS_UP, lambda ctx, u: Invitation.objects.exists()),
     "change roles below owner": Cell(
