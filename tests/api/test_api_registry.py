@@ -88,7 +88,7 @@ def test_a_damaged_adapter_is_refused_409(api, cast, registered):
     assert answer.status_code == 400 and "is damaged" in answer.json()["detail"]
 
 
-def test_moving_an_alias_is_audited(api, cast, registered):
+def test_moving_an_alias_is_audited(api, cast, client, registered):
     answer = api(cast.alice).put(
         f"{REGISTRY}support-bot/aliases/production/", {"version": 2}, format="json"
     )
@@ -101,6 +101,9 @@ def test_moving_an_alias_is_audited(api, cast, registered):
         ("bob", 2, None),
     ]
     assert api(cast.carol).get(f"{REGISTRY}support-bot@production/").status_code == 404
+    client.force_login(cast.alice)  # the team's audit log says it too
+    audit = client.get(reverse("team_audit", args=[cast.acme.id])).content.decode()
+    assert "support-bot@production" in audit and "v1 → v2" in audit and "v2 → removed" in audit
 
 
 def test_viewers_read_members_write_admins_delete(api, cast, registered, adapter_run):
