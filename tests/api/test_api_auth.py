@@ -25,6 +25,7 @@ def _endpoints(cast, make_run) -> list[tuple[str, str, list]]:
     lists = ["api-datasets", "api-runs", "api-sweeps"]
     by_run = [("get", "api-run"), ("delete", "api-run"), ("post", "api-run-cancel")]
     by_run += [("get", "api-run-metrics"), ("post", "api-run-metrics")]
+    by_run += [("get", "api-run-metrics-csv"), ("get", "api-run-metrics-parquet")]
     by_run += [("post", "api-run-finish"), ("get", "api-run-artifacts")]
     by_run += [("get", "api-run-merged")]
     return [

@@ -96,6 +96,8 @@ def _page_cases(o) -> list[tuple[str, str, str, str, dict]]:
         ("run", "update", "post", reverse("run_comment", args=[run]), {"body": "x"}),
         ("run", "delete", "post", reverse("run_delete", args=[done]), {}),
         ("run", "download", "get", reverse("run_adapter_download", args=[run]), {}),
+        ("run", "download", "get", reverse("run_metrics_csv", args=[run]), {}),
+        ("run", "download", "get", reverse("run_metrics_parquet", args=[run]), {}),
         ("run", "download", "get", reverse("run_merged_download", args=[done]), {}),
         ("run", "share", "post", reverse("run_share", args=[run]), {"days": "7"}),
         ("run", "launch", "get", reverse("run_new") + f"?clone={run}", {}),

@@ -23,6 +23,14 @@ urlpatterns = [
     path("runs/<int:run_id>/", views.RunDetail.as_view(), name="api-run"),
     path("runs/<int:run_id>/cancel/", views.RunCancel.as_view(), name="api-run-cancel"),
     path("runs/<int:run_id>/metrics/", views.RunMetrics.as_view(), name="api-run-metrics"),
+    path(
+        "runs/<int:run_id>/metrics.csv", views.RunMetricsCsv.as_view(), name="api-run-metrics-csv"
+    ),
+    path(
+        "runs/<int:run_id>/metrics.parquet",
+        views.RunMetricsParquet.as_view(),
+        name="api-run-metrics-parquet",
+    ),
     path("runs/<int:run_id>/finish/", views.RunFinish.as_view(), name="api-run-finish"),
     path("runs/<int:run_id>/artifacts/", views.RunArtifacts.as_view(), name="api-run-artifacts"),
     path("runs/<int:run_id>/merged/", views.RunMerged.as_view(), name="api-run-merged"),

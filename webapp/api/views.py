@@ -35,6 +35,7 @@ from webapp.experiments.artifacts import ArtifactDamaged
 from webapp.experiments.dataset_files import DatasetDamaged
 from webapp.experiments.dataset_views import jsonl_response
 from webapp.experiments.forms import AdapterUploadForm, DatasetUploadForm
+from webapp.experiments.metric_files import metrics_file_response
 from webapp.experiments.models import ArtifactKind, ExportStatus
 from webapp.experiments.pages import damage_before_sending
 from webapp.experiments.zipstream import stream_zip
@@ -295,7 +296,8 @@ class RunMetrics(APIView):
         parameters=[s.MetricsQuerySerializer],
         responses={200: s.MetricsSerializer, **ERRORS},
         description="Downsampled series of the keys named, or of a page of the run's keys "
-        "(follow next_cursor for the rest).",
+        "(follow next_cursor for the rest). Every point, not downsampled: metrics.csv, "
+        "metrics.parquet.",
     )
     def get(self, request, run_id: int):
         run = selectors.run_get_for_user(user=request.user, run_id=run_id)
@@ -328,6 +330,43 @@ class RunMetrics(APIView):
             except metrics.MetricKeysOverCap as exc:  # a bound of the request: 400, not 409
                 raise ValidationError({"detail": error_text(exc)}) from None
         return Response({"received": received})
+
+
+METRICS_FILE = (
+    "Every stored point of the run (full resolution, not the downsampled series of "
+    "metrics/), streamed: columns step, key, value, wall_time, rows by key then step."
+)
+
+
+class RunMetricsCsv(APIView):
+    fmt = "csv"
+
+    @extend_schema(
+        responses={
+            (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description=METRICS_FILE),
+            **ERRORS,
+        },
+    )
+    def get(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        return metrics_file_response(run, self.fmt)
+
+
+class RunMetricsParquet(RunMetricsCsv):
+    fmt = "parquet"
+
+    @extend_schema(
+        responses={
+            (200, "application/vnd.apache.parquet"): OpenApiResponse(
+                OpenApiTypes.BINARY,
+                description=f"{METRICS_FILE} A Parquet file (int64, string, float64, "
+                "float64), one row group per 100,000 rows.",
+            ),
+            **ERRORS,
+        },
+    )
+    def get(self, request, run_id: int):
+        return super().get(request, run_id)
 
 
 class RunFinish(APIView):

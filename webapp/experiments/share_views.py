@@ -14,6 +14,7 @@ from django.views.decorators.http import require_GET
 from django_htmx.http import HTMX_STOP_POLLING
 
 from webapp.experiments import selectors
+from webapp.experiments.metric_files import metrics_file_response
 from webapp.experiments.models import ShareScope
 from webapp.experiments.pages import (
     PLOTLY_WEBGL_CSP,
@@ -46,6 +47,8 @@ def _run_context(secret: str) -> dict:
         "page_url": reverse("share_view", args=[secret]),
         "live_url": reverse("share_live", args=[secret]),
         "download_url": reverse("share_adapter", args=[secret]),
+        "metrics_csv_url": reverse("share_metrics_csv", args=[secret]),
+        "metrics_parquet_url": reverse("share_metrics_parquet", args=[secret]),
         "merged_url": reverse("share_merged", args=[secret]),
         "merged_status_url": reverse("share_merged_status", args=[secret]),
     }
@@ -97,3 +100,10 @@ def shared_merged(request, secret: str):
 @require_GET
 def shared_merged_status(request, secret: str):
     return _private(merged_panel(request, _run_context(secret)))
+
+
+@never_cache
+@require_GET
+def shared_metrics_file(request, secret: str, fmt: str):
+    """The shared run's metric points, as its page charts them but every one of them."""
+    return _private(metrics_file_response(_shared_run(secret), fmt))

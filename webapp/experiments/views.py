@@ -20,6 +20,7 @@ from webapp.experiments.forms import (
     SweepForm,
 )
 from webapp.experiments.method_forms import METHOD_FORMS, expand_sweep, method_form_initial
+from webapp.experiments.metric_files import metrics_file_response
 from webapp.experiments.models import RunStatus
 from webapp.experiments.pages import (
     PLOTLY_WEBGL_CSP,
@@ -166,6 +167,8 @@ def _run_context(request, run_id: int) -> dict:
         "page_url": reverse("run_detail", args=[run.id]),
         "live_url": reverse("run_live", args=[run.id]),
         "download_url": reverse("run_adapter_download", args=[run.id]),
+        "metrics_csv_url": reverse("run_metrics_csv", args=[run.id]),
+        "metrics_parquet_url": reverse("run_metrics_parquet", args=[run.id]),
         "merged_url": reverse("run_merged_download", args=[run.id]),
         "merged_build_url": reverse("run_merged_build", args=[run.id]),
         "merged_status_url": reverse("run_merged_status", args=[run.id]),
@@ -355,6 +358,14 @@ def run_tags(request, run_id: int):
 def run_adapter_download(request, run_id: int):
     run = selectors.run_get_for_user(user=request.user, run_id=run_id)
     return adapter_response(run, version=requested_version(request))
+
+
+@login_required
+@require_GET
+def run_metrics_file(request, run_id: int, fmt: str):
+    """Every metric point of the run, as CSV or Parquet (webapp/experiments/metric_files.py)."""
+    run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+    return metrics_file_response(run, fmt)
 
 
 @login_required
