@@ -28,10 +28,10 @@ import torch
 from huggingface_hub import constants as hf_constants
 from tqdm import tqdm
 
-from peft_core import apply, distributed, save_adapter, trainable_parameters
+from peft_core import apply, disabled, distributed, save_adapter, trainable_parameters
 from peft_core.catalogue import CATALOGUE, load_model, model_dir, upstream_name
 from peft_core.checks import ConfigError, settings
-from peft_core.configs import refuse_packing, refuse_quantized
+from peft_core.configs import refuse_fsdp, refuse_packing, refuse_quantized
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
 from peft_core.preflight import PreflightError, refuse_if_too_big
 from peft_core.pretrained import load_config, load_directory, model_tasks
@@ -135,6 +135,13 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
         help="data-parallel processes (1-8), started with torchrun: one per GPU, or N CPU "
         "processes (gloo) with --device cpu; each takes 1/N of every batch",
     )
+    train_parser.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        default=TrainConfig.parallel,
+        help="with --devices 2 or more: ddp (each process holds the whole base) or fsdp (the "
+        "frozen base is split over the processes, for a base that does not fit one device)",
+    )
     train_parser.add_argument("--cache-dir", type=Path, help="model cache (~/.cache/peftlab)")
     train_parser.add_argument(
         "--no-preflight",
@@ -212,6 +219,13 @@ def _check_devices(args: argparse.Namespace, train_config: TrainConfig) -> None:
         raise UsageError(
             f"--devices {args.devices}: only {torch.cuda.device_count()} GPU(s) are visible"
         )
+    try:
+        refuse_fsdp(
+            train_config.parallel, method=args.method, quantize=train_config.quantize,
+            devices=args.devices,
+        )  # fmt: skip
+    except ValueError as error:
+        raise UsageError(f"--parallel {error}") from None
     if args.devices > train_config.batch_size:
         raise UsageError(
             f"--devices {args.devices} needs --batch-size of at least {args.devices}: each "
@@ -245,14 +259,28 @@ def _train_here(args: argparse.Namespace, method_config: Any, train_config: Trai
     if not args.no_preflight:
         _refuse_what_cannot_fit(base, task, labels, train_config, method_config, args.cache_dir)
     dtype = compute_dtype(train_config.precision, DEVICE)
-    model, tokenizer = _load_base(base, task, labels, args.cache_dir, dtype, train_config.quantize)
-    if train_config.quantize == "none":  # a quantised base is placed as it loads
-        model.to(DEVICE)
-    base_metrics = evaluate(
-        model, tokenizer, task=task, rows=val_rows, config=train_config, label_names=labels
-    )
-    torch.manual_seed(train_config.seed)  # the adapter's initialisation, the same on each rank
-    apply(model, with_tokenizer(method_config, tokenizer))
+    evaluation = {"task": task, "rows": val_rows, "config": train_config, "label_names": labels}
+    if train_config.parallel == "fsdp":  # the base is split over the ranks, then evaluated
+
+        def load_and_shard():
+            model, tokenizer = _load_base(base, task, labels, args.cache_dir, dtype)
+            torch.manual_seed(train_config.seed)
+            apply(model, with_tokenizer(method_config, tokenizer))
+            distributed.shard_base(model, DEVICE)
+            return model, tokenizer
+
+        model, tokenizer = distributed.in_turn(load_and_shard)
+        with disabled(model):
+            base_metrics = evaluate(model, tokenizer, **evaluation)
+    else:
+        model, tokenizer = _load_base(
+            base, task, labels, args.cache_dir, dtype, train_config.quantize
+        )
+        if train_config.quantize == "none":  # a quantised base is placed as it loads
+            model.to(DEVICE)
+        base_metrics = evaluate(model, tokenizer, **evaluation)
+        torch.manual_seed(train_config.seed)  # the adapter's initialisation, equal on each rank
+        apply(model, with_tokenizer(method_config, tokenizer))
     if not here.is_main:  # a data-parallel helper: trains its share, writes nothing
         train(
             model, tokenizer, task=task, train_rows=train_rows, val_rows=val_rows,
@@ -260,6 +288,9 @@ def _train_here(args: argparse.Namespace, method_config: Any, train_config: Trai
         )  # fmt: skip
         return 0
     ranks = f" on {here.size} processes ({DEVICE.type})" if here.parallel else ""
+    if distributed.is_sharded(model):
+        held, whole = distributed.held_here(model)
+        ranks += f", FSDP: this process holds {held:,} of the base's {whole:,} split weights"
     print(
         f"{args.model} + {args.method}: {trainable_parameters(model):,} trainable parameters{ranks}"
     )
@@ -364,7 +395,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             schedule=args.schedule, attn=args.attn, grad_accum=args.grad_accum,
             gradient_checkpointing=args.gradient_checkpointing, grad_clip=args.max_grad_norm,
             early_stop_patience=args.early_stop_patience, quantize=args.quantize,
-            packing=args.packing,
+            packing=args.packing, parallel=args.parallel,
         )  # fmt: skip
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -472,7 +503,7 @@ def _refuse_what_cannot_fit(
     try:
         refuse_if_too_big(
             directory, train_config, method_config, str(DEVICE),
-            task=task, num_labels=len(labels or ()) or 2,
+            task=task, num_labels=len(labels or ()) or 2, devices=distributed.world().size,
         )  # fmt: skip
     except PreflightError as error:
         raise UsageError(f"{error} (--no-preflight to try anyway)") from None

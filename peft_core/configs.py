@@ -73,6 +73,29 @@ def refuse_quantized(method: str, quantize: str) -> None:
         )
 
 
+# The methods FSDP trains (TrainConfig.parallel = "fsdp"; peft_core.distributed.shard_base):
+# each was trained on 2 ranks and matched 1 process (tests/peft_core/test_distributed.py).
+FSDP_METHODS = ("lora", "dora", "ia3", "prompt", "prefix", "bottleneck", "mam")
+
+
+def refuse_fsdp(parallel: str, *, method: str, quantize: str, devices: int) -> None:
+    """FSDP (TrainConfig.parallel) is refused, saying why, where it cannot train the run."""
+    if parallel != "fsdp":
+        return
+    if devices < 2:
+        why = "fsdp splits the base over several devices: ask for 2 or more devices, or use ddp"
+    elif quantize != "none":
+        why = (
+            f"fsdp cannot split a {quantize} base (bitsandbytes' packed weights): use ddp, or "
+            "fsdp with quantize none"
+        )
+    elif method not in FSDP_METHODS:
+        why = f"fsdp trains {', '.join(FSDP_METHODS)}; {method} trains with ddp"
+    else:
+        return
+    raise ConfigError("parallel", why)
+
+
 def refuse_packing(packing: bool, *, method: str | None = None, task: str | None = None) -> None:
     """Packing (TrainConfig.packing) is refused, saying why, for a task or a method whose
     examples cannot share a row; each caller passes what it knows. The model itself is
@@ -520,6 +543,10 @@ PRECISIONS = (
     ("bf16", "bf16"),
     ("fp16", "fp16 (with a gradient scaler)"),
 )
+PARALLELS = (
+    ("ddp", "Data parallel (DDP): every device holds the whole base"),
+    ("fsdp", "Fully sharded (FSDP): the base's weights split over the devices"),
+)
 ATTENTIONS = (
     ("auto", "The model's default (SDPA where it has it)"),
     ("sdpa", "SDPA (PyTorch's fused attention)"),
@@ -631,6 +658,16 @@ class TrainConfig:
         "attending only to itself with its positions restarting, so a batch is nearly free "
         "of padding; batch_size then counts rows. Evaluation stays unpacked.",
         kind=bool,
+    )
+    parallel: str = setting(
+        "ddp",
+        "Over several devices",
+        "How a run over 2 or more devices splits the work. ddp: every device holds the whole "
+        "base and trains a share of each batch. fsdp: the frozen base's weights are split "
+        "over the devices (FSDP), for a base that does not fit one; the adapter stays whole "
+        "on each. Both train the adapter one process would.",
+        kind=str,
+        choices=PARALLELS,
     )
     early_stop_patience: int = setting(
         0,

@@ -26,13 +26,21 @@ Launch with `torchrun --standalone --nproc-per-node N` (peft_core.cli does it fo
 """
 
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+T = TypeVar("T")
+
+# How long a collective waits for the slowest rank: FSDP's ranks load the base in turn.
+TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,9 @@ def init_from_torchrun(device_type: str) -> torch.device:
     local_rank = int(os.environ["LOCAL_RANK"])
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl")
+        dist.init_process_group(backend="nccl", timeout=TIMEOUT)
         return torch.device("cuda", local_rank)
-    dist.init_process_group(backend="gloo")
+    dist.init_process_group(backend="gloo", timeout=TIMEOUT)
     return torch.device("cpu")
 
 
@@ -165,3 +173,80 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], here: World) -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(summed)
+
+
+# ---- FSDP: the frozen base sharded over the ranks --------------------------------------------
+#
+# DDP (above) keeps a whole base on every device. With `parallel="fsdp"` the frozen base's
+# weights are split over the ranks with torch's FSDP2 (`fully_shard`): one group per
+# transformer block and one for the rest (embeddings, final norm, head), so a device holds
+# 1/N of the base plus one block's weights at a time, gathered for its forward and backward.
+# The adapter's own tensors are left out of the sharding (`ignored_params`): they are a few
+# MB, every rank keeps them whole, and the DDP machinery above (token-weighted loss, summed
+# gradients, one optimizer step on every rank, checkpoints and adapters as plain tensors)
+# applies to them unchanged. FSDP's collectives need every rank in every forward, so under
+# FSDP a rank without rows in a micro-batch runs one row with zero weight (`idle_rows`).
+#
+# Which methods: those whose adapter lives inside the blocks or beside the model's inputs
+# and whose initialisation reads no base weight after sharding. A quantised base is refused
+# (bitsandbytes' packed weights cannot be split by FSDP): configs.refuse_fsdp says which.
+
+
+def adapter_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The tensors FSDP leaves whole: trainable ones and any the adapter owns."""
+    from peft_core.model import adapter_key_map
+
+    owned = set(adapter_key_map(model).values())
+    return {
+        param
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param.requires_grad or name in owned
+    }
+
+
+def shard_base(model: torch.nn.Module, device: torch.device) -> None:
+    """Split `model`'s frozen base over the ranks (FSDP2, one group per block) and move it,
+    adapter included, to `device`. Call on every rank, after the adapter is applied."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from peft_core.graph import find_blocks
+
+    # The model's output under the chunked loss is its hidden state passed through (a view);
+    # FSDP warns that an in-place op on it would skip a hook. peft_core does none.
+    warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (world().size,))
+    whole = adapter_parameters(model)
+    blocks, _ = find_blocks(model)
+    for block in model.get_submodule(blocks):
+        fully_shard(block, mesh=mesh, ignored_params=whole & set(block.parameters()))
+    fully_shard(model, mesh=mesh, ignored_params=whole)
+    model.to(device)  # the adapter's tensors and the buffers; the shards are there already
+
+
+def in_turn(load: Callable[[], T]) -> T:
+    """`load()` on one rank after another, rank 0 first: a rank that loads a whole base and
+    shards it (shard_base) frees the rest before the next starts, so the host holds one
+    whole base at a time, not one per rank."""
+    here = world()
+    result = None
+    for rank in range(here.size):
+        if rank == here.rank:
+            result = load()
+        if here.parallel:
+            dist.barrier()
+    return result
+
+
+def held_here(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements in all) of the model's split (FSDP) weights."""
+    from torch.distributed.tensor import DTensor
+
+    split = [p for p in model.parameters() if isinstance(p, DTensor)]
+    return sum(p.to_local().numel() for p in split), sum(p.numel() for p in split)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

@@ -5,11 +5,16 @@ is applied there (the exact trainable count and the adapted modules), and the pe
 
     peak = weights + state + max(activations + logits, optimizer step) + workspace
 
+per device; a run over D devices gives each ⌈b/D⌉ rows of a batch of b.
+
     weights      N_q·q + (N − N_q)·e             N base parameters, N_q of them in the blocks'
                                                   Linear weights, q bytes each once quantised
                                                   (nf4 ≈ 0.52: 4 bits + absmax per 64; int8 1 +
                                                   a fp32 scale per row), e = 4 (fp32) or 2
                                                   (bf16/fp16), the dtype the base is loaded in
+                 (N_q/D + 2·N_q/L + N − N_q)·e    under FSDP over D devices: each holds 1/D of
+                                                  the blocks, two blocks gathered at a time
+                                                  (one prefetched) and the rest whole
     state        N_t·(4 + 4 + 8) (+ 2·N_t)        fp32 trainable weights (the master copy), their
                                                   gradients, AdamW's two moments (+ autocast's
                                                   half copy of them under bf16/fp16)
@@ -137,6 +142,8 @@ class Settings:
     attn: str = "sdpa"  # sdpa, eager, flash
     device: str = "cpu"  # cpu, cuda
     lora_dropout: bool = False  # LoRA/DoRA with dropout > 0
+    devices: int = 1  # processes of one run; batch_size above is one device's share
+    sharded: bool = False  # FSDP: the blocks' weights split over the devices
 
     @property
     def e(self) -> int:
@@ -228,6 +235,9 @@ def _tokens(f: ModelFacts, s: Settings) -> tuple[int, int]:
 
 
 def _weights(f: ModelFacts, s: Settings) -> int:
+    if s.sharded:  # 1/devices of the blocks, two blocks gathered (one prefetched), the rest
+        blocks = f.quantizable / s.devices + 2 * f.quantizable / max(1, f.layers)
+        return int((blocks + f.parameters - f.quantizable) * s.e)
     if s.quantize == "none":
         return f.parameters * s.e
     packed = f.quantizable * QUANT_BYTES[s.quantize]
@@ -548,13 +558,18 @@ def _input_role(path: str, places: Any) -> str:
 # ---- a run -----------------------------------------------------------------------------------
 
 
-def settings_for(train_config: TrainConfig, device: str, method_config: Any = None) -> Settings:
-    """A TrainConfig's memory settings, with precision and attention resolved for `device`."""
+def settings_for(
+    train_config: TrainConfig, device: str, method_config: Any = None, devices: int = 1
+) -> Settings:
+    """A TrainConfig's memory settings for one of `devices` devices, with precision and
+    attention resolved for `device`."""
     from peft_core.train import resolve_precision
 
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
     return Settings(
-        batch_size=train_config.batch_size,
+        batch_size=-(-train_config.batch_size // devices),  # the largest share of a batch
+        devices=devices,
+        sharded=devices > 1 and train_config.parallel == "fsdp",
         max_length=train_config.max_length,
         grad_accum=train_config.grad_accum,
         gradient_checkpointing=train_config.gradient_checkpointing,
@@ -585,11 +600,13 @@ def estimate_for_run(
     *,
     task: str = "causal-lm",
     num_labels: int = 2,
+    devices: int = 1,
 ) -> Estimate:
     """The estimate for training `method_config` on `model` (a directory in HF layout, or its
-    config) with `train_config` on `device` ("cpu", "cuda", "cuda:1")."""
+    config) with `train_config` on `device` ("cpu", "cuda", "cuda:1"): per device of a run
+    over `devices`."""
     facts = model_facts(load_model_config(model), method_config, task=task, num_labels=num_labels)
-    return estimate(facts, settings_for(train_config, device, method_config))
+    return estimate(facts, settings_for(train_config, device, method_config, devices))
 
 
 def refuse_if_too_big(
@@ -600,11 +617,13 @@ def refuse_if_too_big(
     *,
     task: str = "causal-lm",
     num_labels: int = 2,
+    devices: int = 1,
 ) -> Estimate:
     """The estimate, or PreflightError when it does not fit the device's free memory now."""
     est = estimate_for_run(
-        model, train_config, method_config, device, task=task, num_labels=num_labels
-    )
+        model, train_config, method_config, device, task=task, num_labels=num_labels,
+        devices=devices,
+    )  # fmt: skip
     check(est, device)
     return est
 

@@ -242,13 +242,19 @@ def evaluate_examples(
         max_batches=config.eval_batches,
     )
     here = distributed.world()
-    for batch in batches:
-        batch = distributed.rows_of(batch, here)  # all of it in one process
-        if batch["input_ids"].shape[0] == 0:
+    sharded = distributed.is_sharded(model)
+    for whole in batches:
+        batch = distributed.rows_of(whole, here)  # all of it in one process
+        idle = batch["input_ids"].shape[0] == 0
+        if idle and not sharded:
             continue
+        if idle:  # FSDP gathers weights in every rank's forward: run one row, count nothing
+            batch = {name: tensor[:1] for name, tensor in whole.items()}
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with autocast(config, device):
             batch_loss, batch_count, batch_correct = _summed_loss(model, batch)
+        if idle:
+            continue
         loss_sum, count, correct = (
             loss_sum + batch_loss,
             count + batch_count,
@@ -504,27 +510,33 @@ class _Loop:
         tokens over all ranks; the gradients then summed across ranks, so every rank holds
         what one process would have from the whole batch (peft_core.distributed)."""
         here = self.world
+        sharded = distributed.is_sharded(self.model)  # FSDP: every rank in every forward
         batches = [packing.model_batch(distributed.rows_of(batch, here)) for batch in micro]
         totals = distributed.sum_across(
             [supervised_count(batch) for batch in batches], here, self.device
         )
         shares: list[float] = []
         for whole, batch, total in zip(micro, batches, totals, strict=True):
-            if batch["labels"].shape[0] == 0 or total == 0:
+            idle = batch["labels"].shape[0] == 0
+            if total == 0 or (idle and not sharded):
                 shares.append(0.0 if total else math.nan)
                 continue
+            if idle:  # one row of the batch, weighted 0: it adds nothing to any gradient
+                batch = {k: v[:1] for k, v in packing.model_batch(whole).items()}
             batch = {k: v.to(self.device) for k, v in batch.items()}
             rows = whole["input_ids"].shape[0]
-            with (
-                autocast(self.config, self.device),
-                distributed.drawing_for_whole_batch(rows, here),
-            ):
-                loss = share_loss(self.model, batch, round(total))
-            shares.append(loss.item())
-            if not math.isfinite(shares[-1]):
-                break
-            scaled = loss / len(micro)
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            # The backward too draws its masks for the whole batch: under gradient
+            # checkpointing it recomputes the forward, dropout masks included.
+            with distributed.drawing_for_whole_batch(rows, here):
+                with autocast(self.config, self.device):
+                    loss = share_loss(self.model, batch, round(total))
+                if idle:
+                    loss = loss * 0.0
+                shares.append(loss.item())
+                if not math.isfinite(shares[-1]) and not sharded:
+                    break
+                scaled = loss / len(micro)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         shares += [math.nan] * (len(micro) - len(shares))  # a micro-batch not reached
         losses = distributed.sum_across(shares, here, self.device)
         distributed.sum_gradients(self.params, here)

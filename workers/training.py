@@ -26,7 +26,7 @@ from peft_core.checkpoint import (
     checkpoint_to_files,
 )
 from peft_core.checks import ConfigError
-from peft_core.configs import refuse_packing, refuse_quantized
+from peft_core.configs import refuse_fsdp, refuse_packing, refuse_quantized
 from peft_core.data import DatasetError, label_names, split_rows
 from peft_core.preflight import PreflightError, check, estimate_for_run, free_memory
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
@@ -49,7 +49,7 @@ from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, 
 from workers import cache as model_cache
 from workers import drain, ranks, system
 from workers.cache import base_model_copy
-from workers.models import upstream_of, weights_directory, weights_key, weights_of
+from workers.models import load_weights, upstream_of, weights_directory, weights_key, weights_of
 
 logger = logging.getLogger(__name__)
 
@@ -357,19 +357,26 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     try:
         refuse_quantized(run.method, config.quantize)
         refuse_packing(config.packing, method=run.method, task=task)
+        refuse_fsdp(
+            config.parallel, method=run.method, quantize=config.quantize, devices=run.devices
+        )
     except ValueError as exc:
         raise RunConfigError(str(exc)) from exc
     if settings.PREFLIGHT:
         _preflight(run, callbacks, weights, config, task, len(labels or ()) or 2)
-    model, tokenizer = base_model_copy(
-        weights, task, len(labels or ()) or 2, device=DEVICE, dtype=dtype, quantize=config.quantize
-    )
-    try:
-        method_config = peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)
-    except (TypeError, ValueError) as exc:
-        raise RunConfigError(str(exc)) from exc
-    torch.manual_seed(config.seed)  # the adapter's random init: the same run, the same weights
-    model = peft_core.apply(model, method_config)
+    num_labels = len(labels or ()) or 2
+    if config.parallel == "fsdp":  # each rank in turn: loaded on the CPU, adapted, split
+        model, tokenizer = distributed.in_turn(
+            lambda: _sharded_model(run, weights, task, num_labels, dtype, config.seed)
+        )
+        callbacks.on_log(f"the base is split over {run.devices} processes (FSDP)")
+    else:
+        model, tokenizer = base_model_copy(
+            weights, task, num_labels, device=DEVICE, dtype=dtype, quantize=config.quantize
+        )
+        method_config = _method_config(run, tokenizer)
+        torch.manual_seed(config.seed)  # the adapter's random init: the same run, same weights
+        model = peft_core.apply(model, method_config)
     evaluation = {"task": task, "rows": val_rows, "config": config, "label_names": labels}
     callbacks.on_log(f"{peft_core.trainable_parameters(model):,} trainable parameters")
     callbacks.on_log("evaluating the base model on the validation split")
@@ -422,13 +429,34 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     peak_mb = callbacks.memory.peak_mb()
     callbacks.flush_until_written()
     adapter_bytes = _store_adapter(run, callbacks.fence, model)
-    callbacks.on_log("measuring inference latency and sample answers")
-    callbacks.flush()
-    profile = _profile(model, tokenizer, task, val_rows, result, adapter_bytes, peak_mb)
+    if distributed.is_sharded(model):  # rank 0 cannot run the split model alone
+        callbacks.on_log("inference latency and sample answers are not measured under FSDP")
+        profile = _sizes(model, adapter_bytes) | _training_figures(result, peak_mb)
+    else:
+        callbacks.on_log("measuring inference latency and sample answers")
+        callbacks.flush()
+        profile = _profile(model, tokenizer, task, val_rows, result, adapter_bytes, peak_mb)
     summary = {f"base_{key}": value for key, value in base_metrics.items()} | final_metrics
     callbacks.on_log(f"done: {_format(final_metrics)}")
     callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
     return "succeeded"
+
+
+def _method_config(run: Run, tokenizer):
+    try:
+        return peft_core.build_config(run.method, run.method_config, tokenizer=tokenizer)
+    except (TypeError, ValueError) as exc:
+        raise RunConfigError(str(exc)) from exc
+
+
+def _sharded_model(run: Run, weights: dict, task: str, num_labels: int, dtype, seed: int):
+    """FSDP: the base loaded on the CPU for this run alone (not the shared cache, whose whole
+    copy would stay in memory), adapted, then split over the ranks and moved to the device."""
+    model, tokenizer = load_weights(weights, task, num_labels=num_labels, dtype=dtype)
+    torch.manual_seed(seed)
+    model = peft_core.apply(model, _method_config(run, tokenizer))
+    distributed.shard_base(model, torch.device(DEVICE))
+    return model, tokenizer
 
 
 def _release(run: Run, callbacks: "RunCallbacks", step: int) -> str:
@@ -455,8 +483,9 @@ def _preflight(
     directory = weights_directory(weights)  # ModelSourceError: the run fails as model
     try:
         estimate = estimate_for_run(
-            directory, config, method_config, DEVICE, task=task, num_labels=labels
-        )
+            directory, config, method_config, DEVICE, task=task, num_labels=labels,
+            devices=run.devices,
+        )  # fmt: skip
         check(estimate, DEVICE, free_memory(DEVICE) + model_cache.cached_bytes())
     except PreflightError as exc:
         raise RunConfigError(str(exc)) from exc
@@ -523,8 +552,6 @@ def _store_adapter(run: Run, fence: int, model) -> int:
 
 def _profile(model, tokenizer, task, val_rows, result, adapter_bytes: int, peak_mb: float) -> dict:
     """What the adapter costs and gives, measured on this worker after training."""
-    trainable = peft_core.trainable_parameters(model)
-    total = sum(p.numel() for p in model.parameters())
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, tokenizer.vocab_size, PROFILE_BATCH, generator=generator)
     batch = {
@@ -533,14 +560,8 @@ def _profile(model, tokenizer, task, val_rows, result, adapter_bytes: int, peak_
     }
     latency = inference_latency(model, batch)
     profile = {
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
-        "adapter_bytes": adapter_bytes,
-        "peak_memory_mb": peak_mb,
-        "memory_kind": "cuda" if DEVICE == "cuda" else "rss",
-        "wall_s": result.wall_s,
-        "tokens_per_s": result.tokens / result.wall_s if result.wall_s else 0.0,
+        **_sizes(model, adapter_bytes),
+        **_training_figures(result, peak_mb),
         "mergeable": "merged_ms" in latency,
         "latency_batch": list(PROFILE_BATCH),
         **latency,
@@ -549,6 +570,26 @@ def _profile(model, tokenizer, task, val_rows, result, adapter_bytes: int, peak_
     if task == "causal-lm":
         profile["samples"] = sample_generations(model, tokenizer, val_rows[:SAMPLE_PROMPTS])
     return profile
+
+
+def _sizes(model, adapter_bytes: int) -> dict:
+    trainable = peft_core.trainable_parameters(model)
+    total = sum(p.numel() for p in model.parameters())  # a split (FSDP) tensor counts whole
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "adapter_bytes": adapter_bytes,
+    }
+
+
+def _training_figures(result, peak_mb: float) -> dict:
+    return {
+        "peak_memory_mb": peak_mb,
+        "memory_kind": "cuda" if torch.device(DEVICE).type == "cuda" else "rss",
+        "wall_s": result.wall_s,
+        "tokens_per_s": result.tokens / result.wall_s if result.wall_s else 0.0,
+    }
 
 
 def _format(metrics: dict) -> str:

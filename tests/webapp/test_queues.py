@@ -180,10 +180,36 @@ def test_a_sweep_applies_its_placement_to_every_run(cast, api):
     assert sorted(runs.values_list("devices", "gpu_class", "priority")) == [(2, "any", 5)] * 2
 
 
+def test_fsdp_is_judged_with_the_devices_and_base_it_splits(cast, api):
+    body = {
+        "base_model": "tiny-llama",
+        "dataset": cast.datasets["sample-instructions"].id,
+        "method": "lora",
+        "train_config": {"parallel": "fsdp"},
+    }
+    one_device = api(cast.bob).post(reverse("api-runs"), body, format="json")
+    assert one_device.status_code == 400
+    assert "ask for 2 or more devices" in str(one_device.json())
+    nf4 = body | {"devices": 2, "train_config": {"parallel": "fsdp", "quantize": "nf4"}}
+    quantised = api(cast.bob).post(reverse("api-runs"), nf4, format="json")
+    assert quantised.status_code == 400
+    assert "cannot split a nf4 base" in str(quantised.json())
+    assert not Run.objects.exists()
+    sweep = {k: v for k, v in body.items() if k != "method"} | {
+        "methods": ["lora", "mam"],
+        "devices": 2,
+    }
+    response = api(cast.bob).post(reverse("api-sweeps"), sweep, format="json")
+    assert response.status_code == 201, response.json()
+    runs = Run.objects.filter(sweep_id=response.json()["id"])
+    assert [run.train_config["parallel"] for run in runs] == ["fsdp", "fsdp"]
+
+
 def test_the_launch_form_and_the_run_page_show_them(cast, client):
     client.force_login(cast.bob)
     form = client.get(reverse("run_new")).content.decode()
     assert 'name="devices"' in form and 'name="gpu_class"' in form and 'name="priority"' in form
+    assert 'name="parallel"' in form and "Fully sharded (FSDP)" in form
     run = _launch(cast, devices=2, gpu_class="a100", priority=7)
     page = client.get(reverse("run_detail", args=[run.id])).content.decode()
     assert "<dt>devices</dt><dd><code>2</code></dd>" in page

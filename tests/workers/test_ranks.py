@@ -16,7 +16,7 @@ TRAIN = {"steps": 4, "batch_size": 4, "max_length": 32, "eval_every": 2, "seed":
          "checkpoint_every": 2}  # fmt: skip
 
 
-def _run(cast, devices: int) -> Run:
+def _run(cast, devices: int, **train) -> Run:
     return Run.objects.create(
         project=cast.acme_project,
         name=f"on {devices}",
@@ -25,7 +25,7 @@ def _run(cast, devices: int) -> Run:
         dataset=cast.datasets["sample-instructions"],
         method="lora",
         method_config={"r": 4, "alpha": 8},  # LoRA's default dropout (0.05) stays on
-        train_config=TRAIN,
+        train_config=TRAIN | train,
         total_steps=TRAIN["steps"],
         devices=devices,
     )
@@ -36,11 +36,23 @@ def _weights(run: Run) -> dict:
     return load(files["adapter_model.safetensors"])
 
 
-def test_a_two_device_run_trains_on_two_ranks_like_one(cast, monkeypatch):
+def test_a_two_device_run_trains_on_two_ranks_like_one(cast, monkeypatch, client):
+    """DDP (whole bases) and FSDP (the base split over the ranks) alike."""
     monkeypatch.setenv("DATABASE_URL", database_env()["DATABASE_URL"])  # the ranks' database
     two, one = _run(cast, 2), _run(cast, 1)
+    split = _run(cast, 2, parallel="fsdp")
     assert execute_run(two.id, worker="w:1") == RunStatus.SUCCEEDED
     assert execute_run(one.id, worker="w:1") == "succeeded"
+    assert execute_run(split.id, worker="w:1") == "succeeded"
+    split.refresh_from_db()
+    assert "the base is split over 2 processes (FSDP)" in split.log
+    assert "not measured under FSDP" in split.log
+    assert split.profile["trainable_params"] > 0 and "base_ms" not in split.profile
+    first, second = _weights(split), _weights(one)
+    assert max((first[k] - second[k]).abs().max().item() for k in first) <= 1e-4
+    client.force_login(cast.alice)
+    page = client.get(f"/runs/{split.id}/")
+    assert page.status_code == 200 and "fsdp" in page.content.decode()
     two.refresh_from_db()
     assert two.status == RunStatus.SUCCEEDED, two.log
     assert "training on 2 processes" in two.log

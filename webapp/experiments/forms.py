@@ -6,7 +6,7 @@ from django.template.defaultfilters import filesizeformat
 
 from peft_core.catalogue import CATALOGUE
 from peft_core.checks import ConfigError, config_field
-from peft_core.configs import TrainConfig, refuse_packing, refuse_quantized
+from peft_core.configs import TrainConfig, refuse_fsdp, refuse_packing, refuse_quantized
 from webapp.experiments.method_forms import method_choices, settings_field
 from webapp.experiments.models import TaskType
 from webapp.experiments.queue import ANY_CLASS, GPU_CLASS_PATTERN, MAX_DEVICES
@@ -14,7 +14,7 @@ from webapp.registry.selectors import launch_model_choices, model_for_team
 
 ADVANCED_TRAINING = (
     "schedule", "warmup_steps", "grad_accum", "gradient_checkpointing", "precision",
-    "quantize", "attn", "packing", "grad_clip", "early_stop_patience", "seed",
+    "quantize", "attn", "packing", "grad_clip", "early_stop_patience", "seed", "parallel",
 )  # fmt: skip
 
 
@@ -105,6 +105,7 @@ class LaunchForm(forms.Form):
     grad_clip = settings_field(TrainConfig, "grad_clip")
     early_stop_patience = settings_field(TrainConfig, "early_stop_patience")
     seed = settings_field(TrainConfig, "seed")
+    parallel = settings_field(TrainConfig, "parallel")
 
     # Where it runs (Advanced): the worker's queue is a function of these (queue.run_queue).
     devices = forms.IntegerField(
@@ -165,9 +166,18 @@ class LaunchForm(forms.Form):
             try:
                 config = TrainConfig(**self.train_config())
                 refuse_packing(config.packing, task=cleaned["dataset"].task)
+                devices = cleaned.get("devices") or PLACEMENT_DEFAULTS["devices"]
+                for method in self.launched_methods(cleaned):
+                    refuse_fsdp(
+                        config.parallel, method=method, quantize=config.quantize, devices=devices
+                    )
             except ConfigError as error:
                 self.add_error(error.field if error.field in self.fields else None, str(error))
         return cleaned
+
+    def launched_methods(self, cleaned: dict) -> list[str]:
+        """The methods this form launches (a run's one, a sweep's several)."""
+        return []
 
     def train_config(self) -> dict:
         """The run's TrainConfig fields; an advanced setting left at its default is left out,
@@ -204,6 +214,9 @@ class RunForm(LaunchForm):
         "small add-on is trained. Its own settings follow.",
     )
 
+    def launched_methods(self, cleaned: dict) -> list[str]:
+        return [cleaned["method"]] if cleaned.get("method") else []
+
     def clean(self):
         cleaned = super().clean()
         if cleaned.get("method") and not self.errors:
@@ -232,6 +245,9 @@ class SweepForm(LaunchForm):
         "linear, cosine, or train.learning_rate = 1e-4, 3e-4). Fields not listed keep the "
         "defaults.",
     )
+
+    def launched_methods(self, cleaned: dict) -> list[str]:
+        return list(cleaned.get("methods") or ())
 
     def clean_grid(self) -> dict[str, list[str]]:
         try:
