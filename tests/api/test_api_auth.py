@@ -26,7 +26,11 @@ def _endpoints(cast, make_run) -> list[tuple[str, str, list]]:
     by_run = [("get", "api-run"), ("delete", "api-run"), ("post", "api-run-cancel")]
     by_run += [("get", "api-run-metrics"), ("post", "api-run-metrics")]
     by_run += [("get", "api-run-metrics-csv"), ("get", "api-run-metrics-parquet")]
-    by_run += [("post", "api-run-finish"), ("get", "api-run-artifacts")]
+    by_run += [
+        ("post", "api-run-finish"),
+        ("get", "api-run-artifacts"),
+        ("post", "api-run-artifacts"),
+    ]
     by_run += [("get", "api-run-merged")]
     return [
         *[("get", name, []) for name in plain],

@@ -303,7 +303,7 @@ def test_run_json_is_plain_json(cast, api, make_run):
     expected |= {"error", "failure_class", "attempt", "summary", "tags", "notes", "external"}
     expected |= {"created_by", "created_at"}
     expected |= {"started_at", "finished_at", "latest", "devices", "gpu_class", "priority"}
-    expected |= {"lineage"}
+    expected |= {"lineage", "profile"}
     assert set(data) == expected
     assert data["dataset"] == {"id": run.dataset_id, "name": "sample-instructions"}
     assert (data["summary"], data["progress"], data["sweep"]) == ({"eval_loss": 1.25}, 0, None)

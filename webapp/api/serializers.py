@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
@@ -13,6 +14,14 @@ from rest_framework import serializers
 
 from webapp.api.selectors import LATEST_KEYS
 from webapp.experiments.downsample import DEFAULT_MAX_POINTS
+from webapp.experiments.external import (
+    CONFIG_MAX_BYTES,
+    CONFIG_MAX_DEPTH,
+    FILE_NAME_MAX_CHARS,
+    PROFILE_MAX,
+    config_check,
+    profile_merge,
+)
 from webapp.experiments.forms import MAX_GRID_LINES, MAX_GRID_VALUES
 from webapp.experiments.metrics import MAX_INGEST_POINTS
 from webapp.experiments.models import (
@@ -183,10 +192,19 @@ class RunSerializer(serializers.ModelSerializer):
 
     url = serializers.SerializerMethodField()
     project = ProjectSerializer(read_only=True)
-    dataset = DatasetRefSerializer(read_only=True)
+    dataset = DatasetRefSerializer(
+        read_only=True, allow_null=True, help_text="null: a run trained elsewhere named none."
+    )
     method_config = serializers.DictField(read_only=True)
     train_config = serializers.DictField(read_only=True)
     summary = serializers.DictField(read_only=True)
+    profile = serializers.DictField(
+        read_only=True,
+        help_text="What it costs: trainable_params, total_params, trainable_percent, "
+        "adapter_bytes (measured by the worker for a launched run, reported by the script "
+        "for one trained elsewhere), and for launched runs memory, throughput and latency; "
+        "a key nobody measured is absent.",
+    )
     # Recorded at claim: package versions, git sha, GPUs, host, seed, base model and dataset
     # hashes (webapp/experiments/lineage.py); {} until a worker takes the run.
     lineage = serializers.DictField(read_only=True)
@@ -199,7 +217,7 @@ class RunSerializer(serializers.ModelSerializer):
         model = Run
         fields = ["id", "name", "url", "project", "sweep", "base_model", "dataset", "method"]
         fields += ["method_config", "train_config", "status", "step", "total_steps", "progress"]
-        fields += ["error", "failure_class", "summary", "tags", "notes", "external"]
+        fields += ["error", "failure_class", "summary", "profile", "tags", "notes", "external"]
         fields += ["created_by", "created_at", "started_at", "finished_at", "attempt", "latest"]
         fields += ["lineage"]
         fields += ["devices", "gpu_class", "priority"]
@@ -300,6 +318,132 @@ class RunCreateSerializer(LaunchSerializer):
 
     def validate_method_config(self, value: dict) -> dict:
         return _bounded(value)
+
+
+class ProfileSchemaSerializer(serializers.Serializer):
+    """For the schema: what a script may report of its run's size (external.PROFILE_KEYS)."""
+
+    trainable_params = serializers.IntegerField(
+        min_value=0, max_value=PROFILE_MAX, required=False, help_text="Parameters trained."
+    )
+    total_params = serializers.IntegerField(
+        min_value=0, max_value=PROFILE_MAX, required=False, help_text="Parameters in all."
+    )
+    adapter_bytes = serializers.IntegerField(
+        min_value=0,
+        max_value=PROFILE_MAX,
+        required=False,
+        help_text="The saved adapter's size; an adapter uploaded to the run sets it.",
+    )
+
+
+@extend_schema_field(ProfileSchemaSerializer)
+class ProfileField(serializers.DictField):
+    """The numbers a script reports, judged by external.profile_merge: only its keys, each a
+    non-negative integer (JSON true or "5" are refused), trainable_params ≤ total_params."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        try:
+            profile_merge({}, value)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+        return value
+
+
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class ConfigField(serializers.DictField):
+    """Any JSON object within external.config_check's bounds."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        try:
+            return config_check(value, label=self.field_name)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+
+
+def _summary_check(value: dict) -> dict:
+    if len(json.dumps(value)) > MAX_SUMMARY_CHARS:
+        raise serializers.ValidationError(f"At most {MAX_SUMMARY_CHARS:,} characters of JSON.")
+    return value
+
+
+class ExternalRunCreateSerializer(serializers.Serializer):
+    """A run trained elsewhere, free form: no worker takes it, the script feeds its metrics
+    (POST metrics/), may upload files (POST artifacts/) and ends it (POST finish/)."""
+
+    external = serializers.BooleanField(help_text="true: a run trained elsewhere.")
+    project = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_ID,
+        required=False,
+        allow_null=True,
+        help_text="Default: the first project where you may launch.",
+    )
+    name = serializers.CharField(
+        max_length=120,
+        required=False,
+        allow_blank=True,
+        help_text='Default: "<method> on <base_model>".',
+    )
+    base_model = serializers.CharField(
+        max_length=200,
+        help_text="Any name. One that refers to a ready model of the project's team or a "
+        "bundled one (its name, a bundled model's Hub id, a registered model's Hub id, "
+        "id@revision or directory) is linked to it, and the run records the registry's name; "
+        "any other is kept as given.",
+    )
+    method = serializers.CharField(
+        max_length=60,
+        help_text='Any name, e.g. "full", "lora", "qlora", "galore". One of GET /methods/ '
+        "keeps PEFT Lab's meaning (title, mergeable).",
+    )
+    method_config = ConfigField(
+        required=False,
+        default=dict,
+        help_text=f"Any JSON object: at most {CONFIG_MAX_BYTES:,} bytes serialised, "
+        f"{CONFIG_MAX_DEPTH} levels deep.",
+    )
+    train_config = ConfigField(
+        required=False,
+        default=dict,
+        help_text="As method_config. `steps` (or a positive `max_steps`) is the run's total "
+        "steps for its progress bar.",
+    )
+    dataset = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_ID,
+        required=False,
+        allow_null=True,
+        help_text="A dataset of the project's team or a built-in one; omitted or null: none.",
+    )
+    tags = serializers.ListField(
+        child=serializers.CharField(max_length=50),
+        max_length=20,
+        required=False,
+        default=list,
+        help_text="Up to 20 tags of 1 to 50 characters.",
+    )
+    summary = serializers.DictField(
+        required=False,
+        default=dict,
+        help_text=f'Final numbers so far, e.g. {{"eval_loss": 0.9}}; at most '
+        f"{MAX_SUMMARY_CHARS:,} characters of JSON. finish/ may replace it.",
+    )
+    profile = ProfileField(
+        required=False,
+        default=dict,
+        help_text="The run's size for the trade-off table and compare page; finish/ may add to it.",
+    )
+
+    def validate_external(self, value: bool) -> bool:
+        if not value:
+            raise serializers.ValidationError("This body is for external runs only.")
+        return value
+
+    def validate_summary(self, value: dict) -> dict:
+        return _summary_check(value)
 
 
 class SweepCreateSerializer(LaunchSerializer):
@@ -440,12 +584,14 @@ class IngestResultSerializer(serializers.Serializer):
 
 class FinishSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=[status.value for status in FINISHED_STATUSES])
-    summary = serializers.DictField(required=False)
+    summary = serializers.DictField(required=False, help_text="Replaces the run's summary.")
+    profile = ProfileField(
+        required=False,
+        help_text="Joins the numbers reported when the run was created.",
+    )
 
     def validate_summary(self, value: dict) -> dict:
-        if len(json.dumps(value)) > MAX_SUMMARY_CHARS:
-            raise serializers.ValidationError(f"At most {MAX_SUMMARY_CHARS:,} characters of JSON.")
-        return value
+        return _summary_check(value)
 
 
 class VersionQuerySerializer(serializers.Serializer):
@@ -454,6 +600,50 @@ class VersionQuerySerializer(serializers.Serializer):
 
 class ArtifactQuerySerializer(VersionQuerySerializer):
     kind = serializers.ChoiceField(choices=ArtifactKind.choices, required=False)
+
+
+class ArtifactUploadSerializer(serializers.Serializer):
+    """The multipart body of POST runs/<id>/artifacts/ (a run trained elsewhere)."""
+
+    kind = serializers.ChoiceField(
+        choices=[ArtifactKind.ADAPTER.value, ArtifactKind.FILE.value],
+        help_text="adapter: config_file + weights_file, checked as an uploaded adapter is and "
+        "stored as the run's next adapter version; file: any file.",
+    )
+    config_file = serializers.FileField(
+        required=False, help_text="kind=adapter: adapter_config.json (HF PEFT's)."
+    )
+    weights_file = serializers.FileField(
+        required=False,
+        help_text="kind=adapter: adapter_model.safetensors (safetensors only, never pickle).",
+    )
+    file = serializers.FileField(
+        required=False,
+        allow_empty_file=True,
+        help_text="kind=file: the file, up to PEFTLAB_RUN_FILE_MAX_BYTES (2 GiB by default).",
+    )
+    name = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        max_length=FILE_NAME_MAX_CHARS,
+        help_text="kind=file: the name it is kept under (a plain file name, no path parts); "
+        "default: the uploaded file's name. Each upload of a name is a new version.",
+    )
+    sha256 = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=64,
+        help_text="kind=file: the file's sha256 in hex; a file that does not hash to it is "
+        "refused (400) and not kept.",
+    )
+
+    def validate(self, data: dict) -> dict:
+        needed = ("config_file", "weights_file") if data["kind"] == "adapter" else ("file",)
+        missing = {key: ["Required for this kind."] for key in needed if not data.get(key)}
+        if missing:
+            raise serializers.ValidationError(missing)
+        return data
 
 
 class ArtifactSerializer(serializers.ModelSerializer):

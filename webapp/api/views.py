@@ -11,6 +11,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
+    PolymorphicProxySerializer,
     extend_schema,
     inline_serializer,
 )
@@ -30,7 +31,7 @@ from webapp.api import selectors as api_selectors
 from webapp.api import serializers as s
 from webapp.api.errors import Conflict, form_errors, service_errors
 from webapp.api.parsers import DepthSafeJSONParser, refuse_oversized_body
-from webapp.experiments import downloads, exports, metrics, selectors, services
+from webapp.experiments import downloads, exports, external, metrics, selectors, services
 from webapp.experiments.artifacts import ArtifactDamaged
 from webapp.experiments.dataset_files import DatasetDamaged
 from webapp.experiments.dataset_views import jsonl_response
@@ -243,9 +244,19 @@ class RunList(generics.GenericAPIView):
         return self.get_paginated_response(run_data(request, page, many=True))
 
     @extend_schema(
-        request=s.RunCreateSerializer, responses={201: s.RunSerializer, **ERRORS, **OVER_QUOTA}
+        request=PolymorphicProxySerializer(
+            component_name="RunCreateRequest",
+            serializers=[s.RunCreateSerializer, s.ExternalRunCreateSerializer],
+            resource_type_field_name=None,
+        ),
+        responses={201: s.RunSerializer, **ERRORS, **OVER_QUOTA},
+        description="A launch (validated as the launch form validates it, queued for a "
+        'worker) or, with "external": true, a run trained elsewhere: free form, running at '
+        "once, fed by POST metrics/ and artifacts/, ended by POST finish/.",
     )
     def post(self, request):
+        if _external(request.data):
+            return self._create_external(request)
         payload = validated(s.RunCreateSerializer, request.data)
         with service_errors():
             form, method_config = launch.run_form_validate(user=request.user, payload=payload)
@@ -259,6 +270,44 @@ class RunList(generics.GenericAPIView):
                 **placement,
             )
         return Response(run_data(request, run), status=status.HTTP_201_CREATED)
+
+    def _create_external(self, request):
+        payload = validated(s.ExternalRunCreateSerializer, request.data)
+        user = request.user
+        with service_errors():
+            project_id = launch.launch_project_id(user=user, project_id=payload.get("project"))
+        project = selectors.project_list_for_launch(user=user).filter(id=project_id).first()
+        if project is None:  # another team's id reads as an unknown one
+            raise ValidationError({"project": ["No such project of yours."]})
+        dataset = None
+        if payload.get("dataset") is not None:
+            datasets = selectors.dataset_list_for_user(user=user)
+            dataset = datasets.filter(id=payload["dataset"]).first()
+            if dataset is None:
+                raise ValidationError({"dataset": ["No such dataset of yours."]})
+        name = payload.get("name") or f"{payload['method']} on {payload['base_model']}"
+        with service_errors():
+            run = services.run_create_external(
+                user=user,
+                project=project,
+                name=name[:120],
+                dataset=dataset,
+                **{key: payload[key] for key in EXTERNAL_FIELDS},
+            )
+        return Response(run_data(request, run), status=status.HTTP_201_CREATED)
+
+
+EXTERNAL_FIELDS = ("base_model", "method", "method_config", "train_config", "tags", "summary")
+EXTERNAL_FIELDS += ("profile",)
+
+
+def _external(data) -> bool:
+    """Whether a POST /runs/ body asks for a run trained elsewhere (then it is judged by
+    ExternalRunCreateSerializer, else exactly as a launch)."""
+    try:
+        return bool(serializers.BooleanField().to_internal_value(data.get("external", False)))
+    except (AttributeError, serializers.ValidationError):
+        return False  # not a JSON object, or not a boolean: the launch serializer says so
 
 
 class RunDetail(APIView):
@@ -379,13 +428,34 @@ class RunFinish(APIView):
         run = selectors.run_get_for_user(user=request.user, run_id=run_id)
         data = validated(s.FinishSerializer, request.data)
         with service_errors(conflict=True):
-            run = services.run_finish_external(
-                user=request.user, run=run, status=data["status"], summary=data.get("summary")
-            )
+            try:
+                run = services.run_finish_external(
+                    user=request.user,
+                    run=run,
+                    status=data["status"],
+                    summary=data.get("summary"),
+                    profile=data.get("profile"),
+                )
+            except external.ProfileRefused as exc:  # with what was reported before: a 400
+                raise ValidationError({"profile": exc.messages}) from None
         return Response(run_data(request, run))
 
 
 class RunArtifacts(APIView):
+    parser_classes = [MultiPartParser]
+
+    def initial(self, request, *args, **kwargs):
+        """Refuse a body over the file cap from its Content-Length before anything reads it."""
+        if request.method == "POST":
+            limit = settings.RUN_FILE_MAX_BYTES + UPLOAD_FRAMING_BYTES
+            refuse_oversized_body(
+                request,
+                limit=limit,
+                message=f"The body is larger than {limit:,} bytes: a file is at most "
+                f"{settings.RUN_FILE_MAX_BYTES:,} (PEFTLAB_RUN_FILE_MAX_BYTES).",
+            )
+        super().initial(request, *args, **kwargs)
+
     @extend_schema(
         parameters=[
             OpenApiParameter("kind", str, enum=[k.value for k in ArtifactKind]),
@@ -407,6 +477,52 @@ class RunArtifacts(APIView):
         return Response(
             s.ArtifactSerializer(artifacts, many=True, context={"request": request}).data
         )
+
+    @extend_schema(
+        request={"multipart/form-data": s.ArtifactUploadSerializer},
+        responses={
+            201: s.ArtifactSerializer(many=True),
+            413: TOO_LARGE,
+            **ERRORS,
+            **CONFLICT,
+        },
+        description="Upload to a run trained elsewhere (external), running or finished: "
+        "kind=adapter stores the run's next adapter version (checked as POST /adapters/ "
+        "checks one, against the run's base model, which must be a model registered here; "
+        "then downloaded, shared and merged as a launched run's), and sets the profile's "
+        "adapter_bytes (and trainable_params, unless reported); kind=file stores any file, "
+        "streamed into the artifact store with its sha256. Answers the stored files as GET "
+        "lists them. 400 for a launched run or a refused file, 403 for a viewer, 409 while "
+        "a worker still evaluates an uploaded adapter's run.",
+    )
+    def post(self, request, run_id: int):
+        run = selectors.run_get_for_user(user=request.user, run_id=run_id)
+        data = validated(s.ArtifactUploadSerializer, request.data)
+        with service_errors():
+            try:
+                stored = _artifact_upload(request.user, run, data)
+            except external.RunBusy as exc:
+                raise Conflict(error_text(exc)) from None
+        body = s.ArtifactSerializer(stored, many=True, context={"request": request}).data
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+UPLOAD_FRAMING_BYTES = 1024 * 1024  # the multipart boundaries and the other fields
+
+
+def _artifact_upload(user, run, data: dict) -> list:
+    if data["kind"] == ArtifactKind.ADAPTER:
+        return external.run_adapter_upload(
+            user=user, run=run, config_file=data["config_file"], weights_file=data["weights_file"]
+        )
+    artifact = external.run_file_upload(
+        user=user,
+        run=run,
+        upload=data["file"],
+        name=data.get("name", ""),
+        sha256=data.get("sha256", ""),
+    )
+    return [artifact]
 
 
 class ArtifactDownload(APIView):

@@ -82,16 +82,40 @@ def _tokens_at(steps: np.ndarray, tokens: Series | None) -> list[float | None]:
     return json_values(np.where(inside, np.interp(steps, anchors, counts), np.nan))
 
 
+# A run trained elsewhere may bring a config of thousands of settings: the table keeps this
+# many columns, those that differ between the runs first.
+MAX_HPARAM_COLUMNS = 200
+
+
 def hyperparameters(runs: list[Run]) -> tuple[list[str], list[dict], set[str]]:
-    """Columns, one row per run, and the columns whose values differ between runs."""
+    """Columns, one row per run, and the columns whose values differ between runs. Nested
+    settings (a run trained elsewhere) read as dotted columns ("lora.r"); a run without a
+    dataset has no "dataset" cell (the page shows "—")."""
     rows = [
-        {"method": run.method, "base_model": run.base_model, "dataset": run.dataset.name}
-        | {f"{k}": v for k, v in run.method_config.items()}
-        | {f"{k}": v for k, v in run.train_config.items()}
+        {"method": run.method, "base_model": run.base_model}
+        | ({"dataset": run.dataset.name} if run.dataset_id else {})
+        | dict(flat_settings(run.method_config))
+        | dict(flat_settings(run.train_config))
         for run in runs
     ]
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    return columns, rows, differing(columns, rows)
+    differs = differing(columns, rows)
+    if len(columns) > MAX_HPARAM_COLUMNS:
+        columns = sorted(columns, key=lambda c: c not in differs)[:MAX_HPARAM_COLUMNS]
+        rows = [{c: row[c] for c in columns if c in row} for row in rows]
+    return columns, rows, differs & set(columns)
+
+
+def flat_settings(config: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every setting: {"lora": {"r": 8}} → [("lora.r", 8)]. Lists and
+    scalars are values; an empty object is one value ({})."""
+    items: list[tuple[str, object]] = []
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            items += flat_settings(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
 
 
 def differing(columns: list[str], rows: list[dict]) -> set[str]:

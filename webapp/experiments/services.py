@@ -21,7 +21,7 @@ from webapp.accounts.models import Team
 from webapp.accounts.permissions import Action, require
 from webapp.accounts.secrets import secret_new
 from webapp.accounts.services import audit_record
-from webapp.experiments import queue, quotas
+from webapp.experiments import external, queue, quotas
 from webapp.experiments.adapter_upload import too_large_message, validate_adapter
 from webapp.experiments.artifacts import artifact_put, artifacts_delete, checkpoints_delete
 from webapp.experiments.dataset_files import dataset_file_delete, dataset_file_write
@@ -186,11 +186,14 @@ def run_cancel_request(*, user, run: Run) -> Run:
     return run
 
 
+TAG_MAX_CHARS = 50
+
+
 def run_tag_add(*, user, run: Run, name: str) -> Tag:
     require(user=user, team=run.project.team, action=Action.ANNOTATE)
     name = name.strip()
-    if not name or len(name) > 50:
-        raise ValidationError("A tag has 1 to 50 characters.")
+    if not name or len(name) > TAG_MAX_CHARS:
+        raise ValidationError(f"A tag has 1 to {TAG_MAX_CHARS} characters.")
     tag, _ = Tag.objects.get_or_create(run=run, name=name)
     return tag
 
@@ -430,43 +433,81 @@ def run_create_external(
     project: Project,
     name: str,
     base_model: str,
-    dataset: Dataset,
     method: str,
     method_config: dict,
     train_config: dict,
+    dataset: Dataset | None = None,
+    tags: list[str] | tuple[str, ...] = (),
+    summary: dict | None = None,
+    profile: dict | None = None,
 ) -> Run:
-    """A run trained outside PEFT Lab: no worker takes it; the API feeds its metrics."""
-    _require_launcher(user=user, team=project.team)
-    now = timezone.now()
-    return Run.objects.create(
-        project=project,
-        name=name,
-        created_by=user,
-        base_model=base_model,
-        base_weights=_base_weights(team=project.team, name=base_model),
-        dataset=dataset,
-        method=method,
-        method_config=method_config,
-        train_config=train_config,
-        total_steps=int(train_config.get("steps", 0)),
-        external=True,
-        status=RunStatus.RUNNING,
-        worker=EXTERNAL_WORKER,
-        started_at=now,
-    )
+    """A run trained outside PEFT Lab: no worker takes it; the API feeds its metrics. Free
+    form (external.py): any base model name (linked when it refers to a ready model of the
+    team), any method name, any bounded config objects, a dataset or none."""
+    team = project.team
+    _require_launcher(user=user, team=team)
+    external.config_check(method_config, label="method_config")
+    external.config_check(train_config, label="train_config")
+    if dataset is not None and dataset.team_id not in (None, team.id):
+        raise ValidationError(f"The dataset is not one of {team.name}'s or a built-in one.")
+    tags = _tag_names(tags)
+    base_model, base_weights = external.base_model_link(team=team, name=base_model)
+    with transaction.atomic():
+        run = Run.objects.create(
+            project=project,
+            name=name,
+            created_by=user,
+            base_model=base_model,
+            base_weights=base_weights,
+            dataset=dataset,
+            method=method,
+            method_config=method_config,
+            train_config=train_config,
+            total_steps=external.total_steps(train_config),
+            summary=summary or {},
+            profile=external.profile_merge({}, profile or {}),
+            external=True,
+            status=RunStatus.RUNNING,
+            worker=EXTERNAL_WORKER,
+            started_at=timezone.now(),
+        )
+        Tag.objects.bulk_create(Tag(run=run, name=tag) for tag in tags)
+    return run
 
 
-def run_finish_external(*, user, run: Run, status: str, summary: dict | None = None) -> Run:
+MAX_CREATE_TAGS = 20
+
+
+def _tag_names(names) -> list[str]:
+    """Tags given with a new run, bounded as run_tag_add bounds one; duplicates once."""
+    names = list(dict.fromkeys(name.strip() for name in names))
+    if len(names) > MAX_CREATE_TAGS:
+        raise ValidationError(f"A run takes at most {MAX_CREATE_TAGS} tags.")
+    if any(not name or len(name) > TAG_MAX_CHARS for name in names):
+        raise ValidationError(f"A tag has 1 to {TAG_MAX_CHARS} characters.")
+    return names
+
+
+def run_finish_external(
+    *, user, run: Run, status: str, summary: dict | None = None, profile: dict | None = None
+) -> Run:
+    """End a run trained elsewhere; `summary` replaces its summary, `profile`'s numbers
+    join what it reported before (external.profile_merge)."""
     _require_launcher(user=user, team=run.project.team)
     if not run.external:
         raise ValidationError("Only a run trained elsewhere is finished through the API.")
     if status not in FINISHED_STATUSES:
         raise ValidationError("Finish with succeeded, failed or cancelled.")
-    fields = {"status": status, "finished_at": timezone.now()}
-    if summary is not None:
-        fields["summary"] = summary
-    if not Run.objects.filter(id=run.id, status=RunStatus.RUNNING).update(**fields):
-        raise ValidationError(f"The run is already {run.status}.")
+    with transaction.atomic():
+        locked = Run.objects.select_for_update().filter(id=run.id).first()
+        if locked is None or locked.status != RunStatus.RUNNING:
+            raise ValidationError(f"The run is already {locked.status if locked else 'gone'}.")
+        fields = {"status": status, "finished_at": timezone.now()}
+        if summary is not None:
+            fields["summary"] = summary
+        if profile:
+            fields["profile"] = external.profile_merge(locked.profile, profile)
+        Run.objects.filter(id=run.id).update(**fields)
     run.refresh_from_db()
     return run
 
@@ -561,6 +602,12 @@ def playground_prompt_create(*, user, runs: list[Run], text: str) -> PlaygroundP
         raise ValidationError(f"A prompt holds at most {PLAYGROUND_MAX_CHARS} characters.")
     if not 1 <= len(runs) <= PLAYGROUND_MAX_RUNS:
         raise ValidationError(f"Pick between 1 and {PLAYGROUND_MAX_RUNS} runs.")
+    nameless = next((run for run in runs if run.dataset is None), None)
+    if nameless is not None:
+        raise ValidationError(
+            f"“{nameless.name}” was trained elsewhere and names no dataset, so its task is "
+            "unknown here: it cannot answer in the playground."
+        )
     teams = {run.project.team_id for run in runs}
     models_and_tasks = {(run.base_model, run.dataset.task) for run in runs}
     if len(teams) != 1:

@@ -90,6 +90,12 @@ def store_folder(*, run_id: int, kind: str) -> str:
     return f"runs/{int(run_id)}/{kind}/"
 
 
+def plain_name(name: str, *, default: str = "file") -> str:
+    """`name` where store_key takes it as it is, else `default`: a key's own file name, for a
+    file whose shown name (Artifact.name) is any printable one."""
+    return name if _PLAIN_NAME.fullmatch(name) else default
+
+
 def store_key(*, run_id: int, kind: str, name: str) -> str:
     """A fresh key for one file of a run: runs/<id>/<kind>/<random>/<name>."""
     if not _PLAIN_NAME.fullmatch(name) or not _PLAIN_NAME.fullmatch(kind):

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db.models import F, Q, QuerySet
 from django.http import Http404
 
-from peft_core.catalogue import CATALOGUE
+from peft_core.catalogue import CATALOGUE, key_for_name
 from webapp.accounts.models import Membership, Team
 from webapp.registry.models import BaseModel, ModelSource, ModelStatus
 
@@ -45,6 +45,24 @@ def model_for_team(*, team: Team, name: str) -> BaseModel | None:
     if row is None and name in CATALOGUE:
         return catalogue_row(name)
     return row
+
+
+def model_by_reference(*, team: Team, name: str) -> BaseModel | None:
+    """The ready model `name` refers to in `team`, as a training script may write it: its
+    name (model_for_team), a bundled model's Hub id, or one of the team's models' Hub id
+    (also as id@revision) or directory. None when it names none of them."""
+    model = model_for_team(team=team, name=name)
+    if model is None:
+        key = key_for_name(name)
+        model = catalogue_row(key) if key else _registered_at(team=team, place=name)
+    return model if model is not None and model.is_ready else None
+
+
+def _registered_at(*, team: Team, place: str) -> BaseModel | None:
+    location, _, revision = place.partition("@")
+    rows = BaseModel.objects.filter(team=team, status=ModelStatus.READY, location=location)
+    rows = rows.exclude(source=ModelSource.CATALOGUE)
+    return rows.filter(revision=revision).first() if revision else rows.first()
 
 
 def catalogue_row(key: str) -> BaseModel:
