@@ -43,6 +43,9 @@ RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 # database lock (500): a watch that has run for an hour should not die of one bad poll.
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 DOWNLOAD_CHUNK = 1024 * 1024
+# An upload's answer waits for the server to check and store it (an adapter's check may take
+# up to its ADAPTER_CHECK_TIMEOUT_S, 120 s by default).
+UPLOAD_TIMEOUT_S = 300.0
 
 
 class ClientError(Exception):
@@ -70,11 +73,14 @@ class ApiError(ClientError):
 
 
 class ServerUnreachable(ClientError):
-    """No answer from the server at all (refused, timed out, cut off)."""
+    """No answer from the server at all (refused, timed out, cut off). `may_have_arrived`:
+    the request was sent (a timeout or a cut while waiting for the answer), so the server may
+    have acted on it; False when no connection was made."""
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, may_have_arrived: bool = True) -> None:
         self.url = url
         self.reason = reason
+        self.may_have_arrived = may_have_arrived
         super().__init__(
             f"cannot reach {url} ({reason}): is the server running? `make run` starts it"
         )
@@ -329,7 +335,11 @@ class Client:
                     "weights_file": (weights.name, weights_file),
                 }
                 return self._call(
-                    "POST", f"/api/v1/runs/{run_id}/artifacts/", data={"kind": kind}, files=files
+                    "POST",
+                    f"/api/v1/runs/{run_id}/artifacts/",
+                    data={"kind": kind},
+                    files=files,
+                    timeout=UPLOAD_TIMEOUT_S,
                 )
         data = {"kind": kind, "name": name or path.name, "sha256": file_sha256(path)}
         with path.open("rb") as file:
@@ -338,6 +348,7 @@ class Client:
                 f"/api/v1/runs/{run_id}/artifacts/",
                 data=data,
                 files={"file": (path.name, file)},
+                timeout=UPLOAD_TIMEOUT_S,
             )
 
     def watch(self, run_id: int, interval: float = 2.0) -> Iterator[dict]:
@@ -515,7 +526,8 @@ class Client:
             raise self._unreachable(error) from None
 
     def _unreachable(self, error: httpx.TransportError) -> ServerUnreachable:
-        return ServerUnreachable(self.url, str(error) or type(error).__name__)
+        not_sent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
+        return ServerUnreachable(self.url, str(error) or type(error).__name__, not not_sent)
 
     def _pages(self, path: str, params: dict | None = None) -> Iterator[dict]:
         """Every result of a paginated list, following "next" (its query, on our own URL, so a

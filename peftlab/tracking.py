@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,10 @@ class Run:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = _Sender(self, client, create)
         self._sender.start()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     def __repr__(self) -> str:
         return f"<peftlab.Run {self.id if self.id is not None else '(not created yet)'}>"
@@ -274,15 +279,23 @@ class _Sender(threading.Thread):
 
     def _artifact(self, kind: str, path: Path, name: str | None) -> dict | None:
         if self.spool is None:
+            call = partial(self.client.upload_artifact, self.run_.id, path, kind=kind, name=name)
             try:
-                return self._send(
-                    lambda: self.client.upload_artifact(self.run_.id, path, kind=kind, name=name)
-                )
+                return self._send(call, resend=False)
             except ApiError as error:
                 if error.status not in RETRY_STATUSES:
                     raise
                 self._go_offline(error)
             except ServerUnreachable as error:
+                if error.may_have_arrived:  # sent again, it could be stored twice
+                    logger.warning(
+                        "peftlab: no answer to the upload of %s (%s); it may be stored: see "
+                        "run %s's page",
+                        path,
+                        error.reason,
+                        self.run_.id,
+                    )
+                    return None
                 self._go_offline(error)
         self.spool.keep_artifact(kind, path, name)
         return None
@@ -311,13 +324,15 @@ class _Sender(threading.Thread):
 
     # --- the wire -----------------------------------------------------------
 
-    def _send(self, call: Callable[[], Any]) -> Any:
-        """call(), tried again after each of SEND_DELAYS while the server is away or restarting."""
+    def _send(self, call: Callable[[], Any], *, resend: bool = True) -> Any:
+        """call(), tried again after each of SEND_DELAYS while the server is away or restarting;
+        resend=False: not after a request that may have arrived (one that is not idempotent)."""
         for delay in SEND_DELAYS:
             try:
                 return call()
-            except ServerUnreachable:
-                pass
+            except ServerUnreachable as error:
+                if error.may_have_arrived and not resend:
+                    raise
             except ApiError as error:
                 if error.status not in RETRY_STATUSES:
                     raise
