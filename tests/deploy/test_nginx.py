@@ -43,6 +43,12 @@ def test_every_upload_endpoint_gets_its_cap_and_the_rest_a_small_one():
     # The API's JSON bodies (a metrics batch) fit; nothing else gets more than a few MiB.
     assert settings.DATA_UPLOAD_MAX_MEMORY_SIZE < body_cap(None) <= 8 * 1024**2
     assert len(re.findall(r"location = ", CONF)) == len(datasets + adapters)
+    # A run's uploads (POST /api/v1/runs/<id>/artifacts/): one pattern for every run.
+    pattern, block = re.search(r"location ~ (\S+) \{([^}]*)\}", CONF).groups()
+    assert re.fullmatch(pattern.strip("^$"), reverse("api-run-artifacts", args=[42]))
+    number, unit = re.search(r"client_max_body_size (\d+)([kmg]?);", block).groups()
+    cap = settings.RUN_FILE_MAX_BYTES
+    assert cap + 1024**2 < int(number) * UNITS[unit] < cap * 1.01
     assert "proxy_request_buffering on;" in CONF
     assert re.search(r"client_body_timeout \d+s;", CONF)
     assert re.search(r"client_header_timeout \d+s;", CONF)

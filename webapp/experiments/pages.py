@@ -9,6 +9,7 @@ from django.shortcuts import redirect, render
 from django_htmx.http import HTMX_STOP_POLLING
 
 from peft_core.catalogue import CATALOGUE
+from peft_core.registry import METHOD_CONFIGS
 from webapp.accounts.permissions import Action, can
 from webapp.experiments import comparison, exports, selectors
 from webapp.experiments.artifacts import (
@@ -60,7 +61,19 @@ def run_page_context(run, *, urls: dict[str, str]) -> dict:
         "displayed_metrics": displayed(run_page=True),
         "system_charts": SYSTEM_CHARTS,
         "lineage": lineage_items(run.lineage),
+        "method_title": exports.method_title(run.method),
+        "known_method": run.method in METHOD_CONFIGS,
+        "settings": comparison.flat_settings(run.method_config)
+        + comparison.flat_settings(run.train_config),
+        "files": list(_newest_files(run)) if run.external else [],
     }
+
+
+def _newest_files(run):
+    """The newest version of each file uploaded to a run trained elsewhere."""
+    files = selectors.artifact_list_for_run(run=run).filter(kind=ArtifactKind.FILE)
+    newest = {artifact.name: artifact for artifact in files.order_by("name", "version")}
+    return sorted(newest.values(), key=lambda a: a.name)
 
 
 def _newest(run, kind: str):
@@ -251,8 +264,9 @@ def compare_context(runs: list) -> dict:
     tally = selectors.playground_tally(runs=runs)
     if any(t["prompts"] for t in tally.values()):
         context["playground_rows"] = [(run, tally[run.id]) for run in runs]
-    same_base = len({(r.base_model, r.dataset.task) for r in runs}) == 1
+    # The playground needs each run's task, which only its dataset says.
+    same_base = len({(r.base_model, r.dataset.task if r.dataset else None) for r in runs}) == 1
     succeeded = [r for r in runs if r.status == RunStatus.SUCCEEDED]
-    if runs and same_base and 0 < len(succeeded) <= PLAYGROUND_MAX_RUNS:
+    if runs and same_base and runs[0].dataset and 0 < len(succeeded) <= PLAYGROUND_MAX_RUNS:
         context["playground_ids"] = ",".join(str(r.id) for r in succeeded)
     return context

@@ -105,6 +105,10 @@ def run_new(request):
     clone_id = int_or_none(request.GET.get("clone", ""))
     if clone_id is not None and request.method == "GET":
         source = selectors.run_get_for_user(user=request.user, run_id=clone_id)
+        refusal = clone_refusal(source)
+        if refusal:
+            messages.error(request, f"This run cannot be cloned. {refusal}")
+            return redirect("run_detail", run_id=source.id)
         initial |= _clone_initial(source)
         method_initial = method_form_initial(source.method, source.method_config)
     form = RunForm(request.POST or None, initial=initial, projects=projects, datasets=datasets)
@@ -146,6 +150,30 @@ def _method_form(method: str, data, initial: dict | None = None):
     return form_class(data, initial=initial)
 
 
+def clone_refusal(run) -> str:
+    """Why the launch form cannot be filled in from this run ("" when it can): a run trained
+    elsewhere may name what PEFT Lab cannot train."""
+    if not run.external:
+        return ""
+    if run.method not in METHOD_FORMS:
+        return f"It was trained elsewhere with “{run.method}”, not one of PEFT Lab's methods."
+    if run.dataset_id is None:
+        return "It was trained elsewhere and names no PEFT Lab dataset to train on."
+    if not run.base_weights and run.base_model not in CATALOGUE:
+        return f"It was trained elsewhere on {run.base_model}, not a model registered here."
+    return ""
+
+
+# What a clone takes of a run's train config: the launch form's own settings, nothing else.
+CLONED_TRAIN_FIELDS = set(RunForm.base_fields) - {
+    "name",
+    "project",
+    "base_model",
+    "dataset",
+    "method",
+}
+
+
 def _clone_initial(run) -> dict:
     """The launch form filled from a run: same project, model, data, method and schedule."""
     return {
@@ -154,7 +182,7 @@ def _clone_initial(run) -> dict:
         "base_model": run.base_model,
         "dataset": run.dataset_id,
         "method": run.method,
-        **run.train_config,
+        **{key: value for key, value in run.train_config.items() if key in CLONED_TRAIN_FIELDS},
         "devices": run.devices,
         "gpu_class": run.gpu_class,
         "priority": run.priority,
@@ -184,6 +212,7 @@ def run_detail(request, run_id: int):
     context = _run_context(request, run_id)
     run = context["run"]
     context |= {
+        "clone_refusal": clone_refusal(run),
         "comments": selectors.comment_list_for_run(run=run),
         "share_links": selectors.share_link_list_for_user(user=request.user).filter(
             run=run, revoked_at__isnull=True, expires_at__gt=timezone.now()
