@@ -234,6 +234,18 @@ def _add_runs_list(actions: argparse._SubParsersAction) -> None:
     listing.add_argument("--tag")
     listing.add_argument("--sweep", type=int, metavar="ID")
     listing.add_argument("--search", metavar="TEXT", help="in the run's name")
+    listing.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="TERM",
+        help="a term the runs must match, e.g. 'eval_loss<1.2' or config.lora.r=8 (repeatable)",
+    )
+    listing.add_argument(
+        "--sort",
+        metavar="KEY",
+        help="newest (default), oldest, or a key, descending with a -: --sort=-eval_loss",
+    )
     listing.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(run=run_runs_list)
@@ -269,7 +281,8 @@ def run_runs_list(args: argparse.Namespace) -> int:
         "base_model": args.model,
         "tag": args.tag,
         "sweep": args.sweep,
-        "q": args.search,
+        "q": " ".join([*args.where, _quoted(args.search)] if args.search else args.where),
+        "sort": args.sort,
         "limit": args.limit,
     }
     with _client() as client:
@@ -280,6 +293,11 @@ def run_runs_list(args: argparse.Namespace) -> int:
     else:
         print_table(runs)
     return 0
+
+
+def _quoted(text: str) -> str:
+    """A name search as one term of the query language: the text, quoted, part of the name."""
+    return '"' + text.replace('"', "") + '"'
 
 
 def run_runs_watch(args: argparse.Namespace) -> int:

@@ -190,7 +190,9 @@ class Client:
     # --- runs ---------------------------------------------------------------
 
     def runs(self, **filters: Any) -> Iterator[dict]:
-        """Runs matching method=, base_model=, dataset=, status=, tag=, q=, sweep=, sort=."""
+        """Runs matching method=, base_model=, dataset=, status=, tag=, sweep=, and q=, terms
+        a run must all match ("eval_loss<1.2 config.lora.r=8 tag=best", or words of its
+        name), in sort= order ("newest", or a key such as "-eval_exact_match")."""
         return self._pages("/api/v1/runs/", _present(filters))
 
     def run(self, run_id: int) -> dict:

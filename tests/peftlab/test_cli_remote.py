@@ -137,6 +137,17 @@ def test_list_prints_an_aligned_table(peftlab, client, sample_id):
     assert len(peftlab("runs", "list", "--limit", 1).out.splitlines()) == 2
 
 
+def test_list_where_and_sort_by_metric(peftlab, cast, make_run):
+    for name, loss in (("low", 0.5), ("high", 1.5), ("none", None)):
+        make_run(name=name, summary={} if loss is None else {"eval_loss": loss})
+    result = peftlab("runs", "list", "--where", "eval_loss<2", "--sort=-eval_loss", "--json")
+    assert [json.loads(line)["name"] for line in result.out.splitlines()] == ["high", "low"]
+    both = peftlab("runs", "list", "--where", "eval_loss>1", "--search", "HIG", "--json")
+    assert [json.loads(line)["name"] for line in both.out.splitlines()] == ["high"]
+    bad = peftlab("runs", "list", "--where", "eval_loss<abc")
+    assert bad.code == 1 and "q: eval_loss: abc is not a number." in bad.err
+
+
 def test_cancel_a_queued_run(peftlab, queued_run):
     result = peftlab("runs", "cancel", queued_run["id"])
     assert result.code == 0

@@ -35,7 +35,13 @@ from webapp.experiments.models import (
     Sweep,
     TaskType,
 )
-from webapp.experiments.selectors import RUN_SORTS
+from webapp.experiments.run_search import (
+    MAX_QUERY_CHARS,
+    MAX_SORT_CHARS,
+    QueryError,
+    parse_query,
+    parse_sort,
+)
 
 MAX_ID = 2**63 - 1  # larger ids would overflow the database's integer, not just miss
 METRIC_KEY = r"^[A-Za-z0-9_./-]{1,64}\Z"
@@ -483,10 +489,38 @@ class RunFilterSerializer(serializers.Serializer):
     status = serializers.CharField(max_length=100, required=False, default="")
     tag = serializers.CharField(max_length=100, required=False, default="")
     q = serializers.CharField(
-        max_length=100, required=False, default="", help_text="Part of the run's name."
+        max_length=MAX_QUERY_CHARS,
+        required=False,
+        default="",
+        trim_whitespace=False,
+        help_text="Terms a run must all match, separated by spaces: key op value with op one "
+        "of = != < <= > >= (eval_loss<1.2, config.lora.r=8, method=lora, status=succeeded, "
+        "tag=best), or words of the run's name. Keys: the run's fields, config.<path>, or a "
+        "number of its summary. The runs page explains the language in full.",
     )
     sweep = serializers.IntegerField(min_value=1, max_value=MAX_ID, required=False)
-    sort = serializers.ChoiceField(choices=list(RUN_SORTS), required=False, default="newest")
+    sort = serializers.CharField(
+        max_length=MAX_SORT_CHARS,
+        required=False,
+        default="newest",
+        help_text="newest (default), oldest, or a field (name, method, model, status, created, "
+        "id, step, total_steps), config.<path> or a summary metric; a leading - for "
+        "descending: -eval_exact_match. Runs without the value come last.",
+    )
+
+    def validate_q(self, value: str) -> str:
+        try:
+            parse_query(value)
+        except QueryError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        return value
+
+    def validate_sort(self, value: str) -> str:
+        try:
+            parse_sort(value)
+        except QueryError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        return value
 
     def filters(self) -> dict:
         """The validated parameters as selectors.run_filter_for_user's arguments."""
@@ -497,7 +531,7 @@ class RunFilterSerializer(serializers.Serializer):
             "dataset_id": data.get("dataset"),
             "status": data["status"],
             "tag": data["tag"],
-            "search": data["q"],
+            "query": data["q"],
             "sweep_id": data.get("sweep"),
             "sort": data["sort"],
         }

@@ -236,6 +236,43 @@ class Run(models.Model):
         return self.log.splitlines()
 
 
+class RunSummaryValue(models.Model):
+    """One number of a run's summary (`eval_loss`: 0.91), a row of its own so that a search
+    such as `eval_loss<1.2` is a range scan of the (key, value) index instead of a read of
+    every run's JSON (webapp/experiments/run_search.py explains the design). Written only by
+    the database: migration 0019's trigger rewrites a run's rows whenever its summary is
+    inserted or changed, in the same statement."""
+
+    # No index of its own on run: the unique (run, key) index starts with it.
+    run = models.ForeignKey(
+        Run, on_delete=models.CASCADE, related_name="summary_values", db_index=False
+    )
+    key = models.CharField(max_length=64)
+    value = models.FloatField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "key"], name="summary_value_unique_key")
+        ]
+        # run last: the runs matching `key op value` are read from the index alone.
+        indexes = [models.Index(fields=["key", "value", "run"], name="summary_value_key_value")]
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value:g} of run {self.run_id}"
+
+
+class RunListColumns(models.Model):
+    """The summary metrics one person's runs list shows as columns, in their order."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="run_list_columns"
+    )
+    keys = models.JSONField(default=list)
+
+    def __str__(self) -> str:
+        return f"run list columns of user {self.user_id}"
+
+
 class Tag(models.Model):
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tags")
     name = models.CharField(max_length=50)

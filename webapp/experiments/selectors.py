@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from webapp.accounts.models import Membership, Role, Team
 from webapp.accounts.secrets import secret_digest
+from webapp.experiments import run_search
 from webapp.experiments.dataset_files import dataset_chunks, dataset_rows
 from webapp.experiments.displayed_metrics import RUN_PAGE_KEYS
 from webapp.experiments.downsample import DEFAULT_MAX_POINTS, json_values, series_downsampled
@@ -23,6 +24,7 @@ from webapp.experiments.models import (
     PlaygroundVote,
     Project,
     Run,
+    RunListColumns,
     RunStatus,
     ShareLink,
     Sweep,
@@ -57,15 +59,6 @@ def run_get_for_user(*, user, run_id: int) -> Run:
     return _get_or_404(run_list_for_user(user=user), run_id)
 
 
-RUN_SORTS = {
-    "newest": ("-created_at", "-id"),
-    "oldest": ("created_at", "id"),
-    "name": ("name", "id"),
-    "method": ("method", "-created_at"),
-    "status": ("status", "-created_at"),
-}
-
-
 def run_filter_for_user(
     *,
     user,
@@ -74,19 +67,30 @@ def run_filter_for_user(
     dataset_id: int | None = None,
     status: str = "",
     tag: str = "",
-    search: str = "",
+    query: str = "",
     sweep_id: int | None = None,
     sort: str = "newest",
 ) -> QuerySet[Run]:
+    """The user's runs through the list's filters, the query language of `q` and a sort
+    (run_search.py); QueryError when the query or the sort cannot be read."""
+    terms, order = run_search.parse_query(query), run_search.parse_sort(sort)
     runs = run_list_for_user(user=user)
     exact = {"method": method, "base_model": base_model, "dataset_id": dataset_id}
     exact |= {"status": status, "sweep_id": sweep_id, "tags__name": tag}
     runs = runs.filter(**{key: value for key, value in exact.items() if value})
-    if search:
-        runs = runs.filter(name__icontains=search)
+    runs = run_search.runs_matching(runs, terms)
     # No DISTINCT: a user has one membership per team and a run one tag per name, so the
     # joins repeat no run (a DISTINCT over every selected column cost seconds at 10 000 runs).
-    return runs.prefetch_related("tags").order_by(*RUN_SORTS.get(sort, RUN_SORTS["newest"]))
+    return run_search.runs_sorted(runs.prefetch_related("tags"), order)
+
+
+DEFAULT_RUN_LIST_COLUMNS = ("eval_loss",)
+
+
+def run_list_columns_for_user(*, user) -> list[str]:
+    """The summary metrics the user's runs list shows as columns (eval_loss until they pick)."""
+    saved = RunListColumns.objects.filter(user=user).values_list("keys", flat=True).first()
+    return list(DEFAULT_RUN_LIST_COLUMNS if saved is None else saved)
 
 
 def runs_by_ids_for_user(*, user, run_ids: list[int]) -> list[Run]:

@@ -39,12 +39,14 @@ from webapp.experiments.models import (
     PlaygroundVote,
     Project,
     Run,
+    RunListColumns,
     RunStatus,
     ShareLink,
     ShareScope,
     Sweep,
     Tag,
 )
+from webapp.experiments.run_search import METRIC_KEY
 from webapp.experiments.store import store_delete, store_delete_under, store_folder
 from webapp.registry.selectors import model_for_team, upload_models
 
@@ -654,3 +656,22 @@ def playground_vote(*, user, prompt: PlaygroundPrompt, run: Run | None) -> Playg
         prompt=prompt, user=user, defaults={"run": run}
     )
     return vote
+
+
+# ---- the runs list's columns --------------------------------------------------------------
+
+MAX_RUN_LIST_COLUMNS = 8
+
+
+def run_list_columns_set(*, user, keys: list[str]) -> list[str]:
+    """Save the summary metrics the user's runs list shows, in order, each once; a key that
+    is no metric key (1-64 of A-Z a-z 0-9 _ . / -) or more than MAX_RUN_LIST_COLUMNS of them
+    are refused and nothing changes."""
+    keys = list(dict.fromkeys(key.strip() for key in keys))
+    bad = [key for key in keys if not METRIC_KEY.match(key)]
+    if bad:
+        raise ValidationError(f"“{bad[0][:80]}” is not a metric key: 1-64 of A-Z a-z 0-9 _ . / -.")
+    if len(keys) > MAX_RUN_LIST_COLUMNS:
+        raise ValidationError(f"At most {MAX_RUN_LIST_COLUMNS} metric columns.")
+    RunListColumns.objects.update_or_create(user=user, defaults={"keys": keys})
+    return keys

@@ -1,9 +1,17 @@
 from django.urls import path
 
-from webapp.experiments import dataset_views, playground_views, share_views, views
+from webapp.experiments import (
+    dataset_views,
+    playground_views,
+    run_list_views,
+    share_views,
+    views,
+)
 
 urlpatterns = [
-    path("", views.run_list, name="runs"),
+    path("", run_list_views.run_list, name="runs"),
+    path("runs/live/", run_list_views.run_list_live, name="runs_live"),
+    path("runs/columns/", run_list_views.run_list_columns, name="runs_columns"),
     path("runs/new/", views.run_new, name="run_new"),
     path("runs/upload-adapter/", views.adapter_upload, name="adapter_upload"),
     path("runs/new/method-fields/", views.run_method_fields, name="run_method_fields"),

@@ -4,7 +4,6 @@ from csp.decorators import csp_update
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.core.paginator import Paginator
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -34,53 +33,14 @@ from webapp.experiments.pages import (
     run_page_context,
 )
 from webapp.experiments.quotas import QuotaExceeded
+from webapp.experiments.run_list_views import run_filters
+from webapp.experiments.run_search import QueryError
 from webapp.http import client_ip, error_text, int_or_none
 
 
 @require_GET
 def health(request):
     return JsonResponse({"status": "ok"})
-
-
-RUN_FILTERS = ("method", "base_model", "dataset", "status", "tag", "q", "sort", "sweep")
-
-
-def _run_filters(request) -> dict:
-    params = {key: request.GET.get(key, "").strip()[:100] for key in RUN_FILTERS}
-    return {
-        "method": params["method"],
-        "base_model": params["base_model"],
-        "dataset_id": int_or_none(params["dataset"]),
-        "status": params["status"],
-        "tag": params["tag"],
-        "search": params["q"],
-        "sweep_id": int_or_none(params["sweep"]),
-        "sort": params["sort"] or "newest",
-    }
-
-
-# What the list never shows and can be large: a run's log and JSON.
-RUN_LIST_UNSHOWN = ("log", "summary", "profile", "notes", "error")
-
-
-@login_required
-@require_GET
-def run_list(request):
-    runs = selectors.run_filter_for_user(user=request.user, **_run_filters(request))
-    page = Paginator(runs.defer(*RUN_LIST_UNSHOWN), 25).get_page(request.GET.get("page"))
-    query = request.GET.copy()
-    query.pop("page", None)
-    context = {
-        "page": page,
-        "query": query.urlencode(),
-        "params": {key: request.GET.get(key, "") for key in RUN_FILTERS},
-        "methods": METHOD_FORMS,
-        "catalogue": CATALOGUE,
-        "datasets": selectors.dataset_list_for_user(user=request.user),
-        "statuses": RunStatus.choices,
-        "sorts": selectors.RUN_SORTS,
-    }
-    return render(request, "experiments/run_list.html", context)
 
 
 def _default_dataset_id(datasets) -> int | None:
@@ -549,7 +509,11 @@ def _compared_runs(request, params=None) -> list:
     ids = [int(i) for i in params.getlist("runs") if i.isdigit()][:MAX_COMPARED]
     if ids:
         return selectors.runs_by_ids_for_user(user=request.user, run_ids=ids)
-    runs = selectors.run_filter_for_user(user=request.user, **_run_filters(request))
+    try:
+        runs = selectors.run_filter_for_user(user=request.user, **run_filters(request.GET))
+    except QueryError as exc:
+        messages.error(request, f"No runs compared: {exc}")
+        return []
     return list(runs.select_related("dataset")[:MAX_COMPARED])
 
 

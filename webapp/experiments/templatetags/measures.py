@@ -74,3 +74,12 @@ def duration(seconds: float | None) -> str:
     if minutes < 60:
         return f"{minutes} min"
     return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+@register.filter
+def metric(value: float | None) -> str:
+    """A summary number in a table: four significant figures, every digit in its title; "—"
+    for a run that has none."""
+    if value is None:
+        return "—"
+    return format_html('<span title="{}">{}</span>', repr(value), f"{value:.4g}")
