@@ -20,6 +20,7 @@ from webapp.experiments.run_search import (
     Term,
     parse_query,
     parse_sort,
+    sort_text,
 )
 
 # ---- the parser ---------------------------------------------------------------------------
@@ -66,6 +67,8 @@ def test_sorts():
     assert parse_sort("name") == Sort("field", "name", False)
     assert parse_sort("-config.lora.r") == Sort("config", "lora.r", True)
     assert parse_sort("summary.status") == Sort("metric", "status", False)
+    for text in ("-eval_loss", "summary.status", "-summary.newest", "config.lora.r", "-name"):
+        assert sort_text(parse_sort(text)) == text  # what a column header links to
 
 
 @pytest.mark.parametrize(
@@ -300,11 +303,12 @@ def test_no_query_reaches_another_teams_runs(cast, runs):
 
 
 @pytest.mark.django_db
-def test_a_metric_filter_is_an_index_scan_on_a_populated_table(cast):
+def test_metric_and_config_filters_use_their_indexes_on_a_populated_table(cast):
     """20 000 runs with two summary numbers each (the database's own trigger fills the index
-    as a bulk INSERT writes them), statistics gathered: `eval_loss<0.01` picks ~1 % of them,
-    and PostgreSQL reads those from the (key, value, run) index. No planner setting is
-    changed: the plan is the one the cost model chooses."""
+    as a bulk INSERT writes them), statistics gathered: `eval_loss<0.01` picks 0.1 % of them,
+    and PostgreSQL reads those from the (key, value, run) index; `config.r=64` as many, from
+    the GIN index on method_config. No planner setting is changed: the plans are the ones
+    the cost model chooses."""
     with connection.cursor() as cursor:
         cursor.execute(
             """INSERT INTO experiments_run (project_id, name, created_by_id, base_model,
@@ -312,7 +316,8 @@ def test_a_metric_filter_is_an_index_scan_on_a_populated_table(cast):
                 attempt, fence, worker, step, total_steps, error, failure_class, log,
                 summary, profile, external, notes, devices, gpu_class, priority, lineage,
                 created_at)
-            SELECT %s, 'bulk ' || i, %s, 'tiny-llama', '{}', 'lora', '{"r": 8}', '{}',
+            SELECT %s, 'bulk ' || i, %s, 'tiny-llama', '{}', 'lora',
+                jsonb_build_object('r', CASE WHEN i %% 1000 = 0 THEN 64 ELSE 8 END), '{}',
                 'succeeded', false, 0, 0, '', 0, 0, '', '', '',
                 jsonb_build_object('eval_loss', (i %% 1000) / 10.0, 'train_loss', 1),
                 '{}', false, '', 1, 'any', 0, '{}', now()
@@ -327,6 +332,10 @@ def test_a_metric_filter_is_an_index_scan_on_a_populated_table(cast):
     plan = found.explain()
     assert "summary_value_key_value" in plan, plan
     assert "Seq Scan on experiments_runsummaryvalue" not in plan, plan
+
+    config = selectors.run_filter_for_user(user=cast.bob, query="config.r=64")
+    assert config.count() == 20
+    assert "Bitmap Index Scan on run_method_config_gin" in config.explain()
 
 
 # ---- the page and its live cells ---------------------------------------------------------------

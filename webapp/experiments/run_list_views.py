@@ -72,7 +72,7 @@ def run_list(request):
     context = {
         "page": page,
         "runs": shown,
-        "columns": _headers(request.GET, sort, [(key, key) for key in columns]),
+        "columns": _headers(request.GET, sort, [(f"summary.{key}", key) for key in columns]),
         "headers": {h["key"]: h for h in _headers(request.GET, sort, FIELD_HEADERS)},
         "column_keys": columns,
         "max_columns": services.MAX_RUN_LIST_COLUMNS,

@@ -289,6 +289,8 @@ def sort_text(sort: Sort) -> str:
     if sort.kind == "named":
         return sort.key
     prefix = "config." if sort.kind == "config" else ""
+    if sort.kind == "metric" and parse_sort(sort.key).kind != "metric":
+        prefix = "summary."  # a metric named like a field (status) or a sort (newest)
     return f"{'-' if sort.descending else ''}{prefix}{sort.key}"
 
 
@@ -375,8 +377,8 @@ def _json_equal(column: str, path: list[str], value) -> Q:
         for part in reversed(path):
             nested = {part: nested}
         return Q(**{f"{column}__contains": nested})
-    key = _key(path, column)
-    return Q(key.get_lookup("exact")(key, value))
+    # The final __exact keeps a path part named like a lookup (in, lt) a key of the JSON.
+    return Q(**{"__".join([column, *path, "exact"]): value})
 
 
 def _key(path: list[str], column: str) -> KeyTransform:
