@@ -416,3 +416,26 @@ def test_the_live_fragment_follows_active_runs_and_stops_when_none_is(client, ca
     assert "Succeeded" in body and "5/5" in body
     assert f'<span id="run-{running.id}-m0" hx-swap-oob="true"><span title="0.25">' in body
     assert "hx-get" not in body
+
+
+# ---- the migration ------------------------------------------------------------------------
+
+BEFORE_SEARCH = ("experiments", "0018_artifact_file_kind")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_0019_backfills_the_summaries_already_stored_and_goes_back(make_run):
+    from django.db.migrations.executor import MigrationExecutor
+
+    first = make_run(summary={"eval_loss": 0.5})
+    executor = MigrationExecutor(connection)
+    executor.migrate([BEFORE_SEARCH])  # the table and the triggers go
+    Run.objects.filter(id=first.id).update(summary={"eval_loss": 0.25, "note": "x"})
+    second = make_run(summary={"eval_exact_match": 0.75, "ok": True})
+
+    executor = MigrationExecutor(connection)
+    executor.migrate(executor.loader.graph.leaf_nodes("experiments"))
+    assert _indexed(first) == {"eval_loss": 0.25}
+    assert _indexed(second) == {"eval_exact_match": 0.75}
+    Run.objects.filter(id=second.id).update(summary={"eval_exact_match": 0.5})
+    assert _indexed(second) == {"eval_exact_match": 0.5}  # the trigger is back
