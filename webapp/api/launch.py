@@ -67,6 +67,7 @@ def sweep_form_validate(*, user, payload: dict) -> tuple[SweepForm, list[SweepIt
         "name": payload.get("name") or default_name[:120],
         "methods": methods,
         "grid": grid_text(payload.get("grid") or {}),
+        "seeds": payload.get("seeds") or 1,
     }
     form = _launch_form(SweepForm, user=user, data=data)
     if not form.is_valid():
@@ -74,7 +75,11 @@ def sweep_form_validate(*, user, payload: dict) -> tuple[SweepForm, list[SweepIt
     try:
         cleaned = form.cleaned_data
         items = expand_sweep(
-            cleaned["methods"], cleaned["grid"], form.train_config(), cleaned["dataset"].task
+            cleaned["methods"],
+            cleaned["grid"],
+            form.train_config(),
+            cleaned["dataset"].task,
+            seeds=cleaned["seeds"],
         )
     except DjangoValidationError as exc:
         raise ValidationError({"grid": exc.messages}) from None

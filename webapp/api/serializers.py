@@ -23,6 +23,7 @@ from webapp.experiments.external import (
     profile_merge,
 )
 from webapp.experiments.forms import MAX_GRID_LINES, MAX_GRID_VALUES
+from webapp.experiments.method_forms import MAX_SEEDS
 from webapp.experiments.metrics import MAX_INGEST_POINTS
 from webapp.experiments.models import (
     FINISHED_STATUSES,
@@ -463,6 +464,14 @@ class SweepCreateSerializer(LaunchSerializer):
         required=False,
         default=dict,
         help_text='Lists per method field, e.g. {"lora.r": [4, 8]}: one run per combination.',
+    )
+    seeds = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_SEEDS,
+        required=False,
+        default=1,
+        help_text="Runs per configuration, with train seeds seed, seed + 1, …; the compare page "
+        "shows their mean ± 95 % interval. Each is a run (and counts as one in the quotas).",
     )
 
     def validate_grid(self, value: dict) -> dict:

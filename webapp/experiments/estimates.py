@@ -295,7 +295,7 @@ def launch_estimate(*, user, data) -> LaunchEstimate:
         return LaunchEstimate(items=[], problem=f"This would fail on the model: {error}")
     return LaunchEstimate(
         items=estimates,
-        total_items=len(items),
+        total_items=len(items) * (form.cleaned_data.get("seeds") or 1),  # a sweep's repeats
         worker_memory=context.worker_memory,
         worker_memory_set=bool(settings.WORKER_MEMORY_GIB),
     )

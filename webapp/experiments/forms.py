@@ -7,7 +7,7 @@ from django.template.defaultfilters import filesizeformat
 from peft_core.catalogue import CATALOGUE
 from peft_core.checks import ConfigError, config_field
 from peft_core.configs import TrainConfig, refuse_fsdp, refuse_packing, refuse_quantized
-from webapp.experiments.method_forms import method_choices, settings_field
+from webapp.experiments.method_forms import MAX_SEEDS, method_choices, settings_field
 from webapp.experiments.models import TaskType
 from webapp.experiments.queue import ANY_CLASS, GPU_CLASS_PATTERN, MAX_DEVICES
 from webapp.registry.selectors import launch_model_choices, model_for_team
@@ -246,6 +246,17 @@ class SweepForm(LaunchForm):
         "defaults.",
     )
 
+    seeds = forms.IntegerField(
+        label="Seeds",
+        min_value=1,
+        max_value=MAX_SEEDS,
+        initial=1,
+        required=False,
+        help_text="Train each configuration this many times, with seeds seed, seed + 1, …: "
+        "the compare page then shows each metric as a mean ± 95 % interval and says which "
+        f"configurations it cannot tell apart. Each seed is a run; at most {MAX_SEEDS}.",
+    )
+
     def launched_methods(self, cleaned: dict) -> list[str]:
         return list(cleaned.get("methods") or ())
 
@@ -254,6 +265,12 @@ class SweepForm(LaunchForm):
             return parse_grid(self.cleaned_data["grid"])
         except ValueError as exc:
             raise forms.ValidationError(str(exc)) from None
+
+    def clean_seeds(self) -> int:
+        return self.cleaned_data.get("seeds") or 1
+
+    def launch_kwargs(self) -> dict:
+        return super().launch_kwargs() | {"seeds": self.cleaned_data["seeds"]}
 
 
 MAX_GRID_LINES = 10

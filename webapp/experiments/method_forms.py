@@ -295,6 +295,7 @@ def method_choices() -> list[tuple[str, str]]:
 
 
 MAX_SWEEP_RUNS = 64
+MAX_SEEDS = 10  # repeats of each configuration (sweep "seeds"): each is a run
 
 
 @dataclass(frozen=True)
@@ -339,10 +340,12 @@ def expand_sweep(
     grid: dict[str, list[str]],
     train_config: dict | None = None,
     task: str | None = None,
+    seeds: int = 1,
 ) -> list[SweepItem]:
     """Every method × every combination of its listed values × every combination of the
     "train." lists, each judged by its method's form (and so its config) and, given the
-    launch's `train_config`, by TrainConfig (and, given the dataset's `task`, whether it packs)."""
+    launch's `train_config`, by TrainConfig (and, given the dataset's `task`, whether it packs);
+    with `seeds` > 1, each of them that many times, seeds seed, seed + 1, … (a run each)."""
     _check_grid_keys(methods, grid)
     train_lists = {k.split(".", 1)[1]: v for k, v in grid.items() if k.startswith(TRAIN_AXIS + ".")}
     trains = [
@@ -356,6 +359,8 @@ def expand_sweep(
             overrides = dict(zip(lists, combo, strict=True))
             item = _sweep_item(method, overrides)
             items += [_with_training(item, train, train_config, task) for train in trains]
+    if seeds > 1:
+        items = _seeded(items, seeds, train_config or {})
     if len(items) > MAX_SWEEP_RUNS:
         raise ValidationError(f"{len(items)} runs: a sweep holds at most {MAX_SWEEP_RUNS}.")
     return items
@@ -378,6 +383,35 @@ def _with_training(
         return item
     label = " ".join([item.label, *(f"{TRAIN_AXIS}.{k}={v}" for k, v in texts.items())])
     return SweepItem(item.method, item.config, label, train)
+
+
+def _seeded(items: list[SweepItem], seeds: int, train_config: dict) -> list[SweepItem]:
+    """Each item `seeds` times, with train seeds base, base + 1, …: the compare page groups
+    such runs as repeats of one configuration (confidence.py)."""
+    if any(SEED in item.train for item in items):
+        raise ValidationError(
+            f"{TRAIN_AXIS}.{SEED} is listed in the grid: give seeds there or as a number of "
+            "seeds, not both."
+        )
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise ValidationError(
+            f"{seeds} seeds: a sweep repeats a configuration 1 to {MAX_SEEDS} times."
+        )
+    base = train_config.get(SEED, TrainConfig.seed)
+    try:
+        TrainConfig(**(train_config | {SEED: base + seeds - 1}))
+    except ConfigError as error:
+        raise ValidationError(f"Seeds {base} to {base + seeds - 1}: {error}") from None
+    return [
+        SweepItem(
+            item.method, item.config, f"{item.label} · seed {seed}", item.train | {SEED: seed}
+        )
+        for item in items
+        for seed in range(base, base + seeds)
+    ]
+
+
+SEED = "seed"
 
 
 def _typed(config_cls: type, name: str, text: str):

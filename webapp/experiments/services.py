@@ -136,12 +136,15 @@ def sweep_create(
     items: list[SweepItem],
     grid: dict,
     train_config: dict,
+    seeds: int = 1,
     devices: int = 1,
     gpu_class: str = queue.ANY_CLASS,
     priority: int = 0,
 ) -> Sweep:
     """One Sweep row and one queued run per item, all enqueued once the transaction commits.
-    The quotas judge the whole sweep first: over one, nothing is created."""
+    The quotas judge the whole sweep first: over one, nothing is created. `seeds` is what
+    the items were expanded with (each configuration's repeats are items already, and
+    count as runs); the sweep keeps it to be cloned."""
     _require_launcher(user=user, team=project.team)
     placement = {"devices": devices, "gpu_class": gpu_class, "priority": priority}
     with transaction.atomic():
@@ -157,6 +160,7 @@ def sweep_create(
                 "grid": grid,
                 "train": train_config,
                 "placement": placement,
+                "seeds": seeds,
             },
         )
         for item in items:

@@ -396,7 +396,11 @@ def sweep_new(request):
         data = form.cleaned_data
         try:
             items = expand_sweep(
-                data["methods"], data["grid"], form.train_config(), data["dataset"].task
+                data["methods"],
+                data["grid"],
+                form.train_config(),
+                data["dataset"].task,
+                seeds=data["seeds"],
             )
             sweep = services.sweep_create(
                 user=request.user,
@@ -451,6 +455,7 @@ def _sweep_initial(request, datasets) -> dict:
             "grid": "\n".join(f"{k} = {', '.join(v)}" for k, v in grid.get("grid", {}).items()),
             **grid.get("train", {}),
             **grid.get("placement", {}),
+            "seeds": grid.get("seeds", 1),
         }
     return initial
 
