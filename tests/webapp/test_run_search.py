@@ -382,6 +382,16 @@ def test_a_bad_query_is_a_400_that_keeps_the_text_and_says_why(client, cast, run
 
 
 @pytest.mark.django_db
+def test_compare_all_matching_takes_the_query_and_says_when_it_cannot(client, cast, runs):
+    client.force_login(cast.bob)
+    page = client.get(reverse("compare"), {"q": "eval_loss<1.2", "sort": "eval_loss"})
+    assert [run.name for run in page.context["runs"]] == ["lora r8", "ia3 run"]
+    page = client.get(reverse("compare"), {"q": "eval_loss<"}, follow=True)
+    assert page.context["runs"] == []
+    assert "No runs compared: “eval_loss&lt;” is not a term" in page.content.decode()
+
+
+@pytest.mark.django_db
 def test_a_bad_column_is_refused_and_nothing_changes(client, cast):
     client.force_login(cast.bob)
     answer = client.post(reverse("runs_columns"), {"add": "no such key!"}, follow=True)
