@@ -226,6 +226,9 @@ def test_a_file_is_streamed_in_hashed_and_versioned(cast, api):
     assert again.json()[0]["version"] == 2
     named = _upload(client, run_id, kind="file", file=_file(b"{}"), name="résumé (final).json")
     assert named.status_code == 201 and named.json()[0]["name"] == "résumé (final).json"
+    served = client.get(named.json()[0]["download_url"])
+    assert b"".join(served) == b"{}"
+    assert "filename*=utf-8''r%C3%A9sum%C3%A9" in served["Content-Disposition"]
     assert len(_file_keys(run_id)) == 3
 
 
