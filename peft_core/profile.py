@@ -1,16 +1,20 @@
 """Measure what a trained adapter costs and gives: the numbers behind the trade-off table.
 
-inference_latency(model, batch)   median ms of a forward pass: base (adapter disabled),
-                                  adapter unmerged, and merged where the method merges
+inference_latency(model, batch)   ms of a forward pass: base (adapter disabled), adapter
+                                  unmerged, merged where the method merges; interleaved
+                                  rounds, ratios with their spread, impossible ones flagged
 merged_privately(model)           the adapter merged into private copies of the base
                                   weights: the model's own weights are never written
-MemoryTracker                     peak CUDA memory on a GPU, peak RSS growth on a CPU
+MemoryTracker                     a training's peak memory: CUDA's counter on a GPU, the C
+                                  allocator's bytes in use on a CPU
 sample_generations(...)           greedy answers of the base model and of the adapter
 """
 
+import ctypes
 import statistics
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import psutil
@@ -21,20 +25,20 @@ from transformers import PreTrainedTokenizerBase
 from peft_core import model as peft_model
 from peft_core.data import prompt_ids
 
-LATENCY_REPEATS = 5
+# Interleaved rounds of the latency figures: quick (after every run) and full (on request).
+LATENCY_REPEATS = 9
+FULL_LATENCY_REPEATS = 31
+# Timings whose rounds spread by more than this (interquartile range over the median) were
+# taken on a busy machine: shown, but flagged.
+NOISY_SPREAD = 0.25
 
 
-@torch.no_grad()
-def _median_forward_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> float:
-    model(**batch)  # warm-up: first calls allocate and pick kernels
-    timings = []
-    for _ in range(repeats):
-        _synchronize()
-        started = time.perf_counter()
-        model(**batch)
-        _synchronize()
-        timings.append((time.perf_counter() - started) * 1000.0)
-    return statistics.median(timings)
+def _forward_ms(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    _synchronize()
+    started = time.perf_counter()
+    model(**batch)
+    _synchronize()
+    return (time.perf_counter() - started) * 1000.0
 
 
 def _synchronize() -> None:
@@ -42,25 +46,98 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def half_iqr(values: Sequence[float]) -> float:
+    """Half the interquartile range: the ± a median is quoted with (half the range when
+    there are too few values for quartiles)."""
+    if len(values) < 4:
+        return (max(values) - min(values)) / 2
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / 2
+
+
+@torch.no_grad()
 def inference_latency(
     model: nn.Module, batch: dict[str, torch.Tensor], *, repeats: int = LATENCY_REPEATS
-) -> dict[str, float]:
-    """{"base_ms", "adapter_ms", "merged_ms" (mergeable methods only)}, interleaved rounds."""
+) -> dict:
+    """Forward latency of the base (adapter disabled), the adapter unmerged, and merged where
+    the method merges, measured in interleaved rounds (each round times every variant back to
+    back, in a rotating order), so a change of load moves them together. The ratios to the
+    base are medians of the per-round ratios, with half their interquartile range:
+
+        base_ms, adapter_ms, merged_ms       medians of the rounds
+        overhead ± overhead_spread           adapter / base
+        merged_overhead ± merged_spread      merged / base (mergeable methods only)
+        latency_spread                       the base's rounds: IQR over median
+        latency_flags                        figures that cannot be true (latency_flags())
+    """
     was_training = model.training
     model.eval()
     # A quantised base cannot take a merge (its weights are packed): no merged timing.
     quantized = bool(getattr(model, "is_quantized", False))
     mergeable = peft_model.method_of(model).mergeable and not quantized
-    rounds: dict[str, list[float]] = {"base_ms": [], "adapter_ms": [], "merged_ms": []}
-    for _ in range(repeats):
-        with peft_model.disabled(model):
-            rounds["base_ms"].append(_median_forward_ms(model, batch, 1))
-        rounds["adapter_ms"].append(_median_forward_ms(model, batch, 1))
-        if mergeable:
-            with merged_privately(model):
-                rounds["merged_ms"].append(_median_forward_ms(model, batch, 1))
+    variants = ["base_ms", "adapter_ms"] + (["merged_ms"] if mergeable else [])
+    rounds: dict[str, list[float]] = {name: [] for name in variants}
+    with peft_model.disabled(model):
+        model(**batch)  # warm-up: first calls allocate and pick kernels
+    model(**batch)
+    for index in range(repeats + 1):
+        for name in variants[index % len(variants) :] + variants[: index % len(variants)]:
+            if name == "base_ms":
+                with peft_model.disabled(model):
+                    ms = _forward_ms(model, batch)
+            elif name == "merged_ms":
+                with merged_privately(model):
+                    if index == 0:
+                        model(**batch)  # the merged weights' first call
+                    ms = _forward_ms(model, batch)
+            else:
+                ms = _forward_ms(model, batch)
+            if index:  # round 0 warms the merged path up
+                rounds[name].append(ms)
     model.train(was_training)
-    return {key: statistics.median(values) for key, values in rounds.items() if values}
+    figures: dict = {name: statistics.median(values) for name, values in rounds.items()}
+    ratios = [a / b for a, b in zip(rounds["adapter_ms"], rounds["base_ms"], strict=True)]
+    figures |= {"overhead": statistics.median(ratios), "overhead_spread": half_iqr(ratios)}
+    if mergeable:
+        merged = [a / b for a, b in zip(rounds["merged_ms"], rounds["base_ms"], strict=True)]
+        figures |= {
+            "merged_overhead": statistics.median(merged),
+            "merged_spread": half_iqr(merged),
+        }
+    base = rounds["base_ms"]
+    figures["latency_spread"] = 2 * half_iqr(base) / statistics.median(base)
+    figures["latency_rounds"] = repeats
+    figures["latency_flags"] = latency_flags(figures)
+    return figures
+
+
+def latency_flags(figures: dict) -> list[str]:
+    """The latency figures that cannot be true as measured, each said in a sentence.
+
+    An adapter computes more than its base, never less, so one measured faster beyond the
+    spread was timed under a changing load. A merged model is the base model's architecture
+    with other weights, so it runs at the base's speed: a difference beyond the spread (and
+    2 %) is the machine's, not the method's."""
+    flags = []
+    overhead, spread = figures.get("overhead"), figures.get("overhead_spread", 0.0)
+    if overhead is not None and overhead + spread < 1.0:
+        flags.append(
+            f"The adapter measured faster than the base ({overhead:.2f}× ± {spread:.2f}), "
+            "which it cannot be: it computes more. The machine's load moved the timings."
+        )
+    merged, merged_spread = figures.get("merged_overhead"), figures.get("merged_spread", 0.0)
+    if merged is not None and abs(merged - 1.0) > merged_spread + 0.02:
+        flags.append(
+            f"The merged model measured {merged:.2f}× the base (± {merged_spread:.2f}); a merged "
+            "model is the base model's architecture and runs at its speed. The machine's load "
+            "moved the timings."
+        )
+    if figures.get("latency_spread", 0.0) > NOISY_SPREAD:
+        flags.append(
+            f"The rounds spread by {figures['latency_spread']:.0%} of their median: the "
+            "machine was busy while they ran."
+        )
+    return flags
 
 
 @contextmanager
@@ -87,27 +164,82 @@ def merged_privately(model: nn.Module) -> Iterator[nn.Module]:
                 setattr(base, name, param)
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _heap_counter() -> Callable[[], int] | None:
+    """Bytes the C allocator has handed out and not taken back (glibc's mallinfo2: small
+    blocks in use plus mmapped blocks), or None where there is no such count. torch's CPU
+    tensors are allocated through it, so this counts them as they come and go, unlike the
+    resident size, which keeps freed memory the allocator holds on to."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _Mallinfo2
+    mallinfo2.argtypes = []
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
 class MemoryTracker:
-    """Peak memory while training: CUDA's own peak counter, or sampled RSS growth on a CPU."""
+    """Peak memory of a training, above what its process held when it began (the loaded
+    model): CUDA's own peak counter on a GPU; on a CPU the C allocator's bytes in use
+    (`_heap_counter`), sampled every SAMPLE_S by a thread and at every step. The resident
+    size (RSS) is the fallback where the allocator has no count; it misses memory a
+    long-lived worker freed earlier and reuses, so its kind says "rss"."""
+
+    SAMPLE_S = 0.005
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.cuda = torch.device(device).type == "cuda"
         self.process = psutil.Process()
+        self._heap = None if self.cuda else _heap_counter()
+        self.kind = "cuda" if self.cuda else "heap" if self._heap else "rss"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.start_bytes = self._current()
         self.peak_bytes = self.start_bytes
+        self._stop = threading.Event()
+        self._thread = None
+        if not self.cuda:
+            self._thread = threading.Thread(target=self._watch, name="memory-peak", daemon=True)
+            self._thread.start()
 
     def _current(self) -> int:
         if self.cuda:
             return torch.cuda.memory_allocated()
+        if self._heap is not None:
+            return self._heap()
         return self.process.memory_info().rss
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.SAMPLE_S):
+            self.sample()
 
     def sample(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self._current())
 
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
     def peak_mb(self) -> float:
-        """Peak above the starting point, in MiB (on CUDA the peak allocated tensor memory)."""
+        """Peak above the starting point, in MiB (on CUDA the peak allocated tensor memory,
+        the model included); the sampling thread stops."""
+        self.stop()
         if self.cuda:
             return torch.cuda.max_memory_allocated() / 2**20
         self.sample()

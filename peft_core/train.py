@@ -61,7 +61,7 @@ from transformers import PreTrainedTokenizerBase
 
 from peft_core import data, distributed, packing
 from peft_core.checkpoint import Checkpoint, CheckpointError, capture_checkpoint, restore_checkpoint
-from peft_core.configs import TRAJECTORY_FIELDS, TrainConfig
+from peft_core.configs import EVAL_SECONDS, TRAJECTORY_FIELDS, TrainConfig
 from peft_core.data import Example, eval_batches, tokenize_rows, train_batches
 from peft_core.loss import causal_lm_loss
 
@@ -98,6 +98,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # last train and eval metrics
     wall_s: float = 0.0
     tokens: int = 0  # non-padding tokens seen in training
+    train_s: float = 0.0  # of wall_s, the optimizer steps alone (no evaluation)
     early_stopped: bool = False  # the eval loss stopped improving (early_stop_patience)
 
 
@@ -347,6 +348,8 @@ class _Loop:
         self.early_stopped = False
         self.start_step = 0  # steps done before this run: a resumed checkpoint's step
         self.tokens = 0
+        self.train_s = 0.0  # time in optimizer steps, evaluations left out
+        self._step_started = 0.0
         self.nonfinite_streak = 0
         self.metrics: dict[str, float] = {}
         self.world = distributed.world()
@@ -415,7 +418,13 @@ class _Loop:
         self.model.eval()
         wall_s = time.perf_counter() - started
         return TrainResult(
-            steps_done, stopped, dict(self.metrics), wall_s, self.tokens, self.early_stopped
+            steps_done,
+            stopped,
+            dict(self.metrics),
+            wall_s,
+            self.tokens,
+            train_s=self.train_s,
+            early_stopped=self.early_stopped,
         )
 
     def _train_steps(
@@ -433,7 +442,9 @@ class _Loop:
                     self.callbacks.on_checkpoint(self.checkpoint(step - 1))
                 return step - 1, True
             micro = [next(batch_iter) for _ in range(self.config.grad_accum)]
+            self._step_started = time.perf_counter()
             self._step(step, micro, started)
+            self.train_s += time.perf_counter() - self._step_started
             if step < self.config.steps and _every(self.config.eval_every, step):
                 self._evaluate(step, val_examples)
                 self.model.train()
@@ -583,6 +594,8 @@ class _Loop:
             "tokens": float(self.tokens),
             "grad_norm": grad_norm,
             "elapsed": time.perf_counter() - started,
+            # the steps' own time: what tokens/s and the time left are read from
+            "train_s": self.train_s + time.perf_counter() - self._step_started,
         }
         self.metrics.update(metrics)
         if step % self.config.log_every == 0 or step == self.config.steps:
@@ -594,11 +607,13 @@ class _Loop:
     def _evaluate(self, step: int, val_examples: list[Example]) -> None:
         if not val_examples:
             return
+        began = time.perf_counter()
         metrics = evaluate_examples(
             self.model, val_examples, config=self.config, pad_token_id=self.pad_token_id
         )
         self.metrics.update(metrics)
-        self.callbacks.on_eval(step, metrics)
+        # how long it took, beside its figures (not in the log line): the time left counts it
+        self.callbacks.on_eval(step, metrics | {EVAL_SECONDS: time.perf_counter() - began})
         self.callbacks.on_log(
             f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         )

@@ -7,6 +7,8 @@ or ended elsewhere, writes raise StaleFenceError and this worker stops without t
 import dataclasses
 import logging
 import math
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -36,7 +38,6 @@ from peft_core.train import (
     Callbacks,
     NonFiniteLossError,
     TrainConfig,
-    TrainResult,
     compute_dtype,
     evaluate,
     train,
@@ -56,8 +57,11 @@ logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 1.0
 STEP_LINE_EVERY_S = 5.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PROFILE_BATCH = (2, 64)  # a fixed batch (rows, tokens) for the latency figures
-SAMPLE_PROMPTS = 3
+# The measurement after training. Quick by default: a few seconds on SmolLM2 on a CPU, a
+# small share of the shortest run; the full profile (TrainConfig.measure) times a longer
+# batch over more rounds and answers more prompts.
+MEASURE_QUICK = {"batch": (2, 64), "rounds": 9, "samples": 3, "new_tokens": 24}
+MEASURE_FULL = {"batch": (4, 256), "rounds": 31, "samples": 8, "new_tokens": 48}
 
 
 class Lease(threading.Thread):
@@ -404,6 +408,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
 
     resume = _resume_point(run.id, callbacks)
     callbacks.memory = MemoryTracker(DEVICE)
+    load_before = _conditions()
     result = train(
         model,
         tokenizer,
@@ -427,15 +432,19 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     # train() evaluated (and reported) at its last step; keep its eval figures.
     final_metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
     peak_mb = callbacks.memory.peak_mb()
+    load = _busiest(load_before, _conditions())
+    training = _training_figures(result, peak_mb, callbacks.memory.kind, load)
     callbacks.flush_until_written()
     adapter_bytes = _store_adapter(run, callbacks.fence, model)
     if distributed.is_sharded(model):  # rank 0 cannot run the split model alone
         callbacks.on_log("inference latency and sample answers are not measured under FSDP")
-        profile = _sizes(model, adapter_bytes) | _training_figures(result, peak_mb)
+        profile = _sizes(model, adapter_bytes) | training
     else:
         callbacks.on_log("measuring inference latency and sample answers")
         callbacks.flush()
-        profile = _profile(model, tokenizer, task, val_rows, result, adapter_bytes, peak_mb)
+        profile = _profile(
+            model, tokenizer, task, val_rows, adapter_bytes, training, config.measure == "full"
+        )
     summary = {f"base_{key}": value for key, value in base_metrics.items()} | final_metrics
     callbacks.on_log(f"done: {_format(final_metrics)}")
     callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
@@ -518,10 +527,7 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
     summary = {f"base_{key}": value for key, value in base_metrics.items()} | adapter_metrics
     callbacks.on_eval(0, summary)
     adapter_bytes = sum(len(data) for data in files.values())
-    nothing_trained = TrainResult(steps_done=0, stopped=False)
-    profile = _profile(model, tokenizer, task, val_rows, nothing_trained, adapter_bytes, 0.0)
-    for key in ("peak_memory_mb", "memory_kind", "wall_s", "tokens_per_s"):
-        profile.pop(key)  # about training, which happened elsewhere
+    profile = _profile(model, tokenizer, task, val_rows, adapter_bytes, training={})
     callbacks.on_log(f"base model: {_format(base_metrics)}; adapter: {_format(adapter_metrics)}")
     callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
     return "succeeded"
@@ -550,26 +556,59 @@ def _store_adapter(run: Run, fence: int, model) -> int:
     return total
 
 
-def _profile(model, tokenizer, task, val_rows, result, adapter_bytes: int, peak_mb: float) -> dict:
-    """What the adapter costs and gives, measured on this worker after training."""
+def _profile(
+    model, tokenizer, task, val_rows, adapter_bytes: int, training: dict, full: bool = False
+) -> dict:
+    """What the adapter costs and gives, measured on this worker after training: quick by
+    default (MEASURE_QUICK), the full profile (MEASURE_FULL) when the run asks for it."""
+    began = time.perf_counter()
+    plan = MEASURE_FULL if full else MEASURE_QUICK
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, tokenizer.vocab_size, PROFILE_BATCH, generator=generator)
+    input_ids = torch.randint(3, tokenizer.vocab_size, plan["batch"], generator=generator)
     batch = {
         "input_ids": input_ids.to(DEVICE),
         "attention_mask": torch.ones_like(input_ids).to(DEVICE),
     }
-    latency = inference_latency(model, batch)
+    latency = inference_latency(model, batch, repeats=plan["rounds"])
     profile = {
         **_sizes(model, adapter_bytes),
-        **_training_figures(result, peak_mb),
+        **training,
         "mergeable": "merged_ms" in latency,
-        "latency_batch": list(PROFILE_BATCH),
+        "latency_batch": list(plan["batch"]),
+        "latency_conditions": _conditions(),
         **latency,
-        "overhead": latency["adapter_ms"] / latency["base_ms"],
     }
     if task == "causal-lm":
-        profile["samples"] = sample_generations(model, tokenizer, val_rows[:SAMPLE_PROMPTS])
+        profile["samples"] = sample_generations(
+            model, tokenizer, val_rows[: plan["samples"]], max_new_tokens=plan["new_tokens"]
+        )
+    profile["measure"] = "full" if full else "quick"
+    profile["measure_s"] = time.perf_counter() - began
     return profile
+
+
+def _busiest(first: dict, second: dict) -> dict:
+    """Of two samples of the conditions, the larger load and number of runs."""
+    return first | {k: max(first[k], second[k]) for k in ("load_1m", "runs_on_host")}
+
+
+def _conditions() -> dict:
+    """What the timings ran beside: the host's CPUs and load, torch's threads, and the runs
+    this host was training at the time (this one included)."""
+    running = Run.objects.filter(status=RunStatus.RUNNING).values_list("worker", flat=True)
+    here = socket.gethostname()
+    return {
+        "device": str(DEVICE),
+        "cpus": os.cpu_count(),
+        "load_1m": round(os.getloadavg()[0], 2),
+        "threads": torch.get_num_threads(),
+        "runs_on_host": sum(_host_of(worker) == here for worker in running),
+    }
+
+
+def _host_of(worker: str) -> str:
+    """The host of a run's worker, "gpu@host:pid" (a Celery node name and a process)."""
+    return worker.rpartition(":")[0].rpartition("@")[2]
 
 
 def _sizes(model, adapter_bytes: int) -> dict:
@@ -583,12 +622,16 @@ def _sizes(model, adapter_bytes: int) -> dict:
     }
 
 
-def _training_figures(result, peak_mb: float) -> dict:
+def _training_figures(result, peak_mb: float, memory_kind: str, load: dict) -> dict:
+    """Time and memory of the training itself: tokens/s over the optimizer steps' own time
+    (train_s: evaluations and measurement left out), the load it ran under."""
     return {
         "peak_memory_mb": peak_mb,
-        "memory_kind": "cuda" if torch.device(DEVICE).type == "cuda" else "rss",
+        "memory_kind": memory_kind,
         "wall_s": result.wall_s,
-        "tokens_per_s": result.tokens / result.wall_s if result.wall_s else 0.0,
+        "train_s": result.train_s,
+        "tokens_per_s": result.tokens / result.train_s if result.train_s else 0.0,
+        "training_conditions": load,
     }
 
 

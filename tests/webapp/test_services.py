@@ -1,7 +1,9 @@
 """The claim and the fence: one worker owns a run; a stale worker's writes change nothing."""
 
 import pytest
+from django.utils import timezone
 
+from peft_core.configs import EVAL_SECONDS
 from webapp.experiments import leases, metrics, services
 from webapp.experiments.leases import StaleFenceError
 from webapp.experiments.metrics import Point
@@ -124,6 +126,28 @@ def test_a_resumed_runs_eta_ignores_the_earlier_attempt(run):
     # already, so its first new points are from step 31, on a clock that started again.
     resumed = {step: 4.0 + 3.0 * (step - 31) for step in range(31, 41)}  # 3 s a step
     assert _steps(run, fence, resumed) == pytest.approx(60 * 3.0)
+
+
+def test_eta_counts_the_steps_own_time_the_evaluations_ahead_and_the_measurement(run, cast):
+    """Paced by train_s (the steps alone), not by elapsed, which holds an evaluation here."""
+    Run.objects.filter(id=run.id).update(total_steps=10, train_config={"eval_every": 5})
+    Run.objects.create(
+        project=cast.acme_project, name="done", base_model=run.base_model,
+        dataset=run.dataset, method="lora", status=RunStatus.SUCCEEDED,
+        finished_at=timezone.now(), profile={"measure": "quick", "measure_s": 4.0},
+    )  # fmt: skip
+    fence = leases.run_claim(run_id=run.id, worker="a")
+    points = []
+    for step in (1, 2, 3, 4):
+        points += [Point("train_s", step, 2.0 * step, 0.0), Point("elapsed", step, 9.0 * step, 0.0)]
+    points += [Point(EVAL_SECONDS, 4, 3.0, 0.0)]
+    metrics.metrics_record(run_id=run.id, fence=fence, points=points)
+    leases.run_heartbeat(run_id=run.id, fence=fence, step=4)
+    run.refresh_from_db()
+    from webapp.experiments import selectors
+
+    # 6 steps × 2 s, evaluations at step 5 and at the end × 3 s, the measurement 4 s
+    assert selectors.run_eta_seconds(run=run) == pytest.approx(12 + 2 * 3 + 4)
 
 
 def test_run_page_series_are_downsampled_and_keep_a_spike(run):

@@ -56,7 +56,18 @@ def test_run_trains_to_success_and_downloads(cast, client, tmp_path):
     assert profile["trainable_params"] > 0 and 0 < profile["trainable_percent"] < 100
     assert profile["adapter_bytes"] == sum(a.size for a in run.artifacts.all())
     assert profile["base_ms"] > 0 and profile["adapter_ms"] > 0 and profile["merged_ms"] > 0
-    assert profile["tokens_per_s"] > 0 and profile["peak_memory_mb"] >= 0
+    assert profile["tokens_per_s"] > 0 and profile["peak_memory_mb"] > 0
+    assert profile["memory_kind"] == "heap"  # the training's own peak, not RSS growth
+    # tokens/s is read from the optimizer steps' own time, evaluations left out
+    assert 0 < profile["train_s"] < profile["wall_s"]
+    assert profile["tokens_per_s"] == pytest.approx(
+        MetricPoint.objects.get(run=run, key="tokens", step=STEPS).value / profile["train_s"]
+    )
+    assert profile["latency_rounds"] == 9 and profile["measure"] == "quick"
+    assert profile["overhead_spread"] >= 0 and profile["merged_spread"] >= 0
+    assert isinstance(profile["latency_flags"], list)
+    assert profile["latency_conditions"]["runs_on_host"] >= 0
+    assert MetricPoint.objects.filter(run=run, key="time/eval_s").count() >= 2
     assert len(profile["samples"]) == 3
     assert {"prompt", "expected", "base", "adapter"} <= set(profile["samples"][0])
 

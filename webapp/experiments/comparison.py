@@ -150,7 +150,12 @@ def tradeoff_rows(runs: list[Run]) -> list[dict]:
                 "trainable_params": profile.get("trainable_params"),
                 "trainable_percent": profile.get("trainable_percent"),
                 "inference_overhead": profile.get("overhead"),
-                "merged_overhead": _ratio(profile.get("merged_ms"), profile.get("base_ms")),
+                "overhead_spread": profile.get("overhead_spread"),
+                "merged_overhead": profile.get("merged_overhead")
+                or _ratio(profile.get("merged_ms"), profile.get("base_ms")),
+                "merged_spread": profile.get("merged_spread"),
+                # figures that cannot be true as measured (peft_core.profile.latency_flags)
+                "latency_flags": profile.get("latency_flags") or [],
                 "mergeable": profile.get("mergeable"),
                 "quality_metric": metric,
                 "quality": value,
@@ -159,7 +164,7 @@ def tradeoff_rows(runs: list[Run]) -> list[dict]:
                 "peak_memory_mb": profile.get("peak_memory_mb"),
                 "memory_kind": profile.get("memory_kind"),  # "cuda" peak or CPU "rss" growth
                 "tokens_per_s": profile.get("tokens_per_s"),
-                "train_s": profile.get("wall_s"),
+                "train_s": profile.get("train_s") or profile.get("wall_s"),
                 "status": run.status,
             }
         )
@@ -177,6 +182,8 @@ def csv_cell(value) -> str | float | int:
     """Text that a spreadsheet would run as a formula gets a leading quote; numbers stay."""
     if value is None:
         return ""
+    if isinstance(value, list):  # e.g. latency_flags: sentences, one cell
+        value = " ".join(map(str, value))
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
         return "'" + value
     return value

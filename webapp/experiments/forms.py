@@ -15,6 +15,7 @@ from webapp.registry.selectors import launch_model_choices, model_for_team
 ADVANCED_TRAINING = (
     "schedule", "warmup_steps", "grad_accum", "gradient_checkpointing", "precision",
     "quantize", "attn", "packing", "grad_clip", "early_stop_patience", "seed", "parallel",
+    "measure",
 )  # fmt: skip
 
 
@@ -106,6 +107,7 @@ class LaunchForm(forms.Form):
     early_stop_patience = settings_field(TrainConfig, "early_stop_patience")
     seed = settings_field(TrainConfig, "seed")
     parallel = settings_field(TrainConfig, "parallel")
+    measure = settings_field(TrainConfig, "measure")
 
     # Where it runs (Advanced): the worker's queue is a function of these (queue.run_queue).
     devices = forms.IntegerField(

@@ -8,6 +8,7 @@ from django.db.models import Count, Min, Q, QuerySet, Sum
 from django.http import Http404
 from django.utils import timezone
 
+from peft_core.configs import EVAL_SECONDS
 from webapp.accounts.models import Membership, Role, Team
 from webapp.accounts.secrets import secret_digest
 from webapp.experiments import run_search
@@ -185,16 +186,22 @@ ETA_POINTS = 200  # at most this many of the latest steps are read
 
 
 def run_eta_seconds(*, run: Run) -> float | None:
-    """Seconds left at the recent pace of training; None while there is no pace to trust yet
+    """Seconds left: the steps at the recent pace of training, plus the evaluations still
+    ahead and the measurement after the last step; None while there is no pace to trust yet
     (fewer than ETA_MIN_STEPS steps or ETA_MIN_SECONDS of training in this attempt).
 
-    The pace is read from the `elapsed` each reported step carries (seconds since this
-    attempt's training began, evaluations included) over the last ETA_WINDOW_S, from the end
-    of a step on: the first step's warm-up never counts, the next slow ones stop counting as
-    training moves on, and a resumed run's earlier attempt never counts."""
+    The pace is read from the `train_s` each reported step carries (seconds of optimizer
+    steps since this attempt's training began, evaluations left out) over the last
+    ETA_WINDOW_S, from the end of a step on: the first step's warm-up never counts, the next
+    slow ones stop counting as training moves on, and a resumed run's earlier attempt never
+    counts. Each evaluation ahead (every eval_every steps, and one at the end) takes as long
+    as the run's latest (`time/eval_s`); the measurement as long as the team's latest run of
+    the same base model took. A run reported before steps carried train_s is paced by its
+    `elapsed`, evaluations inside."""
     if run.status != RunStatus.RUNNING:
         return None
-    attempt = _attempt_elapsed(run)
+    paced_by = "train_s" if _has_points(run, "train_s") else "elapsed"
+    attempt = _attempt_series(run, paced_by)
     if len(attempt) < ETA_MIN_STEPS or attempt[0][1] < ETA_MIN_SECONDS:
         return None
     last_step, last_s = attempt[0]
@@ -202,13 +209,54 @@ def run_eta_seconds(*, run: Run) -> float | None:
         (point for point in attempt if last_s - point[1] >= ETA_WINDOW_S), attempt[-1]
     )
     per_step = (last_s - start_s) / (last_step - start_step)
-    return max(0.0, per_step * (run.total_steps - run.step))
+    left = per_step * (run.total_steps - run.step)
+    if paced_by == "train_s":
+        left += _evaluations_ahead(run) * _latest_value(run, EVAL_SECONDS)
+        left += _measurement_seconds(run)
+    return max(0.0, left)
 
 
-def _attempt_elapsed(run: Run) -> list[tuple[int, float]]:
-    """(step, elapsed) of the latest reported steps, newest first, of this attempt only: an
-    earlier attempt's elapsed ran from another start, so going back it stops decreasing."""
-    latest = MetricPoint.objects.filter(run=run, key="elapsed").order_by("-step")
+def _has_points(run: Run, key: str) -> bool:
+    return MetricPoint.objects.filter(run=run, key=key).exists()
+
+
+def _latest_value(run: Run, key: str) -> float:
+    point = MetricPoint.objects.filter(run=run, key=key).order_by("-step").first()
+    return point.value if point is not None else 0.0
+
+
+def _evaluations_ahead(run: Run) -> int:
+    """Evaluations after the current step: every eval_every steps before the last, and the
+    one at the end."""
+    every = int(run.train_config.get("eval_every") or 0)
+    between = ((run.total_steps - 1) // every - run.step // every) if every else 0
+    return max(0, between) + 1
+
+
+def _measurement_seconds(run: Run) -> float:
+    """How long the measurement after training took for the team's latest finished run of
+    the same base model and measurement (0 when there is none yet)."""
+    measure = run.train_config.get("measure", "quick")
+    latest = (
+        Run.objects.filter(
+            project__team_id=run.project.team_id,
+            base_model=run.base_model,
+            status=RunStatus.SUCCEEDED,
+            external=False,
+            profile__measure=measure,
+        )
+        .exclude(id=run.id)
+        .order_by("-finished_at")
+        .values_list("profile__measure_s", flat=True)
+        .first()
+    )
+    return float(latest or 0.0)
+
+
+def _attempt_series(run: Run, key: str) -> list[tuple[int, float]]:
+    """(step, seconds) of the latest reported steps, newest first, of this attempt only: an
+    earlier attempt's clock ran from another start, so going back it stops decreasing."""
+    latest = MetricPoint.objects.filter(run=run, key=key).order_by("-step")
     attempt: list[tuple[int, float]] = []
     for step, seconds in latest.values_list("step", "value")[:ETA_POINTS]:
         if attempt and seconds >= attempt[-1][1]:

@@ -10,6 +10,9 @@ register = template.Library()
 # What profile["peak_memory_mb"] is, by profile["memory_kind"] (workers/training.py).
 MEMORY_MEASURED = {
     "cuda": "CUDA's peak of allocated tensor memory while training, the model included.",
+    "heap": "The training's own peak of CPU memory in use (the C allocator's count, sampled "
+    "every 5 ms and at every step), above what the process held when training began: the "
+    "loaded model is not counted.",
     "rss": "How much the worker's resident memory (RSS) grew while training on a CPU; "
     "memory the process already held, such as the loaded model, is not counted.",
 }
@@ -20,6 +23,39 @@ MEMORY_NOT_MEASURED = {
     "memory is seen, and this training fit in memory the process already held.",
 }
 NOT_MEASURED = "Not measured for this run."
+MEMORY_KIND_TEXT = {
+    "cuda": "(CUDA peak)",
+    "heap": "(CPU: the training's own peak, above the loaded model)",
+    "rss": "(CPU RSS growth)",
+}
+
+
+@register.simple_tag
+def memory_kind_text(kind: str | None) -> str:
+    return MEMORY_KIND_TEXT.get(kind or "", "")
+
+
+@register.simple_tag
+def conditions_text(conditions: dict | None) -> str:
+    """The conditions a figure was measured under, as a phrase: "load 1.9 on 2 CPUs, 2 runs
+    on this host (this one included), 2 torch threads"."""
+    if not conditions:
+        return ""
+    parts = []
+    if conditions.get("load_1m") is not None:
+        parts.append(f"load {conditions['load_1m']:.1f} on {conditions.get('cpus') or '?'} CPUs")
+    runs = conditions.get("runs_on_host")
+    if runs:
+        parts.append(
+            "this run alone on its host"
+            if runs == 1
+            else f"{runs} runs on this host (this one included)"
+        )
+    if conditions.get("threads"):
+        parts.append(f"{conditions['threads']} torch threads")
+    if conditions.get("device"):
+        parts.append(f"on {conditions['device']}")
+    return ", ".join(parts)
 
 
 @register.simple_tag
