@@ -10,6 +10,8 @@
     peftlab registry register 42 support-bot && peftlab registry alias support-bot 1 production
     peftlab registry download support-bot@production -o adapter/
     peftlab sync                                    # what tracked runs kept while offline
+    peftlab import mlflow --tracking-uri http://mlflow:5000 --experiment sft
+    peftlab export mlflow --tracking-uri ./mlruns 42 43
     peftlab train --model tiny-llama --dataset sample-instructions --output out/   # no server
 
 `train`, `models` and `datasets` are peft_core's local commands, imported only when used,
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ask(commands)
     _add_registry(commands)
     _add_sync(commands)
+    _add_mlflow(commands)
     for name, help_text in LOCAL_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)  # main hands these over
     return parser
@@ -482,6 +485,89 @@ def run_sync(args: argparse.Namespace) -> int:
             print(f"{path.name}: {line}")
             left += not sent
     return 1 if left else 0
+
+
+# --- peftlab import mlflow / export mlflow ----------------------------------
+
+
+def _add_mlflow(commands: argparse._SubParsersAction) -> None:
+    importing = commands.add_parser("import", help="bring runs in from another tracker")
+    source = importing.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    mlflow_in = source.add_parser(
+        "mlflow",
+        help="runs of an MLflow tracking server or store, as runs trained elsewhere",
+        description="Params, metrics with their steps, tags, status and artifacts (an HF PEFT "
+        "adapter folder becomes the run's adapter, other files the run's files). Again later: "
+        "runs already imported are skipped, those left running take their new points. "
+        "Needs pip install 'peftlab[mlflow]'.",
+    )
+    _add_tracking_uri(mlflow_in)
+    mlflow_in.add_argument("--experiment", metavar="NAME", help="only this experiment's runs")
+    mlflow_in.add_argument("--run-id", action="append", default=[], metavar="ID",
+                           help="only this MLflow run (repeatable)")  # fmt: skip
+    mlflow_in.add_argument("--project", help="where the runs go: an id, Team/Project or name")
+    mlflow_in.add_argument("--no-artifacts", action="store_true", help="leave the files behind")
+    mlflow_in.set_defaults(run=run_import_mlflow)
+    exporting = commands.add_parser("export", help="send runs to another tracker")
+    target = exporting.add_subparsers(dest="target", required=True, metavar="TARGET")
+    mlflow_out = target.add_parser(
+        "mlflow",
+        help="finished runs to an MLflow tracking server or store",
+        description="Params (base_model, method and the configs, flattened), every metric "
+        "point with its step, tags, status, start and end, and the adapter as artifacts. A "
+        "run already exported to the experiment is skipped. Needs pip install "
+        "'peftlab[mlflow]'.",
+    )
+    _add_tracking_uri(mlflow_out)
+    mlflow_out.add_argument("--experiment", default="PEFT Lab", metavar="NAME",
+                            help="made if missing (default: PEFT Lab)")  # fmt: skip
+    mlflow_out.add_argument("run_ids", nargs="+", type=int, metavar="RUN_ID")
+    mlflow_out.set_defaults(run=run_export_mlflow)
+
+
+def _add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri", required=True, metavar="URI",
+        help="http(s)://… (a tracking server), a folder or file://… (a file store); a "
+        "database store (sqlite://…) needs the full mlflow package",
+    )  # fmt: skip
+
+
+def run_import_mlflow(args: argparse.Namespace) -> int:
+    from peftlab import mlflow_bridge  # imports MLflow only now
+
+    with _client() as client:
+        outcomes = mlflow_bridge.import_runs(
+            client,
+            args.tracking_uri,
+            experiment=args.experiment,
+            project=_project_ref(args.project),
+            run_ids=args.run_id,
+            artifacts=not args.no_artifacts,
+        )
+    return _report(outcomes, "no MLflow runs found")
+
+
+def run_export_mlflow(args: argparse.Namespace) -> int:
+    from peftlab import mlflow_bridge
+
+    with _client() as client:
+        outcomes = mlflow_bridge.export_runs(
+            client, args.tracking_uri, args.run_ids, experiment=args.experiment
+        )
+    return _report(outcomes, "nothing to export")
+
+
+def _project_ref(text: str | None) -> int | str | None:
+    return int(text) if text and text.isdigit() else text
+
+
+def _report(outcomes: list, nothing: str) -> int:
+    for outcome in outcomes:
+        print(outcome.line())
+    if not outcomes:
+        print(nothing)
+    return 1 if any(outcome.problems for outcome in outcomes) else 0
 
 
 def _sync_one(client: Client, path: Path) -> tuple[str, bool]:

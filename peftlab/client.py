@@ -16,6 +16,7 @@ that cannot be reached raises `ServerUnreachable`. The client imports neither Dj
 torch, so scripts and the CLI start fast.
 """
 
+import csv
 import hashlib
 import json
 import logging
@@ -265,6 +266,21 @@ class Client:
             if not page.get("next_cursor"):
                 return series
             params["cursor"] = page["next_cursor"]
+
+    def metric_points(self, run_id: int) -> Iterator[dict]:
+        """Every stored point of the run, not downsampled: {"step", "key", "value",
+        "wall_time"} by key then step, read as the server streams metrics.csv."""
+        with self._stream("GET", f"/api/v1/runs/{run_id}/metrics.csv") as response:
+            rows = csv.reader(response.iter_lines())
+            if next(rows, None) != ["step", "key", "value", "wall_time"]:
+                raise ApiError(response.status_code, f"{self.url}: not a metrics CSV")
+            for step, key, value, wall_time in rows:
+                yield {
+                    "step": int(step),
+                    "key": key,
+                    "value": float(value),
+                    "wall_time": float(wall_time),
+                }
 
     def ingest_metrics(self, run_id: int, points: Iterable[dict]) -> int:
         """Send an external run's points ({"key", "step", "value", "wall_time"}: seconds since

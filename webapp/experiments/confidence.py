@@ -173,7 +173,9 @@ def per_seed_values(runs: list, metric: str) -> list[float]:
 
 
 def _label(runs: list) -> str:
-    """The runs' name without its seed part, when they agree on it; else the first's."""
+    """A run's name; for repeats, their name without its seed part when they agree on it."""
+    if len(runs) == 1:
+        return runs[0].name
     names = [SEED_IN_NAME.sub("", run.name).strip() for run in runs]
     return names[0] if len(set(names)) == 1 else f"{names[0]} (and {len(names) - 1} more)"
 

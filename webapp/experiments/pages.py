@@ -11,7 +11,7 @@ from django_htmx.http import HTMX_STOP_POLLING
 from peft_core.catalogue import CATALOGUE
 from peft_core.registry import METHOD_CONFIGS
 from webapp.accounts.permissions import Action, can
-from webapp.experiments import comparison, exports, selectors
+from webapp.experiments import comparison, configurations, exports, selectors
 from webapp.experiments.artifacts import (
     ArtifactDamaged,
     artifact_check,
@@ -19,6 +19,7 @@ from webapp.experiments.artifacts import (
     latest_version,
     version_files,
 )
+from webapp.experiments.colors import run_color
 from webapp.experiments.displayed_metrics import SYSTEM_CHARTS, displayed
 from webapp.experiments.downloads import VERIFY_FIRST_BYTES
 from webapp.experiments.lineage import lineage_items
@@ -237,20 +238,38 @@ def merged_panel(request, context: dict):
     return response
 
 
-def compare_context(runs: list) -> dict:
-    """What the compare page shows, for members and for share-link visitors alike."""
+def compare_context(runs: list, *, metric: str | None = None) -> dict:
+    """What the compare page shows, for members and for share-link visitors alike; `metric`
+    is the quality metric asked for (the page's picker), else the preferred one."""
     columns, hparams, differing = comparison.hyperparameters(runs)
+    found = configurations.tradeoffs(runs, metric=metric)
     payload = {
         "runs": [
-            {"id": r.id, "name": r.name, "method": r.method, "status": r.status} for r in runs
+            {
+                "id": r.id,
+                "name": r.name,
+                "method": r.method,
+                "status": r.status,
+                "color": run_color(r.id),
+            }
+            for r in runs
         ],
         "curves": comparison.curves(runs),
         "hparams": hparams,
-        "tradeoff": comparison.tradeoff_rows(runs),
+        "tradeoff": found.rows,  # one per configuration (a run, or its repeats over seeds)
+        "metric": {"key": found.metric, "higher_is_better": found.higher_is_better},
     }
+    charted = [r for r in found.rows if r["trainable_params"] and r["quality"] is not None]
     context = {
         "runs": runs,
         "payload": payload,
+        "metric": found.metric,
+        "metrics": found.metrics,
+        "tradeoff_table": found.table(),
+        "replicated": found.replicated,
+        "recommendation": found.recommendation,
+        "charted": bool(charted),
+        "has_curves": bool(payload["curves"]),
         "columns": columns,
         "hparam_rows": [
             (run, [(row.get(c, "—"), c in differing) for c in columns])

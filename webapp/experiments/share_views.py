@@ -64,7 +64,11 @@ def shared(request, secret: str):
         response = render(request, "experiments/run_detail.html", _run_context(secret))
     else:
         runs = selectors.share_link_runs(link=link)
-        context = compare_context(runs) | {"shared": True, "link": link}
+        context = compare_context(runs, metric=request.GET.get("metric")) | {
+            "shared": True,
+            "link": link,
+            "kept_query": [],
+        }
         response = render(request, "experiments/compare.html", context)
     return _private(response)
 

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HTMX_STOP_POLLING, trigger_client_event
 
 from peft_core.catalogue import CATALOGUE
-from webapp.experiments import comparison, estimates, selectors, services
+from webapp.experiments import comparison, configurations, estimates, selectors, services
 from webapp.experiments.forms import (
     AdapterUploadForm,
     RunForm,
@@ -527,17 +527,24 @@ def _compared_runs(request, params=None) -> list:
 @csp_update(PLOTLY_WEBGL_CSP)
 def compare(request):
     runs = _compared_runs(request)
-    context = compare_context(runs) | {
+    context = compare_context(runs, metric=request.GET.get("metric")) | {
         "query": request.GET.urlencode(),
+        "kept_query": kept_query(request, drop="metric"),
         "share_days": SHARE_DAY_CHOICES,
     }
     return render(request, "experiments/compare.html", context)
 
 
+def kept_query(request, *, drop: str) -> list[tuple[str, str]]:
+    """The page's query parameters but `drop`, for a GET form that changes only that one."""
+    return [(key, value) for key, values in request.GET.lists() if key != drop for value in values]
+
+
 @login_required
 @require_GET
 def compare_csv(request):
-    rows = comparison.tradeoff_rows(_compared_runs(request))
+    found = configurations.tradeoffs(_compared_runs(request), metric=request.GET.get("metric"))
+    rows = configurations.csv_rows(found.rows)
     response = HttpResponse(comparison.tradeoff_csv(rows), content_type="text/csv")
     response["Content-Disposition"] = 'attachment; filename="peftlab-tradeoffs.csv"'
     return response

@@ -2,17 +2,11 @@
 (function () {
   "use strict";
 
-  const COLORS = ["#3b5bdb", "#e8590c", "#2b8a3e", "#c2255c", "#7048e8", "#0b7285", "#e67700",
-    "#5c940d", "#862e9c", "#1864ab", "#a61e4d", "#087f5b"];
   const CONFIG = { displaylogo: false, responsive: true };
 
   // Plotly renders a subset of HTML in names and hover text; user strings must stay text.
   function text(value) {
     return String(value).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
-  }
-
-  function methodColor(methods, method) {
-    return COLORS[methods.indexOf(method) % COLORS.length];
   }
 
   function smooth(values, weight) {
@@ -28,12 +22,13 @@
     const xKey = document.getElementById("curve-x").value;
     const weight = parseFloat(document.getElementById("curve-smoothing").value);
     document.getElementById("curve-smoothing-value").textContent = weight.toFixed(2);
-    const traces = data.runs.filter((run) => (data.curves[run.id] || {})[metric]).map((run, i) => {
+    // Each run keeps its colour (webapp/experiments/colors.py), here and on every page.
+    const traces = data.runs.filter((run) => (data.curves[run.id] || {})[metric]).map((run) => {
       const series = data.curves[run.id][metric];
       const y = shown.smoothed ? smooth(series.value, weight) : series.value;
       return {
         x: series[xKey], y: y, name: text(run.name), type: "scatter", mode: shown.mode,
-        line: { color: COLORS[i % COLORS.length] },
+        line: { color: run.color },
         hovertemplate: "%{fullData.name}<br>" + xKey + " %{x}<br>" + metric + " %{y:.4f}<extra></extra>",
       };
     });
@@ -45,46 +40,64 @@
     }, CONFIG);
   }
 
+  // Rows the scatter and the parallel coordinates draw: configurations with both a size
+  // and a value of the chosen quality metric (the server sends one row per configuration).
+  function charted(data) {
+    return data.tradeoff.filter((r) => r.trainable_params && r.quality !== null);
+  }
+
   function drawScatter(data) {
-    const methods = [...new Set(data.runs.map((r) => r.method))];
-    const rows = data.tradeoff.filter((r) => r.trainable_params && r.quality !== null);
-    const traces = methods.map((method) => {
-      const mine = rows.filter((r) => r.method === method);
-      return {
-        x: mine.map((r) => r.trainable_params), y: mine.map((r) => r.quality),
-        text: mine.map((r) => text(r.run)), name: text(method), mode: "markers", type: "scatter",
-        marker: { size: 11, color: methodColor(methods, method) },
-        hovertemplate: "%{text}<br>%{x:,} trainable<br>quality %{y:.4f}<extra>%{fullData.name}</extra>",
-      };
-    });
-    const metric = rows.length ? rows[0].quality_metric : "quality";
+    const rows = charted(data);
+    const metric = text(data.metric.key);
+    const traces = rows.map((r) => ({
+      x: [r.trainable_params], y: [r.quality], name: text(r.configuration),
+      text: [text(r.run)], mode: "markers", type: "scatter",
+      marker: { size: 11, color: r.color, line: { width: r.pareto ? 2 : 0, color: "#212529" } },
+      error_y: r.quality_n > 1
+        ? { type: "data", symmetric: false, array: [r.quality_ci_high - r.quality],
+          arrayminus: [r.quality - r.quality_ci_low], color: r.color, thickness: 1.5, width: 5 }
+        : { visible: false },
+      hovertemplate: "%{text}<br>%{x:,} trainable<br>" + metric + " %{y:.4f}" +
+        (r.quality_n > 1 ? " ± " + (r.quality_ci_high - r.quality).toPrecision(2) + " (" + r.quality_n + " seeds)" : " (1 seed)") +
+        "<extra></extra>",
+    }));
+    const front = rows.filter((r) => r.pareto).sort((a, b) => a.trainable_params - b.trainable_params);
+    if (front.length > 1) {
+      traces.push({
+        x: front.map((r) => r.trainable_params), y: front.map((r) => r.quality),
+        name: "Pareto front", mode: "lines", type: "scatter", hoverinfo: "skip",
+        line: { color: "#495057", dash: "dot", shape: "hv", width: 1.5 },
+      });
+    }
+    const better = data.metric.higher_is_better ? "higher is better" : "lower is better";
     Plotly.react("scatter", traces, {
-      margin: { l: 55, r: 10, t: 10, b: 45 }, height: 340,
+      margin: { l: 55, r: 10, t: 10, b: 45 }, height: 340, showlegend: rows.length <= 12,
       xaxis: { type: "log", title: { text: "trainable parameters (log)" } },
-      yaxis: { title: { text: metric.replace("_", " ") } },
+      yaxis: { title: { text: metric.replace("_", " ") + " (" + better + ")" } },
+      legend: { orientation: "h", y: -0.25 },
     }, CONFIG);
   }
 
   function drawParcoords(data) {
-    // tradeoff[i] and hparams[i] describe runs[i]: the server keeps one order.
-    const rows = data.tradeoff
-      .map((t, i) => Object.assign({ hp: data.hparams[i] }, t))
-      .filter((r) => r.trainable_params && r.quality !== null);
-    if (!rows.length) return;
+    const rows = charted(data);
     const methods = [...new Set(rows.map((r) => r.method))];
     const dim = (label, values, extra) => Object.assign({ label: label, values: values }, extra || {});
     const dimensions = [
       dim("method", rows.map((r) => methods.indexOf(r.method)),
         { tickvals: methods.map((_, i) => i), ticktext: methods.map(text) }),
       dim("log10 params", rows.map((r) => Math.log10(r.trainable_params))),
-      dim("learning rate", rows.map((r) => r.hp.learning_rate || 0)),
-      dim("steps", rows.map((r) => r.hp.steps || 0)),
+      dim("learning rate", rows.map((r) => r.learning_rate || 0)),
+      dim("steps", rows.map((r) => r.steps || 0)),
       dim("overhead ×", rows.map((r) => r.inference_overhead || 1)),
-      dim(text(rows[0].quality_metric), rows.map((r) => r.quality)),
+      dim(text(data.metric.key), rows.map((r) => r.quality)),
     ];
+    // A line per configuration in its run's colour: value i maps to the i-th stop.
+    const last = Math.max(rows.length - 1, 1);
+    const colorscale = rows.map((r, i) => [i / last, r.color]);
+    if (rows.length === 1) colorscale.push([1, rows[0].color]);
     Plotly.react("parcoords", [{
       type: "parcoords", dimensions: dimensions,
-      line: { color: rows.map((r) => methods.indexOf(r.method)), colorscale: "Portland" },
+      line: { color: rows.map((_, i) => i), colorscale: colorscale, cmin: 0, cmax: last },
     }], { margin: { l: 60, r: 40, t: 40, b: 20 }, height: 340 }, CONFIG);
   }
 
@@ -92,12 +105,15 @@
     const node = document.getElementById("compare-data");
     if (!node || typeof Plotly === "undefined") return;
     const data = JSON.parse(node.textContent);
-    drawCurves(data);
-    drawScatter(data);
-    drawParcoords(data);
-    for (const id of ["curve-metric", "curve-x", "curve-smoothing"]) {
-      document.getElementById(id).addEventListener("input", () => drawCurves(data));
+    // A chart the server had nothing for is an empty note instead of its element.
+    if (document.getElementById("curves")) {
+      drawCurves(data);
+      for (const id of ["curve-metric", "curve-x", "curve-smoothing"]) {
+        document.getElementById(id).addEventListener("input", () => drawCurves(data));
+      }
     }
+    if (document.getElementById("scatter")) drawScatter(data);
+    if (document.getElementById("parcoords")) drawParcoords(data);
   }
 
   document.addEventListener("DOMContentLoaded", draw);
