@@ -84,10 +84,11 @@ def test_the_api_serves_both_files_to_the_team_only(cast, run_points):
     api = _api
     for fmt, read in (("csv", _csv_rows), ("parquet", _parquet_rows)):
         url = reverse(f"api-run-metrics-{fmt}", args=[run.id])
-        response = api(cast.carol).get(url)
+        response = api(cast.carol).get(url, HTTP_ACCEPT=metric_files.FORMATS[fmt])
         assert response.status_code == 200 and response.streaming
         assert read(b"".join(response.streaming_content)) == expected
-        assert api(cast.mallory).get(url).status_code == 404
+        refused = api(cast.mallory).get(url, HTTP_ACCEPT=metric_files.FORMATS[fmt])
+        assert refused.status_code == 404 and "detail" in refused.json()
     schema = api(cast.carol).get(reverse("api-schema")).content.decode()
     assert "/api/v1/runs/{run_id}/metrics.csv" in schema
     assert "/api/v1/runs/{run_id}/metrics.parquet" in schema
