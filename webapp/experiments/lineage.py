@@ -26,6 +26,13 @@ LINEAGE_FIELDS = (
     ("dataset_file_sha256", "Dataset rows file sha256"),
 )
 LABELS = dict(LINEAGE_FIELDS)
+# What a share link does not show: where the team's machines are.
+PRIVATE_FIELDS = ("host",)
+
+
+def public_lineage(lineage: dict) -> dict:
+    """The lineage as a share link shows it, without the private fields."""
+    return {key: value for key, value in lineage.items() if key not in PRIVATE_FIELDS}
 
 
 def lineage_keys(lineages: list[dict]) -> list[str]:

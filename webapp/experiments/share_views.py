@@ -5,6 +5,8 @@ send no Referer onwards and ask caches and robots to keep out, so the secret sta
 hands it was given to.
 """
 
+import re
+
 from csp.decorators import csp_update
 from django.http import Http404
 from django.shortcuts import render
@@ -14,8 +16,9 @@ from django.views.decorators.http import require_GET
 from django_htmx.http import HTMX_STOP_POLLING
 
 from webapp.experiments import selectors
+from webapp.experiments.lineage import public_lineage
 from webapp.experiments.metric_files import metrics_file_response
-from webapp.experiments.models import ShareScope
+from webapp.experiments.models import EXTERNAL_WORKER, ShareScope
 from webapp.experiments.pages import (
     PLOTLY_WEBGL_CSP,
     adapter_response,
@@ -25,6 +28,27 @@ from webapp.experiments.pages import (
     requested_version,
     run_page_context,
 )
+
+# A worker named in a run's error or log ("lost: worker celery@gpu-7:4242 stopped sending
+# heartbeats"): its host and process id are the team's, not the link holder's.
+WORKER_NAMED = re.compile(r"\bworker [^\s;,]+:\d+")
+
+
+def _public(run):
+    """The run as a share link shows it: no worker host:pid (its field, its error and log,
+    where a lost attempt names it) and no host in its lineage. Changes this page's copy of
+    the row only; it is never saved."""
+    if run.worker != EXTERNAL_WORKER:
+        run.worker = ""
+    run.error = WORKER_NAMED.sub("the worker", run.error)
+    run.log = WORKER_NAMED.sub("the worker", run.log)
+    run.lineage = public_lineage(run.lineage)
+    run.save = _never_saved
+    return run
+
+
+def _never_saved(*args, **kwargs):
+    raise RuntimeError("A share link's copy of a run hides some of its fields: never saved.")
 
 
 def _private(response):
@@ -38,7 +62,7 @@ def _shared_run(secret: str):
     runs = selectors.share_link_runs(link=link)
     if link.scope != ShareScope.RUN or not runs:
         raise Http404("Not found")
-    return runs[0]
+    return _public(runs[0])
 
 
 def _run_context(secret: str) -> dict:
@@ -63,7 +87,7 @@ def shared(request, secret: str):
     if link.scope == ShareScope.RUN:
         response = render(request, "experiments/run_detail.html", _run_context(secret))
     else:
-        runs = selectors.share_link_runs(link=link)
+        runs = [_public(run) for run in selectors.share_link_runs(link=link)]
         context = compare_context(runs, metric=request.GET.get("metric")) | {
             "shared": True,
             "link": link,

@@ -3,6 +3,19 @@
 (function () {
   "use strict";
 
+  // The run's colour (webapp/experiments/colors.py) on every trace of its charts, as on the
+  // compare page; a chart's series differ by dash and marker.
+  const DASHES = ["solid", "dot", "dash", "longdash", "dashdot", "longdashdot"];
+  const SYMBOLS = ["circle", "diamond", "square", "triangle-up", "x", "star"];
+
+  function colour(traces, color) {
+    if (!color) return;
+    traces.forEach((trace, i) => {
+      trace.line = { color: color, dash: DASHES[i % DASHES.length] };
+      trace.marker = { color: color, symbol: SYMBOLS[i % SYMBOLS.length] };
+    });
+  }
+
   function layout(axis) {
     return {
       margin: { l: 50, r: 10, t: 10, b: 40 },
@@ -45,6 +58,7 @@
       if (name === "loss" || !empty) drawn.push([element, chart]);
     }
     for (const [element, chart] of drawn) {
+      colour(chart.traces, element.dataset.color);
       Plotly.react(element, chart.traces, layout(chart.axis), {
         displaylogo: false,
         responsive: true,
@@ -52,6 +66,34 @@
     }
   }
 
-  document.addEventListener("DOMContentLoaded", draw);
-  document.addEventListener("htmx:afterSettle", draw);
+  // The log follows its newest line while the reader is at its bottom; scrolled up, it
+  // stays where they left it. Each poll replaces the log, so its place is carried over.
+  let follow = true;
+  let top = 0;
+
+  function atBottom(log) {
+    return log.scrollHeight - log.scrollTop - log.clientHeight < 8;
+  }
+
+  function placeLog() {
+    const log = document.getElementById("run-log");
+    if (log) log.scrollTop = follow ? log.scrollHeight : top;
+  }
+
+  document.addEventListener("htmx:beforeSwap", () => {
+    const log = document.getElementById("run-log");
+    if (log) {
+      follow = atBottom(log);
+      top = log.scrollTop;
+    }
+  });
+
+  document.addEventListener("DOMContentLoaded", () => {
+    draw();
+    placeLog();
+  });
+  document.addEventListener("htmx:afterSettle", () => {
+    draw();
+    placeLog();
+  });
 })();
