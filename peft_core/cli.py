@@ -7,8 +7,11 @@
 
 `train` writes adapter_config.json + adapter_model.safetensors (HF PEFT layout)
 and metrics.jsonl (one JSON object per logged step and per evaluation; step 0 is
-the base model before training) into --output. Usage errors exit with code 2 and
-a one-line message, never a traceback.
+the base model before training) into --output. Every evaluation has eval_loss and the
+task metrics of --eval-metrics as eval_<name> (a sample dataset's own by default:
+exact_match for sample-instructions, accuracy and macro_f1 for sample-sentiment).
+--data is split 90/10 (--val-fraction), or trains whole with --val-data as the
+validation split. Usage errors exit with code 2 and a one-line message, never a traceback.
 """
 
 import argparse
@@ -17,6 +20,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import types
 import typing
 from collections.abc import Sequence
@@ -31,7 +35,13 @@ from tqdm import tqdm
 from peft_core import apply, disabled, distributed, save_adapter, trainable_parameters
 from peft_core.catalogue import CATALOGUE, load_model, model_dir, upstream_name
 from peft_core.checks import ConfigError, settings
-from peft_core.configs import refuse_fsdp, refuse_packing, refuse_quantized
+from peft_core.configs import (
+    eval_metric_names,
+    refuse_eval_metrics,
+    refuse_fsdp,
+    refuse_packing,
+    refuse_quantized,
+)
 from peft_core.data import DatasetError, label_names, parse_dataset, split_rows
 from peft_core.preflight import PreflightError, refuse_if_too_big
 from peft_core.pretrained import load_config, load_directory, model_tasks
@@ -104,7 +114,22 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     )
     source = train_parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", choices=sorted(SAMPLES), help="a built-in sample dataset")
-    source.add_argument("--data", type=Path, help="a .csv or .jsonl file (split 90/10)")
+    source.add_argument(
+        "--data", type=Path, help="a .csv or .jsonl file (split 90/10, or see --val-data)"
+    )
+    train_parser.add_argument(
+        "--val-data",
+        type=Path,
+        metavar="FILE",
+        help="with --data: a .csv or .jsonl validation file; --data is then all training",
+    )
+    train_parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help=f"with --data alone: the share of its rows held out for validation, in "
+        f"(0, {MAX_VAL_FRACTION}] (default {DEFAULT_VAL_FRACTION})",
+    )
     train_parser.add_argument(
         "--task", choices=("causal-lm", "seq-cls"), help="default: the data's"
     )
@@ -119,6 +144,21 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--max-length", type=int, default=TrainConfig.max_length)
     train_parser.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     train_parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    train_parser.add_argument("--eval-batches", type=int, default=TrainConfig.eval_batches)
+    train_parser.add_argument(
+        "--eval-metrics",
+        metavar="NAMES",
+        help="task metrics beside the loss, comma-separated: accuracy, macro_f1 "
+        "(classification); exact_match, contains, token_f1, rouge_l, chrf (generation, on "
+        "greedy answers to the first eval-batches × batch-size validation prompts); none. "
+        "Default: a sample dataset's own, none for --data",
+    )
+    train_parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=TrainConfig.max_new_tokens,
+        help="generation metrics: the longest answer per prompt (each stops at its eos)",
+    )
     train_parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     _add_envelope_arguments(train_parser)
     train_parser.add_argument(
@@ -190,6 +230,8 @@ def run_datasets(args: argparse.Namespace) -> int:
 
 
 MAX_DEVICES = 8
+DEFAULT_VAL_FRACTION = 0.1
+MAX_VAL_FRACTION = 0.5
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -251,6 +293,7 @@ def _train_here(args: argparse.Namespace, method_config: Any, train_config: Trai
     base = resolve_base(args.model)
     task, train_rows, val_rows = _load_rows(args, base)
     labels = label_names(train_rows) if task == "seq-cls" else None
+    train_config = _with_eval_metrics(args, train_config, task, val_rows)
     try:
         refuse_quantized(args.method, train_config.quantize)
         refuse_packing(train_config.packing, method=args.method, task=task)
@@ -271,14 +314,14 @@ def _train_here(args: argparse.Namespace, method_config: Any, train_config: Trai
 
         model, tokenizer = distributed.in_turn(load_and_shard)
         with disabled(model):
-            base_metrics = evaluate(model, tokenizer, **evaluation)
+            base_metrics, base_s = _timed_evaluation(model, tokenizer, evaluation)
     else:
         model, tokenizer = _load_base(
             base, task, labels, args.cache_dir, dtype, train_config.quantize
         )
         if train_config.quantize == "none":  # a quantised base is placed as it loads
             model.to(DEVICE)
-        base_metrics = evaluate(model, tokenizer, **evaluation)
+        base_metrics, base_s = _timed_evaluation(model, tokenizer, evaluation)
         torch.manual_seed(train_config.seed)  # the adapter's initialisation, equal on each rank
         apply(model, with_tokenizer(method_config, tokenizer))
     if not here.is_main:  # a data-parallel helper: trains its share, writes nothing
@@ -293,6 +336,10 @@ def _train_here(args: argparse.Namespace, method_config: Any, train_config: Trai
         ranks += f", FSDP: this process holds {held:,} of the base's {whole:,} split weights"
     print(
         f"{args.model} + {args.method}: {trainable_parameters(model):,} trainable parameters{ranks}"
+    )
+    print(
+        f"{len(train_rows)} training rows, {len(val_rows)} validation rows; the base model's "
+        f"evaluation took {base_s:.1f} s"
     )
     args.output.mkdir(parents=True, exist_ok=True)
     with open(args.output / METRICS_FILE, "w") as metrics_file:
@@ -310,6 +357,12 @@ def _train_here(args: argparse.Namespace, method_config: Any, train_config: Trai
     save_adapter(model, args.output, base_model_name_or_path=base.upstream, revision=base.revision)
     _print_summary(base_metrics, result.metrics, result.wall_s, args.output)
     return 0
+
+
+def _timed_evaluation(model, tokenizer, evaluation: dict) -> tuple[dict[str, float], float]:
+    started = time.perf_counter()
+    metrics = evaluate(model, tokenizer, **evaluation)
+    return metrics, time.perf_counter() - started
 
 
 def parse_method_config(config_cls: type, assignments: Sequence[str]) -> Any:
@@ -395,29 +448,67 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             schedule=args.schedule, attn=args.attn, grad_accum=args.grad_accum,
             gradient_checkpointing=args.gradient_checkpointing, grad_clip=args.max_grad_norm,
             early_stop_patience=args.early_stop_patience, quantize=args.quantize,
-            packing=args.packing, parallel=args.parallel,
+            packing=args.packing, parallel=args.parallel, eval_batches=args.eval_batches,
+            max_new_tokens=args.max_new_tokens,
         )  # fmt: skip
     except ValueError as error:
         raise UsageError(str(error)) from None
 
 
+def _with_eval_metrics(
+    args: argparse.Namespace, config: TrainConfig, task: str, val_rows: list[dict]
+) -> TrainConfig:
+    """`config` with --eval-metrics (default: the sample dataset's own), refused where the
+    task or the rows cannot compute them."""
+    if args.eval_metrics is None:
+        names = SAMPLES[args.dataset].eval_metrics if args.dataset else ()
+    elif args.eval_metrics.strip().lower() == "none":
+        names = ()
+    else:
+        names = args.eval_metrics
+    columns = tuple(val_rows[0]) if val_rows else None
+    try:
+        names = eval_metric_names(names)
+        refuse_eval_metrics(names, task=task, columns=columns)
+    except ValueError as error:
+        raise UsageError(f"--eval-metrics: {error}") from None
+    return dataclasses.replace(config, eval_metrics=names)
+
+
 def _load_rows(args: argparse.Namespace, base: "Base") -> tuple[str, list[dict], list[dict]]:
     """(task, train rows, validation rows) from --dataset or --data."""
     if args.dataset:
+        if args.val_data is not None:
+            raise UsageError("--val-data goes with --data; a sample dataset has its own split")
         task = SAMPLES[args.dataset].task
         if args.task and args.task != task:
             raise UsageError(f"{args.dataset} is a {task} dataset, not {args.task}")
         return (task, *sample_rows(args.dataset))
     task = args.task or base.tasks[0]
-    fmt = _file_format(args.data)
-    try:
-        content = args.data.read_bytes()
-    except OSError as error:
-        raise UsageError(f"cannot read {args.data}: {error.strerror}") from None
-    rows = parse_dataset(content, fmt=fmt, task=task)
+    rows = _read_rows(args.data, task, "--data")
+    if args.val_data is not None:
+        return task, rows, _read_rows(args.val_data, task, "--val-data")
+    if not 0 < args.val_fraction <= MAX_VAL_FRACTION:
+        raise UsageError(
+            f"--val-fraction must be in (0, {MAX_VAL_FRACTION}], not {args.val_fraction}"
+        )
     if len(rows) < 2:
         raise UsageError(f"{args.data} has {len(rows)} row; training and validation need 2 or more")
-    return (task, *split_rows(rows, val_fraction=0.1, seed=args.seed))
+    return (task, *split_rows(rows, val_fraction=args.val_fraction, seed=args.seed))
+
+
+def _read_rows(path: Path, task: str, option: str) -> list[dict]:
+    fmt = _file_format(path, option)
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    if option == "--data":
+        return parse_dataset(content, fmt=fmt, task=task)
+    try:
+        return parse_dataset(content, fmt=fmt, task=task)
+    except DatasetError as error:  # which of the two files the line is in
+        raise UsageError(f"{option} {path.name}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -457,10 +548,10 @@ def resolve_base(text: str) -> Base:
     return Base(text, tasks, upstream, directory, revision)
 
 
-def _file_format(path: Path) -> str:
+def _file_format(path: Path, option: str = "--data") -> str:
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in ("csv", "jsonl"):
-        raise UsageError(f"--data must be a .csv or .jsonl file, got {path.name!r}")
+        raise UsageError(f"{option} must be a .csv or .jsonl file, got {path.name!r}")
     return suffix
 
 
@@ -515,10 +606,10 @@ def _print_summary(
     print(
         f"eval loss: base {base['eval_loss']:.4f} -> trained {final.get('eval_loss', float('nan')):.4f}"
     )
-    if "eval_accuracy" in base:
-        print(
-            f"eval accuracy: base {base['eval_accuracy']:.3f} -> trained {final['eval_accuracy']:.3f}"
-        )
+    for key in base:
+        if key.startswith("eval_") and key != "eval_loss" and key in final:
+            name = key.removeprefix("eval_")
+            print(f"eval {name}: base {base[key]:.3f} -> trained {final[key]:.3f}")
     print(f"trained in {wall_s:.1f} s; adapter and {METRICS_FILE} written to {output}")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from peft_core.checks import ConfigError, check_settings, is_int, names_tuple, reuse, setting
+from peft_core.task_metrics import EVAL_METRICS, METRICS_BY_TASK
 
 ALL_LINEAR = "all-linear"
 TargetSpec = tuple[str, ...] | str | None  # targets.py's module docstring says what each means
@@ -550,6 +551,48 @@ PARALLELS = (
     ("ddp", "Data parallel (DDP): every device holds the whole base"),
     ("fsdp", "Fully sharded (FSDP): the base's weights split over the devices"),
 )
+DEFAULT_MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS = 512
+
+
+def eval_metric_names(names: Any) -> tuple[str, ...]:
+    """TrainConfig.eval_metrics as a tuple of known metric names, each once, in their order
+    (a comma-separated string is read too, as the CLI and a form write it)."""
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(",") if name.strip()]
+    names = names_tuple(names, "eval_metrics")
+    unknown = [name for name in names if name not in EVAL_METRICS]
+    if unknown:
+        raise ConfigError(
+            "eval_metrics",
+            f"unknown eval metric {unknown[0]!r}; known: {', '.join(EVAL_METRICS)}",
+        )
+    return tuple(name for name in EVAL_METRICS if name in names)
+
+
+def refuse_eval_metrics(
+    names: Any, *, task: str, columns: tuple[str, ...] | list[str] | None = None
+) -> None:
+    """Task metrics (TrainConfig.eval_metrics) are refused, saying why, where the task cannot
+    compute them: a classification metric on generation or back, or generation metrics on
+    rows without a prompt and a completion to compare with (`columns`, where known)."""
+    names = eval_metric_names(names)
+    fitting = METRICS_BY_TASK.get(task, ())
+    foreign = [name for name in names if name not in fitting]
+    if foreign:
+        kind = "classification" if task == "seq-cls" else "generation (causal LM)"
+        raise ConfigError(
+            "eval_metrics",
+            f"{foreign[0]} does not apply to {kind}: this task takes {', '.join(fitting)}",
+        )
+    if task == "causal-lm" and names and columns is not None and "prompt" not in columns:
+        raise ConfigError(
+            "eval_metrics",
+            f"{names[0]} scores the answer to each prompt against its completion; this "
+            "dataset has text rows (no prompt,completion columns), so only the loss applies",
+        )
+
+
 ATTENTIONS = (
     ("auto", "The model's default (SDPA where it has it)"),
     ("sdpa", "SDPA (PyTorch's fused attention)"),
@@ -601,6 +644,22 @@ class TrainConfig:
     )
     eval_batches: int = setting(
         8, "Eval batches", "Batches per evaluation.", kind=int, low=1, high=10_000
+    )
+    eval_metrics: tuple[str, ...] = setting(
+        (),
+        "Task metrics",
+        "Scored at every evaluation beside the loss, and for the base model before training. "
+        "Classification: accuracy, macro_f1. Generation (causal LM, prompt,completion rows): "
+        "exact_match, contains, token_f1, rouge_l, chrf, on greedy answers to the first "
+        "eval_batches × batch_size validation prompts.",
+    )
+    max_new_tokens: int = setting(
+        DEFAULT_MAX_NEW_TOKENS,
+        "Max new tokens",
+        "Generation metrics: the longest answer generated per prompt (each stops at its eos).",
+        kind=int,
+        low=1,
+        high=MAX_NEW_TOKENS,
     )
     grad_clip: float = setting(
         1.0, "Gradient clipping", "Max gradient norm; 0 turns clipping off.", kind=float, low=0
@@ -720,6 +779,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        object.__setattr__(self, "eval_metrics", eval_metric_names(self.eval_metrics))
         if self.warmup_steps > self.steps:
             message = f"warmup_steps must be at most steps ({self.steps}), got {self.warmup_steps}"
             raise ConfigError("warmup_steps", message)

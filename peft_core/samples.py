@@ -31,6 +31,7 @@ class SampleSpec:
     title: str
     description: str
     task: str
+    eval_metrics: tuple[str, ...] = ()  # the task metrics a run on it scores by default
 
 
 SAMPLES: dict[str, SampleSpec] = {
@@ -42,12 +43,14 @@ SAMPLES: dict[str, SampleSpec] = {
             description=f"{ROWS} short instructions with exact answers: reverse, uppercase, "
             "add, next/previous letter, antonym, sort three words.",
             task="causal-lm",
+            eval_metrics=("exact_match",),
         ),
         SampleSpec(
             key="sample-sentiment",
             title="Sample sentiment",
             description=f"{ROWS} templated reviews labelled negative/positive, with negation.",
             task="seq-cls",
+            eval_metrics=("accuracy", "macro_f1"),
         ),
     )
 }

@@ -59,10 +59,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peft_core import data, distributed, packing
+from peft_core import data, distributed, packing, task_metrics
 from peft_core.checkpoint import Checkpoint, CheckpointError, capture_checkpoint, restore_checkpoint
 from peft_core.configs import EVAL_SECONDS, TRAJECTORY_FIELDS, TrainConfig
 from peft_core.data import Example, eval_batches, tokenize_rows, train_batches
+from peft_core.decoding import greedy_completions
 from peft_core.loss import causal_lm_loss
 
 
@@ -145,7 +146,7 @@ def train(
     if resume is not None:
         loop.restore(resume)
     with packing.no_kv_cache(model) if config.packing else nullcontext():
-        return loop.run(train_examples, val_examples)
+        return loop.run(train_examples, val_examples, val_rows=val_rows, task=task)
 
 
 def evaluate(
@@ -157,11 +158,70 @@ def evaluate(
     config: TrainConfig,
     label_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """eval_loss (and eval_accuracy for seq-cls) over the first config.eval_batches batches."""
+    """eval_loss (and eval_accuracy for seq-cls) over the first config.eval_batches batches,
+    and the task metrics of config.eval_metrics (`evaluation`)."""
     labels = _labels_for(model, task, rows, label_names)
     max_length = effective_max_length(model, config)
     examples = tokenize_rows(rows, tokenizer, task=task, max_length=max_length, labels=labels)
-    return evaluate_examples(model, examples, config=config, pad_token_id=tokenizer.pad_token_id)
+    return evaluation(model, tokenizer, examples=examples, rows=rows, config=config, task=task)
+
+
+def evaluation(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    examples: Sequence[Example],
+    rows: Sequence[dict],
+    config: TrainConfig,
+    task: str,
+) -> dict[str, float]:
+    """The loss (and seq-cls metrics) over `examples`; for a causal LM, the generation metrics
+    of config.eval_metrics over `rows` (generation_metrics)."""
+    metrics = evaluate_examples(model, examples, config=config, pad_token_id=tokenizer.pad_token_id)
+    names = task_metrics.metrics_for_task(config.eval_metrics, task)
+    if task == "causal-lm" and names:
+        metrics |= generation_metrics(model, tokenizer, rows, config=config, names=names)
+    return metrics
+
+
+@torch.no_grad()
+def generation_metrics(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict],
+    *,
+    config: TrainConfig,
+    names: Sequence[str],
+) -> dict[str, float]:
+    """{eval_<name>: mean score} of the greedy answers to the first eval_batches × batch_size
+    prompts (the rows the loss reads), generated batch_size at a time, at most
+    config.max_new_tokens each (peft_core.decoding, task_metrics).
+
+    Ranks split each batch as the loss does and add their sums. Under FSDP every rank joins
+    every forward: a rank without rows in a batch answers the batch's first prompt, uncounted,
+    and generate() steps until all ranks are done (decoding's `synced`).
+    """
+    rows = [row for row in rows if "prompt" in row][: config.eval_batches * config.batch_size]
+    here, sharded, device = distributed.world(), distributed.is_sharded(model), _device_of(model)
+    sums, count = [0.0] * len(names), 0
+    for start in range(0, len(rows), config.batch_size):
+        batch = rows[start : start + config.batch_size]
+        first, stop = distributed.share_of(len(batch), here)
+        mine = batch[first:stop]
+        if not mine and not sharded:
+            continue
+        prompts = [row["prompt"] for row in mine or batch[:1]]
+        with autocast(config, device):
+            answers = greedy_completions(
+                model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, synced=sharded
+            )
+        if mine:
+            scores = task_metrics.generation_sums(names, answers, [r["completion"] for r in mine])
+            sums = [total + score for total, score in zip(sums, scores, strict=True)]
+            count += len(mine)
+    if here.parallel:
+        *sums, count = distributed.sum_across([*sums, count], here, device)
+    return task_metrics.generation_means(names, sums, round(count))
 
 
 ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
@@ -231,11 +291,14 @@ def _labels_for(
 def evaluate_examples(
     model: nn.Module, examples: Sequence[Example], *, config: TrainConfig, pad_token_id: int
 ) -> dict[str, float]:
-    """Token-weighted (causal LM) or row-weighted (seq-cls) loss, plus accuracy for seq-cls."""
+    """Token-weighted (causal LM) or row-weighted (seq-cls) loss, plus accuracy for seq-cls
+    (and macro-F1 when config.eval_metrics asks for it)."""
     was_training = model.training
     model.eval()
     loss_sum, count, correct = 0.0, 0, 0
     device = _device_of(model)
+    classes = _counted_classes(model, examples, config)
+    per_class = [0.0] * (3 * classes)  # task_metrics.class_counts: TP, FP, FN per class
     batches = eval_batches(
         examples,
         batch_size=config.batch_size,
@@ -253,16 +316,20 @@ def evaluate_examples(
             batch = {name: tensor[:1] for name, tensor in whole.items()}
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with autocast(config, device):
-            batch_loss, batch_count, batch_correct = _summed_loss(model, batch)
+            batch_loss, batch_count, predicted = _summed_loss(model, batch)
         if idle:
             continue
-        loss_sum, count, correct = (
-            loss_sum + batch_loss,
-            count + batch_count,
-            correct + batch_correct,
-        )
+        loss_sum, count = loss_sum + batch_loss, count + batch_count
+        if predicted is not None:
+            expected = batch["labels"].tolist()
+            correct += sum(p == e for p, e in zip(predicted, expected, strict=True))
+            if classes:
+                counts = task_metrics.class_counts(predicted, expected, classes)
+                per_class = [a + b for a, b in zip(per_class, counts, strict=True)]
     if here.parallel:
-        loss_sum, count, correct = distributed.sum_across([loss_sum, count, correct], here, device)
+        loss_sum, count, correct, *per_class = distributed.sum_across(
+            [loss_sum, count, correct, *per_class], here, device
+        )
         count, correct = round(count), round(correct)
     model.train(was_training)
     if count == 0:
@@ -270,18 +337,31 @@ def evaluate_examples(
     metrics = {"eval_loss": loss_sum / count}
     if examples and isinstance(examples[0].labels, int):
         metrics["eval_accuracy"] = correct / count
+    if classes:
+        metrics[task_metrics.metric_key("macro_f1")] = task_metrics.macro_f1(per_class)
     return metrics
 
 
-def _summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
-    """(summed loss, supervised count, correct predictions) for one batch."""
+def _counted_classes(model: nn.Module, examples: Sequence[Example], config: TrainConfig) -> int:
+    """How many classes macro-F1 counts over: the model's labels where config asks for it."""
+    if "macro_f1" not in config.eval_metrics or not examples:
+        return 0
+    if not isinstance(examples[0].labels, int):
+        return 0
+    return int(model.config.num_labels)
+
+
+def _summed_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[float, int, list[int] | None]:
+    """(summed loss, supervised count, predicted classes (seq-cls) or None) for one batch."""
     labels = batch["labels"]
     if labels.dim() == 1:  # seq-cls: logits (B, C), labels (B,)
         logits = _forward(model, batch).logits.float()
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        return loss.item(), labels.numel(), (logits.argmax(-1) == labels).sum().item()
+        return loss.item(), labels.numel(), logits.argmax(-1).tolist()
     summed, count = causal_lm_loss(model, batch)  # position t predicts token t + 1
-    return summed.item(), count, 0
+    return summed.item(), count, None
 
 
 def train_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -333,7 +413,9 @@ class _Loop:
         callbacks: Callbacks,
     ) -> None:
         self.model, self.config, self.callbacks = model, config, callbacks
-        self.pad_token_id = tokenizer.pad_token_id
+        self.tokenizer, self.pad_token_id = tokenizer, tokenizer.pad_token_id
+        self.val_rows: Sequence[dict] = ()  # what the generation metrics answer (run())
+        self.task = ""
         self.named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.params = list(self.named_params.values())
         if not self.params:
@@ -398,8 +480,16 @@ class _Loop:
             nonfinite_streak=self.nonfinite_streak,
         )
 
-    def run(self, train_examples: list[Example], val_examples: list[Example]) -> TrainResult:
+    def run(
+        self,
+        train_examples: list[Example],
+        val_examples: list[Example],
+        *,
+        val_rows: Sequence[dict] = (),
+        task: str = "",
+    ) -> TrainResult:
         started = time.perf_counter()
+        self.val_rows, self.task = val_rows, task
         if self.start_step:
             self.callbacks.on_log(f"resumed from step {self.start_step}")
         batches = train_batches(
@@ -608,9 +698,10 @@ class _Loop:
         if not val_examples:
             return
         began = time.perf_counter()
-        metrics = evaluate_examples(
-            self.model, val_examples, config=self.config, pad_token_id=self.pad_token_id
-        )
+        metrics = evaluation(
+            self.model, self.tokenizer, examples=val_examples, rows=self.val_rows,
+            config=self.config, task=self.task,
+        )  # fmt: skip
         self.metrics.update(metrics)
         # how long it took, beside its figures (not in the log line): the time left counts it
         self.callbacks.on_eval(step, metrics | {EVAL_SECONDS: time.perf_counter() - began})
