@@ -21,6 +21,10 @@ every other round, so a busy machine moves them alike:
                   this work
     bulk_create   the path before COPY: bulk_create(ignore_conflicts=True), foreign keys
                   back
+    copy-uncapped copy without the check of the run's distinct keys against
+                  PEFTLAB_MAX_METRIC_KEYS_PER_RUN: what that check costs (issue 17)
+
+--modes copy,copy-uncapped runs only those.
 
 The goal (issue 8, part 3): >= 100 000 points/s sustained from 8 writers.
 """
@@ -65,7 +69,7 @@ PLAIN_MOVE = """WITH staged AS (DELETE FROM metric_staging RETURNING *)
     SELECT %(run_id)s, key, step, value, wall_time FROM staged
     ON CONFLICT (run_id, key, step) DO NOTHING"""
 
-MODES = ("copy", "copy-staged", "copy-fk", "copy-plain", "bulk_create")
+MODES = ("copy", "copy-staged", "copy-fk", "copy-plain", "bulk_create", "copy-uncapped")
 
 
 def _writer(run_id: int, fence: int, mode: str, seconds: float, barrier, results) -> None:
@@ -80,6 +84,8 @@ def _writer(run_id: int, fence: int, mode: str, seconds: float, barrier, results
         metrics._appends = lambda *args: False
     if mode == "copy-plain":
         metrics.METRIC_MOVE = PLAIN_MOVE
+    if mode == "copy-uncapped":
+        metrics._metric_keys_check = lambda **kwargs: None
     step, points, latencies = 0, 0, []
     barrier.wait()
     start = time.perf_counter()
@@ -168,7 +174,11 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES)
+    )
     args = parser.parse_args()
+    modes = tuple(mode for mode in MODES if mode in args.modes.split(","))
     throwaway_database("ingest")
     from django.contrib.auth import get_user_model
 
@@ -179,11 +189,11 @@ def main() -> None:
     project = Project.objects.create(team=team, name="ingest")
     user = get_user_model().objects.create_user(username="bench")
     dataset = Dataset.objects.filter(team=None).first()
-    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
-    latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    latencies: dict[str, list[float]] = {mode: [] for mode in modes}
     print(f"{args.writers} writers x {args.seconds:.0f} s per round, batches of 1000 points")
     for number in range(args.rounds):
-        for mode in MODES if number % 2 == 0 else MODES[::-1]:  # no mode always goes first
+        for mode in modes if number % 2 == 0 else modes[::-1]:  # no mode always goes first
             runs = _claimed_runs(project, dataset, user, args.writers, f"{mode}-{number}")
             with _foreign_keys(mode in ("copy-fk", "copy-plain", "bulk_create")):
                 outcome = _round(mode, args.writers, args.seconds, runs)
@@ -198,7 +208,7 @@ def main() -> None:
             f"{mode:12s} median {statistics.median(values):10,.0f} points/s; "
             f"batch latency {percentiles_ms(latencies[mode])}"
         )
-    for other in MODES[1:]:
+    for other in modes[1:] if "copy" in modes else ():
         ratios = [a / b for a, b in zip(rates["copy"], rates[other], strict=True)]
         print(f"copy / {other}: x{statistics.median(ratios):.2f} (median of paired rounds)")
     print(f"rows stored: {MetricPoint.objects.count():,}")
