@@ -179,10 +179,7 @@ def _import_one(client, mlflow, source, experiment, project_id, artifacts, outco
         outcome.done.append("was running: refreshed")
     run_id = existing["id"]
     outcome.target = f"run #{run_id}"
-    points, dropped = _points(mlflow, source)
-    outcome.done.append(f"{client.ingest_metrics(run_id, points):,} points")
-    if dropped:
-        outcome.done.append(f"{dropped:,} points left out (not finite, or a step outside 0…2³¹-1)")
+    summary = _send_points(client, mlflow, source, run_id, outcome)
     status = STATUS_IN.get(info.status)
     if status is None:
         outcome.done.append(f"left running: the MLflow run is {info.status}")
@@ -190,7 +187,7 @@ def _import_one(client, mlflow, source, experiment, project_id, artifacts, outco
     if artifacts:
         _import_artifacts(client, mlflow, info.run_id, run_id, outcome)
     profile = _profile(source.data.params)
-    client.finish_run(run_id, status, summary=_summary(points), profile=profile or None)
+    client.finish_run(run_id, status, summary=summary, profile=profile or None)
     outcome.done.append(status)
 
 
@@ -267,34 +264,45 @@ def _tags_in(tags: dict, run_id: str) -> list[str]:
     return names
 
 
-def _points(mlflow, source) -> tuple[list[dict], int]:
-    """Every point of every metric of the run, and how many could not be taken."""
-    start, points, dropped = source.info.start_time or 0, [], 0
+def _send_points(client, mlflow, source, run_id: int, outcome: Outcome) -> dict:
+    """Send every metric's history, one series at a time (memory holds one); returns the
+    summary: each series' value at its last step, as the run's curves end. A series the
+    server refuses (e.g. past the run's cap on distinct keys) stops the sending, named."""
+    sent, dropped, summary = 0, 0, {}
     for key in sorted(source.data.metrics):
-        ours = _metric_key(key)
-        for metric in mlflow.get_metric_history(source.info.run_id, key):
-            if not (0 <= metric.step <= MAX_STEP and math.isfinite(metric.value)):
-                dropped += 1
-                continue
-            wall = max(0.0, (metric.timestamp - start) / 1000)
-            points.append(
-                {"key": ours, "step": metric.step, "value": metric.value, "wall_time": wall}
-            )
-    return points, dropped
+        history = mlflow.get_metric_history(source.info.run_id, key)
+        points = _series(history, _metric_key(key), source.info.start_time or 0)
+        dropped += len(history) - len(points)
+        try:
+            sent += client.ingest_metrics(run_id, points)
+        except ApiError as error:
+            outcome.problems.append(f"metric {key!r} and those after it not sent: {error}")
+            break
+        if points and len(summary) < SUMMARY_MAX_KEYS:
+            summary[points[0]["key"]] = max(points, key=lambda p: p["step"])["value"]
+    outcome.done.append(f"{sent:,} points")
+    if dropped:
+        outcome.done.append(f"{dropped:,} points left out (not finite, or a step outside 0…2³¹-1)")
+    return summary
+
+
+def _series(history, key: str, start_ms: int) -> list[dict]:
+    """PEFT Lab's points of one MLflow metric history: finite values at steps it takes,
+    wall_time in seconds from the run's start."""
+    return [
+        {
+            "key": key,
+            "step": m.step,
+            "value": m.value,
+            "wall_time": max(0.0, (m.timestamp - start_ms) / 1000),
+        }
+        for m in history
+        if 0 <= m.step <= MAX_STEP and math.isfinite(m.value)
+    ]
 
 
 def _metric_key(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_./-]", "_", key)[:64]
-
-
-def _summary(points: list[dict]) -> dict:
-    """Each series' value at its last step, as the run's curves end."""
-    last: dict[str, tuple[int, float]] = {}
-    for point in points:
-        key, step = point["key"], point["step"]
-        if key not in last or step > last[key][0]:
-            last[key] = (step, point["value"])
-    return {key: value for key, (_, value) in sorted(last.items())[:SUMMARY_MAX_KEYS]}
 
 
 def _import_artifacts(client, mlflow, mlflow_id: str, run_id: int, outcome: Outcome) -> None:

@@ -177,6 +177,19 @@ def test_export_then_import_gives_back_the_same_run(store, peftlab, client, adap
     assert not Artifact.objects.filter(run=twin).exists()
 
 
+def test_an_import_past_the_key_cap_says_so_and_keeps_what_fits(store, peftlab, settings):
+    settings.METRIC_KEYS_PER_RUN = 2
+    uri, ml = store
+    run = ml.create_run(ml.create_experiment("wide"), start_time=T0)
+    ml.log_batch(run.info.run_id, metrics=[Metric(k, 1.0, T0, 0) for k in ("a", "b", "c")])
+    ml.set_terminated(run.info.run_id, "FINISHED")
+    result = peftlab("import", "mlflow", "--tracking-uri", uri, "--no-artifacts")
+    assert result.code == 1
+    assert "metric 'c' and those after it not sent: 400: A run takes at most 2" in result.out
+    imported = Run.objects.get(tags__name=f"mlflow:{run.info.run_id}")
+    assert imported.status == "succeeded" and [k for k, _, _ in _points(imported.id)] == ["a", "b"]
+
+
 def test_a_running_run_is_not_exported(store, peftlab, client):
     uri, ml = store
     run = client.start_external_run(base_model="any", method="full")
