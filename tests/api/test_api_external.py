@@ -9,13 +9,14 @@ import json
 import zipfile
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
 import peft_core
 from peft_core.tiny import build_tiny
 from tests.peft_core.test_lora import perturb
-from webapp.experiments import comparison, external
+from webapp.experiments import comparison, external, services
 from webapp.experiments.models import Artifact, Run, RunStatus, Tag
 from webapp.experiments.store import store_walk
 from webapp.registry.models import BaseModel, ModelSource, ModelStatus
@@ -339,12 +340,34 @@ def test_an_adapter_is_checked_stored_as_versions_and_downloads(cast, api, tiny_
     assert merged.status_code == 404 and "names no dataset" in merged.json()["detail"]
 
 
-def test_an_adapter_is_refused_for_an_unknown_base_or_when_not_safetensors(cast, api, tiny_lora):
+def test_an_adapter_of_an_unknown_base_is_kept_with_its_files_checked(cast, api, tiny_lora):
+    """A base nobody registered here (a script's own model): the files are checked (valid
+    safetensors, a config naming its peft_type), the shapes cannot be, and the log says so."""
     client = api(cast.bob)
     unknown = _create(client, base_model="my-own-llama", method="lora").json()["id"]
-    refused = _upload(client, unknown, **_adapter(*tiny_lora))
-    assert refused.status_code == 400 and "not a model registered here" in refused.json()["detail"]
+    pickled = _upload(client, unknown, **_adapter(tiny_lora[0], b"\x80\x04K\x01."))
+    assert pickled.status_code == 400 and "not a safetensors file" in pickled.json()["detail"]
+    no_type = json.dumps({"r": 8}).encode()
+    untyped = _upload(client, unknown, **_adapter(no_type, tiny_lora[1]))
+    assert untyped.status_code == 400 and "names no peft_type" in untyped.json()["detail"]
+    assert not Artifact.objects.exists()
+    kept = _upload(client, unknown, **_adapter(*tiny_lora))
+    assert kept.status_code == 201, kept.json()
+    assert {a["name"] for a in kept.json()} == {"adapter_config.json", "adapter_model.safetensors"}
+    run = Run.objects.get(id=unknown)
+    assert "my-own-llama is not a model registered here, so its shapes were not checked" in run.log
+    assert run.profile["trainable_params"] == tiny_lora[2]
     known = _create(client, base_model="tiny-llama", method="lora").json()["id"]
     pickled = _upload(client, known, **_adapter(tiny_lora[0], b"\x80\x04K\x01."))
     assert pickled.status_code == 400 and "not a safetensors file" in pickled.json()["detail"]
-    assert not Artifact.objects.exists()
+
+
+def test_the_playground_refuses_a_run_on_a_base_not_held_here(cast, api):
+    client = api(cast.bob)
+    body = {"base_model": "my-own-llama", "method": "lora"}
+    run_id = _create(client, dataset=cast.datasets["sample-instructions"].id, **body).json()["id"]
+    client.post(reverse("api-run-finish", args=[run_id]), {"status": "succeeded"}, format="json")
+    with pytest.raises(ValidationError, match="my-own-llama, which is not a model registered"):
+        services.playground_prompt_create(
+            user=cast.bob, runs=[Run.objects.get(id=run_id)], text="hi"
+        )

@@ -88,6 +88,10 @@ def check(job: dict) -> dict:
     tensors = _load_tensors(weights_data)
     del weights_data
     hf = parse_config(config_data)
+    if job.get("structure_only"):
+        return _structure_only(
+            hf, tensors, base_model=job.get("base_model") or "", directory=directory
+        )
     models = job.get("models") or {}
     base_model = _base_model(hf, chosen=job.get("base_model") or "", models=models)
     return _check_against_model(
@@ -219,6 +223,31 @@ def _base_model(hf: dict, *, chosen: str, models: dict) -> str:
         known = ", ".join([*CATALOGUE, *models])
         raise AdapterError(f"base model {named!r} is not registered here; pick one of {known}")
     return key
+
+
+def _structure_only(hf: dict, tensors: dict, *, base_model: str, directory: Path) -> dict:
+    """An adapter for a base PEFT Lab does not hold (a run trained elsewhere on a model nobody
+    registered here): its safetensors are parsed and written again, its config is read, but
+    its shapes cannot be held against the base's. What it claims is kept, bounded."""
+    from safetensors.torch import save_file
+
+    peft_type = hf.get("peft_type")
+    if not isinstance(peft_type, str) or not 1 <= len(peft_type) <= 60:
+        raise AdapterError('adapter_config.json names no peft_type (e.g. "LORA")')
+    task_type = hf.get("task_type")
+    task = TASK_TYPES.get(task_type) if isinstance(task_type, str | None) else None
+    save_file(tensors, directory / VALIDATED_NAME, metadata={"format": "pt"})
+    return {
+        "method": peft_type.lower(),
+        "method_name": peft_type,
+        "method_config": {},
+        "base_model": base_model,
+        "task": task or "causal-lm",
+        "num_labels": _num_labels(tensors) if task == "seq-cls" else 2,
+        "config": hf,
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+    }
 
 
 # ---- against the base model's architecture -------------------------------------------------

@@ -45,10 +45,17 @@ class ValidatedAdapter:
 
 
 def validate_adapter(
-    config_bytes: bytes, weights_bytes: bytes, *, base_model: str = "", models: dict | None = None
+    config_bytes: bytes,
+    weights_bytes: bytes,
+    *,
+    base_model: str = "",
+    models: dict | None = None,
+    structure_only: bool = False,
 ) -> ValidatedAdapter:
     """The adapter, checked in a child process; ValidationError naming the problem otherwise.
-    `models`: the team's registered models it may name (adapter_check's job, "models")."""
+    `models`: the team's registered models it may name (adapter_check's job, "models").
+    `structure_only`: for a base PEFT Lab does not hold, the files alone are checked (valid
+    safetensors, a JSON config naming its peft_type), not their shapes against the base."""
     if len(weights_bytes) > settings.ADAPTER_MAX_BYTES:
         raise ValidationError(too_large_message("adapter_model.safetensors"))
     if len(config_bytes) > adapter_check.MAX_CONFIG_BYTES:
@@ -58,7 +65,11 @@ def validate_adapter(
         (folder / adapter_check.CONFIG_NAME).write_bytes(config_bytes)
         (folder / adapter_check.WEIGHTS_NAME).write_bytes(weights_bytes)
         verdict = _run_check(
-            folder, base_model=base_model, models=models or {}, weights_size=len(weights_bytes)
+            folder,
+            base_model=base_model,
+            models=models or {},
+            weights_size=len(weights_bytes),
+            structure_only=structure_only,
         )
         if not verdict.get("ok"):
             raise ValidationError(f"The adapter was refused: {verdict.get('error')}.")
@@ -70,11 +81,14 @@ def too_large_message(label: str) -> str:
     return f"{label} is larger than {filesizeformat(settings.ADAPTER_MAX_BYTES)}."
 
 
-def _run_check(folder: Path, *, base_model: str, models: dict, weights_size: int) -> dict:
+def _run_check(
+    folder: Path, *, base_model: str, models: dict, weights_size: int, structure_only: bool
+) -> dict:
     timeout = settings.ADAPTER_CHECK_TIMEOUT_S
     job = {
         "dir": str(folder),
         "base_model": base_model,
+        "structure_only": structure_only,
         "models": models,
         "max_bytes": settings.ADAPTER_MAX_BYTES,
         "memory_bytes": BASE_MEMORY_BYTES + TENSOR_COPIES * weights_size,

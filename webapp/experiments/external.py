@@ -155,12 +155,10 @@ def run_adapter_upload(*, user, run: Run, config_file, weights_file) -> list[Art
     as that check rebuilt them; the profile's adapter_bytes becomes what is stored, and its
     trainable_params the adapter's parameters unless the script reported them."""
     _require_uploader(user=user, run=run)
-    if not run.base_weights and run.base_model not in CATALOGUE:
-        raise ValidationError(
-            f"{run.base_model} is not a model registered here, so an adapter for it cannot "
-            "be checked. Register the model (Models) and name it when creating the run, or "
-            "upload the files with kind=file."
-        )
+    # A base PEFT Lab holds: the adapter's shapes are held against it. Any other (a model
+    # nobody registered here): its files are checked, the shapes cannot be, and the log
+    # says so.
+    linked = bool(run.base_weights) or run.base_model in CATALOGUE
     if weights_file.size > settings.ADAPTER_MAX_BYTES:  # before reading it into memory
         raise ValidationError(too_large_message("adapter_model.safetensors"))
     adapter = validate_adapter(
@@ -168,6 +166,7 @@ def run_adapter_upload(*, user, run: Run, config_file, weights_file) -> list[Art
         weights_file.read(),
         base_model=run.base_model,
         models=upload_models(team=run.project.team),
+        structure_only=not linked,
     )
     files = {
         "adapter_config.json": adapter.config_bytes,
@@ -188,10 +187,15 @@ def run_adapter_upload(*, user, run: Run, config_file, weights_file) -> list[Art
             PROFILE_MAX if total is None else total
         ):
             reported["trainable_params"] = adapter.parameters
+        checked = (
+            "checked against the base and re-serialised by PEFT Lab"
+            if linked
+            else f"re-serialised by PEFT Lab; {run.base_model} is not a model registered "
+            "here, so its shapes were not checked against it"
+        )
         line = (
             f"Adapter version {version} uploaded: {adapter.method} on {adapter.base_model}, "
-            f"{adapter.tensors:,} tensors ({adapter.parameters:,} parameters), checked and "
-            "re-serialised by PEFT Lab."
+            f"{adapter.tensors:,} tensors ({adapter.parameters:,} parameters), {checked}."
         )
         Run.objects.filter(id=run.id).update(
             profile=profile_merge(locked.profile, reported),

@@ -16,6 +16,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from peft_core.catalogue import CATALOGUE
 from peft_core.data import DatasetError
 from webapp.accounts.models import Team
 from webapp.accounts.permissions import Action, require
@@ -613,6 +614,15 @@ def playground_prompt_create(*, user, runs: list[Run], text: str) -> PlaygroundP
         raise ValidationError(
             f"“{nameless.name}” was trained elsewhere and names no dataset, so its task is "
             "unknown here: it cannot answer in the playground."
+        )
+    unheld = next(
+        (run for run in runs if not run.base_weights and run.base_model not in CATALOGUE), None
+    )
+    if unheld is not None:
+        raise ValidationError(
+            f"“{unheld.name}” was trained elsewhere on {unheld.base_model}, which is not a "
+            "model registered here: there is no base to load its adapter onto. Register the "
+            "model (Models) to try such adapters."
         )
     teams = {run.project.team_id for run in runs}
     models_and_tasks = {(run.base_model, run.dataset.task) for run in runs}
