@@ -51,7 +51,7 @@ METHOD_PARAMS = ("method", "peft_type")
 PREFIXED = ("method_config.", "train_config.", "profile.")
 PROFILE_KEYS = ("trainable_params", "total_params", "adapter_bytes")
 CONFIG_MAX_BYTES = 60_000  # under the 64 KiB of JSON a run's config may hold
-TAG_VALUE_MAX_CHARS = 500  # of each MLflow tag kept in train_config["mlflow_run"]
+TAG_VALUE_MAX_CHARS, TAGS_KEPT = 500, 50  # of the MLflow tags kept in train_config
 STATUS_IN = {"FINISHED": "succeeded", "FAILED": "failed", "KILLED": "cancelled"}
 STATUS_OUT = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
 MAX_STEP = 2**31 - 1
@@ -204,9 +204,10 @@ def _run_fields(source, experiment: str) -> dict:
             train_config.setdefault(name, _value(raw))
     user_tags = {
         key: value[:TAG_VALUE_MAX_CHARS]
-        for key, value in source.data.tags.items()
+        for key, value in sorted(source.data.tags.items())
         if not key.startswith(("mlflow.", "peftlab."))
     }
+    user_tags = dict(list(user_tags.items())[:TAGS_KEPT])
     origin = {
         "run_id": info.run_id,
         "experiment": experiment,
@@ -241,6 +242,15 @@ def _fitted(config: dict, origin: dict) -> dict:
     return config | {"mlflow_run": origin | ({"left_out": left_out} if left_out else {})}
 
 
+def _string_list(text: str) -> list[str]:
+    """The strings of a JSON list (what an export wrote); nothing from anything else."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
 def _first(params: dict, names: tuple[str, ...], default: str) -> str:
     return next((params[n] for n in names if params.get(n)), default)
 
@@ -250,7 +260,7 @@ def _tags_in(tags: dict, run_id: str) -> list[str]:
     "key=value", as many as fit; the import tag first."""
     names = [IMPORT_TAG + run_id]
     if "peftlab.tags" in tags:
-        wanted = json.loads(tags["peftlab.tags"])
+        wanted = _string_list(tags["peftlab.tags"])
     else:
         wanted = [
             k if v == "" else f"{k}={v}"
