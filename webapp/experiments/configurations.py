@@ -13,6 +13,7 @@ measurements taken under different loads would make a figure nobody measured.
 from collections import Counter
 from dataclasses import dataclass
 
+from peft_core.task_metrics import EVAL_METRICS, metric_key
 from webapp.experiments import confidence
 from webapp.experiments.colors import run_color
 from webapp.experiments.comparison import differing, flat_settings, tradeoff_rows
@@ -22,17 +23,15 @@ from webapp.experiments.models import RunStatus
 
 # eval_ numbers of a summary that are timings, not quality (a transformers Trainer's).
 NOT_QUALITY = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
-# The headline metric when the runs have it, in this order; eval_loss when they have none.
-PREFERRED = (
-    "eval_accuracy", "eval_macro_f1", "eval_exact_match", "eval_token_f1", "eval_rouge_l",
-    "eval_chrf", "eval_contains",
-)  # fmt: skip
+# The headline metric when the runs have it, in peft_core's order of the task metrics
+# (classification's first); eval_loss when they have none.
+PREFERRED = tuple(metric_key(name) for name in EVAL_METRICS)
 LOSS = "eval_loss"
 
 
 def summary_metrics(runs: list) -> list[str]:
-    """eval_loss, then every other eval_<name> number the runs' summaries hold: the known
-    task metrics in PREFERRED's order, then the rest by name."""
+    """eval_loss, then every other eval_<name> number the runs' summaries hold: the task
+    metrics in PREFERRED's order, then the rest (a script's own) by name."""
     found = {
         key
         for run in runs
