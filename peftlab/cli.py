@@ -620,6 +620,13 @@ def _add_sweep(commands: argparse._SubParsersAction) -> None:
         metavar="METHOD.FIELD=V1,V2",
         help="values to try, e.g. --grid lora.r=4,8,16 (repeatable)",
     )
+    launch.add_argument(
+        "--seeds",
+        type=int,
+        metavar="K",
+        help="train each configuration K times (1-10), with seeds seed, seed+1, …; the "
+        "compare page shows their mean ± 95%% interval",
+    )
     _add_train_options(launch)
     launch.set_defaults(run=run_sweep_launch)
     watch = actions.add_parser("watch", help="follow a sweep's runs until all have ended")
@@ -641,6 +648,7 @@ def run_sweep_launch(args: argparse.Namespace) -> int:
             train_config=_train_config(args),
             name=args.name or f"{', '.join(methods)} on {dataset.get('name', args.dataset)}",
             project=args.project,
+            seeds=args.seeds,
             **_placement(args),
         )
         print(f"sweep {sweep['id']}: {len(sweep['runs'])} runs queued")

@@ -489,12 +489,14 @@ class Client:
         train_config: dict | None = None,
         name: str | None = None,
         project: int | None = None,
+        seeds: int | None = None,
         devices: int | None = None,
         gpu_class: str | None = None,
         priority: int | None = None,
     ) -> dict:
-        """One queued run per method and grid point ({"lora.r": [4, 8]}); the sweep with its runs.
-        devices, gpu_class and priority apply to every run."""
+        """One queued run per method and grid point ({"lora.r": [4, 8]}), `seeds` runs each
+        (seeds seed, seed + 1, …); the sweep with its runs. devices, gpu_class and priority
+        apply to every run."""
         payload = {
             "base_model": base_model,
             "dataset": dataset,
@@ -502,7 +504,7 @@ class Client:
             "grid": grid or {},
             "train_config": train_config or {},
         }
-        payload.update(_present({"name": name, "project": project}))
+        payload.update(_present({"name": name, "project": project, "seeds": seeds}))
         payload.update(_present({"devices": devices, "gpu_class": gpu_class, "priority": priority}))
         return self._call("POST", "/api/v1/sweeps/", json=payload)
 

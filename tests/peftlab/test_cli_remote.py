@@ -276,6 +276,18 @@ def test_sweep_launch_creates_a_run_per_method_and_grid_point(peftlab):
     assert result.out.startswith(f"sweep {runs[0].sweep_id}: 3 runs queued")
 
 
+def test_sweep_launch_over_seeds(peftlab):
+    result = peftlab("sweep", "launch", "--model", "tiny-llama", "--dataset", "sample-instructions",
+                     "--methods", "ia3", "--seeds", 3, "--steps", 5)  # fmt: skip
+    assert result.code == 0, result.err
+    runs = Run.objects.filter(sweep__isnull=False).order_by("id")
+    assert [r.train_config["seed"] for r in runs] == [0, 1, 2]
+    assert result.out.startswith(f"sweep {runs[0].sweep_id}: 3 runs queued")
+    refused = peftlab("sweep", "launch", "--model", "tiny-llama", "--dataset",
+                      "sample-instructions", "--methods", "ia3", "--seeds", 11)  # fmt: skip
+    assert refused.code == 1 and "seeds" in refused.err
+
+
 def test_sweep_watch_reports_each_run(peftlab, client, sample_id):
     sweep = client.launch_sweep(base_model="tiny-llama", dataset=sample_id, methods=["lora", "ia3"],
                                 train_config={"steps": 4}, name="s")  # fmt: skip
