@@ -29,7 +29,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ logger = logging.getLogger("peftlab")
 METRIC_KEY = re.compile(r"[A-Za-z0-9_./-]{1,64}")
 MAX_STEP = 2**31 - 1
 BATCH_POINTS = 500  # a request once this many points wait…
-BATCH_SECONDS = 1.0  # …or once the oldest has waited this long
+BATCH_SECONDS = 1.0  # …or at least once a second
 SEND_DELAYS = (0.25, 0.5, 1.0, 2.0)  # retries of a request before its record goes to the spool
 DRAIN_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # between tries to send the spool; the last repeats
 HTTP_TIMEOUT_S = 10.0
@@ -83,6 +83,10 @@ class Run:
         self._finished = False
         self._exit_status: str | None = None  # at exit without an uncaught exception
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # The sender sleeps until a batch is full, a second has passed or a request waits:
+        # waking it for every log() would cost more than the log() itself.
+        self._wake = threading.Event()
+        self._queued = 0  # points put since the sender last took the queue
         self._sender = _Sender(self, client, create)
         self._sender.start()
 
@@ -102,14 +106,17 @@ class Run:
         step = self._next_step if step is None else _checked_step(step)
         self._next_step = step + 1
         wall = time.monotonic() - self._start
-        points = []
+        numbers = []  # the sender makes the points: less work in the training thread
         for key, value in data.items():
             number = self._number(key, value)
             if number is not None:
-                points.append({"key": key, "step": step, "value": number, "wall_time": wall})
+                numbers.append((key, number))
                 self._latest[key] = number
-        if points:
-            self._queue.put(("points", points, None))
+        if numbers:
+            self._queue.put(("points", (step, wall, numbers), None))
+            self._queued += len(numbers)
+            if self._queued >= BATCH_POINTS:
+                self._wake.set()
 
     def log_artifact(
         self, path: str | Path, kind: str = "file", name: str | None = None
@@ -128,6 +135,11 @@ class Run:
             raise RuntimeError(f"{self!r} is finished; log artifacts before finish()")
         return self._ask("artifact", (kind, path, name))
 
+    def flush(self) -> None:
+        """Wait until every point logged so far is sent (or, with the server away, spooled)."""
+        if not self._finished:
+            self._ask("flush", None)
+
     def finish(self, status: str = "succeeded") -> None:
         """Send what is left, then the status and summary; waits until they are sent or
         spooled. A second call does nothing."""
@@ -141,6 +153,7 @@ class Run:
         if self.profile:
             payload["profile"] = _json_safe(self.profile)
         self._queue.put(("finish", payload, None))
+        self._wake.set()
         self._sender.join()
 
     def __enter__(self) -> "Run":
@@ -153,6 +166,7 @@ class Run:
         """Hand the sender a request in line with the points, and wait for its answer."""
         reply = _Reply()
         self._queue.put((kind, value, reply))
+        self._wake.set()
         return reply.wait()
 
     def _number(self, key: str, value: Any) -> float | None:
@@ -160,6 +174,8 @@ class Run:
             if not isinstance(key, str) or not METRIC_KEY.fullmatch(key):
                 raise ValueError(f"metric key {key!r}: use 1-64 of A-Z a-z 0-9 _ . / -")
             self._keys.add(key)
+        if type(value) is float and value - value == 0.0:  # finite: the common case, quickly
+            return value
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -205,35 +221,46 @@ class _Sender(threading.Thread):
             self.spool.append({"create": create})
 
     def run(self) -> None:
-        pending: list[dict] = []
-        deadline: float | None = None
         while True:
-            kind, value, reply = self._take(deadline)
-            if kind == "points":
-                pending += value
-                deadline = deadline or time.monotonic() + BATCH_SECONDS
-            if pending and (kind not in ("points", None) or self._due(pending, deadline)):
+            self.run_._wake.wait(self._timeout())
+            self.run_._wake.clear()
+            self.run_._queued = 0
+            pending: list[dict] = []
+            for kind, value, reply in self._taken():
+                if kind == "points":
+                    step, wall, numbers = value
+                    pending += [
+                        {"key": key, "step": step, "value": number, "wall_time": wall}
+                        for key, number in numbers
+                    ]
+                    continue
+                if pending:  # the points logged before the request go first
+                    self._guarded(self._deliver, "points", pending)
+                    pending = []
+                if kind == "artifact":
+                    self._answer(reply, self._artifact, *value)
+                elif kind == "flush":
+                    reply.set()
+                elif kind == "finish":
+                    self._guarded(self._finish, value)
+                    return
+            if pending:
                 self._guarded(self._deliver, "points", pending)
-                pending, deadline = [], None
-            if kind == "artifact":
-                self._answer(reply, self._artifact, *value)
-            elif kind == "finish":
-                self._guarded(self._finish, value)
-                return
-            elif self.spool is not None and time.monotonic() >= self.drain_at:
+            if self.spool is not None and time.monotonic() >= self.drain_at:
                 self._guarded(self._drain)
 
-    def _take(self, deadline: float | None) -> tuple[str | None, Any, Any]:
-        wake = [t for t in (deadline, self.drain_at if self.spool else None) if t is not None]
-        timeout = max(0.0, min(wake) - time.monotonic()) if wake else None
-        try:
-            return self.run_._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None, None, None
+    def _timeout(self) -> float:
+        if self.spool is None:
+            return BATCH_SECONDS
+        return min(BATCH_SECONDS, max(0.0, self.drain_at - time.monotonic()))
 
-    @staticmethod
-    def _due(pending: list, deadline: float) -> bool:
-        return len(pending) >= BATCH_POINTS or time.monotonic() >= deadline
+    def _taken(self) -> Iterator[tuple[str, Any, Any]]:
+        """Everything in the queue now, in order."""
+        while True:
+            try:
+                yield self.run_._queue.get_nowait()
+            except queue.Empty:
+                return
 
     @staticmethod
     def _guarded(action: Callable[..., Any], *args: Any) -> None:

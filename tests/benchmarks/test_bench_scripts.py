@@ -17,7 +17,7 @@ SCRIPTS = sorted(
 def test_there_are_benchmarks():
     names = {path.name for path in SCRIPTS}
     assert {"peft_vs_hf.py", "warm_start.py", "metrics_ingest.py", "compare_query.py"} <= names
-    assert {"runs_list.py", "inference_overhead.py"} <= names
+    assert {"runs_list.py", "inference_overhead.py", "sdk_overhead.py"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
@@ -71,3 +71,21 @@ def test_memory_measures_both_sides_in_children_and_prints_the_goal():
     row, verdict = result.stdout.strip().splitlines()[-2:]
     assert row.startswith("bf16+ckpt") and "ours" in row and "hf" in row and "failed" not in row
     assert verdict.startswith("bf16+ckpt: ours / HF PEFT peak ") and "(goal ≤ 0.6)" in verdict
+
+
+def test_sdk_overhead_times_both_sides_and_prints_the_goal():
+    """sdk_overhead.py end to end at a toy size (its local sink, 2 ms steps): three sides
+    timed on both clocks, the counted work, and the two verdict lines carrying the figures."""
+    script = SCRIPTS[0].parent / "sdk_overhead.py"
+    command = [sys.executable, str(script), "--step-ms", "2", "--block-steps", "10"]
+    result = subprocess.run(
+        [*command, "--rounds", "2"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["bare", "bare'", "logging"]
+    assert "the work itself, per step: log()" in result.stdout
+    side_by_side, counted = lines[-2:]
+    assert side_by_side.startswith("goal: tracking ≤ 1% of a step, side by side (cpu): ")
+    assert counted.startswith("goal: tracking ≤ 1% of a step, counted: ")
+    assert counted.endswith((", met",)) or ", missed by " in counted
