@@ -109,6 +109,19 @@ def test_replicates_group_by_config_without_the_seed():
     assert groups[0].values["eval_loss"].n == 3
 
 
+def test_repeats_list_by_seed_whatever_a_script_called_its_seed():
+    runs = [_run(seed=2), _run(seed=0), _run(seed=1)]
+    (group,) = confidence.configurations(runs, [])
+    assert [r.train_config["seed"] for r in group.runs_by_seed] == [0, 1, 2]
+    odd = [_run(seed="b"), _run(seed=3), _run(seed=None)]
+    odd[2].train_config["seed"] = "a"  # same config, seeds of other types
+    assert [r.train_config["seed"] for r in confidence.configurations(odd, [])[0].runs_by_seed] == [
+        3,
+        "b",
+        "a",
+    ]
+
+
 def test_a_seed_run_twice_counts_once_the_newest():
     old, new = _run(seed=5, eval_loss=9.0), _run(seed=5, eval_loss=1.0)
     other = _run(seed=6, eval_loss=3.0)

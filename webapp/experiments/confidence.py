@@ -144,6 +144,17 @@ class Configuration:
     def seeds(self) -> list:
         return [run.train_config.get(SEED) for run in self.runs]
 
+    @property
+    def runs_by_seed(self) -> list:
+        """The runs, numeric seeds in order (a script may report any value as its seed)."""
+
+        def order(run):
+            seed = run.train_config.get(SEED)
+            number = isinstance(seed, int | float) and not isinstance(seed, bool)
+            return (not number, seed if number else 0, run.id)
+
+        return sorted(self.runs, key=order)
+
 
 def configurations(runs: list, metrics: list[str]) -> list["Configuration"]:
     """The runs grouped by replicate_key, groups in the order of their first run, with the
