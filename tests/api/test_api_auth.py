@@ -46,6 +46,16 @@ def _endpoints(cast, make_run) -> list[tuple[str, str, list]]:
         ("get", "api-model", [1]),
         ("post", "api-playground", []),
         ("get", "api-playground-prompt", [1]),
+        ("get", "api-registry", []),
+        ("post", "api-registry", []),
+        ("get", "api-registry-ref", ["adapters@production"]),
+        ("get", "api-registry-ref-download", ["adapters@production"]),
+        ("post", "api-registry-versions", ["adapters"]),
+        ("get", "api-registry-version", ["adapters", 1]),
+        ("delete", "api-registry-version", ["adapters", 1]),
+        ("get", "api-registry-version-download", ["adapters", 1]),
+        ("put", "api-registry-alias", ["adapters", "production"]),
+        ("delete", "api-registry-alias", ["adapters", "production"]),
     ]
 
 
