@@ -56,6 +56,12 @@ class Dataset(models.Model):
     label_names = models.JSONField(default=list)
     row_count = models.PositiveIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True, default="")  # of the uploaded bytes
+    # The validation split: the last val_row_count rows of the file (a validation file given
+    # at upload), else val_fraction of the rows drawn by peft_core.data.split_rows.
+    val_row_count = models.PositiveIntegerField(default=0)
+    val_fraction = models.FloatField(default=0.1)
+    # The task metrics a run on it scores unless its launch says otherwise (TrainConfig's names).
+    eval_metrics = models.JSONField(default=list, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
     )
@@ -259,6 +265,23 @@ class RunSummaryValue(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key}={self.value:g} of run {self.run_id}"
+
+
+class BaseEvaluation(models.Model):
+    """The base model's evaluation (eval loss and task metrics) under one set of everything it
+    depends on, measured once by a run and reused by the team's later runs on any worker:
+    `key` is the sha256 of `parts` (workers.training.base_eval_parts names them: the weights,
+    the dataset's stored rows and split, the eval settings, the metric names, dtype, device)."""
+
+    key = models.CharField(max_length=64, unique=True)
+    parts = models.JSONField(default=dict)
+    metrics = models.JSONField(default=dict)
+    run = models.ForeignKey("Run", on_delete=models.SET_NULL, null=True, related_name="+")
+    seconds = models.FloatField(default=0.0)  # how long the evaluation took
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"base evaluation {self.key[:12]} (run {self.run_id})"
 
 
 class RunListColumns(models.Model):
