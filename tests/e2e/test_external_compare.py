@@ -8,6 +8,7 @@ import os
 import pytest
 
 from peftlab.client import Client
+from tests.e2e.test_first_hour import SCREENSHOTS
 from tests.e2e.conftest import log_in
 from tests.peftlab.test_tracking_live import ROOT, SFT_SCRIPT, _run, _script
 from webapp.accounts.services import api_token_create
@@ -77,4 +78,9 @@ def test_an_external_trl_run_sits_beside_launched_runs_in_the_trade_off_table(
     assert "—" in text  # latency and memory were not measured here
     page.wait_for_selector("#scatter .main-svg")
     assert page.locator("#scatter .scatterlayer .trace").count() == 3  # the external one too
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)  # the README's, with PEFTLAB_SCREENSHOTS
+    page.screenshot(path=SCREENSHOTS / "external-compare.png", full_page=True)
+    page.goto(f"{live_server.url}/runs/{external['id']}/")
+    page.wait_for_selector("#loss-chart .main-svg")
+    page.screenshot(path=SCREENSHOTS / "external-run.png", full_page=True)
     assert problems == []

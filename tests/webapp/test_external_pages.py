@@ -162,3 +162,23 @@ def test_what_cannot_be_done_with_them_says_why(cast, client, runs):
     )
     listed = api.get(reverse("api-runs"), {"method": "galore"}).json()["results"]
     assert [r["name"] for r in listed] == ["galore-try"]
+
+
+def test_a_run_with_a_trainers_hundred_settings_folds_all_but_the_first(cast, client):
+    """A Trainer's to_sanitized_dict() has 100+ keys: the page lists 16 and folds the rest."""
+    arguments = {f"argument_{index:03d}": index for index in range(40)}
+    run = services.run_create_external(
+        user=cast.bob,
+        project=cast.acme_project,
+        name="trainer",
+        base_model="gpt2",
+        method="lora",
+        method_config={},
+        train_config=arguments,
+    )
+    client.force_login(cast.bob)
+    page = client.get(reverse("run_detail", args=[run.id])).content.decode()
+    folded = page.split('<details class="more-settings">')
+    assert len(folded) == 2 and "24 more settings" in folded[1]
+    assert "argument_015" in folded[0] and "argument_016" not in folded[0]
+    assert "argument_039" in folded[1]

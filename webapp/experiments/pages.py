@@ -64,10 +64,21 @@ def run_page_context(run, *, urls: dict[str, str]) -> dict:
         "lineage": lineage_items(run.lineage),
         "method_title": exports.method_title(run.method),
         "known_method": run.method in METHOD_CONFIGS,
-        "settings": comparison.flat_settings(run.method_config)
-        + comparison.flat_settings(run.train_config),
+        **_settings_shown(run),
         "files": list(_newest_files(run)) if run.external else [],
     }
+
+
+# A run trained elsewhere may carry a whole TrainingArguments (100+ keys): the page lists
+# this many settings and folds the rest away.
+SETTINGS_SHOWN = 16
+
+
+def _settings_shown(run) -> dict:
+    settings = comparison.flat_settings(run.method_config) + comparison.flat_settings(
+        run.train_config
+    )
+    return {"settings": settings[:SETTINGS_SHOWN], "more_settings": settings[SETTINGS_SHOWN:]}
 
 
 def _newest_files(run):
