@@ -140,6 +140,7 @@ def read_dataset(
     task: str,
     max_rows: int = MAX_ROWS,
     max_value_chars: int = MAX_VALUE_CHARS,
+    min_labels: int = 2,
 ) -> Iterator[dict]:
     """Rows of a CSV (header line first) or JSONL file, checked for `task`, one at a time.
 
@@ -147,7 +148,8 @@ def read_dataset(
     so memory holds a chunk and a line whatever the file's size. Only the task's columns are
     kept; other columns are ignored. Any problem with the bytes raises DatasetError naming
     the 1-based line (and the column, when it is known) of the first one; the checks that
-    need every row (some rows, two labels) raise once the last row has been yielded.
+    need every row (some rows, `min_labels` labels: a validation file may hold one) raise
+    once the last row has been yielded.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -159,9 +161,9 @@ def read_dataset(
         if task == "seq-cls":
             labels.add(row["label"])
         yield row
-    if task == "seq-cls" and len(labels) < 2:
+    if task == "seq-cls" and len(labels) < min_labels:
         raise DatasetError(
-            f"a classification dataset needs at least 2 labels, got {sorted(labels)}"
+            f"a classification dataset needs at least {min_labels} labels, got {sorted(labels)}"
         )
 
 
@@ -418,15 +420,22 @@ def split_rows(
     rows: Sequence[dict], *, val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[dict], list[dict]]:
     """(train, validation), shuffled by `seed`; both non-empty when there are 2+ rows."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    val_count = round(len(rows) * val_fraction)
-    if val_fraction > 0 and len(rows) >= 2:
-        val_count = min(max(val_count, 1), len(rows) - 1)
+    val_count = validation_size(len(rows), val_fraction=val_fraction)
     train = [rows[index] for index in order[val_count:]]
     return train, [rows[index] for index in order[:val_count]]
+
+
+def validation_size(rows: int, *, val_fraction: float) -> int:
+    """How many of `rows` rows split_rows holds out: round(rows · val_fraction), at least one
+    and at most rows − 1 when there are 2 or more rows and a fraction above 0."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    count = round(rows * val_fraction)
+    if val_fraction > 0 and rows >= 2:
+        count = min(max(count, 1), rows - 1)
+    return count
 
 
 def label_names(rows: Sequence[dict]) -> list[str]:

@@ -19,7 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 def _train(tmp_path: Path, name: str, *args: str) -> Path:
+    """`peftlab train` in a child; without --eval-metrics, the loss alone (generation metrics
+    under ranks: test_distributed_eval_metrics.py)."""
     output = tmp_path / name
+    if "--eval-metrics" not in args:
+        args = (*args, "--eval-metrics", "none")
     done = subprocess.run(
         [sys.executable, "-m", "peft_core.cli", "train", "--device", "cpu", "--output",
          str(output), *args],
