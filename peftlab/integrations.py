@@ -17,8 +17,9 @@ Each train() is one run (peftlab.init), logged by the main process only:
   prompt, prefix, …; HF PEFT's peft_type in lower case for others; "full" without one);
 - the base model: `config._name_or_path`, with `@<commit>` when transformers knows the
   revision (`_commit_hash`); its trainable and total parameters as the run's profile;
-- at the end, the adapter (save_pretrained into a temporary directory) as the run's adapter,
-  or as two plain files when the server cannot check it (a base model not registered there).
+- at the end, the adapter (save_pretrained into a temporary directory) as the run's adapter
+  (the server checks it, against the base model when it has that model), or as two plain
+  files of the run should the server refuse it as an adapter.
 
 The server and token come from the arguments, PEFTLAB_URL / PEFTLAB_TOKEN, or
 `peftlab login`. On an exception train() does not reach on_train_end: the run is finished

@@ -2,12 +2,13 @@
 carries each request to webapp.wsgi, so every call goes through URLs, auth, views and the
 database exactly as over the network."""
 
+import threading
 from typing import NamedTuple
 
 import httpx
 import pytest
 
-from peftlab import cli
+from peftlab import cli, tracking
 from peftlab.client import Client
 
 SERVER = "http://testserver"  # the host Django's test environment allows
@@ -119,3 +120,45 @@ def queued_run(client, sample_id) -> dict:
         train_config={"steps": 10},
         name="queued",
     )
+
+
+class Switch(httpx.BaseTransport):
+    """The in-process app, or a refused connection while `down`; records each request."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+        self.down = False
+        self.requests: list[tuple[str, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        self.requests.append((request.method, request.url.path))
+        try:
+            return self.inner.handle_request(request)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                from django.db import connections
+
+                connections.close_all()  # the sender's own connection, or teardown waits on it
+
+    def posts(self, suffix: str) -> int:
+        return sum(method == "POST" and path.endswith(suffix) for method, path in self.requests)
+
+
+@pytest.fixture
+def switch(transport, alice_token, monkeypatch, tmp_path):
+    """peftlab.init as alice on the in-process server (PEFTLAB_URL / PEFTLAB_TOKEN set), with
+    a spool of its own and backoffs of milliseconds; `switch.down = True` stops the server."""
+    switch = Switch(transport)
+    monkeypatch.setattr(tracking, "client_options", {"transport": switch})
+    monkeypatch.setattr(tracking, "SEND_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(tracking, "DRAIN_DELAYS", (0.05,))
+    monkeypatch.setattr(tracking.Run, "finish_wait_s", 0.3)
+    monkeypatch.setenv("PEFTLAB_URL", SERVER)
+    monkeypatch.setenv("PEFTLAB_TOKEN", alice_token)
+    monkeypatch.setenv("PEFTLAB_SPOOL_DIR", str(tmp_path / "spool"))
+    yield switch
+    switch.down = False
+    for run in list(tracking._open_runs.values()):  # a failed test's run, before the db goes
+        run.finish("failed")

@@ -10,7 +10,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import peft_core
 from peft_core.tiny import build_tiny
-from peftlab.integrations import base_model_name, describe_adapter, parameter_counts, plain
+from peftlab import tracking
+from peftlab.integrations import (
+    PeftLabCallback,
+    base_model_name,
+    describe_adapter,
+    parameter_counts,
+    plain,
+)
+from webapp.experiments.models import Artifact, Run
 
 
 def _gpt2():
@@ -81,3 +89,23 @@ def test_configs_become_plain_json():
     value = {"modules": {"q", "k"}, "kind": Kind.A, "nan": float("nan"), "t": (1, 2), 3: object}
     assert plain(value) == {"modules": ["k", "q"], "kind": "a", "nan": None, "t": [1, 2],
                             "3": str(object)}  # fmt: skip
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_adapter_the_server_refuses_is_kept_as_the_runs_files(switch, settings):
+    settings.ADAPTER_MAX_BYTES = 1024  # the server refuses this adapter (400, too large)
+    model = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"]))
+    callback = PeftLabCallback(project="Default", name="refused")
+    callback.run = tracking.init(
+        project="Default", name="refused", base_model="gpt2", method="lora"
+    )
+    callback._upload_adapter(model)
+    callback.run.finish()
+    stored = Artifact.objects.filter(run_id=callback.run.id)
+    assert sorted(stored.values_list("kind", "name")) == [
+        ("file", "adapter_config.json"),
+        ("file", "adapter_model.safetensors"),
+    ]
+    assert Run.objects.get(id=callback.run.id).profile["adapter_bytes"] == sum(
+        a.size for a in stored
+    )

@@ -1,13 +1,11 @@
-"""peftlab.init/log/finish against the real API, in process (see conftest.py): batching,
+"""peftlab.init/log/finish against the real API, in process (conftest.py: the switch fixture): batching,
 order, steps, validation, and the spool while the server is away (the transport refuses
 connections as a stopped server does). test_tracking_live.py runs scripts against a real
 server process."""
 
 import json
-import threading
 import time
 
-import httpx
 import pytest
 
 from peftlab import spool, tracking
@@ -15,48 +13,7 @@ from peftlab.client import Client
 from webapp.experiments.models import MetricPoint, Run
 
 pytestmark = pytest.mark.django_db(transaction=True)
-SERVER = "http://testserver"
-
-
-class Switch(httpx.BaseTransport):
-    """The in-process app, or a refused connection while `down`; records each request."""
-
-    def __init__(self, inner: httpx.BaseTransport) -> None:
-        self.inner = inner
-        self.down = False
-        self.requests: list[tuple[str, str]] = []
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self.down:
-            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
-        self.requests.append((request.method, request.url.path))
-        try:
-            return self.inner.handle_request(request)
-        finally:
-            if threading.current_thread() is not threading.main_thread():
-                from django.db import connections
-
-                connections.close_all()  # the sender's own connection, or teardown waits on it
-
-    def posts(self, suffix: str) -> int:
-        return sum(method == "POST" and path.endswith(suffix) for method, path in self.requests)
-
-
-@pytest.fixture
-def switch(transport, alice_token, monkeypatch, tmp_path):
-    """alice's SDK on the in-process server, a spool of its own, backoffs of milliseconds."""
-    switch = Switch(transport)
-    monkeypatch.setattr(tracking, "client_options", {"transport": switch})
-    monkeypatch.setattr(tracking, "SEND_DELAYS", (0.01, 0.01))
-    monkeypatch.setattr(tracking, "DRAIN_DELAYS", (0.05,))
-    monkeypatch.setattr(tracking.Run, "finish_wait_s", 0.3)
-    monkeypatch.setenv("PEFTLAB_URL", SERVER)
-    monkeypatch.setenv("PEFTLAB_TOKEN", alice_token)
-    monkeypatch.setenv("PEFTLAB_SPOOL_DIR", str(tmp_path / "spool"))
-    yield switch
-    switch.down = False
-    for run in list(tracking._open_runs.values()):  # a failed test's run, before the db goes
-        run.finish("failed")
+SERVER = "http://testserver"  # the switch fixture (conftest.py) carries requests to the app
 
 
 def _init(**options) -> tracking.Run:
