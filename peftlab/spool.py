@@ -232,9 +232,15 @@ class Spool:
         try:
             client.finish_run(self.run_id, **value)
         except ApiError as error:
-            # Sent before, but the drain stopped before it wrote so: the run is finished.
-            if error.status != 400 or client.run(self.run_id)["status"] != value["status"]:
+            if error.status != 400:
                 raise
+            if client.run(self.run_id)["status"] == value["status"]:
+                return  # sent before, but the drain stopped before it wrote so
+            if len(value) == 1:
+                raise
+            # The summary or profile refused: the status matters most.
+            log.warning("run %s: the server refused the summary (%s)", self.run_id, error)
+            client.finish_run(self.run_id, value["status"])
 
     def _artifact_path(self, relative: str) -> Path:
         """A path the spool recorded, refused if it would leave the spool directory."""

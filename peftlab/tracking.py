@@ -82,6 +82,7 @@ class Run:
         self._nonfinite: set[str] = set()  # keys already warned about
         self._finished = False
         self._exit_status: str | None = None  # at exit without an uncaught exception
+        self._pid = os.getpid()  # a forked child's exit does not finish its parent's run
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # The sender sleeps until a batch is full, a second has passed or a request waits:
         # waking it for every log() would cost more than the log() itself.
@@ -120,10 +121,11 @@ class Run:
 
     def log_artifact(
         self, path: str | Path, kind: str = "file", name: str | None = None
-    ) -> dict | None:
+    ) -> list[dict] | None:
         """Upload a file, or an HF PEFT adapter directory (kind="adapter": adapter_config.json
-        and adapter_model.safetensors), after the points logged before. Returns the server's
-        artifact, or None when the server is unreachable: a copy then waits in the spool."""
+        and adapter_model.safetensors), after the points logged before. Returns the stored
+        files as the server lists them, or None when the server is unreachable: a copy then
+        waits in the spool."""
         if kind not in ARTIFACT_KINDS:
             raise ValueError(f"kind must be one of {', '.join(ARTIFACT_KINDS)}, not {kind!r}")
         path = Path(path)
@@ -292,6 +294,8 @@ class _Sender(threading.Thread):
                     logger.warning(
                         "peftlab: the server refused run %s's %s: %s", self.run_.id, kind, error
                     )
+                    if kind == "finish" and len(value) > 1:  # the status matters most
+                        self._deliver(kind, {"status": value["status"]})
                     return
                 self._go_offline(error)
             except ServerUnreachable as error:
@@ -541,6 +545,8 @@ def _install_hooks() -> None:
 
 def _finish_at_exit() -> None:
     for run in list(_open_runs.values()):
+        if run._pid != os.getpid():
+            continue
         status = _status_after(_uncaught) if _uncaught else run._exit_status or "succeeded"
         try:
             run.finish(status)

@@ -186,3 +186,19 @@ def _wait_for(condition, timeout: float = 10.0):
             return value
         time.sleep(0.02)
     raise AssertionError("timed out")
+
+
+def test_a_refused_summary_still_finishes_the_run(switch, peftlab, caplog):
+    live = _init(name="live")
+    live.summary["notes"] = "x" * 100_001  # over the server's 100,000 characters
+    live.finish()
+    assert "refused run" in caplog.text and "summary" in caplog.text
+    assert Run.objects.get(id=live.id).status == "succeeded"
+
+    switch.down = True
+    spooled = _init(name="spooled")
+    spooled.summary["notes"] = "x" * 100_001
+    spooled.finish()
+    switch.down = False
+    assert peftlab("sync").code == 0
+    assert Run.objects.get(name="spooled").status == "succeeded"
