@@ -108,8 +108,9 @@ def test_help_lists_every_command(capsys):
         assert f"\n    {command} " in out
 
 
-def test_remote_commands_start_without_torch_or_django():
-    code = "import sys, peftlab.cli; print(sorted({'torch', 'django'} & set(sys.modules)))"
+def test_remote_commands_and_the_sdk_start_without_torch_or_django():
+    code = "import sys, peftlab, peftlab.cli; peftlab.init; "
+    code += "print(sorted({'torch', 'django'} & set(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
