@@ -16,9 +16,8 @@ never write into a base weight in place. merge() would: peft_core.profile merges
 copies of the weights it touches. The guard: in-place writes through any alias bump a tensor's
 version counter, checked on every copy; a cached model written into is loaded again.
 
-`base_metrics` keeps the base model's evaluation per (model, dataset, eval settings): the
-same frozen base on the same validation rows gives the same figures, and on a CPU that
-evaluation, not the copy, is most of a warm start.
+The base model's evaluation is kept in PostgreSQL, for every worker (webapp/experiments/
+base_evals.py): on a CPU it, not the copy, is most of a warm start.
 """
 
 import copy
@@ -26,7 +25,6 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +45,6 @@ from workers.models import (
 
 logger = logging.getLogger(__name__)
 
-MAX_BASE_METRICS = 256
-
 
 @dataclass
 class _Entry:
@@ -63,7 +59,6 @@ class _Entry:
 
 _lock = threading.Lock()
 _models: OrderedDict[tuple, _Entry] = OrderedDict()
-_metrics: OrderedDict[tuple, dict[str, float]] = OrderedDict()
 _known_bytes: dict[tuple, int] = {}  # weights_key -> its bytes when this process last loaded it
 
 
@@ -189,24 +184,6 @@ def _versions(model: nn.Module) -> tuple[int, ...]:
     return tuple(t._version for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def base_metrics(key: tuple, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """evaluate()'s result for `key`, computed on the first call only (LRU of 256 keys).
-
-    `key` must name all that the figures depend on: base model, task, labels, the dataset's
-    id and sha256, the eval settings (max_length, batch_size, eval_batches) and the device.
-    """
-    with _lock:
-        if key in _metrics:
-            _metrics.move_to_end(key)
-            return dict(_metrics[key])
-    metrics = evaluate()  # outside the lock: other threads may use the model cache meanwhile
-    with _lock:
-        _metrics[key] = dict(metrics)
-        while len(_metrics) > MAX_BASE_METRICS:
-            _metrics.popitem(last=False)
-    return metrics
-
-
 def cached_bytes() -> int:
     """Bytes the cached base models hold: a run reuses or evicts them, so the pre-flight
     counts them as free."""
@@ -224,5 +201,4 @@ def cached_keys() -> list[tuple]:
 def clear() -> None:
     with _lock:
         _models.clear()
-        _metrics.clear()
         _known_bytes.clear()

@@ -28,7 +28,7 @@ from peft_core.checkpoint import (
     checkpoint_to_files,
 )
 from peft_core.checks import ConfigError
-from peft_core.configs import refuse_fsdp, refuse_packing, refuse_quantized
+from peft_core.configs import EVAL_SECONDS, refuse_fsdp, refuse_packing, refuse_quantized
 from peft_core.data import DatasetError, label_names, split_rows
 from peft_core.preflight import PreflightError, check, estimate_for_run, free_memory
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
@@ -42,7 +42,7 @@ from peft_core.train import (
     evaluate,
     train,
 )
-from webapp.experiments import artifacts, dataset_files, leases, metrics, queue
+from webapp.experiments import artifacts, base_evals, dataset_files, leases, metrics, queue
 from webapp.experiments.leases import StaleFenceError
 from webapp.experiments.lineage import run_lineage_record
 from webapp.experiments.metrics import Point
@@ -62,6 +62,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # batch over more rounds and answers more prompts.
 MEASURE_QUICK = {"batch": (2, 64), "rounds": 9, "samples": 3, "new_tokens": 24}
 MEASURE_FULL = {"batch": (4, 256), "rounds": 31, "samples": 8, "new_tokens": 48}
+# The settings the base model's evaluation depends on (base_eval_parts).
+BASE_EVAL_SETTINGS = (
+    "max_length", "batch_size", "eval_batches", "eval_metrics", "max_new_tokens", "precision",
+    "quantize", "attn",
+)  # fmt: skip
 
 
 class Lease(threading.Thread):
@@ -251,11 +256,16 @@ def _retrying(write, *args, **kwargs):
 
 def dataset_rows(dataset: Dataset) -> tuple[list[dict], list[dict]]:
     """(train, validation) rows; an upload's file is read through its sha256 check, so a
-    damaged one fails the run for its dataset (DatasetDamaged) instead of training on it."""
+    damaged one fails the run for its dataset (DatasetDamaged) instead of training on it.
+    An upload's validation rows are its validation file's (the file's last rows), else
+    val_fraction of its rows."""
     if dataset.is_builtin:
         return sample_rows(dataset.builtin_key)
     rows = dataset_files.dataset_rows(dataset)
-    return split_rows(rows, val_fraction=0.1, seed=0)
+    if dataset.val_row_count:
+        cut = len(rows) - dataset.val_row_count
+        return rows[:cut], rows[cut:]
+    return split_rows(rows, val_fraction=dataset.val_fraction, seed=0)
 
 
 class RunConfigError(ValueError):
@@ -383,28 +393,10 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
         model = peft_core.apply(model, method_config)
     evaluation = {"task": task, "rows": val_rows, "config": config, "label_names": labels}
     callbacks.on_log(f"{peft_core.trainable_parameters(model):,} trainable parameters")
-    callbacks.on_log("evaluating the base model on the validation split")
-    callbacks.flush()
 
-    # The base model's figures depend on model, data and eval settings only: the second run
-    # on the same base and dataset reuses them (a warm start reaches its first step sooner).
-    same_base = (
-        weights_key(weights),
-        task,
-        tuple(labels or ()),
-        run.dataset_id,
-        run.dataset.sha256,
-    )
-    same_base += (config.max_length, config.batch_size, config.eval_batches, DEVICE)
+    parts = base_eval_parts(run, weights, config, labels, dtype)
     with peft_core.disabled(model):
-        if distributed.world().parallel:  # every rank evaluates its share, together
-            base_metrics = evaluate(model, tokenizer, **evaluation)
-        else:
-            base_metrics = model_cache.base_metrics(
-                same_base, lambda: evaluate(model, tokenizer, **evaluation)
-            )
-    callbacks.on_eval(0, {f"base_{key}": value for key, value in base_metrics.items()})
-    callbacks.on_log(f"base model: {_format(base_metrics)}")
+        base_metrics = _base_evaluation(run, model, tokenizer, evaluation, parts, callbacks)
 
     resume = _resume_point(run.id, callbacks)
     callbacks.memory = MemoryTracker(DEVICE)
@@ -449,6 +441,53 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log(f"done: {_format(final_metrics)}")
     callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
     return "succeeded"
+
+
+def base_eval_parts(run: Run, weights: dict, config: TrainConfig, labels, dtype) -> dict:
+    """All that the base model's evaluation depends on (webapp/experiments/base_evals.py):
+    equal parts, equal figures, whichever run or worker measures them."""
+    dataset = run.dataset
+    return {
+        "team": run.project.team_id,
+        "weights": list(weights_key(weights)),
+        "task": dataset.task,
+        "labels": list(labels or ()),
+        "dataset": [dataset.id, dataset.file_sha256 or dataset.builtin_key],
+        "split": [dataset.val_row_count, dataset.val_fraction],
+        "eval": {name: getattr(config, name) for name in BASE_EVAL_SETTINGS},
+        "dtype": str(dtype),
+        "device": DEVICE,
+        "devices": [run.devices, config.parallel if run.devices > 1 else ""],
+    }
+
+
+def _base_evaluation(run: Run, model, tokenizer, evaluation: dict, parts: dict, callbacks):
+    """The base model's figures at step 0: read back when a run of the team measured the same
+    `parts` before (on any worker), else measured here and kept. Ranks decide together:
+    they evaluate together, or none does."""
+    here = distributed.world()
+    found = _retrying(base_evals.base_eval_find, parts=parts) if here.is_main else None
+    if distributed.any_rank(found is not None, here, torch.device(DEVICE)):
+        if found is None:
+            return {}  # a helper rank: rank 0 reports them
+        callbacks.on_eval(0, {f"base_{key}": value for key, value in found.metrics.items()})
+        origin = f"run {found.run_id}" if found.run_id else "a deleted run"
+        callbacks.on_log(f"base model: reused from {origin}: {_format(found.metrics)}")
+        return dict(found.metrics)
+    callbacks.on_log(f"evaluating the base model on {len(evaluation['rows'])} validation rows")
+    callbacks.flush()
+    started = time.perf_counter()
+    metrics = evaluate(model, tokenizer, **evaluation)
+    seconds = time.perf_counter() - started
+    if here.is_main:
+        _retrying(
+            base_evals.base_eval_record,
+            parts=parts, metrics=metrics, run_id=run.id, seconds=seconds,
+        )  # fmt: skip
+    base = {f"base_{key}": value for key, value in metrics.items()}
+    callbacks.on_eval(0, base | {EVAL_SECONDS: seconds})  # the time left counts evaluations
+    callbacks.on_log(f"base model ({seconds:.1f} s): {_format(metrics)}")
+    return metrics
 
 
 def _method_config(run: Run, tokenizer):
@@ -517,7 +556,7 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
     model, tokenizer = base_model_copy(weights, task, len(labels or ()) or 2)
     files = _retrying(artifacts.artifact_files, run_id=run.id, kind=ArtifactKind.ADAPTER)
     model = peft_core.load_adapter_files(model, files).to(DEVICE)
-    config = TrainConfig()
+    config = TrainConfig(eval_metrics=run.dataset.default_eval_metrics)
     evaluation = {"task": task, "rows": val_rows, "config": config, "label_names": labels}
     callbacks.on_log(f"evaluating on {len(val_rows)} validation rows of {run.dataset.name}")
     callbacks.flush()

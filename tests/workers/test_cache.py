@@ -176,18 +176,3 @@ def test_a_cached_model_written_into_is_loaded_again(_empty_cache):
     key = (TINY_LLAMA, "causal-lm", 2, "cpu", "float32")
     assert cache._models[key].untouched()
     assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)
-
-
-def test_base_metrics_are_computed_once_per_key():
-    calls = []
-
-    def evaluate(loss):
-        calls.append(loss)
-        return {"eval_loss": loss}
-
-    key = ("tiny-llama", "causal-lm", None, 7, "sha", 128, 4, 8, "cpu")
-    assert cache.base_metrics(key, lambda: evaluate(1.5)) == {"eval_loss": 1.5}
-    assert cache.base_metrics(key, lambda: evaluate(9.9)) == {"eval_loss": 1.5}
-    other = (*key[:-2], 16, "cpu")  # another eval_batches
-    assert cache.base_metrics(other, lambda: evaluate(2.5)) == {"eval_loss": 2.5}
-    assert calls == [1.5, 2.5]

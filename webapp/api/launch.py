@@ -37,6 +37,7 @@ TRAIN_KEYS = (
     "max_length",
     "eval_every",
     "checkpoint_every",
+    "eval_metrics",
     *ADVANCED_TRAINING,
 )
 NO_PROJECT = "You are in no team yet: create one, or ask a team admin for an invitation."
@@ -159,5 +160,8 @@ def _unknown(known) -> str:
 
 
 def _form_value(value) -> str:
-    """What a browser would post for a JSON value (the serializer has refused lists and dicts)."""
+    """What a browser would post for a JSON value (the serializer has refused dicts, and lists
+    but for train_config's list of names, which the form reads comma-separated)."""
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
     return str(value)

@@ -12,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from peft_core.task_metrics import EVAL_METRICS
 from webapp.api.selectors import LATEST_KEYS
 from webapp.experiments.downsample import DEFAULT_MAX_POINTS
 from webapp.experiments.external import (
@@ -148,12 +149,31 @@ class DatasetSerializer(serializers.ModelSerializer):
     columns = serializers.ListField(child=serializers.CharField(), read_only=True)
     label_names = serializers.ListField(child=serializers.CharField(), read_only=True)
     download_url = serializers.SerializerMethodField()
+    train_rows = serializers.SerializerMethodField(help_text="Rows a run trains on.")
+    validation_rows = serializers.SerializerMethodField(
+        help_text="Rows a run evaluates on: the validation file's (the last rows of the "
+        "download), else val_fraction of the rows."
+    )
+    eval_metrics = serializers.SerializerMethodField(
+        help_text="The task metrics a run scores unless its train_config names others."
+    )
 
     class Meta:
         model = Dataset
         fields = ["id", "name", "task", "builtin_key", "team", "row_count", "original_name"]
         fields += ["columns", "label_names", "sha256", "created_at", "download_url"]
+        fields += ["train_rows", "validation_rows", "val_fraction", "eval_metrics"]
         read_only_fields = fields
+
+    def get_train_rows(self, dataset: Dataset) -> int:
+        return dataset.split_sizes[0]
+
+    def get_validation_rows(self, dataset: Dataset) -> int:
+        return dataset.split_sizes[1]
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_eval_metrics(self, dataset: Dataset) -> list[str]:
+        return dataset.default_eval_metrics
 
     def get_download_url(self, dataset: Dataset) -> str:
         return _absolute(self, "api-dataset-download", dataset.id)
@@ -179,6 +199,17 @@ class DatasetUploadSerializer(serializers.Serializer):
     team = serializers.IntegerField()
     task = serializers.ChoiceField(choices=TaskType.choices)
     file = serializers.FileField(help_text="CSV with a header row, or JSON Lines (.jsonl).")
+    validation_file = serializers.FileField(
+        required=False, help_text="The validation split, in the same columns (optional)."
+    )
+    val_fraction = serializers.FloatField(
+        required=False, help_text="Without a validation file: the share held out, 0.01 to 0.5."
+    )
+    eval_metrics = serializers.MultipleChoiceField(
+        choices=EVAL_METRICS,
+        required=False,
+        help_text="Default task metrics of its runs (repeat the field, or comma-separated).",
+    )
 
 
 class DatasetRefSerializer(serializers.Serializer):
@@ -273,9 +304,26 @@ class GridValueField(ScalarField):
         return data
 
 
-def _settings_field(help_text: str) -> serializers.DictField:
+class SettingValueField(ScalarField):
+    """A train_config value: a scalar, or a short list of names (eval_metrics)."""
+
+    default_error_messages = {
+        "invalid": "Give a number, a string, a boolean or a list of up to 16 short names."
+    }
+
+    def to_internal_value(self, data):
+        if isinstance(data, list):
+            if len(data) > 16 or not all(isinstance(x, str) and 0 < len(x) <= 40 for x in data):
+                self.fail("invalid")
+            return data
+        return super().to_internal_value(data)
+
+
+def _settings_field(
+    help_text: str, child: type[ScalarField] = ScalarField
+) -> serializers.DictField:
     return serializers.DictField(
-        child=ScalarField(allow_null=True), required=False, default=dict, help_text=help_text
+        child=child(allow_null=True), required=False, default=dict, help_text=help_text
     )
 
 
@@ -293,8 +341,11 @@ class LaunchSerializer(serializers.Serializer):
     base_model = serializers.CharField(max_length=100, help_text="A key of GET /models/.")
     dataset = serializers.IntegerField(min_value=1, max_value=MAX_ID)
     train_config = _settings_field(
-        "steps, batch_size, learning_rate, max_length, eval_every; a missing one takes the "
-        "launch form's default."
+        "steps, batch_size, learning_rate, max_length, eval_every, eval_metrics (a list of "
+        'names, or "exact_match,rouge_l"; "dataset" for the dataset\'s defaults, the default; '
+        "[] for the loss alone), eval_batches, max_new_tokens, …; a missing one takes the "
+        "launch form's default.",
+        SettingValueField,
     )
     # Bounds are the launch form's (one judge); these only take the JSON types.
     devices = serializers.IntegerField(

@@ -180,16 +180,8 @@ class DatasetList(generics.GenericAPIView):
         form = DatasetUploadForm(request.data, request.FILES, teams=teams)
         if not form.is_valid():
             raise ValidationError(form_errors(form))
-        upload = form.cleaned_data["file"]
         with service_errors():
-            dataset = services.dataset_upload_create(
-                user=request.user,
-                team=form.cleaned_data["team"],
-                name=form.cleaned_data["name"],
-                filename=upload.name,
-                data=upload,
-                task=form.cleaned_data["task"],
-            )
+            dataset = services.dataset_upload_create(user=request.user, **form.upload_kwargs())
         data = s.DatasetSerializer(dataset, context={"request": request}).data
         return Response(data, status=status.HTTP_201_CREATED)
 

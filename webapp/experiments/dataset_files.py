@@ -57,6 +57,7 @@ class DatasetFile:
     columns: list[str]
     label_names: list[str]
     upload_sha256: str  # of the bytes as uploaded, before parsing
+    val_row_count: int = 0  # the last rows, from a validation file
 
 
 def dataset_store_key(*, team_id: int) -> str:
@@ -69,29 +70,77 @@ def jsonl_line(row: dict) -> bytes:
 
 
 def dataset_file_write(
-    *, source: BinaryIO, fmt: str, task: str, team_id: int, max_bytes: int, max_rows: int
+    *,
+    source: BinaryIO,
+    fmt: str,
+    task: str,
+    team_id: int,
+    max_bytes: int,
+    max_rows: int,
+    validation: tuple[BinaryIO, str] | None = None,
 ) -> DatasetFile:
     """Parse and check `source` in one pass and store its rows; DatasetError (naming the
-    line) or a refusal over `max_bytes` leaves nothing stored."""
+    line) or a refusal over `max_bytes` leaves nothing stored.
+
+    `validation` (a source and its format) is a validation file: checked the same way, its
+    rows stored after the others (DatasetFile.val_row_count of them) with the same columns;
+    the two files share max_bytes and max_rows.
+    """
     upload = _CappedHashingReader(source, max_bytes=max_bytes)
-    labels: set[str] = set()
-    columns: list[str] = []
-    count = 0
+    rows = _Rows(task)
     with tempfile.TemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR) as spool:
+        rows.write(read_dataset(upload, fmt=fmt, task=task, max_rows=max_rows), spool)
+        train_count = rows.count
+        if validation is not None:
+            checked = _CappedHashingReader(validation[0], max_bytes=max_bytes - upload.size)
+            val_rows = read_dataset(
+                checked,
+                fmt=validation[1],
+                task=task,
+                max_rows=max_rows - train_count,
+                min_labels=1,  # the training file has the labels
+            )
+            try:
+                rows.write(val_rows, spool)
+            except DatasetError as exc:
+                raise DatasetError(f"the validation file: {exc}") from None
+        spool.seek(0)
+        stored = store_write(dataset_store_key(team_id=team_id), spool)
+    return DatasetFile(
+        stored,
+        rows.count,
+        rows.columns,
+        sorted(rows.labels),
+        upload.digest.hexdigest(),
+        val_row_count=rows.count - train_count,
+    )
+
+
+class _Rows:
+    """Checked rows on their way to the spool file: counted, their columns and labels kept."""
+
+    def __init__(self, task: str) -> None:
+        self.task, self.count = task, 0
+        self.columns: list[str] = []
+        self.labels: set[str] = set()
+
+    def write(self, rows: Iterable[dict], spool) -> None:
         batch = bytearray()
-        for row in read_dataset(upload, fmt=fmt, task=task, max_rows=max_rows):
-            columns = columns or sorted(row)
-            if task == "seq-cls":
-                labels.add(row["label"])
-            count += 1
+        for row in rows:
+            if self.columns and sorted(row) != self.columns:
+                raise DatasetError(
+                    f"its columns are {', '.join(sorted(row))}; the training file's are "
+                    f"{', '.join(self.columns)}"
+                )
+            self.columns = self.columns or sorted(row)
+            if self.task == "seq-cls":
+                self.labels.add(row["label"])
+            self.count += 1
             batch += jsonl_line(row)
             if len(batch) >= SPOOL_BYTES:
                 spool.write(batch)
                 batch.clear()
         spool.write(batch)
-        spool.seek(0)
-        stored = store_write(dataset_store_key(team_id=team_id), spool)
-    return DatasetFile(stored, count, columns, sorted(labels), upload.digest.hexdigest())
 
 
 def dataset_check(dataset: Dataset) -> None:

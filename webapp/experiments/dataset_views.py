@@ -53,20 +53,15 @@ def _dataset_upload(request):
     teams = selectors.team_list_for_user(user=request.user)
     form = DatasetUploadForm(request.POST or None, request.FILES or None, teams=teams)
     if request.method == "POST" and form.is_valid():
-        upload = form.cleaned_data["file"]
         try:
-            dataset = services.dataset_upload_create(
-                user=request.user,
-                team=form.cleaned_data["team"],
-                name=form.cleaned_data["name"],
-                filename=upload.name,
-                data=upload,
-                task=form.cleaned_data["task"],
-            )
+            dataset = services.dataset_upload_create(user=request.user, **form.upload_kwargs())
         except (ValidationError, PermissionDenied) as exc:
             form.add_error("file", error_text(exc))
         else:
-            messages.success(request, f"Dataset “{dataset.name}”: {dataset.row_count} rows.")
+            train, val = dataset.split_sizes
+            messages.success(
+                request, f"Dataset “{dataset.name}”: {train} training and {val} validation rows."
+            )
             return redirect("dataset_detail", dataset_id=dataset.id)
     return _dataset_upload_page(request, form, status=400 if form.errors else 200)
 
@@ -100,6 +95,7 @@ def dataset_detail(request, dataset_id: int):
         "experiments/dataset_detail.html",
         {
             "dataset": dataset,
+            "split": dataset.split_sizes,
             "preview": preview,
             "damaged": damaged,
             "columns": columns,

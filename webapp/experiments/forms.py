@@ -6,17 +6,27 @@ from django.template.defaultfilters import filesizeformat
 
 from peft_core.catalogue import CATALOGUE
 from peft_core.checks import ConfigError, config_field
-from peft_core.configs import TrainConfig, refuse_fsdp, refuse_packing, refuse_quantized
+from peft_core.configs import (
+    TrainConfig,
+    eval_metric_names,
+    refuse_eval_metrics,
+    refuse_fsdp,
+    refuse_packing,
+    refuse_quantized,
+)
+from peft_core.task_metrics import EVAL_METRIC_CHOICES
 from webapp.experiments.method_forms import MAX_SEEDS, method_choices, settings_field
 from webapp.experiments.models import TaskType
 from webapp.experiments.queue import ANY_CLASS, GPU_CLASS_PATTERN, MAX_DEVICES
+from webapp.experiments.services import VAL_FRACTION_BOUNDS
 from webapp.registry.selectors import launch_model_choices, model_for_team
 
 ADVANCED_TRAINING = (
     "schedule", "warmup_steps", "grad_accum", "gradient_checkpointing", "precision",
     "quantize", "attn", "packing", "grad_clip", "early_stop_patience", "seed", "parallel",
-    "measure",
+    "measure", "eval_batches", "max_new_tokens",
 )  # fmt: skip
+DATASET_METRICS = "dataset"  # the launch form's choice of the dataset's default task metrics
 
 
 PLACEMENT_DEFAULTS = {"devices": 1, "gpu_class": ANY_CLASS, "priority": 0}
@@ -24,6 +34,22 @@ PLACEMENT_DEFAULTS = {"devices": 1, "gpu_class": ANY_CLASS, "priority": 0}
 
 def model_choices() -> list[tuple[str, str]]:
     return [(spec.key, spec.title) for spec in CATALOGUE.values()]
+
+
+class EvalMetricsField(forms.MultipleChoiceField):
+    """Task metrics (TrainConfig.eval_metrics) as check boxes; a client may post them as one
+    comma-separated value too ("exact_match,rouge_l")."""
+
+    widget = forms.CheckboxSelectMultiple
+
+    def __init__(self, *, extra_choices: tuple = (), **kwargs):
+        kwargs.setdefault("required", False)
+        super().__init__(choices=[*extra_choices, *EVAL_METRIC_CHOICES], **kwargs)
+
+    def to_python(self, value):
+        values = [value] if isinstance(value, str) else list(value or ())
+        names = [name.strip() for text in values for name in str(text).split(",")]
+        return super().to_python([name for name in names if name])
 
 
 class LaunchForm(forms.Form):
@@ -84,6 +110,16 @@ class LaunchForm(forms.Form):
         initial=10,
         help_text="Evaluate on the validation split every N steps (0: only at the end).",
     )
+    eval_metrics = EvalMetricsField(
+        label="Task metrics",
+        extra_choices=((DATASET_METRICS, "The dataset's defaults (shown on its page)"),),
+        initial=[DATASET_METRICS],
+        help_text="Scored beside the loss for the base model before training and at every "
+        "evaluation, so the run shows base → trained. Classification: accuracy, macro-F1. "
+        "Generation (prompt,completion rows): on greedy answers to the first eval batches × "
+        "batch size validation prompts, at most max new tokens each (Advanced); this costs "
+        "time on a CPU. None ticked: the loss alone.",
+    )
     checkpoint_every = forms.IntegerField(
         label="Checkpoint every",
         min_value=0,
@@ -107,6 +143,8 @@ class LaunchForm(forms.Form):
     early_stop_patience = settings_field(TrainConfig, "early_stop_patience")
     seed = settings_field(TrainConfig, "seed")
     parallel = settings_field(TrainConfig, "parallel")
+    eval_batches = settings_field(TrainConfig, "eval_batches")
+    max_new_tokens = settings_field(TrainConfig, "max_new_tokens")
     measure = settings_field(TrainConfig, "measure")
 
     # Where it runs (Advanced): the worker's queue is a function of these (queue.run_queue).
@@ -167,6 +205,10 @@ class LaunchForm(forms.Form):
         if not self.errors:  # TrainConfig judges the complete settings, as for a method
             try:
                 config = TrainConfig(**self.train_config())
+                dataset = cleaned["dataset"]
+                refuse_eval_metrics(
+                    config.eval_metrics, task=dataset.task, columns=dataset.columns or None
+                )
                 refuse_packing(config.packing, task=cleaned["dataset"].task)
                 devices = cleaned.get("devices") or PLACEMENT_DEFAULTS["devices"]
                 for method in self.launched_methods(cleaned):
@@ -193,7 +235,19 @@ class LaunchForm(forms.Form):
             if value not in (None, "") and value != config_field(TrainConfig, key).default:
                 config[key] = value
         config.setdefault("seed", TrainConfig.seed)  # always on the run, and on its page
+        metrics = self.eval_metric_names()
+        if metrics:
+            config["eval_metrics"] = metrics
         return config
+
+    def eval_metric_names(self) -> list[str]:
+        """The ticked task metrics, the dataset's defaults in place of their box."""
+        names = list(self.cleaned_data.get("eval_metrics") or ())
+        dataset = self.cleaned_data.get("dataset")
+        if DATASET_METRICS in names:
+            names.remove(DATASET_METRICS)
+            names += dataset.default_eval_metrics if dataset else []
+        return list(eval_metric_names(names))  # each once, in their order
 
     def launch_kwargs(self) -> dict:
         """The arguments run_create and sweep_create share, from the cleaned form."""
@@ -318,6 +372,28 @@ class DatasetUploadForm(forms.Form):
         help_text="Causal LM: columns prompt,completion (or text). Classification: text,label.",
     )
     file = forms.FileField(help_text="CSV with a header row, or JSON Lines.")  # + the cap
+    validation_file = forms.FileField(
+        label="Validation file",
+        required=False,
+        help_text="Optional: the rows to evaluate on, in the same columns (CSV or JSON Lines). "
+        "Without it, a share of the file is held out.",
+    )
+    val_fraction = forms.FloatField(
+        label="Validation share",
+        min_value=VAL_FRACTION_BOUNDS[0],
+        max_value=VAL_FRACTION_BOUNDS[1],
+        initial=0.1,
+        required=False,
+        help_text="Without a validation file: the share of the rows held out for validation "
+        "(0.01 to 0.5), drawn at random once.",
+    )
+    eval_metrics = EvalMetricsField(
+        label="Default task metrics",
+        help_text="Scored beside the loss for the base model and at every evaluation of a run "
+        "on this dataset, unless its launch chooses others. Classification: accuracy, "
+        "macro-F1. Generation (prompt,completion rows): on greedy answers to the validation "
+        "prompts.",
+    )
 
     def __init__(self, *args, teams, **kwargs):
         super().__init__(*args, **kwargs)
@@ -330,6 +406,31 @@ class DatasetUploadForm(forms.Form):
         if upload.size > settings.DATASET_MAX_BYTES:
             raise forms.ValidationError(self.too_large_message())
         return upload
+
+    def clean(self):
+        cleaned = super().clean()
+        upload, validation = cleaned.get("file"), cleaned.get("validation_file")
+        if upload and validation and upload.size + validation.size > settings.DATASET_MAX_BYTES:
+            limit = size_text(settings.DATASET_MAX_BYTES)
+            self.add_error("validation_file", f"The two files together are larger than {limit}.")
+        if cleaned.get("val_fraction") is None:
+            cleaned["val_fraction"] = self.fields["val_fraction"].initial
+        return cleaned
+
+    def upload_kwargs(self) -> dict:
+        """services.dataset_upload_create's arguments but the user's, from the cleaned form."""
+        data = self.cleaned_data
+        validation = data.get("validation_file")
+        return {
+            "team": data["team"],
+            "name": data["name"],
+            "filename": data["file"].name,
+            "data": data["file"],
+            "task": data["task"],
+            "validation": (validation.name, validation) if validation else None,
+            "val_fraction": data["val_fraction"],
+            "eval_metrics": data["eval_metrics"],
+        }
 
     @staticmethod
     def too_large_message() -> str:

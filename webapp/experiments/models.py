@@ -6,6 +6,8 @@ PostgreSQL is the source of truth for a run's state: Celery only delivers its id
 from django.conf import settings
 from django.db import models
 
+from peft_core.data import validation_size
+from peft_core.samples import SAMPLES, VALIDATION_FRACTION
 from webapp.accounts.models import Team
 
 
@@ -76,6 +78,23 @@ class Dataset(models.Model):
     @property
     def is_builtin(self) -> bool:
         return bool(self.builtin_key)
+
+    @property
+    def default_eval_metrics(self) -> list[str]:
+        """The task metrics a run on it scores unless its launch names others."""
+        if self.is_builtin:
+            sample = SAMPLES.get(self.builtin_key)
+            return list(sample.eval_metrics) if sample else []
+        return list(self.eval_metrics)
+
+    @property
+    def split_sizes(self) -> tuple[int, int]:
+        """(training rows, validation rows), as the worker splits them."""
+        if self.val_row_count:
+            return self.row_count - self.val_row_count, self.val_row_count
+        fraction = VALIDATION_FRACTION if self.is_builtin else self.val_fraction
+        val = validation_size(self.row_count, val_fraction=fraction)
+        return self.row_count - val, val
 
 
 class Sweep(models.Model):

@@ -17,6 +17,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from peft_core.catalogue import CATALOGUE
+from peft_core.checks import ConfigError
+from peft_core.configs import eval_metric_names, refuse_eval_metrics
 from peft_core.data import DatasetError
 from webapp.accounts.models import Team
 from webapp.accounts.permissions import Action, require
@@ -210,8 +212,20 @@ def run_tag_remove(*, user, run: Run, name: str) -> None:
     Tag.objects.filter(run=run, name=name).delete()
 
 
+VAL_FRACTION_BOUNDS = (0.01, 0.5)
+
+
 def dataset_upload_create(
-    *, user, team: Team, name: str, filename: str, data: bytes | File, task: str
+    *,
+    user,
+    team: Team,
+    name: str,
+    filename: str,
+    data: bytes | File,
+    task: str,
+    validation: tuple[str, bytes | File] | None = None,
+    val_fraction: float = 0.1,
+    eval_metrics: list[str] | tuple[str, ...] = (),
 ) -> Dataset:
     """Parse and validate an upload in one pass; raises ValidationError naming the line,
     storing nothing.
@@ -219,22 +233,39 @@ def dataset_upload_create(
     `data` is the bytes or an uploaded file (Django spills a big one to a temporary file);
     the checked rows go to the artifact store as JSON lines (dataset_files). The client's file
     name is kept only as text to show (`original_name`), never used as a path.
+    `validation` (file name, bytes or file) is the validation split, stored after the rows;
+    without it, `val_fraction` of the rows are held out. `eval_metrics` are the task metrics
+    its runs score by default, judged against the task and the columns.
     """
     _require_launcher(user=user, team=team)
     original_name = _upload_name(filename)
     fmt = _upload_format(original_name)
-    if (len(data) if isinstance(data, bytes) else data.size) > settings.DATASET_MAX_BYTES:
+    low, high = VAL_FRACTION_BOUNDS
+    if not low <= val_fraction <= high:
+        raise ValidationError(f"The validation share must be {low} to {high}.")
+    sizes = [data, *(validation[1:] if validation else ())]
+    if sum(len(d) if isinstance(d, bytes) else d.size for d in sizes) > settings.DATASET_MAX_BYTES:
         raise ValidationError(f"The file is larger than {settings.DATASET_MAX_BYTES:,} bytes.")
     try:
         file = dataset_file_write(
-            source=io.BytesIO(data) if isinstance(data, bytes) else data,
+            source=_readable(data),
             fmt=fmt,
             task=task,
             team_id=team.id,
             max_bytes=settings.DATASET_MAX_BYTES,
             max_rows=settings.DATASET_MAX_ROWS,
+            validation=(
+                (_readable(validation[1]), _upload_format(_upload_name(validation[0])))
+                if validation
+                else None
+            ),
         )
     except DatasetError as exc:
+        raise ValidationError(str(exc)) from None
+    try:
+        refuse_eval_metrics(eval_metrics, task=task, columns=file.columns)
+    except ConfigError as exc:
+        store_delete([file.stored.key])
         raise ValidationError(str(exc)) from None
     try:
         return Dataset.objects.create(
@@ -251,11 +282,18 @@ def dataset_upload_create(
             label_names=file.label_names,
             row_count=file.row_count,
             sha256=file.upload_sha256,
+            val_row_count=file.val_row_count,
+            val_fraction=val_fraction,
+            eval_metrics=list(eval_metric_names(eval_metrics)),
             created_by=user,
         )
     except BaseException:
         store_delete([file.stored.key])
         raise
+
+
+def _readable(data: bytes | File):
+    return io.BytesIO(data) if isinstance(data, bytes) else data
 
 
 def _upload_name(filename: str) -> str:
