@@ -4,6 +4,8 @@ run.js and compare.js), so a new metric is one line here."""
 
 from dataclasses import asdict, dataclass
 
+from peft_core.task_metrics import EVAL_METRIC_CHOICES
+
 
 @dataclass(frozen=True)
 class DisplayedMetric:
@@ -44,16 +46,53 @@ def _system_metrics() -> tuple[DisplayedMetric, ...]:
     return tuple(metrics)
 
 
+# The task metrics (peft_core.task_metrics): the run page's "Task metrics" chart draws each
+# run's eval_<name> curve beside its base model's point at step 0, on one 0-1 axis.
+TASK_CHART = ("task", "Task metrics")
+TASK_AXIS = "score (0 to 1)"
+
+
+def task_label(name: str) -> str:
+    """A task metric as the pages name it: "exact match", "macro-F1", "ROUGE-L"."""
+    short = dict(EVAL_METRIC_CHOICES)[name].split(" (")[0].split(",")[0]
+    return short[0].lower() + short[1:] if short[1:2].islower() else short
+
+
+def _task_metrics() -> tuple[DisplayedMetric, ...]:
+    metrics = []
+    for name, _ in EVAL_METRIC_CHOICES:
+        short = f"eval {task_label(name)}"
+        metrics += [
+            DisplayedMetric(f"eval_{name}", short, "lines+markers", True, True, chart="task",
+                            axis=TASK_AXIS),
+            DisplayedMetric(f"base_eval_{name}", f"base model {short}", "markers",
+                            run_page=True, chart="task", axis=TASK_AXIS),
+        ]  # fmt: skip
+    return tuple(metrics)
+
+
 DISPLAYED_METRICS = (
     DisplayedMetric("train_loss", "train loss", "lines", True, True, smoothed=True),
     DisplayedMetric("eval_loss", "eval loss", "lines+markers", True, True),
     DisplayedMetric("base_eval_loss", "base model eval loss", "markers", run_page=True),
     DisplayedMetric("learning_rate", "learning rate", "lines", compare=True),
-    DisplayedMetric("eval_accuracy", "eval accuracy", "lines+markers", compare=True),
+    *_task_metrics(),
     *_system_metrics(),
 )
 RUN_PAGE_KEYS = tuple(metric.key for metric in DISPLAYED_METRICS if metric.run_page)
 COMPARE_KEYS = tuple(metric.key for metric in DISPLAYED_METRICS if metric.compare)
+
+
+def task_metric_rows(summary: dict) -> list[dict]:
+    """The run page's rows of task metrics: base model → adapter, for those the run scored
+    (accuracy has rows of its own)."""
+    rows = []
+    for name, _ in EVAL_METRIC_CHOICES:
+        base, trained = summary.get(f"base_eval_{name}"), summary.get(f"eval_{name}")
+        if name != "accuracy" and (base is not None or trained is not None):
+            rows.append({"name": name, "label": task_label(name), "base": base,
+                         "trained": trained})  # fmt: skip
+    return rows
 
 
 def displayed(*, run_page: bool = False, compare: bool = False) -> list[dict]:

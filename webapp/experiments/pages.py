@@ -9,7 +9,9 @@ from django.shortcuts import redirect, render
 from django_htmx.http import HTMX_STOP_POLLING
 
 from peft_core.catalogue import CATALOGUE
+from peft_core.configs import TrainConfig
 from peft_core.registry import METHOD_CONFIGS
+from peft_core.task_metrics import GENERATION_METRICS
 from webapp.accounts.permissions import Action, can
 from webapp.experiments import comparison, configurations, exports, selectors
 from webapp.experiments.artifacts import (
@@ -20,7 +22,12 @@ from webapp.experiments.artifacts import (
     version_files,
 )
 from webapp.experiments.colors import run_color
-from webapp.experiments.displayed_metrics import SYSTEM_CHARTS, displayed
+from webapp.experiments.displayed_metrics import (
+    SYSTEM_CHARTS,
+    displayed,
+    task_label,
+    task_metric_rows,
+)
 from webapp.experiments.downloads import VERIFY_FIRST_BYTES
 from webapp.experiments.lineage import lineage_items
 from webapp.experiments.models import (
@@ -60,12 +67,33 @@ def run_page_context(run, *, urls: dict[str, str]) -> dict:
         "model_spec": CATALOGUE.get(run.base_model),
         "merged": merged_context(run),
         "displayed_metrics": displayed(run_page=True),
+        "task_metrics": task_metric_rows(run.summary),
+        "evaluation": evaluation_note(run),
         "system_charts": SYSTEM_CHARTS,
         "lineage": lineage_items(run.lineage),
         "method_title": exports.method_title(run.method),
         "known_method": run.method in METHOD_CONFIGS,
         **_settings_shown(run),
         "files": list(_newest_files(run)) if run.external else [],
+    }
+
+
+def evaluation_note(run) -> dict | None:
+    """What a run launched here evaluates on: its dataset's validation rows, of which the
+    first eval_batches × batch_size are read (loss and task metrics alike)."""
+    if run.external or not run.dataset_id:
+        return None
+    try:
+        config = TrainConfig(**run.train_config)
+    except (TypeError, ValueError):
+        return None
+    rows = run.dataset.split_sizes[1]
+    return {
+        "rows": rows,
+        "read": min(rows, config.eval_batches * config.batch_size),
+        "metrics": [task_label(name) for name in config.eval_metrics],
+        "generates": any(name in GENERATION_METRICS for name in config.eval_metrics),
+        "new_tokens": config.max_new_tokens,
     }
 
 

@@ -46,7 +46,7 @@
     // Every chart shown or hidden before any is drawn, so that Plotly sizes each to its
     // final place in the System section's grid.
     const section = document.getElementById("system");
-    const system = Object.entries(charts).some(([n, c]) => n !== "loss" && c.traces.length);
+    const system = Object.entries(charts).some(([n, c]) => n.startsWith("sys-") && c.traces.length);
     if (section) section.hidden = !system;
     const drawn = [];
     for (const [name, chart] of Object.entries(charts)) {
