@@ -8,8 +8,8 @@ import os
 import pytest
 
 from peftlab.client import Client
-from tests.e2e.test_first_hour import SCREENSHOTS
 from tests.e2e.conftest import log_in
+from tests.e2e.test_first_hour import SCREENSHOTS
 from tests.peftlab.test_tracking_live import ROOT, SFT_SCRIPT, _run, _script
 from webapp.accounts.services import api_token_create
 from webapp.experiments.models import Run, RunStatus
