@@ -150,8 +150,9 @@ def requested_version(request) -> int | None:
 
 
 def merged_context(run) -> dict | None:
-    """The merged-model panel: None where the run has nothing to merge."""
-    if run.status != RunStatus.SUCCEEDED or not exports.mergeable(run.method):
+    """The merged-model panel: None where the run has nothing to merge (a method that does
+    not merge, or a run trained elsewhere on a base, or for a task, PEFT Lab does not hold)."""
+    if run.status != RunStatus.SUCCEEDED or exports.merged_export_refusal(run):
         return None
     export = MergedExport.objects.filter(run=run).first()
     status = export.status if export else ""
