@@ -91,7 +91,8 @@ def run(model, tokenizer, task, config=CONFIG, callbacks=None, resume=None):
 
 
 def without_elapsed(metrics: dict[str, float]) -> dict[str, float]:
-    return {name: value for name, value in metrics.items() if name != "elapsed"}
+    """The metrics but the clocks (elapsed, train_s), which no two runs share."""
+    return {name: value for name, value in metrics.items() if name not in ("elapsed", "train_s")}
 
 
 def trainable(model) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import torch
 
 import peft_core
 from peft_core import LoraConfig, catalogue
+from peft_core.configs import EVAL_SECONDS
 from peft_core.samples import sample_rows
 from peft_core.train import (
     Callbacks,
@@ -125,8 +126,11 @@ def test_callbacks_see_every_step_and_the_final_eval(llama, instructions):
         "tokens",
         "grad_norm",
         "elapsed",
+        "train_s",  # the steps' own time, evaluations left out
     }
     assert [step for step, _ in recorder.evals] == [2, 4, 6]
+    assert all(metrics[EVAL_SECONDS] > 0 for _, metrics in recorder.evals)
+    assert 0 < recorder.steps[-1][1]["train_s"] < recorder.steps[-1][1]["elapsed"]
     assert result.steps_done == 6 and not result.stopped
     assert result.tokens == recorder.steps[-1][1]["tokens"] > 0
     assert result.metrics["eval_loss"] == recorder.evals[-1][1]["eval_loss"]
