@@ -194,8 +194,11 @@ def generation_metrics(
     names: Sequence[str],
 ) -> dict[str, float]:
     """{eval_<name>: mean score} of the greedy answers to the first eval_batches × batch_size
-    prompts (the rows the loss reads), generated batch_size at a time, at most
-    config.max_new_tokens each (peft_core.decoding, task_metrics).
+    prompts (the rows the loss reads), at most config.max_new_tokens each (peft_core.decoding,
+    task_metrics), generation_rows(config) at a time: a decoding step reads every weight
+    whatever the batch (on a CPU, ~0.5 s for SmolLM2), so few large batches cost far less
+    than many small ones, and without gradients a batch of 8 × batch_size rows needs less
+    memory than training's batch_size.
 
     Ranks split each batch as the loss does and add their sums. Under FSDP every rank joins
     every forward: a rank without rows in a batch answers the batch's first prompt, uncounted,
@@ -203,9 +206,9 @@ def generation_metrics(
     """
     rows = [row for row in rows if "prompt" in row][: config.eval_batches * config.batch_size]
     here, sharded, device = distributed.world(), distributed.is_sharded(model), _device_of(model)
-    sums, count = [0.0] * len(names), 0
-    for start in range(0, len(rows), config.batch_size):
-        batch = rows[start : start + config.batch_size]
+    sums, count, size = [0.0] * len(names), 0, generation_rows(config)
+    for start in range(0, len(rows), size):
+        batch = rows[start : start + size]
         first, stop = distributed.share_of(len(batch), here)
         mine = batch[first:stop]
         if not mine and not sharded:
@@ -222,6 +225,16 @@ def generation_metrics(
     if here.parallel:
         *sums, count = distributed.sum_across([*sums, count], here, device)
     return task_metrics.generation_means(names, sums, round(count))
+
+
+GENERATION_BATCH_FACTOR = 8  # generation_metrics' rows at a time, in training batches …
+GENERATION_BATCH_MAX = 64  # … and at most
+
+
+def generation_rows(config: TrainConfig) -> int:
+    return max(
+        config.batch_size, min(GENERATION_BATCH_FACTOR * config.batch_size, GENERATION_BATCH_MAX)
+    )
 
 
 ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}

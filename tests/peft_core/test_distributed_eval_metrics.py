@@ -20,9 +20,10 @@ NEW_TOKENS = 8
 
 
 def _rows_with_known_answers(model_cache) -> tuple[list[dict], list[str]]:
-    """5 validation rows and the base model's answers to them: in batches of 4 over 2 ranks,
-    rank 0's two prompts end at eos within a few tokens, rank 1's run all NEW_TOKENS steps,
-    and the fifth row leaves rank 1 without a row in the last batch."""
+    """17 validation rows and the base model's answers to them. With --batch-size 2 the rows
+    are answered 16 at a time (train.generation_rows) over 2 ranks: rank 0's 8 prompts run all
+    NEW_TOKENS steps, rank 1's 8 end at eos before, so rank 1 is done first; the 17th row,
+    alone in the last batch, leaves rank 1 without a row."""
     model, tokenizer = catalogue.load_model("tiny-llama", "causal-lm", cache_dir=model_cache)
     rng = random.Random(0)
     prompts = [f"date {rng.randrange(10**6)}" for _ in range(4096)]
@@ -32,13 +33,15 @@ def _rows_with_known_answers(model_cache) -> tuple[list[dict], list[str]]:
         answers = greedy_ids(model, tokenizer, chunk, max_new_tokens=NEW_TOKENS)
         for prompt, ids in zip(chunk, answers, strict=True):
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            if len(ids) < NEW_TOKENS // 2:
+            if len(ids) < NEW_TOKENS - 2:
                 early.append((prompt, answer))
             elif len(ids) == NEW_TOKENS and answer and "\x00" not in answer:
                 full.append((prompt, answer))
-    assert len(early) >= 2 and len(full) >= 3
-    chosen = [*early[:2], *full[:3]]
-    right = {2, 4}  # the others' completion is not their answer
+        if len(early) >= 8 and len(full) >= 9:
+            break
+    assert len(early) >= 8 and len(full) >= 9
+    chosen = [*full[:8], *early[:8], full[8]]
+    right = {0, 3, 16}  # the others' completion is not their answer
     rows = [
         {"prompt": prompt, "completion": answer if i in right else "zzz"}
         for i, (prompt, answer) in enumerate(chosen)
@@ -63,13 +66,13 @@ def test_ranks_score_what_one_process_scores(tmp_path, model_cache, parallel, me
         name: sum(map(score, answers, completions)) / len(answers)
         for name, score in scorers.items()
     }
-    assert expected["exact_match"] == pytest.approx(2 / 5)
+    assert expected["exact_match"] == pytest.approx(3 / 17)
     train_file = write_jsonl(tmp_path / "train.jsonl", date_rows(8))
     val_file = write_jsonl(tmp_path / "val.jsonl", val_rows)
     output = _train(
         tmp_path, parallel, "--model", "tiny-llama", "--data", str(train_file), "--val-data",
-        str(val_file), "--method", method, "--steps", "1", "--batch-size", "4",
-        "--eval-batches", "2", "--eval-metrics", "exact_match,contains",
+        str(val_file), "--method", method, "--steps", "1", "--batch-size", "2",
+        "--eval-batches", "9", "--eval-metrics", "exact_match,contains",
         "--max-new-tokens", str(NEW_TOKENS), "--devices", "2", "--parallel", parallel,
     )  # fmt: skip
     for name, value in expected.items():

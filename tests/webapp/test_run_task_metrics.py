@@ -48,3 +48,17 @@ def test_compare_offers_the_task_metrics_as_curves(client, cast, make_run):
     assert offered["eval_rouge_l"] == "eval ROUGE-L" and offered["eval_chrf"] == "eval chrF"
     assert "base_eval_rouge_l" not in offered  # a point at step 0, drawn on the run page
     assert {"eval_exact_match", "eval_macro_f1"} <= set(COMPARE_KEYS)
+
+
+def test_a_clone_scores_what_its_run_scored(client, cast, make_run):
+    client.force_login(cast.bob)
+    scored = make_run(train_config={"steps": 5, "eval_metrics": ["token_f1"]})
+    form = client.get(reverse("run_new") + f"?clone={scored.id}").context["form"]
+    assert form.initial["eval_metrics"] == ["token_f1"]
+    plain = make_run(train_config={"steps": 5})  # the loss alone, then
+    assert (
+        client.get(reverse("run_new") + f"?clone={plain.id}")
+        .context["form"]
+        .initial["eval_metrics"]
+        == []
+    )

@@ -143,6 +143,7 @@ def _clone_initial(run) -> dict:
         "dataset": run.dataset_id,
         "method": run.method,
         **{key: value for key, value in run.train_config.items() if key in CLONED_TRAIN_FIELDS},
+        "eval_metrics": run.train_config.get("eval_metrics", []),  # none stored: none scored
         "devices": run.devices,
         "gpu_class": run.gpu_class,
         "priority": run.priority,
