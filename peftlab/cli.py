@@ -748,13 +748,18 @@ def print_table(runs: Iterable[dict]) -> None:
         print("  ".join([*cells, row[-1]]).rstrip())
 
 
+def _steps(run: dict) -> str:
+    """ "12/30"; a run that never said how many steps it has (trained elsewhere): "12"."""
+    return f"{run['step']}/{run['total_steps']}" if run["total_steps"] else str(run["step"])
+
+
 def _table_row(run: dict) -> tuple[str, ...]:
     return (
         str(run["id"]),
         run["status"],
         run["method"],
         run["base_model"],
-        f"{run['step']}/{run['total_steps']}",
+        _steps(run),
         _number(_latest(run, "eval_loss")),
         run["name"],
     )

@@ -351,3 +351,11 @@ def test_ask_prints_the_base_models_and_each_adapters_answer(peftlab, cast, monk
     assert peftlab("ask", "12,x", "hi").code == 2
     other = peftlab("ask", "999999", "hi")
     assert other.code == 1 and "No such run" in other.err
+
+
+def test_a_run_that_never_said_its_steps_lists_the_step_alone():
+    """An external run from peftlab.init has no total: "300", not "300/0"."""
+    from peftlab.cli import _steps
+
+    assert _steps({"step": 300, "total_steps": 0}) == "300"
+    assert _steps({"step": 3, "total_steps": 5}) == "3/5"
