@@ -33,7 +33,8 @@ def test_a_run_has_one_colour_on_every_page(client, cast):
     assert (
         f'id="loss-chart" class="chart" aria-label="loss curve" data-color="{colour}"' in run_page
     )
-    assert run_page.count(f'data-color="{colour}"') == 4  # the loss chart and the 3 system charts
+    # the loss chart, the task metrics' chart and the 3 system charts
+    assert run_page.count(f'data-color="{colour}"') == 5
     compare = client.get(reverse("compare"), {"sweep": sweep.id})
     payload = compare.context["payload"]
     assert next(r["color"] for r in payload["runs"] if r["id"] == run.id) == colour

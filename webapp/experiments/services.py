@@ -654,7 +654,12 @@ def playground_prompt_create(*, user, runs: list[Run], text: str) -> PlaygroundP
             "unknown here: it cannot answer in the playground."
         )
     unheld = next(
-        (run for run in runs if not run.base_weights and run.base_model not in CATALOGUE), None
+        (
+            run
+            for run in runs
+            if run.external and not run.base_weights and run.base_model not in CATALOGUE
+        ),
+        None,
     )
     if unheld is not None:
         raise ValidationError(
