@@ -11,7 +11,7 @@ register = template.Library()
 MEMORY_MEASURED = {
     "cuda": "CUDA's peak of allocated tensor memory while training, the model included.",
     "heap": "The training's own peak of CPU memory in use (the C allocator's count, sampled "
-    "every 5 ms and at every step), above what the process held when training began: the "
+    "every 50 ms and at every step), above what the process held when training began: the "
     "loaded model is not counted.",
     "rss": "How much the worker's resident memory (RSS) grew while training on a CPU; "
     "memory the process already held, such as the loaded model, is not counted.",
