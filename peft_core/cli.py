@@ -9,7 +9,8 @@
 and metrics.jsonl (one JSON object per logged step and per evaluation; step 0 is
 the base model before training) into --output. Every evaluation has eval_loss and the
 task metrics of --eval-metrics as eval_<name> (a sample dataset's own by default:
-exact_match for sample-instructions, accuracy and macro_f1 for sample-sentiment).
+accuracy and macro_f1 for sample-sentiment; none for sample-instructions, which scores
+exact_match when asked).
 --data is split 90/10 (--val-fraction), or trains whole with --val-data as the
 validation split. Usage errors exit with code 2 and a one-line message, never a traceback.
 """

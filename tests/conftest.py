@@ -29,6 +29,20 @@ def _fast_password_hashing(settings):
 
 
 @pytest.fixture
+def leaves_every_app_migrated():
+    """For tests that migrate back and forth: afterwards every app's latest migration is
+    applied again, not only the app under test (going back can unapply the apps that depend
+    on it, and every later test in the process would miss their tables)."""
+    yield
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    left = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    assert not left, f"the test left migrations unapplied: {[m.name for m, _ in left]}"
+
+
+@pytest.fixture
 def builtin_datasets(db):
     """The rows the data migration creates (a transactional test flushes them away)."""
     from django.apps import apps

@@ -627,22 +627,34 @@ def _profile(
 
 
 def _busiest(first: dict, second: dict) -> dict:
-    """Of two samples of the conditions, the larger load and number of runs."""
-    return first | {k: max(first[k], second[k]) for k in ("load_1m", "runs_on_host")}
+    """Of two samples of the conditions, the larger load and number of runs (a figure one
+    sample lacks is the other's)."""
+    busiest = dict(first)
+    for key in ("load_1m", "runs_on_host"):
+        known = [sample[key] for sample in (first, second) if key in sample]
+        if known:
+            busiest[key] = max(known)
+    return busiest
 
 
 def _conditions() -> dict:
     """What the timings ran beside: the host's CPUs and load, torch's threads, and the runs
-    this host was training at the time (this one included)."""
-    running = Run.objects.filter(status=RunStatus.RUNNING).values_list("worker", flat=True)
-    here = socket.gethostname()
-    return {
+    this host was training at the time (this one included; left out while the database is
+    away: a figure about the timings never fails the run)."""
+    figures = {
         "device": str(DEVICE),
         "cpus": os.cpu_count(),
         "load_1m": round(os.getloadavg()[0], 2),
         "threads": torch.get_num_threads(),
-        "runs_on_host": sum(_host_of(worker) == here for worker in running),
     }
+    here = socket.gethostname()
+    try:
+        running = Run.objects.filter(status=RunStatus.RUNNING).values_list("worker", flat=True)
+        figures["runs_on_host"] = sum(_host_of(worker) == here for worker in running)
+    except DB_DOWN as exc:
+        logger.warning("runs on this host not counted, database away: %s", exc)
+        _reset_connection()
+    return figures
 
 
 def _host_of(worker: str) -> str:

@@ -64,14 +64,21 @@ def test_task_metrics_are_written_for_the_base_and_every_evaluation(tmp_path, mo
 
 
 def test_a_sample_dataset_brings_its_own_metrics(tmp_path, model_cache):
+    """sample-sentiment scores accuracy and macro F1 unasked; sample-instructions names none
+    (greedy answers at every evaluation would cost more than a short CPU run's training)."""
     output = tmp_path / "out"
-    args = ["train", "--model", "tiny-llama", "--dataset", "sample-instructions", "--steps",
-            "1", "--eval-batches", "1", "--batch-size", "2", "--max-new-tokens", "4",
-            "--output", str(output), "--cache-dir", str(model_cache)]  # fmt: skip
-    assert main(args) == 0
-    assert sorted(evaluations(output, "eval_exact_match")) == [0, 1]
-    assert main([*args, "--eval-metrics", "none"]) == 0
+    common = ["train", "--model", "tiny-llama", "--steps", "1", "--eval-batches", "1", "--batch-size",
+              "2", "--max-new-tokens", "4", "--output", str(output),
+              "--cache-dir", str(model_cache)]  # fmt: skip
+    assert main([*common, "--dataset", "sample-sentiment"]) == 0
+    assert sorted(evaluations(output, "eval_accuracy")) == [0, 1]
+    assert sorted(evaluations(output, "eval_macro_f1")) == [0, 1]
+    assert main([*common, "--dataset", "sample-sentiment", "--eval-metrics", "none"]) == 0
+    assert not evaluations(output, "eval_macro_f1")  # accuracy comes with any classifier
+    assert main([*common, "--dataset", "sample-instructions"]) == 0
     assert not evaluations(output, "eval_exact_match")
+    assert main([*common, "--dataset", "sample-instructions", "--eval-metrics", "exact_match"]) == 0
+    assert sorted(evaluations(output, "eval_exact_match")) == [0, 1]
 
 
 def test_the_split_fraction_is_chosen(tmp_path, model_cache, capsys):

@@ -17,6 +17,7 @@ def _migrate(targets) -> MigrationExecutor:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("leaves_every_app_migrated")
 def test_0012_back_keeps_database_files_and_drops_what_0011_cannot_hold(make_run):
     run = make_run()
     adapter = artifacts.artifact_insert(
@@ -40,7 +41,7 @@ def test_0012_back_keeps_database_files_and_drops_what_0011_cannot_hold(make_run
     assert {f.name for f in old._meta.fields} >= {"sha256"}
     assert not {"home", "key", "version"} & {f.name for f in old._meta.fields}
 
-    _migrate(executor.loader.graph.leaf_nodes("experiments"))
+    _migrate(executor.loader.graph.leaf_nodes())
     again = Artifact.objects.get()
     assert (again.id, again.version, again.home, again.key) == (adapter.id, 1, "db", "")
     assert artifacts.artifact_file(run_id=run.id, kind=ArtifactKind.ADAPTER, name="a") == b"1"
@@ -51,6 +52,7 @@ AFTER_0014 = ("experiments", "0014_checkpoints_to_store")
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("leaves_every_app_migrated")
 def test_0014_moves_database_checkpoints_to_the_store_and_back(make_run, settings, tmp_path):
     import hashlib
 
@@ -102,4 +104,4 @@ def test_0014_moves_database_checkpoints_to_the_store_and_back(make_run, setting
     chunks = OldChunk.objects.filter(artifact_id=good.id).order_by("index")
     assert b"".join(bytes(c.data) for c in chunks) == whole
     assert not (root / moved.key).exists()
-    _migrate(executor.loader.graph.leaf_nodes("experiments"))
+    _migrate(executor.loader.graph.leaf_nodes())

@@ -96,12 +96,13 @@ def test_the_scheduled_check_covers_datasets_and_their_orphans(root, cast, make_
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("leaves_every_app_migrated")
 def test_0015_gives_existing_files_their_block_digests(root, cast):
     dataset = _upload(cast, data=ROWS)
     blocks = list(dataset.file_blocks)
     executor = MigrationExecutor(connection)
     executor.migrate([("experiments", "0014_checkpoints_to_store")])
     executor = MigrationExecutor(connection)
-    executor.migrate(executor.loader.graph.leaf_nodes("experiments"))
+    executor.migrate(executor.loader.graph.leaf_nodes())
     again = Dataset.objects.get(id=dataset.id)
     assert again.file_blocks == blocks and again.checked_at is not None

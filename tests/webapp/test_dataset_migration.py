@@ -34,7 +34,7 @@ def _files_under(root) -> list[str]:
 def _migrate(target=None) -> MigrationExecutor:
     """Migrate to `target`, or to the latest migrations when None."""
     executor = MigrationExecutor(connection)
-    executor.migrate([target] if target else executor.loader.graph.leaf_nodes("experiments"))
+    executor.migrate([target] if target else executor.loader.graph.leaf_nodes())
     return MigrationExecutor(connection)
 
 
@@ -43,6 +43,7 @@ def _old_dataset_model(executor: MigrationExecutor):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("leaves_every_app_migrated")
 def test_0013_moves_rows_into_checked_files_and_back(cast, root):
     old = _old_dataset_model(_migrate(BEFORE))
     upload = old.objects.create(
@@ -82,6 +83,7 @@ def test_0013_moves_rows_into_checked_files_and_back(cast, root):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("leaves_every_app_migrated")
 def test_0013_back_stops_on_a_damaged_file_and_loses_nothing(cast, root):
     dataset = _upload(cast)
     path = root / dataset.file_key

@@ -434,6 +434,7 @@ BEFORE_SEARCH = ("experiments", "0018_artifact_file_kind")
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("leaves_every_app_migrated")
 def test_migration_0019_backfills_the_summaries_already_stored_and_goes_back(make_run):
     from django.db.migrations.executor import MigrationExecutor
 
@@ -444,7 +445,7 @@ def test_migration_0019_backfills_the_summaries_already_stored_and_goes_back(mak
     second = make_run(summary={"eval_exact_match": 0.75, "ok": True})
 
     executor = MigrationExecutor(connection)
-    executor.migrate(executor.loader.graph.leaf_nodes("experiments"))
+    executor.migrate(executor.loader.graph.leaf_nodes())
     assert _indexed(first) == {"eval_loss": 0.25}
     assert _indexed(second) == {"eval_exact_match": 0.75}
     Run.objects.filter(id=second.id).update(summary={"eval_exact_match": 0.5})

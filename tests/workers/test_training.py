@@ -258,3 +258,14 @@ def test_a_packed_run_succeeds_and_a_method_that_cannot_pack_fails_as_config(cas
     prompt.refresh_from_db()
     assert (prompt.status, prompt.failure_class) == (RunStatus.FAILED, "config")
     assert "prompt cannot train packed" in prompt.error
+
+
+def test_the_busiest_conditions_keep_a_figure_one_sample_lacks():
+    """runs_on_host is left out of a sample taken while the database is away."""
+    from workers.training import _busiest
+
+    before = {"device": "cpu", "load_1m": 1.5, "runs_on_host": 2}
+    assert _busiest(before, {"device": "cpu", "load_1m": 3.0}) == {
+        "device": "cpu", "load_1m": 3.0, "runs_on_host": 2,
+    }  # fmt: skip
+    assert _busiest({"load_1m": 0.5}, {"load_1m": 0.25}) == {"load_1m": 0.5}
