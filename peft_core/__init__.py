@@ -7,6 +7,7 @@ The public API is stable; tools and users rely on it:
     peft_core.merge(model); peft_core.unmerge(model)
     with peft_core.disabled(model): ...                          # base behaviour
     peft_core.save_adapter(model, "out/")                        # HF PEFT layout
+    peft_core.apply(model, FullFineTuningConfig())    # every weight trains; saved whole
     model = peft_core.load_adapter(model, "out/")
     peft_core.describe(meta_model)       # JSON: Linear-like modules, each method's footprint
 
@@ -25,6 +26,7 @@ _EXPORTS = {
         (
             "BottleneckConfig",
             "DoraConfig",
+            "FullFineTuningConfig",
             "IA3Config",
             "LoraConfig",
             "MAMConfig",
@@ -39,10 +41,12 @@ _EXPORTS = {
         (
             "apply",
             "disabled",
+            "is_whole_model",
             "load_adapter",
             "load_adapter_files",
             "merge",
             "save_adapter",
+            "save_model",
             "trainable_parameters",
             "unmerge",
         ),

@@ -5,7 +5,8 @@
     peftlab models
     peftlab datasets
 
-`train` writes adapter_config.json + adapter_model.safetensors (HF PEFT layout)
+`train` writes adapter_config.json + adapter_model.safetensors (HF PEFT layout; with
+--method full, the whole model as transformers saves one, tokenizer included)
 and metrics.jsonl (one JSON object per logged step and per evaluation; step 0 is
 the base model before training) into --output. Every evaluation has eval_loss and the
 task metrics of --eval-metrics as eval_<name> (a sample dataset's own by default:
@@ -33,7 +34,14 @@ import torch
 from huggingface_hub import constants as hf_constants
 from tqdm import tqdm
 
-from peft_core import apply, disabled, distributed, save_adapter, trainable_parameters
+from peft_core import (
+    apply,
+    disabled,
+    distributed,
+    is_whole_model,
+    save_adapter,
+    trainable_parameters,
+)
 from peft_core.catalogue import CATALOGUE, load_model, model_dir, upstream_name
 from peft_core.checks import ConfigError, settings
 from peft_core.configs import (
@@ -356,6 +364,8 @@ def _train_here(args: argparse.Namespace, method_config: Any, train_config: Trai
         finally:
             callbacks.close()
     save_adapter(model, args.output, base_model_name_or_path=base.upstream, revision=base.revision)
+    if is_whole_model(model):  # full fine-tuning: a whole model directory, tokenizer included
+        tokenizer.save_pretrained(args.output)
     _print_summary(base_metrics, result.metrics, result.wall_s, args.output)
     return 0
 

@@ -66,6 +66,13 @@ def refuse_quantized(method: str, quantize: str) -> None:
     and MAM adapters are refused: nothing checks them on a bitsandbytes base. (DoRA trains on
     one: its norm dequantises W0 each step, as HF PEFT does; tests/peft_core/
     test_dora_quantized.py holds it to HF PEFT on NF4 and int8.)"""
+    if quantize != "none" and method == "full":
+        raise ConfigError(
+            "quantize",
+            f"full fine-tuning cannot train a {quantize} base: its weights are packed "
+            "integers, which no gradient step can update. Use quantize none, or an adapter "
+            f"method ({', '.join(QUANTIZABLE_METHODS)}) on the quantised base (QLoRA)",
+        )
     if quantize != "none" and method not in QUANTIZABLE_METHODS:
         raise ConfigError(
             "quantize",
@@ -508,6 +515,36 @@ class MAMConfig:
         return PrefixTuningConfig(
             num_virtual_tokens=self.num_virtual_tokens, projection_dim=self.projection_dim
         )
+
+
+# ---------------------------------------------------------------- full fine-tuning
+
+
+@dataclass(frozen=True)
+class FullFineTuningConfig:
+    """Every weight of the model trains: the reference the PEFT methods are measured against
+    (quality, memory, time). Nothing is added to the model, so there is nothing to merge,
+    switch off or attach: what it saves is the whole model (config.json + model.safetensors).
+    AdamW keeps two moments per weight, so it needs about four times the model's weights in
+    memory beside the activations; the pre-flight refuses a model that does not fit."""
+
+    title: ClassVar[str] = "Full fine-tuning"
+    mergeable: ClassVar[bool] = False
+    whole_model: ClassVar[bool] = True  # saved whole, nothing to merge or switch off
+
+    # Not a setting: every module trains and is saved already. Kept for the methods'
+    # contract (peft_core.methods), and refused when given.
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules_to_save", names_tuple(self.modules_to_save))
+        if self.modules_to_save:
+            raise ConfigError(
+                "modules_to_save",
+                "full fine-tuning trains and saves every module already; leave "
+                "modules_to_save empty",
+            )
+        check_settings(self)
 
 
 # ---------------------------------------------------------------- training

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from peft_core.configs import (
     BottleneckConfig,
     DoraConfig,
+    FullFineTuningConfig,
     IA3Config,
     LoraConfig,
     MAMConfig,
@@ -69,6 +70,7 @@ METHOD_LIST: tuple[MethodEntry, ...] = (
     MethodEntry("prefix", PrefixTuningConfig, "peft_core.prefix_tuning"),
     MethodEntry("bottleneck", BottleneckConfig, "peft_core.bottleneck"),
     MethodEntry("mam", MAMConfig, "peft_core.mam"),
+    MethodEntry("full", FullFineTuningConfig, "peft_core.full"),
 )
 
 
@@ -107,6 +109,12 @@ class Method:
     @property
     def mergeable(self) -> bool:
         return self.config_cls.mergeable
+
+    @property
+    def whole_model(self) -> bool:
+        """Full fine-tuning (peft_core.full): the model itself trains and is saved whole; no
+        layer is injected, none can be switched off or merged."""
+        return getattr(self.config_cls, "whole_model", False)
 
     @property
     def prefixes(self) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ neither "modules_to_save" nor the adapter name in the key). A
 import copy
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
@@ -37,6 +37,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 CONFIG_ATTR = "peft_core_config"
+# A fully fine-tuned model's files, as transformers writes them (save_model)
+MODEL_CONFIG_FILE = "config.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+MODEL_INDEX_FILE = "model.safetensors.index.json"
 
 
 class TrainedCopy(nn.Module):
@@ -67,9 +71,10 @@ def method_for_config(config: Any) -> Method:
 def method_for_hf_config(hf: dict[str, Any]) -> Method:
     """The method of an adapter_config.json: its peft_type, then a variant's flag (use_dora)."""
     peft_type = hf.get("peft_type")
-    candidates = [m for m in METHODS if m.peft_type == peft_type]
+    adapters = [m for m in METHODS if not m.whole_model]
+    candidates = [m for m in adapters if m.peft_type == peft_type]
     if not candidates:
-        known = ", ".join(dict.fromkeys(m.peft_type for m in METHODS))
+        known = ", ".join(dict.fromkeys(m.peft_type for m in adapters))
         raise ValueError(
             f"peft_type {peft_type!r} is not supported by peft_core (supported: {known})"
         )
@@ -98,6 +103,11 @@ def adapt(model: nn.Module, config: Any) -> list[str]:
     if hasattr(model, CONFIG_ATTR):
         raise ValueError("this model already has a peft_core adapter; apply to a fresh base model")
     method = method_for_config(config)
+    if method.whole_model:  # full fine-tuning: the model itself trains (peft_core.full)
+        trained = method.inject(model, config)
+        model.requires_grad_(True)
+        setattr(model, CONFIG_ATTR, config)
+        return trained
     config = _with_classifier_head(model, config)
     heads = _modules_to_save_paths(model, config.modules_to_save)
     model.requires_grad_(False)
@@ -141,6 +151,11 @@ def _is_adapter_key(key: str, method: Method) -> bool:
     return "trained_module" in parts or any(p.startswith(method.prefixes) for p in parts)
 
 
+def is_whole_model(model: nn.Module) -> bool:
+    """Whether `model` was fully fine-tuned (peft_core.full): no adapter, saved whole."""
+    return hasattr(model, CONFIG_ATTR) and method_of(model).whole_model
+
+
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -154,6 +169,11 @@ def _layers(model: nn.Module, method: Method) -> list[nn.Module]:
 
 def _mergeable_layers(model: nn.Module) -> list[nn.Module]:
     method = method_of(model)
+    if method.whole_model:
+        raise ValueError(
+            "a fully fine-tuned model has no adapter to merge: its own weights trained, and it "
+            "already runs at the base model's cost"
+        )
     if not method.mergeable:
         raise ValueError(
             f"{method.name} adapters cannot be merged into the base weights; "
@@ -193,6 +213,11 @@ def unmerge(model: nn.Module) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model behaves as its base model (adapters off, original heads)."""
     method = method_of(model)
+    if method.whole_model:
+        raise ValueError(
+            "full fine-tuning changed the base weights themselves: there is no adapter to "
+            "switch off. Load the base model again for its behaviour"
+        )
     switches = _layers(model, method) + [m for m in model.modules() if isinstance(m, TrainedCopy)]
     merged = [m for m in switches if getattr(m, "merged", False)]
     before = [m.disabled for m in switches]
@@ -272,13 +297,34 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
 ) -> None:
-    """Write adapter_config.json + adapter_model.safetensors (HF PEFT's layout) to `directory`."""
+    """Write adapter_config.json + adapter_model.safetensors (HF PEFT's layout) to `directory`;
+    a fully fine-tuned model is written whole, as transformers writes a model (save_model)."""
+    if is_whole_model(model):
+        save_model(model, directory)
+        return
     directory = Path(directory)
     config = hf_config(model, base_model_name_or_path, revision)
     tensors = adapter_state_dict(model)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def save_model(model: nn.Module, directory: str | Path) -> None:
+    """A fully fine-tuned model as transformers saves one: config.json, model.safetensors
+    (tied weights once; shards and their index beyond transformers' shard size) and
+    generation_config.json where the model has one. from_pretrained loads it, peft_core not
+    needed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+
+
+def is_model_directory(names: Iterable[str]) -> bool:
+    """Whether files named `names` are a whole model (full fine-tuning), not an adapter."""
+    names = set(names)
+    weights = MODEL_WEIGHTS_FILE in names or MODEL_INDEX_FILE in names
+    return MODEL_CONFIG_FILE in names and weights and CONFIG_FILE not in names
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
@@ -319,6 +365,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def load_adapter_files(model: nn.Module, files: Mapping[str, bytes]) -> nn.Module:
     """load_adapter from the two files' bytes, {file name: bytes} (nothing on disk)."""
+    if is_model_directory(files):
+        raise ValueError(
+            "these files are a fully fine-tuned model, not an adapter: load them with "
+            "transformers' from_pretrained (peft_core.pretrained.load_directory)"
+        )
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in files:
             raise FileNotFoundError(f"no {name} among the adapter's files")

@@ -54,6 +54,10 @@ Linear keeps nothing (its input gradient needs only its weight). `extra` is the 
     prefix       keys and values at every head over t + p: 2·(d_q − d_kv) + 2·d_q·p/t
     prompt       nothing per layer; t grows by p
     bottleneck   each adapter's input and its narrow activation twice: d + 2·m
+    full         the two norms' outputs, which Q/K/V and gate/up read, for their weights'
+                 gradients: 2·d (O's and down's inputs are kept already). Every weight is
+                 trainable, so the weights term is 0: state counts them (their fp32 copy)
+                 with their gradients and moments
 
 These were read off what autograd saves (torch.autograd.graph.saved_tensors_hooks) in
 Llama blocks, and the whole is checked against peaks measured on CPU
@@ -216,7 +220,7 @@ def estimate(facts: ModelFacts, settings: Settings) -> Estimate:
     s, f = settings, facts
     half = s.precision in HALF
     return Estimate(
-        weights=_weights(f, s),
+        weights=0 if f.method == "full" else _weights(f, s),  # full: state holds them
         state=f.trainable * (STATE_BYTES + (2 if half else 0)),
         activations=_activations(f, s),
         logits=_logits(f, s),
@@ -400,6 +404,8 @@ def model_facts(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     shape = _shape(text, places)
     extra, dropout_bytes, grad_layers = _method_extra(model, method, method_config, places)
+    if method == "full":  # the Linears' inputs the frozen case does not keep (module doc)
+        extra, grad_layers = float(2 * shape["hidden"]), shape["layers"]
     virtual = getattr(method_config, "num_virtual_tokens", 0)
     return ModelFacts(
         **shape,

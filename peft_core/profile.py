@@ -55,36 +55,57 @@ def half_iqr(values: Sequence[float]) -> float:
     return (q3 - q1) / 2
 
 
+@contextmanager
+def as_base(model: nn.Module, base: nn.Module | None = None) -> Iterator[nn.Module]:
+    """The module to call for the base model's behaviour: `model` with its adapter disabled,
+    or `base`, another copy of the base, for a model without an adapter to switch off (full
+    fine-tuning)."""
+    if base is not None:
+        yield base
+        return
+    with peft_model.disabled(model):
+        yield model
+
+
 @torch.no_grad()
 def inference_latency(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, repeats: int = LATENCY_REPEATS
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    repeats: int = LATENCY_REPEATS,
+    base: nn.Module | None = None,
 ) -> dict:
-    """Forward latency of the base (adapter disabled), the adapter unmerged, and merged where
-    the method merges, measured in interleaved rounds (each round times every variant back to
-    back, in a rotating order), so a change of load moves them together. The ratios to the
-    base are medians of the per-round ratios, with half their interquartile range:
+    """Forward latency of the base (adapter disabled, or `base` for a fully fine-tuned
+    model), the adapter unmerged, and merged where the method merges, measured in interleaved
+    rounds (each round times every variant back to back, in a rotating order), so a change of
+    load moves them together. The ratios to the base are medians of the per-round ratios,
+    with half their interquartile range:
 
         base_ms, adapter_ms, merged_ms       medians of the rounds
         overhead ± overhead_spread           adapter / base
         merged_overhead ± merged_spread      merged / base (mergeable methods only)
         latency_spread                       the base's rounds: IQR over median
         latency_flags                        figures that cannot be true (latency_flags())
+        same_architecture                    True for a fully fine-tuned model: the base's
+                                             architecture with other weights (no adapter)
     """
     was_training = model.training
     model.eval()
+    if base is not None:
+        base.eval()
     # A quantised base cannot take a merge (its weights are packed): no merged timing.
     quantized = bool(getattr(model, "is_quantized", False))
-    mergeable = peft_model.method_of(model).mergeable and not quantized
+    mergeable = peft_model.method_of(model).mergeable and not quantized and base is None
     variants = ["base_ms", "adapter_ms"] + (["merged_ms"] if mergeable else [])
     rounds: dict[str, list[float]] = {name: [] for name in variants}
-    with peft_model.disabled(model):
-        model(**batch)  # warm-up: first calls allocate and pick kernels
+    with as_base(model, base) as plain:
+        plain(**batch)  # warm-up: first calls allocate and pick kernels
     model(**batch)
     for index in range(repeats + 1):
         for name in variants[index % len(variants) :] + variants[: index % len(variants)]:
             if name == "base_ms":
-                with peft_model.disabled(model):
-                    ms = _forward_ms(model, batch)
+                with as_base(model, base) as plain:
+                    ms = _forward_ms(plain, batch)
             elif name == "merged_ms":
                 with merged_privately(model):
                     if index == 0:
@@ -107,6 +128,8 @@ def inference_latency(
     base = rounds["base_ms"]
     figures["latency_spread"] = 2 * half_iqr(base) / statistics.median(base)
     figures["latency_rounds"] = repeats
+    if base is not None:
+        figures["same_architecture"] = True
     figures["latency_flags"] = latency_flags(figures)
     return figures
 
@@ -120,7 +143,14 @@ def latency_flags(figures: dict) -> list[str]:
     2 %) is the machine's, not the method's."""
     flags = []
     overhead, spread = figures.get("overhead"), figures.get("overhead_spread", 0.0)
-    if overhead is not None and overhead + spread < 1.0:
+    if figures.get("same_architecture"):
+        if overhead is not None and abs(overhead - 1.0) > spread + 0.02:
+            flags.append(
+                f"The fully fine-tuned model measured {overhead:.2f}× the base (± {spread:.2f}); "
+                "it is the base model's architecture with other weights and runs at its "
+                "speed. The machine's load moved the timings."
+            )
+    elif overhead is not None and overhead + spread < 1.0:
         flags.append(
             f"The adapter measured faster than the base ({overhead:.2f}× ± {spread:.2f}), "
             "which it cannot be: it computes more. The machine's load moved the timings."
@@ -253,21 +283,23 @@ def sample_generations(
     rows: Sequence[dict],
     *,
     max_new_tokens: int = 32,
+    base: nn.Module | None = None,
 ) -> list[dict[str, str]]:
-    """For a few prompts: the expected completion, the base model's and the adapter's answer."""
+    """For a few prompts: the expected completion, the base model's and the adapter's answer
+    (the base's from `base` when given: a fully fine-tuned model has no adapter to switch off)."""
     was_training = model.training
     model.eval()
     samples = []
     for row in rows:
         prompt = row.get("prompt") or row.get("text", "")
-        with peft_model.disabled(model):
-            base = greedy_answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        with as_base(model, base) as plain:
+            base_answer = greedy_answer(plain, tokenizer, prompt, max_new_tokens=max_new_tokens)
         adapted = greedy_answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
         samples.append(
             {
                 "prompt": prompt,
                 "expected": row.get("completion", ""),
-                "base": base,
+                "base": base_answer,
                 "adapter": adapted,
             }
         )

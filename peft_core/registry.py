@@ -25,6 +25,12 @@ def build_config(method: str, fields: Mapping[str, Any], *, tokenizer: Any = Non
     return with_tokenizer(config, tokenizer) if tokenizer is not None else config
 
 
+def whole_model(method: str) -> bool:
+    """Whether `method` trains the model itself (full fine-tuning): its run stores a whole
+    model (config.json, model.safetensors, the tokenizer), not an adapter."""
+    return bool(getattr(METHOD_CONFIGS.get(method), "whole_model", False))
+
+
 def with_tokenizer(config: Any, tokenizer: Any) -> Any:
     """`config` completed by what only the tokenizer knows (prompt tuning's init text ids)."""
     needs_ids = isinstance(config, PromptTuningConfig) and config.init == "text"

@@ -6,12 +6,16 @@ the same prompt gives the same answers again.
 """
 
 import logging
+import tempfile
+from pathlib import Path
 
 import torch
 
 import peft_core
 from peft_core.data import label_names
+from peft_core.pretrained import load_directory
 from peft_core.profile import greedy_answer
+from peft_core.registry import whole_model
 from webapp.experiments import artifacts, services
 from webapp.experiments.models import ArtifactKind, PlaygroundPrompt, Run
 from workers.cache import base_model_copy
@@ -43,23 +47,30 @@ def _answers(prompt: PlaygroundPrompt) -> dict[str, dict]:
         base, tokenizer = base_model_copy(weights, prompt.task, 2)
         answers = {"base": {"text": _generate(base.to(DEVICE), tokenizer, prompt)}}
         for run in runs:
-            model, tokenizer = base_model_copy(weights, prompt.task, 2)
-            model = _with_adapter(model, run).to(DEVICE)
+            model, tokenizer = _trained(weights, run, prompt.task, 2)
             answers[str(run.id)] = {"text": _generate(model, tokenizer, prompt)}
         return answers
     # Classification: the base model has no trained head, so only the adapters answer.
     answers = {}
     for run in runs:
         labels = run.dataset.label_names or label_names(dataset_rows(run.dataset)[0])
-        model, tokenizer = base_model_copy(weights, prompt.task, len(labels))
-        model = _with_adapter(model, run).to(DEVICE)
+        model, tokenizer = _trained(weights, run, prompt.task, len(labels))
         answers[str(run.id)] = _classify(model, tokenizer, prompt.text, labels)
     return answers
 
 
-def _with_adapter(model, run: Run):
+def _trained(weights: dict, run: Run, task: str, num_labels: int):
+    """The run's trained model on this worker's device, from its stored (checked) files: the
+    adapter on a copy of the cached base, or a fully fine-tuned run's whole model."""
     files = artifacts.artifact_files(run_id=run.id, kind=ArtifactKind.ADAPTER)
-    return peft_core.load_adapter_files(model, files)
+    if whole_model(run.method):
+        with tempfile.TemporaryDirectory(prefix="peftlab-model-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / Path(name).name).write_bytes(data)
+            model, tokenizer = load_directory(tmp, task, num_labels=num_labels)
+        return model.to(DEVICE), tokenizer
+    model, tokenizer = base_model_copy(weights, task, num_labels)
+    return peft_core.load_adapter_files(model, files).to(DEVICE), tokenizer
 
 
 def _generate(model, tokenizer, prompt: PlaygroundPrompt) -> str:

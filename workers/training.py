@@ -12,6 +12,7 @@ import socket
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # batch over more rounds and answers more prompts.
 MEASURE_QUICK = {"batch": (2, 64), "rounds": 9, "samples": 3, "new_tokens": 24}
 MEASURE_FULL = {"batch": (4, 256), "rounds": 31, "samples": 8, "new_tokens": 48}
+FULL = "full"  # full fine-tuning (peft_core.full): the whole model trains and is stored
 # The settings the base model's evaluation depends on (base_eval_parts).
 BASE_EVAL_SETTINGS = (
     "max_length", "batch_size", "eval_batches", "eval_metrics", "max_new_tokens", "precision",
@@ -384,6 +386,9 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
             lambda: _sharded_model(run, weights, task, num_labels, dtype, config.seed)
         )
         callbacks.on_log(f"the base is split over {run.devices} processes (FSDP)")
+    elif run.method == FULL:  # every weight trains: a copy of its own, never the cache's
+        model, tokenizer = load_weights(weights, task, num_labels=num_labels, dtype=dtype)
+        model = peft_core.apply(model.to(DEVICE), _method_config(run, tokenizer))
     else:
         model, tokenizer = base_model_copy(
             weights, task, num_labels, device=DEVICE, dtype=dtype, quantize=config.quantize
@@ -395,7 +400,8 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     callbacks.on_log(f"{peft_core.trainable_parameters(model):,} trainable parameters")
 
     parts = base_eval_parts(run, weights, config, labels, dtype)
-    with peft_core.disabled(model):
+    # Untrained, a fully fine-tuned model is its base; an adapter is switched off.
+    with nullcontext() if run.method == FULL else peft_core.disabled(model):
         base_metrics = _base_evaluation(run, model, tokenizer, evaluation, parts, callbacks)
 
     resume = _resume_point(run.id, callbacks)
@@ -427,16 +433,21 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     load = _busiest(load_before, _conditions())
     training = _training_figures(result, peak_mb, callbacks.memory.kind, load)
     callbacks.flush_until_written()
-    adapter_bytes = _store_adapter(run, callbacks.fence, model)
+    adapter_bytes = _store_adapter(run, callbacks.fence, model, tokenizer)
     if distributed.is_sharded(model):  # rank 0 cannot run the split model alone
         callbacks.on_log("inference latency and sample answers are not measured under FSDP")
         profile = _sizes(model, adapter_bytes) | training
     else:
         callbacks.on_log("measuring inference latency and sample answers")
         callbacks.flush()
+        # A fully fine-tuned model has no adapter to switch off: the base is the cache's copy.
+        base = None
+        if run.method == FULL:
+            base, _ = base_model_copy(weights, task, num_labels, device=DEVICE, dtype=dtype)
         profile = _profile(
-            model, tokenizer, task, val_rows, adapter_bytes, training, config.measure == "full"
-        )
+            model, tokenizer, task, val_rows, adapter_bytes, training, config.measure == "full",
+            base=base,
+        )  # fmt: skip
     summary = {f"base_{key}": value for key, value in base_metrics.items()} | final_metrics
     callbacks.on_log(f"done: {_format(final_metrics)}")
     callbacks.finish(RunStatus.SUCCEEDED, summary=summary, profile=profile)
@@ -572,11 +583,17 @@ def _evaluate_uploaded(run: Run, callbacks: RunCallbacks) -> str:
     return "succeeded"
 
 
-def _store_adapter(run: Run, fence: int, model) -> int:
+def _store_adapter(run: Run, fence: int, model, tokenizer) -> int:
+    """The adapter's files as a new version (HF PEFT's layout); a fully fine-tuned model's
+    are the whole model and its tokenizer, a directory from_pretrained loads, kept in the
+    artifact store (model-sized), never the database."""
     total = 0
+    whole = peft_core.is_whole_model(model)
     with tempfile.TemporaryDirectory(prefix="peftlab-adapter-") as tmp:
         name, revision = upstream_of(weights_of(run.base_model, run.base_weights))
         peft_core.save_adapter(model, tmp, base_model_name_or_path=name, revision=revision)
+        if whole:
+            tokenizer.save_pretrained(tmp)
         version = _retrying(
             leases.artifact_version_next, run_id=run.id, fence=fence, kind=ArtifactKind.ADAPTER
         )
@@ -590,16 +607,25 @@ def _store_adapter(run: Run, fence: int, model) -> int:
                 name=path.name,
                 data=data,
                 version=version,
+                in_store=whole,
             )
             total += len(data)
     return total
 
 
 def _profile(
-    model, tokenizer, task, val_rows, adapter_bytes: int, training: dict, full: bool = False
+    model,
+    tokenizer,
+    task,
+    val_rows,
+    adapter_bytes: int,
+    training: dict,
+    full: bool = False,
+    base=None,
 ) -> dict:
     """What the adapter costs and gives, measured on this worker after training: quick by
-    default (MEASURE_QUICK), the full profile (MEASURE_FULL) when the run asks for it."""
+    default (MEASURE_QUICK), the full profile (MEASURE_FULL) when the run asks for it.
+    `base`: the base model, for a fully fine-tuned `model` (no adapter to switch off)."""
     began = time.perf_counter()
     plan = MEASURE_FULL if full else MEASURE_QUICK
     generator = torch.Generator().manual_seed(0)
@@ -608,7 +634,7 @@ def _profile(
         "input_ids": input_ids.to(DEVICE),
         "attention_mask": torch.ones_like(input_ids).to(DEVICE),
     }
-    latency = inference_latency(model, batch, repeats=plan["rounds"])
+    latency = inference_latency(model, batch, repeats=plan["rounds"], base=base)
     profile = {
         **_sizes(model, adapter_bytes),
         **training,
@@ -619,7 +645,11 @@ def _profile(
     }
     if task == "causal-lm":
         profile["samples"] = sample_generations(
-            model, tokenizer, val_rows[: plan["samples"]], max_new_tokens=plan["new_tokens"]
+            model,
+            tokenizer,
+            val_rows[: plan["samples"]],
+            max_new_tokens=plan["new_tokens"],
+            base=base,
         )
     profile["measure"] = "full" if full else "quick"
     profile["measure_s"] = time.perf_counter() - began

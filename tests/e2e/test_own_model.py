@@ -2,7 +2,8 @@
 a Qwen2 directory under the allowed root from the page, the worker inspects it and the page
 turns ready by itself, listing its layers and where each method goes; then a sweep of every
 method launched from the model's page trains on it to the end, and the LoRA, DoRA, (IA)³,
-prompt and prefix adapters load in HF PEFT with our logits (≤ 1e-4). The model page is
+prompt and prefix adapters load in HF PEFT with our logits (≤ 1e-4), and the compare page
+shows full fine-tuning as the reference row beside the Pareto front. The model page is
 saved as model.png (PEFTLAB_SCREENSHOTS=docs/screenshots refreshes the README's)."""
 
 import re
@@ -75,8 +76,18 @@ def test_register_a_qwen_and_sweep_every_method_on_it(
     runs = Run.objects.filter(sweep__name="every method on my-qwen")
     assert {run.status for run in runs} == {RunStatus.SUCCEEDED}
     assert {run.method for run in runs} == {entry.key for entry in METHOD_LIST}
-    assert page.problems == []
     _hf_peft_loads_the_adapters(runs, model_root / "my-qwen", tmp_path)
+
+    # The compare page: full fine-tuning is the reference row (every weight, nothing to
+    # merge, the whole model stored), the Pareto front and the recommendation line.
+    page.click("text=Compare these runs")
+    page.wait_for_url(re.compile(r"/compare/\?sweep=\d+"))
+    assert page.locator("#recommendation").inner_text().startswith("Best at each size:")
+    assert page.locator("table.tradeoff .badge.pareto").count() >= 1
+    full = page.locator("table.tradeoff tbody tr", has=page.locator("td:text-is('full')"))
+    assert "100.000%" in full.inner_text() and "(whole model)" in full.inner_text()
+    assert full.locator("td").nth(4).inner_text() == "n/a"  # mergeable: nothing to merge
+    assert page.problems == []
 
 
 HF_METHODS = ("lora", "dora", "ia3", "prompt", "prefix")  # those HF PEFT has

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from peft_core import catalogue
 from peft_core.cli import main
@@ -139,3 +140,22 @@ def test_lora_on_smollm2_reports_exact_match_before_and_after(tmp_path, model_ca
     assert all(0.0 <= value <= 1.0 for value in scores.values())
     out = capsys.readouterr().out
     print(out, f"whole run {time.perf_counter() - started:.1f} s", records(output))
+
+
+def test_full_fine_tuning_writes_a_model_transformers_loads(tmp_path, model_cache):
+    """--method full: every weight trains; --output is a whole model directory."""
+    from peft_core.pretrained import load_directory
+
+    output = tmp_path / "out"
+    args = ["train", "--model", "tiny-llama", "--dataset", "sample-instructions", "--method",
+            "full", "--steps", "2", "--batch-size", "2", "--lr", "0.001",
+            "--output", str(output), "--cache-dir", str(model_cache)]  # fmt: skip
+    assert main(args) == 0
+    assert not (output / "adapter_config.json").exists()
+    model, _ = load_directory(output, "causal-lm")
+    base, _ = catalogue.load_model("tiny-llama", "causal-lm", cache_dir=model_cache)
+    moved = [
+        not torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters(), strict=True)
+    ]
+    assert all(moved) and len(moved) == len(list(base.parameters()))
+    assert evaluations(output, "eval_loss")[2] < evaluations(output, "eval_loss")[0]

@@ -151,7 +151,8 @@ def test_prefix_width_zero_means_no_reparameterisation():
     assert peft_core.build_config("prefix", form.config_kwargs()).projection_dim is None
 
 
-def test_compare_all_methods_preset_expands_to_nine_runs():
+def test_compare_all_methods_preset_expands_to_ten_runs():
+    """Every method, full fine-tuning last: the reference the others are measured against."""
     items = expand_sweep(
         list(METHOD_FORMS), {"bottleneck.placement": ["houlsby", "pfeiffer", "parallel"]}
     )
@@ -165,6 +166,7 @@ def test_compare_all_methods_preset_expands_to_nine_runs():
         "bottleneck placement=pfeiffer",
         "bottleneck placement=parallel",
         "mam",
+        "full",
     ]
 
 

@@ -73,11 +73,15 @@ def artifact_record(*, run_id: int, kind: str, name: str, version: int, file: St
     )
 
 
-def artifact_put(*, run_id: int, kind: str, name: str, data: bytes, version: int = 1) -> Artifact:
+def artifact_put(
+    *, run_id: int, kind: str, name: str, data: bytes, version: int = 1, in_store: bool = False
+) -> Artifact:
     """Store a small file in its home: an adapter as chunk rows (or in the store, where
-    settings.ADAPTERS_IN_STORE says adapters are too big for the database), anything else
-    in the store. A row that cannot be written takes its store file with it."""
-    if kind == ArtifactKind.ADAPTER and not settings.ADAPTERS_IN_STORE:
+    settings.ADAPTERS_IN_STORE says adapters are too big for the database, or `in_store`
+    says the file is model-sized: a fully fine-tuned model's), anything else in the store.
+    A row that cannot be written takes its store file with it."""
+    in_database = not (settings.ADAPTERS_IN_STORE or in_store)
+    if kind == ArtifactKind.ADAPTER and in_database:
         return artifact_insert(run_id=run_id, kind=kind, name=name, data=data, version=version)
     stored = store_write(store_key(run_id=run_id, kind=kind, name=name), data)
     try:

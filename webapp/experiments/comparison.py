@@ -9,6 +9,7 @@ from collections import defaultdict
 import numpy as np
 from django.core.cache import cache
 
+from peft_core.registry import whole_model
 from webapp.experiments.displayed_metrics import COMPARE_KEYS
 from webapp.experiments.downsample import Series, json_values, series_downsampled, step_anchors
 from webapp.experiments.lineage import LABELS, lineage_keys
@@ -157,6 +158,8 @@ def tradeoff_rows(runs: list[Run]) -> list[dict]:
                 # figures that cannot be true as measured (peft_core.profile.latency_flags)
                 "latency_flags": profile.get("latency_flags") or [],
                 "mergeable": profile.get("mergeable"),
+                # full fine-tuning: the model itself trained, stored whole (nothing to merge)
+                "whole_model": whole_model(run.method),
                 "quality_metric": metric,
                 "quality": value,
                 "base_quality": run.summary.get(f"base_{metric}"),

@@ -36,7 +36,7 @@ from django.utils import timezone
 
 from peft_core.catalogue import CATALOGUE, upstream_name
 from peft_core.configs import TrainConfig
-from peft_core.registry import METHOD_CONFIGS, build_config
+from peft_core.registry import METHOD_CONFIGS, build_config, whole_model
 from webapp.experiments import queue
 from webapp.experiments.artifacts import (
     ArtifactDamaged,
@@ -269,11 +269,14 @@ def _saved_targets(run: Run) -> list[str] | None:
 def _method_section(run: Run) -> list[str]:
     merges = "yes" if mergeable(run.method) else "no"
     rows = [(key, value) for key, value in _method_config(run).items()]
+    if whole_model(run.method):
+        what = "every weight trained; saved as a whole model, nothing to merge."
+    else:
+        what = f"mergeable into the base weights: {merges}."
     return [
         "## Method",
         "",
-        f"{_md(method_title(run.method))} (`{_md(run.method)}`), mergeable into the base "
-        f"weights: {merges}.",
+        f"{_md(method_title(run.method))} (`{_md(run.method)}`), {what}",
         "",
         *_table(("Setting", "Value"), rows),
     ]
@@ -347,8 +350,9 @@ def _number(value: Any) -> str:
 def _usage_section(run: Run, merged: bool) -> list[str]:
     task = run_task(run)
     auto = AUTO_CLASSES.get(task, "AutoModelForCausalLM")
-    if merged:
-        folder = f"peftlab-run-{run.id}-merged"
+    if merged or whole_model(run.method):
+        kind = "merged" if merged else "adapter"  # the download's folder name
+        folder = f"peftlab-run-{run.id}-{kind}"
         code = [
             f"from transformers import {auto}, AutoTokenizer",
             "",
@@ -356,6 +360,8 @@ def _usage_section(run: Run, merged: bool) -> list[str]:
             f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
         ]
         intro = "The adapter is folded into the weights: load it as a plain model, no PEFT."
+        if not merged:
+            intro = "Every weight was trained: load it as a plain model, no PEFT."
         return ["## How to use", "", intro, "", "```python", *code, "```"]
     return ["## How to use", "", *_hf_peft_usage(run, auto), "", *_peft_core_usage(run)]
 
@@ -474,6 +480,11 @@ def merged_files(run: Run, *, version: int | None = None) -> QuerySet[Artifact]:
 
 def merged_export_refusal(run: Run) -> str:
     """Why this run has no merged model to build ("" when it has one)."""
+    if whole_model(run.method):
+        return (
+            "A fully fine-tuned model is a whole model already, with no adapter to merge: "
+            "download its files."
+        )
     if not mergeable(run.method):
         return (
             f"{method_title(run.method)} adapters cannot be merged into the base model's "

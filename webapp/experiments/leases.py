@@ -156,10 +156,18 @@ def artifact_version_next(*, run_id: int, fence: int, kind: str) -> int:
 
 
 def artifact_store(
-    *, run_id: int, fence: int, kind: str, name: str, data: bytes, version: int = 1
+    *,
+    run_id: int,
+    fence: int,
+    kind: str,
+    name: str,
+    data: bytes,
+    version: int = 1,
+    in_store: bool = False,
 ) -> Artifact:
-    """Store one file of a run as chunk rows under `version`; a retry of the same write
-    replaces what it wrote (the same name and version), never another version."""
+    """Store one file of a run under `version` (artifacts.artifact_put: `in_store` for a
+    model-sized file); a retry of the same write replaces what it wrote (the same name and
+    version), never another version."""
     with transaction.atomic():
         if not owned(run_id, fence).select_for_update().exists():
             raise StaleFenceError(f"run {run_id}: fence {fence} no longer holds it")
@@ -167,7 +175,7 @@ def artifact_store(
             Artifact.objects.filter(run_id=run_id, kind=kind, name=name, version=version)
         )
         return artifacts.artifact_put(
-            run_id=run_id, kind=kind, name=name, data=data, version=version
+            run_id=run_id, kind=kind, name=name, data=data, version=version, in_store=in_store
         )
 
 
