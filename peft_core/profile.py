@@ -125,8 +125,8 @@ def inference_latency(
             "merged_overhead": statistics.median(merged),
             "merged_spread": half_iqr(merged),
         }
-    base = rounds["base_ms"]
-    figures["latency_spread"] = 2 * half_iqr(base) / statistics.median(base)
+    base_rounds = rounds["base_ms"]
+    figures["latency_spread"] = 2 * half_iqr(base_rounds) / statistics.median(base_rounds)
     figures["latency_rounds"] = repeats
     if base is not None:
         figures["same_architecture"] = True
