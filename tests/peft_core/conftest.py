@@ -25,8 +25,15 @@ def _services_are_real():
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """One model cache for the session: tiny models are materialised once, never in ~/.cache."""
-    return tmp_path_factory.mktemp("peftlab-cache")
+    """One model cache for the session, never ~/.cache: the web's and workers' own
+    (settings.MODEL_CACHE_DIR, the checkout's var/cache) where Django is set up, so SmolLM2
+    is converted from its GGUF once per session, not once for them and once here."""
+    try:
+        from django.conf import settings
+
+        return Path(settings.MODEL_CACHE_DIR)
+    except Exception:  # run with -p no:django and no settings: a cache of their own
+        return tmp_path_factory.mktemp("peftlab-cache")
 
 
 @pytest.fixture(scope="module", autouse=True)
