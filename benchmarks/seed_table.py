@@ -60,17 +60,25 @@ def main() -> int:
         began = time.perf_counter()
         _execute(run)
         run.refresh_from_db()
-        print(
-            f"[{index}/{len(runs)}] {run.name}: {run.status} in {time.perf_counter() - began:.0f} s"
-            + (f" ({run.error})" if run.error else ""),
-            flush=True,
-        )
+        print(f"[{index}/{len(runs)}] {run.name}: {run.status} in {time.perf_counter() - began:.0f} s"
+              f"{_costs(run.profile)}" + (f" ({run.error})" if run.error else ""), flush=True)  # fmt: skip
     print(f"all runs: {time.perf_counter() - started:.0f} s\n")
     for run in runs:
         run.refresh_from_db()
     found = configurations.tradeoffs(runs, metric="eval_exact_match")
     _print_table(found, args)
     return 0
+
+
+def _costs(profile: dict) -> str:
+    """The run's training time and its measurement's, the share the issue bounds (≤ 10 %)."""
+    train_s, measure_s = profile.get("train_s"), profile.get("measure_s")
+    if not train_s or measure_s is None:
+        return ""
+    return (
+        f"; training {train_s:.1f} s (steps' own time), measurement {measure_s:.1f} s "
+        f"({measure_s / train_s:.0%} of training)"
+    )
 
 
 def _arguments() -> argparse.Namespace:
@@ -85,6 +93,12 @@ def _arguments() -> argparse.Namespace:
         "--placements", default="houlsby,pfeiffer,parallel", help="bottleneck placements"
     )
     parser.add_argument("--lr", action="append", default=[], help="method=rate, repeatable")
+    parser.add_argument(
+        "--eval-metrics", default="exact_match", help="comma-separated; none for the loss alone"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="steps (default: once, at the end)"
+    )
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(LEARNING_RATES)
@@ -116,8 +130,9 @@ def _sweep_runs(args) -> list:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
-        "eval_every": args.steps,  # the base at step 0 and the trained model at the end
-        "eval_metrics": ["exact_match"],
+        # the base at step 0 and the trained model at the end, unless asked
+        "eval_every": args.steps if args.eval_every is None else args.eval_every,
+        "eval_metrics": [m for m in args.eval_metrics.split(",") if m not in ("", "none")],
     }
     grid = {}
     if "bottleneck" in args.methods and args.placements:

@@ -31,6 +31,7 @@ from peft_core.checkpoint import (
 from peft_core.checks import ConfigError
 from peft_core.configs import EVAL_SECONDS, refuse_fsdp, refuse_packing, refuse_quantized
 from peft_core.data import DatasetError, label_names, split_rows
+from peft_core.decoding import greedy_completions
 from peft_core.preflight import PreflightError, check, estimate_for_run, free_memory
 from peft_core.profile import MemoryTracker, inference_latency, sample_generations
 from peft_core.samples import sample_rows
@@ -58,10 +59,11 @@ logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 1.0
 STEP_LINE_EVERY_S = 5.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The measurement after training. Quick by default: a few seconds on SmolLM2 on a CPU, a
-# small share of the shortest run; the full profile (TrainConfig.measure) times a longer
-# batch over more rounds and answers more prompts.
-MEASURE_QUICK = {"batch": (2, 64), "rounds": 9, "samples": 3, "new_tokens": 24}
+# The measurement after training. Quick by default: one short row timed over 5 interleaved
+# rounds and 3 prompts answered as one batch (on a 2-core CPU, SmolLM2's README run measured
+# in 3.4 s, after 17.7 s of training steps: docs/BENCHMARKS.md); the full profile
+# (TrainConfig.measure) times a longer batch over more rounds and answers more prompts.
+MEASURE_QUICK = {"batch": (1, 32), "rounds": 5, "samples": 3, "new_tokens": 24}
 MEASURE_FULL = {"batch": (4, 256), "rounds": 31, "samples": 8, "new_tokens": 48}
 FULL = "full"  # full fine-tuning (peft_core.full): the whole model trains and is stored
 # The settings the base model's evaluation depends on (base_eval_parts).
@@ -402,7 +404,9 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     parts = base_eval_parts(run, weights, config, labels, dtype)
     # Untrained, a fully fine-tuned model is its base; an adapter is switched off.
     with nullcontext() if run.method == FULL else peft_core.disabled(model):
-        base_metrics = _base_evaluation(run, model, tokenizer, evaluation, parts, callbacks)
+        base_metrics, base_answers = _base_evaluation(
+            run, model, tokenizer, evaluation, parts, callbacks
+        )
 
     resume = _resume_point(run.id, callbacks)
     callbacks.memory = MemoryTracker(DEVICE)
@@ -446,7 +450,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
             base, _ = base_model_copy(weights, task, num_labels, device=DEVICE, dtype=dtype)
         profile = _profile(
             model, tokenizer, task, val_rows, adapter_bytes, training, config.measure == "full",
-            base=base,
+            base=base, base_answers=base_answers,
         )  # fmt: skip
     summary = {f"base_{key}": value for key, value in base_metrics.items()} | final_metrics
     callbacks.on_log(f"done: {_format(final_metrics)}")
@@ -469,36 +473,55 @@ def base_eval_parts(run: Run, weights: dict, config: TrainConfig, labels, dtype)
         "dtype": str(dtype),
         "device": DEVICE,
         "devices": [run.devices, config.parallel if run.devices > 1 else ""],
+        # the base's sample answers (causal LM): how many prompts, how many new tokens
+        "answers": _answers_plan(config) if dataset.task == "causal-lm" else [],
     }
 
 
-def _base_evaluation(run: Run, model, tokenizer, evaluation: dict, parts: dict, callbacks):
-    """The base model's figures at step 0: read back when a run of the team measured the same
+def _measure_plan(config: TrainConfig) -> dict:
+    return MEASURE_FULL if config.measure == "full" else MEASURE_QUICK
+
+
+def _answers_plan(config: TrainConfig) -> list[int]:
+    plan = _measure_plan(config)
+    return [plan["samples"], plan["new_tokens"]]
+
+
+def _base_evaluation(
+    run: Run, model, tokenizer, evaluation: dict, parts: dict, callbacks
+) -> tuple[dict, list[str]]:
+    """The base model's figures at step 0 and its answers to the first validation prompts
+    (the sample answers' base side): read back when a run of the team measured the same
     `parts` before (on any worker), else measured here and kept. Ranks decide together:
-    they evaluate together, or none does."""
+    they evaluate together, or none does; rank 0 answers alone (a split base cannot)."""
     here = distributed.world()
     found = _retrying(base_evals.base_eval_find, parts=parts) if here.is_main else None
     if distributed.any_rank(found is not None, here, torch.device(DEVICE)):
         if found is None:
-            return {}  # a helper rank: rank 0 reports them
+            return {}, []  # a helper rank: rank 0 reports them
         callbacks.on_eval(0, {f"base_{key}": value for key, value in found.metrics.items()})
         origin = f"run {found.run_id}" if found.run_id else "a deleted run"
         callbacks.on_log(f"base model: reused from {origin}: {_format(found.metrics)}")
-        return dict(found.metrics)
+        return dict(found.metrics), list(found.answers)
     callbacks.on_log(f"evaluating the base model on {len(evaluation['rows'])} validation rows")
     callbacks.flush()
     started = time.perf_counter()
     metrics = evaluate(model, tokenizer, **evaluation)
+    answers = []
+    if here.is_main and parts["answers"] and not distributed.is_sharded(model):
+        count, new_tokens = parts["answers"]
+        prompts = [row.get("prompt") or row.get("text", "") for row in evaluation["rows"][:count]]
+        answers = greedy_completions(model, tokenizer, prompts, max_new_tokens=new_tokens)
     seconds = time.perf_counter() - started
     if here.is_main:
         _retrying(
             base_evals.base_eval_record,
-            parts=parts, metrics=metrics, run_id=run.id, seconds=seconds,
+            parts=parts, metrics=metrics, run_id=run.id, seconds=seconds, answers=answers,
         )  # fmt: skip
     base = {f"base_{key}": value for key, value in metrics.items()}
     callbacks.on_eval(0, base | {EVAL_SECONDS: seconds})  # the time left counts evaluations
     callbacks.on_log(f"base model ({seconds:.1f} s): {_format(metrics)}")
-    return metrics
+    return metrics, answers
 
 
 def _method_config(run: Run, tokenizer):
@@ -622,10 +645,12 @@ def _profile(
     training: dict,
     full: bool = False,
     base=None,
+    base_answers: list[str] | None = None,
 ) -> dict:
     """What the adapter costs and gives, measured on this worker after training: quick by
     default (MEASURE_QUICK), the full profile (MEASURE_FULL) when the run asks for it.
-    `base`: the base model, for a fully fine-tuned `model` (no adapter to switch off)."""
+    `base`: the base model, for a fully fine-tuned `model` (no adapter to switch off);
+    `base_answers`: the base's sample answers, given with its evaluation (not generated)."""
     began = time.perf_counter()
     plan = MEASURE_FULL if full else MEASURE_QUICK
     generator = torch.Generator().manual_seed(0)
@@ -650,6 +675,7 @@ def _profile(
             val_rows[: plan["samples"]],
             max_new_tokens=plan["new_tokens"],
             base=base,
+            base_answers=base_answers,
         )
     profile["measure"] = "full" if full else "quick"
     profile["measure_s"] = time.perf_counter() - began

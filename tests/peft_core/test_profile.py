@@ -39,3 +39,20 @@ def test_the_cpu_peak_is_the_training_s_own_even_in_a_long_lived_process():
         del block
         peak = tracker.peak_mb()
         assert 90 < peak < 150, peak
+
+
+def test_sample_answers_take_the_base_side_given_with_its_evaluation():
+    """The base's answers kept with the base evaluation are not generated again; answers
+    generated as one batch are each prompt's own answer."""
+    from peft_core import LoraConfig, apply
+    from peft_core.catalogue import load_model
+    from peft_core.profile import greedy_answer, sample_generations
+
+    model, tokenizer = load_model("tiny-llama", "causal-lm")
+    apply(model, LoraConfig(r=2))
+    rows = [{"prompt": "Reverse: abc", "completion": "cba"}, {"prompt": "Add 2 and 3"}]
+    given = sample_generations(model, tokenizer, rows, max_new_tokens=4, base_answers=["x", "y"])
+    assert [s["base"] for s in given] == ["x", "y"]
+    fresh = sample_generations(model, tokenizer, rows, max_new_tokens=4)
+    alone = [greedy_answer(model, tokenizer, row["prompt"], max_new_tokens=4) for row in rows]
+    assert [s["adapter"] for s in fresh] == [s["adapter"] for s in given] == alone

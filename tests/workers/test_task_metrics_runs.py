@@ -56,6 +56,10 @@ def test_task_metrics_are_scored_and_the_base_evaluation_is_reused(cast):
     stored = BaseEvaluation.objects.get()  # one, measured by the first run
     assert stored.run_id == first.id and stored.seconds > 0
     assert stored.metrics == {k[5:]: v for k, v in first.summary.items() if k.startswith("base_")}
+    # The base's sample answers come with its evaluation, kept and reused: the measurement
+    # after training generates the adapter's side alone.
+    assert stored.answers == [s["base"] for s in first.profile["samples"]] and stored.answers
+    assert [s["base"] for s in second.profile["samples"]] == stored.answers
 
 
 def test_the_base_evaluation_is_keyed_by_all_it_depends_on(cast):
@@ -74,7 +78,7 @@ def test_the_base_evaluation_is_keyed_by_all_it_depends_on(cast):
     assert key(config=TrainConfig(**TRAIN | {"seed": 3, "steps": 9, "learning_rate": 0.1})) == same
     for changed in (
         {"max_new_tokens": 5}, {"eval_metrics": ["chrf"]}, {"eval_batches": 2},
-        {"batch_size": 4}, {"max_length": 64}, {"precision": "bf16"},
+        {"batch_size": 4}, {"max_length": 64}, {"precision": "bf16"}, {"measure": "full"},
     ):  # fmt: skip
         assert key(config=TrainConfig(**TRAIN | changed)) != same, changed
     assert key(dtype=torch.bfloat16) != same

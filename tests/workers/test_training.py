@@ -63,7 +63,8 @@ def test_run_trains_to_success_and_downloads(cast, client, tmp_path):
     assert profile["tokens_per_s"] == pytest.approx(
         MetricPoint.objects.get(run=run, key="tokens", step=STEPS).value / profile["train_s"]
     )
-    assert profile["latency_rounds"] == 9 and profile["measure"] == "quick"
+    assert profile["latency_rounds"] == 5 and profile["measure"] == "quick"
+    assert profile["latency_batch"] == [1, 32]
     assert profile["overhead_spread"] >= 0 and profile["merged_spread"] >= 0
     assert isinstance(profile["latency_flags"], list)
     assert profile["latency_conditions"]["runs_on_host"] >= 0

@@ -25,15 +25,18 @@ def base_eval_find(*, parts: dict) -> BaseEvaluation | None:
     return BaseEvaluation.objects.filter(key=base_eval_key(parts)).first()
 
 
-def base_eval_record(*, parts: dict, metrics: dict, run_id: int, seconds: float) -> None:
-    """Keep `metrics` for `parts`; a second run that measured the same meanwhile keeps the
-    first's (both measured the same thing)."""
+def base_eval_record(
+    *, parts: dict, metrics: dict, run_id: int, seconds: float, answers: list | None = None
+) -> None:
+    """Keep `metrics` (and the base's sample `answers`) for `parts`; a second run that
+    measured the same meanwhile keeps the first's (both measured the same thing)."""
     try:
         with transaction.atomic():
             BaseEvaluation.objects.create(
                 key=base_eval_key(parts),
                 parts=parts,
                 metrics=metrics,
+                answers=list(answers or ()),
                 run_id=run_id,
                 seconds=seconds,
             )

@@ -295,6 +295,9 @@ class BaseEvaluation(models.Model):
     key = models.CharField(max_length=64, unique=True)
     parts = models.JSONField(default=dict)
     metrics = models.JSONField(default=dict)
+    # The base model's greedy answers to the first validation prompts: the "base" side of a
+    # run page's sample answers (causal LM), generated once with the evaluation.
+    answers = models.JSONField(default=list)
     run = models.ForeignKey("Run", on_delete=models.SET_NULL, null=True, related_name="+")
     seconds = models.FloatField(default=0.0)  # how long the evaluation took
     created_at = models.DateTimeField(auto_now_add=True)
