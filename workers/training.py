@@ -60,9 +60,10 @@ FLUSH_EVERY_S = 1.0
 STEP_LINE_EVERY_S = 5.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The measurement after training. Quick by default: one short row timed over 5 interleaved
-# rounds and 3 prompts answered as one batch (on a 2-core CPU, SmolLM2's README run measured
-# in 3.4 s, after 17.7 s of training steps: docs/BENCHMARKS.md); the full profile
-# (TrainConfig.measure) times a longer batch over more rounds and answers more prompts.
+# rounds and the adapter's answers to 3 prompts as one batch (the base's come with its
+# evaluation): SmolLM2's README run measured in 3.1 s after 18.9 s of training steps on a
+# 2-core CPU (docs/BENCHMARKS.md). The full profile (TrainConfig.measure) times a longer
+# batch over more rounds and answers more prompts.
 MEASURE_QUICK = {"batch": (1, 32), "rounds": 5, "samples": 3, "new_tokens": 24}
 MEASURE_FULL = {"batch": (4, 256), "rounds": 31, "samples": 8, "new_tokens": 48}
 FULL = "full"  # full fine-tuning (peft_core.full): the whole model trains and is stored
