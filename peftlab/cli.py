@@ -810,7 +810,7 @@ def _postfix(run: dict) -> str:
 
 def _result_line(run: dict) -> str:
     line = (
-        f"run {run['id']} {run['status']} at step {run['step']}/{run['total_steps']}: "
+        f"run {run['id']} {run['status']} at step {_steps(run)}: "
         f"loss {_number(_latest(run, 'train_loss'))}, eval loss {_number(_latest(run, 'eval_loss'))}"
     )
     if run["status"] != "succeeded" and run.get("error"):

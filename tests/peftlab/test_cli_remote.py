@@ -359,3 +359,10 @@ def test_a_run_that_never_said_its_steps_lists_the_step_alone():
 
     assert _steps({"step": 300, "total_steps": 0}) == "300"
     assert _steps({"step": 3, "total_steps": 5}) == "3/5"
+
+
+def test_watching_a_run_that_never_said_its_steps_ends_on_its_step_alone():
+    from peftlab.cli import _result_line
+
+    run = {"id": 9, "status": "succeeded", "step": 300, "total_steps": 0, "metrics": {}}
+    assert _result_line(run).startswith("run 9 succeeded at step 300: ")
