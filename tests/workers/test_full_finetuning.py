@@ -84,6 +84,9 @@ def test_a_full_fine_tuning_run_trains_every_weight_and_stores_the_whole_model(
     ]
     assert len(changed) == len(list(base.named_parameters()))  # every weight moved
 
+    page = client.get(reverse("run_detail", args=[run.id])).content.decode()
+    assert "fully fine-tuned" in page and "nothing to merge" in page and "Model size" in page
+
     # The cached base the run measured against is untouched (a run adapts a private copy).
     for entry in model_cache._models.values():
         assert entry.untouched()
