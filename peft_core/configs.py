@@ -771,7 +771,7 @@ class TrainConfig:
     measure: str = setting(
         "quick",
         "Measurement after training",
-        "quick: the inference latency over 9 interleaved rounds of a 2 × 64 batch and 3 "
+        "quick: the inference latency over 5 interleaved rounds of one 32-token row and 3 "
         "sample answers, a few seconds. full: 31 rounds of a 4 × 256 batch and 8 answers, "
         "for figures to publish.",
         kind=str,
