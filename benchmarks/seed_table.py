@@ -8,8 +8,10 @@ task, each over several seeds, measured and compared by PEFT Lab itself.
 A throwaway database on that server (created, migrated, dropped) and its own artifact
 directory. The "compare all methods" sweep is created as the web creates it
 (method_forms.expand_sweep, services.sweep_create: bottleneck adapters in their three
-placements, `--seeds` runs per configuration), on the bundled sample-instructions task
-scored by exact match at every evaluation (step 0 is the base model). Each run trains in
+placements, `--seeds` runs per configuration), on the bundled sample-instructions task or,
+with `--task dates`, an uploaded date-rewriting file ("2024-03-05" -> "5 March 2024", 400
+training rows and a 48-row validation file, generated here), scored by exact match at the
+end and at step 0 for the base model. Each run trains in
 this process through the worker's own code (workers.training.execute_run: pre-flight,
 training, the quick measurement), one after the other, so no two runs share the machine.
 The table is the compare page's (webapp.experiments.configurations.tradeoffs), one row per
@@ -29,7 +31,10 @@ a single rate would favour one family of methods, and the table compares methods
 
 import argparse
 import dataclasses
+import datetime
+import json
 import os
+import random
 import socket
 import sys
 import time
@@ -84,6 +89,7 @@ def _costs(profile: dict) -> str:
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--task", choices=("sample-instructions", "dates"), default="dates")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -125,7 +131,14 @@ def _sweep_runs(args) -> list:
     project = Project.objects.create(team=team, name="seed table")
     user = get_user_model().objects.create_user(username="seeds")
     Membership.objects.create(team=team, user=user, role=Role.OWNER)
-    dataset = Dataset.objects.get(team=None, builtin_key="sample-instructions")
+    if args.task == "dates":
+        dataset = services.dataset_upload_create(
+            user=user, team=team, name="dates", filename="dates.jsonl", data=_dates(400, seed=0),
+            task="causal-lm", validation=("dates-val.jsonl", _dates(48, seed=1)),
+            eval_metrics=["exact_match"],
+        )  # fmt: skip
+    else:
+        dataset = Dataset.objects.get(team=None, builtin_key="sample-instructions")
     train = {
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -156,6 +169,24 @@ def _sweep_runs(args) -> list:
     return list(sweep.runs.order_by("id"))
 
 
+MONTHS = ("January February March April May June July August September October November "
+          "December").split()  # fmt: skip
+
+
+def _dates(count: int, seed: int) -> bytes:
+    """JSON lines of a task with one right answer: "2024-03-05" -> "5 March 2024"."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        day = datetime.date(1950, 1, 1) + datetime.timedelta(days=rng.randrange(36500))
+        row = {
+            "prompt": f"Write the date {day.isoformat()} in words.",
+            "completion": f"{day.day} {MONTHS[day.month - 1]} {day.year}",
+        }
+        lines.append(json.dumps(row))
+    return ("\n".join(lines) + "\n").encode()
+
+
 def _execute(run) -> None:
     from workers.training import execute_run
 
@@ -171,7 +202,7 @@ def _print_table(found, args) -> None:
 
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
-        f"{args.model}, sample-instructions, {args.steps} steps × batch {args.batch_size} × "
+        f"{args.model}, {args.task}, {args.steps} steps × batch {args.batch_size} × "
         f"{args.max_length} tokens, {args.seeds} seeds, on {device} ({os.cpu_count()} CPUs)\n"
     )
     print(
