@@ -15,13 +15,15 @@ from urllib.parse import urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def throwaway_database(tag: str) -> str:
+def throwaway_database(tag: str, *, keep: bool = False) -> str:
+    """`keep`: the database is left in place at exit (to open its pages), not dropped."""
     server = os.environ.get("DATABASE_URL", "")
     if not server.startswith(("postgres://", "postgresql://")):
         sys.exit("Set DATABASE_URL=postgres://user@host:port/any_db (the server to use).")
     name = f"peftlab_bench_{tag}_{os.getpid()}"
     _admin(server, f'CREATE DATABASE "{name}"')
-    atexit.register(_admin, server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    if not keep:
+        atexit.register(_admin, server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     parts = urlsplit(server)
     os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path=f"/{name}"))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")

@@ -56,7 +56,7 @@ ALL = ",".join(LEARNING_RATES)
 
 def main() -> int:
     args = _arguments()
-    throwaway_database("seeds")
+    throwaway_database("seeds", keep=args.keep)
     from webapp.experiments import configurations
 
     runs = _sweep_runs(args)
@@ -72,6 +72,12 @@ def main() -> int:
         run.refresh_from_db()
     found = configurations.tradeoffs(runs, metric="eval_exact_match")
     _print_table(found, args)
+    if args.keep:
+        print(
+            f"\nkept: DATABASE_URL={os.environ['DATABASE_URL']} "
+            f"PEFTLAB_VAR_DIR={os.environ['PEFTLAB_VAR_DIR']}; log in as seeds / "
+            f"seeds-table-pw at /compare/?sweep={runs[0].sweep_id}"
+        )
     return 0
 
 
@@ -99,6 +105,9 @@ def _arguments() -> argparse.Namespace:
         "--placements", default="houlsby,pfeiffer,parallel", help="bottleneck placements"
     )
     parser.add_argument("--lr", action="append", default=[], help="method=rate, repeatable")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the database to open the compare page"
+    )
     parser.add_argument(
         "--eval-metrics", default="exact_match", help="comma-separated; none for the loss alone"
     )
@@ -129,7 +138,7 @@ def _sweep_runs(args) -> list:
 
     team = Team.objects.create(name="Seeds")
     project = Project.objects.create(team=team, name="seed table")
-    user = get_user_model().objects.create_user(username="seeds")
+    user = get_user_model().objects.create_user(username="seeds", password="seeds-table-pw")
     Membership.objects.create(team=team, user=user, role=Role.OWNER)
     if args.task == "dates":
         dataset = services.dataset_upload_create(
