@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from peft_core.methods import METHOD_LIST
 from webapp.experiments.models import Run, RunStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 # committed ones: PEFTLAB_SCREENSHOTS=docs/screenshots make test PYTEST_ARGS=-k first_hour
 SCREENSHOTS = Path(os.environ.get("PEFTLAB_SCREENSHOTS") or settings.VAR_DIR / "screenshots")
 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-SWEEP_S = 240  # nine tiny-llama runs of 200 steps one after another: ~20 s on two CPU cores
+SWEEP_S = 240  # ten tiny-llama runs of 200 steps one after another: ~20 s on two CPU cores
 LONG_STEPS = 50_000
 TRAIN = {"steps": "200", "batch_size": "2", "max_length": "48", "eval_every": "50"}
 
@@ -119,7 +120,7 @@ def test_first_hour(watched, browser, live_server, cast, start_worker):
     page.click("nav >> text=New sweep")
     page.click("text=Preset: compare all methods")
     offered = page.locator("input[name=methods]")
-    assert offered.count() == 7 and all(box.is_checked() for box in offered.all())
+    assert offered.count() == len(METHOD_LIST) and all(box.is_checked() for box in offered.all())
     page.fill("#id_name", "first shoot-out")
     page.select_option("#id_base_model", "tiny-llama")
     page.select_option("#id_dataset", dataset_id)
@@ -130,9 +131,9 @@ def test_first_hour(watched, browser, live_server, cast, start_worker):
     page.wait_for_url(re.compile(r"/sweeps/\d+/$"))
     sweep_id = page.url.rstrip("/").rsplit("/", 1)[1]
     runs = page.locator("#sweep-runs tbody tr")
-    assert runs.count() == 9  # seven methods, bottleneck in its three placements
+    assert runs.count() == 10  # eight methods, bottleneck in its three placements
 
-    assert page.locator("#sweep-runs >> text=Queued").count() == 9
+    assert page.locator("#sweep-runs >> text=Queued").count() == 10
     assert (_steps_done(page), _bars_width(page)) == (0, 0)
 
     worker = start_worker()  # now the runs move, and the page follows them every 3 s
@@ -140,14 +141,14 @@ def test_first_hour(watched, browser, live_server, cast, start_worker):
     assert _bars_width(page) > 0
     _shot(page, 6, "sweep-running")
     _wait_for(
-        lambda: page.locator("#sweep-runs >> text=Succeeded").count() == 9,
+        lambda: page.locator("#sweep-runs >> text=Succeeded").count() == 10,
         "the sweep did not succeed",
         worker,
         SWEEP_S,
     )
     statuses = page.locator("#sweep-runs .badge").all_inner_texts()
-    assert statuses == ["Succeeded"] * 9, statuses
-    assert _steps_done(page) == 9 * 200
+    assert statuses == ["Succeeded"] * 10, statuses
+    assert _steps_done(page) == 10 * 200
     _shot(page, 7, "sweep-done")
 
     # 4. A run's curve, then the compare page's trade-off table.
@@ -162,9 +163,9 @@ def test_first_hour(watched, browser, live_server, cast, start_worker):
     for chart in ("curves", "scatter", "parcoords"):
         page.wait_for_selector(f"#{chart} .main-svg")
     tradeoff = page.locator("table.tradeoff tbody tr")
-    assert tradeoff.count() == 9
+    assert tradeoff.count() == 10
     methods = {row.locator("td >> nth=1").inner_text() for row in tradeoff.all()}
-    assert methods == {"lora", "dora", "ia3", "prompt", "prefix", "bottleneck", "mam"}
+    assert methods == {"lora", "dora", "ia3", "prompt", "prefix", "bottleneck", "mam", "full"}
     _shot(page, 9, "compare")
 
     # 5. Download the adapter.

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from peft_core.methods import METHOD_LIST
 from tests.e2e.conftest import CHROMIUM, log_in
 from webapp.experiments.models import Run
 
@@ -131,7 +132,7 @@ def test_the_sweep_preset_keeps_what_was_typed_and_its_flash_shows_once(
     with page.expect_navigation():
         page.keyboard.press("Enter")
     boxes = page.locator("input[name=methods]")
-    assert boxes.count() == 7 and all(box.is_checked() for box in boxes.all())
+    assert boxes.count() == len(METHOD_LIST) and all(box.is_checked() for box in boxes.all())
     kept = [page.input_value(f"#id_{field}") for field in ("name", "base_model", "steps")]
     assert kept == ["typed shoot-out", "tiny-llama", "7"]
     assert "bottleneck.placement" in page.input_value("#id_grid")  # it was empty
@@ -140,7 +141,7 @@ def test_the_sweep_preset_keeps_what_was_typed_and_its_flash_shows_once(
     page.keyboard.press("Enter")  # the form's default button launches
     page.wait_for_url(re.compile(r"/sweeps/\d+/$"))
     flash = page.locator(".flash-success")
-    assert "“typed shoot-out” launched: 9 runs" in flash.inner_text()
+    assert "“typed shoot-out” launched: 10 runs" in flash.inner_text()
     page.click("nav >> text=Runs")
     page.wait_for_url(f"{base}/")
     page.go_back(wait_until="commit")  # a page from the back/forward cache fires no load

@@ -83,16 +83,17 @@ def test_the_run_pages_show_what_they_know(cast, client, runs):
     page = _page(client, reverse("run_detail", args=[full.id]))
     assert "meta-llama/Llama-3.1-8B" in page and "(as named by its script)" in page
     assert "none of PEFT Lab" in page  # the dataset
-    assert "<dd>full <span" in page and "(trained elsewhere)" in page
+    assert "<dd>Full fine-tuning</dd>" in page  # a method of PEFT Lab's, trained elsewhere
     assert "peft.lora.r" in page and "peft.lora.target_modules" in page
     assert "8,000 (100.000% of 8,000)" in page and "Adapter size</th><td>—" in page
     assert "trainer_state.json" in page  # the uploaded file
-    assert "Clone run</a>" not in page and "not one of PEFT Lab&#x27;s methods" in page
+    assert "Clone run</a>" not in page
     assert "Try in the playground" not in page and "Download adapter" not in page
     live = client.get(reverse("run_live", args=[full.id]))
     assert live.status_code == 286  # finished: htmx stops polling
     page = _page(client, reverse("run_detail", args=[galore.id]))
     assert "galore" in page and "(trained elsewhere)" in page and "update_proj_gap" in page
+    assert "not one of PEFT Lab&#x27;s methods" in page
     assert "sample-instructions" in page and "its script sends the metrics" in page
     assert "Step 0 of —" in page
     assert _page(client, reverse("run_live", args=[galore.id]))
@@ -142,10 +143,13 @@ def test_shared_pages_of_a_free_form_run(cast, client, runs):
 def test_what_cannot_be_done_with_them_says_why(cast, client, runs):
     full, galore, _ = runs
     client.force_login(cast.bob)
-    for run, reason in ((full, "“full”"), (galore, "“galore”")):
+    for run, reason in (
+        (full, "It was trained elsewhere and names no PEFT Lab dataset"),
+        (galore, "It was trained elsewhere with “galore”"),
+    ):
         response = client.get(f"{reverse('run_new')}?clone={run.id}", follow=True)
         assert response.redirect_chain[-1][0] == reverse("run_detail", args=[run.id])
-        assert f"This run cannot be cloned. It was trained elsewhere with {reason}" in (
+        assert f"This run cannot be cloned. {reason}" in (
             response.content.decode().replace("&#x201c;", "“").replace("&#x201d;", "”")
         )
     assert "no adapter yet" in _page(client, reverse("run_adapter_download", args=[full.id]), 404)
@@ -182,3 +186,15 @@ def test_a_run_with_a_trainers_hundred_settings_folds_all_but_the_first(cast, cl
     assert len(folded) == 2 and "24 more settings" in folded[1]
     assert "argument_015" in folded[0] and "argument_016" not in folded[0]
     assert "argument_039" in folded[1]
+
+
+def test_an_external_run_of_a_known_method_with_settings_it_refuses_is_not_cloned(cast):
+    from webapp.experiments.models import Run
+    from webapp.experiments.views import clone_refusal
+
+    dataset = cast.datasets["sample-instructions"]
+    run = Run(external=True, method="full", base_model="tiny-llama", dataset=dataset,
+              method_config={"peft": {"lora": {"r": 8}}})  # fmt: skip
+    assert "full settings PEFT Lab refuses" in clone_refusal(run)
+    run.method_config = {}
+    assert clone_refusal(run) == ""

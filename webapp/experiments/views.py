@@ -12,6 +12,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HTMX_STOP_POLLING, trigger_client_event
 
 from peft_core.catalogue import CATALOGUE
+from peft_core.registry import build_config
 from webapp.experiments import comparison, configurations, estimates, selectors, services
 from webapp.experiments.forms import (
     AdapterUploadForm,
@@ -121,6 +122,10 @@ def clone_refusal(run) -> str:
         return "It was trained elsewhere and names no PEFT Lab dataset to train on."
     if not run.base_weights and run.base_model not in CATALOGUE:
         return f"It was trained elsewhere on {run.base_model}, not a model registered here."
+    try:
+        build_config(run.method, run.method_config)
+    except (TypeError, ValueError) as exc:
+        return f"It was trained elsewhere with {run.method} settings PEFT Lab refuses: {exc}"
     return ""
 
 
