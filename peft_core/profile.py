@@ -99,9 +99,8 @@ def inference_latency(
     mergeable = peft_model.method_of(model).mergeable and not quantized and base is None
     variants = ["base_ms", "adapter_ms"] + (["merged_ms"] if mergeable else [])
     rounds: dict[str, list[float]] = {name: [] for name in variants}
-    with as_base(model, base) as plain:
-        plain(**batch)  # warm-up: first calls allocate and pick kernels
-    model(**batch)
+    # Round 0 is the warm-up (first calls allocate and pick kernels, the merged weights'
+    # first call): timed like the others, kept by none.
     for index in range(repeats + 1):
         for name in variants[index % len(variants) :] + variants[: index % len(variants)]:
             if name == "base_ms":
@@ -109,12 +108,10 @@ def inference_latency(
                     ms = _forward_ms(plain, batch)
             elif name == "merged_ms":
                 with merged_privately(model):
-                    if index == 0:
-                        model(**batch)  # the merged weights' first call
                     ms = _forward_ms(model, batch)
             else:
                 ms = _forward_ms(model, batch)
-            if index:  # round 0 warms the merged path up
+            if index:
                 rounds[name].append(ms)
     model.train(was_training)
     figures: dict = {name: statistics.median(values) for name, values in rounds.items()}

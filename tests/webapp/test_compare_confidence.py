@@ -184,3 +184,16 @@ def test_another_teams_runs_stay_out(client, cast):
     client.force_login(cast.mallory)
     response = client.get(reverse("compare"), {"runs": [r.id for r in runs]})
     assert response.context["runs"] == [] and "seeded" not in response.content.decode()
+
+
+def test_a_configurations_cost_figures_are_its_lowest_seeds_whatever_the_runs_order(cast):
+    from webapp.experiments.configurations import tradeoffs
+
+    sweep, runs = seeded_sweep(cast, methods=("lora",), seeds=3)
+    for run in runs:
+        run.profile = {"overhead": 1.0 + run.train_config["seed"] / 10, "trainable_params": 8}
+        run.save(update_fields=["profile"])
+    forward = tradeoffs(sorted(runs, key=lambda r: r.id)).rows[0]
+    backward = tradeoffs(sorted(runs, key=lambda r: -r.id)).rows[0]
+    lowest = min(r.train_config["seed"] for r in runs)
+    assert forward["inference_overhead"] == backward["inference_overhead"] == 1.0 + lowest / 10

@@ -96,8 +96,11 @@ def tradeoffs(runs: list, *, metric: str | None = None) -> Tradeoffs:
 
 
 def _row(group: Configuration, by_run, metrics, metric, name: str, unclear: str | None) -> dict:
-    succeeded = [r for r in group.runs if r.status == RunStatus.SUCCEEDED]
-    shown = (succeeded or group.runs)[0]  # whose cost figures the row shows
+    # Whose cost figures the row shows: the lowest seed that succeeded, whatever order the
+    # runs came in (the page and a script reading the same sweep show the same figures).
+    ordered = group.runs_by_seed
+    succeeded = [r for r in ordered if r.status == RunStatus.SUCCEEDED]
+    shown = (succeeded or ordered)[0]
     chosen, base = group.values.get(metric), group.bases.get(metric)
     row = dict(by_run[shown.id]) | {
         "run": group.label,
