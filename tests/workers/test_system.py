@@ -174,8 +174,11 @@ def test_a_two_device_run_samples_its_ranks_too(make_run, settings, monkeypatch)
 
     monkeypatch.setenv("DATABASE_URL", database_env()["DATABASE_URL"])  # the ranks' database
     settings.SYSTEM_METRICS_EVERY_S = 0.2  # below the setting's floor: many samples per second
-    config = {"steps": 60, "batch_size": 4, "max_length": 32, "seed": 5}  # about a second
-    run = make_run(devices=2, train_config=config, total_steps=60)
+    # About 3 s of training: rank 0 reports its step about once a second, and the sampler's
+    # last sample is not stored once rank 0 has ended the run, so a run of a second (60
+    # steps) left every stored sample at step 0 once the measurement after it got shorter.
+    config = {"steps": 200, "batch_size": 4, "max_length": 32, "seed": 5}
+    run = make_run(devices=2, train_config=config, total_steps=200)
     assert execute_run(run.id, worker="w:1") == RunStatus.SUCCEEDED
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.log
