@@ -2,15 +2,14 @@
 model (loadable by transformers alone, kept in the artifact store), its cost is measured
 against the cached base and the cache's copy is never written into."""
 
-import io
-import zipfile
-
 import pytest
 import torch
 from django.urls import reverse
 
 from peft_core.catalogue import load_model
 from peft_core.pretrained import load_directory
+from tests.workers.test_training import _adapter_dir
+from tests.workers.test_training import _queued as queued
 from webapp.experiments.models import Artifact, ArtifactHome, Run, RunStatus
 from workers import cache as model_cache
 from workers.training import execute_run
@@ -20,33 +19,13 @@ pytestmark = pytest.mark.django_db
 STEPS = 3
 
 
+TRAIN = {"steps": STEPS, "batch_size": 2, "max_length": 64, "eval_every": 3, "learning_rate": 1e-3}
+
+
 def _queued(cast, **fields) -> Run:
-    defaults = {
-        "project": cast.acme_project,
-        "name": "full",
-        "created_by": cast.alice,
-        "base_model": "tiny-llama",
-        "dataset": cast.datasets["sample-instructions"],
-        "method": "full",
-        "method_config": {},
-        "train_config": {
-            "steps": STEPS,
-            "batch_size": 2,
-            "max_length": 64,
-            "eval_every": 3,
-            "learning_rate": 1e-3,
-        },  # fmt: skip
-        "total_steps": STEPS,
-    }
-    return Run.objects.create(**{**defaults, **fields})
-
-
-def _downloaded(client, user, run, tmp_path):
-    client.force_login(user)
-    response = client.get(reverse("run_adapter_download", args=[run.id]))
-    assert response.status_code == 200
-    zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).extractall(tmp_path)
-    return tmp_path
+    """test_training's queued run, as full fine-tuning."""
+    defaults = {"name": "full", "method": "full", "method_config": {}, "train_config": TRAIN}
+    return queued(cast, **{**defaults, **fields})
 
 
 def test_a_full_fine_tuning_run_trains_every_weight_and_stores_the_whole_model(
@@ -73,7 +52,7 @@ def test_a_full_fine_tuning_run_trains_every_weight_and_stores_the_whole_model(
     assert profile["adapter_bytes"] == sum(a.size for a in files.values())
 
     # transformers alone loads the download, and it is not the base any more
-    model, tokenizer = load_directory(_downloaded(client, cast.alice, run, tmp_path), "causal-lm")
+    model, tokenizer = load_directory(_adapter_dir(client, cast.alice, run, tmp_path), "causal-lm")
     ids = tokenizer("Reverse: abc", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
