@@ -771,9 +771,9 @@ class TrainConfig:
     measure: str = setting(
         "quick",
         "Measurement after training",
-        "quick: the inference latency over 5 interleaved rounds of one 32-token row and 3 "
-        "sample answers, a few seconds. full: 31 rounds of a 4 × 256 batch and 8 answers, "
-        "for figures to publish.",
+        "quick: the inference latency over 4 interleaved rounds of one 32-token row and 2 "
+        "sample answers about as long as the expected ones, a few seconds. full: 31 rounds "
+        "of a 4 × 256 batch and 8 answers, for figures to publish.",
         kind=str,
         choices=(("quick", "Quick"), ("full", "Full profile")),
     )

@@ -11,11 +11,12 @@ sample_generations(...)           greedy answers of the base model and of the ad
 """
 
 import ctypes
+import inspect
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import psutil
 import torch
@@ -29,6 +30,8 @@ from peft_core.decoding import greedy_completions
 # Interleaved rounds of the latency figures: quick (after every run) and full (on request).
 LATENCY_REPEATS = 9
 FULL_LATENCY_REPEATS = 31
+# Sample answers: new tokens beyond the longest expected answer (answer_budget).
+ANSWER_MARGIN = 4
 # Timings whose rounds spread by more than this (interquartile range over the median) were
 # taken on a busy machine: shown, but flagged.
 NOISY_SPREAD = 0.25
@@ -89,6 +92,11 @@ def inference_latency(
         latency_flags                        figures that cannot be true (latency_flags())
         same_architecture                    True for a fully fine-tuned model: the base's
                                              architecture with other weights (no adapter)
+
+    The adapter is merged once, into private copies of the weights it touches, before the
+    rounds; a merged round switches to those copies without moving a weight (_merged_switch).
+    One untimed forward of the adapter first warms up what every variant runs (allocations,
+    kernels chosen for the batch's shape): the base and the merged model run a subset of it.
     """
     was_training = model.training
     model.eval()
@@ -99,20 +107,17 @@ def inference_latency(
     mergeable = peft_model.method_of(model).mergeable and not quantized and base is None
     variants = ["base_ms", "adapter_ms"] + (["merged_ms"] if mergeable else [])
     rounds: dict[str, list[float]] = {name: [] for name in variants}
-    # Round 0 is the warm-up (first calls allocate and pick kernels, the merged weights'
-    # first call): timed like the others, kept by none.
-    for index in range(repeats + 1):
-        for name in variants[index % len(variants) :] + variants[: index % len(variants)]:
-            if name == "base_ms":
-                with as_base(model, base) as plain:
-                    ms = _forward_ms(plain, batch)
-            elif name == "merged_ms":
-                with merged_privately(model):
-                    ms = _forward_ms(model, batch)
-            else:
-                ms = _forward_ms(model, batch)
-            if index:
-                rounds[name].append(ms)
+    with _merged_switch(model) if mergeable else nullcontext(None) as use_merged:
+        _forward_ms(model, batch)  # the warm-up
+        for index in range(repeats):
+            for name in variants[index % len(variants) :] + variants[: index % len(variants)]:
+                if use_merged is not None:
+                    use_merged(name == "merged_ms")
+                if name == "base_ms":
+                    with as_base(model, base) as plain:
+                        rounds[name].append(_forward_ms(plain, batch))
+                else:
+                    rounds[name].append(_forward_ms(model, batch))
     model.train(was_training)
     figures: dict = {name: statistics.median(values) for name, values in rounds.items()}
     ratios = [a / b for a, b in zip(rounds["adapter_ms"], rounds["base_ms"], strict=True)]
@@ -130,6 +135,38 @@ def inference_latency(
         figures["same_architecture"] = True
     figures["latency_flags"] = latency_flags(figures)
     return figures
+
+
+@contextmanager
+def _merged_switch(model: nn.Module) -> Iterator[Callable[[bool], None]]:
+    """The adapter merged once into private copies of the weights it touches
+    (merged_privately), and a switch, `use(merged)`, between the merged and the unmerged
+    model that copies nothing: each adapter layer gets the base parameters and the `merged`
+    flag of one side (the layer contract of peft_core.methods: a merged layer runs its base
+    layer alone). The block starts unmerged; on exit merged_privately undoes its merge."""
+    method = peft_model.method_of(model)
+    layers = [m for m in model.modules() if isinstance(m, method.layer_types)]
+
+    def parameters() -> list[dict[str, nn.Parameter]]:
+        return [dict(layer.base_layer.named_parameters(recurse=False)) for layer in layers]
+
+    unmerged = parameters()
+    with merged_privately(model):
+        merged, flags = parameters(), [layer.merged for layer in layers]
+
+        def use(is_merged: bool) -> None:
+            for layer, params, flag in zip(
+                layers, merged if is_merged else unmerged, flags, strict=True
+            ):
+                for name, param in params.items():
+                    setattr(layer.base_layer, name, param)
+                layer.merged = flag and is_merged
+
+        use(False)
+        try:
+            yield use
+        finally:
+            use(True)  # the state merged_privately made, for it to undo
 
 
 def latency_flags(figures: dict) -> list[str]:
@@ -275,6 +312,35 @@ class MemoryTracker:
 
 
 @torch.no_grad()
+def prefill_batch(model: nn.Module, input_ids: torch.Tensor) -> dict:
+    """A batch to time a forward with: the ids and their mask and, for a causal LM whose
+    forward takes it, logits_to_keep=1, the prefill as generation runs it (the vocabulary
+    projected for the last position alone, not for every token of the row)."""
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    forward = getattr(model, "forward", None)
+    if forward is not None and "logits_to_keep" in inspect.signature(forward).parameters:
+        batch["logits_to_keep"] = 1
+    return batch
+
+
+def answer_budget(
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict],
+    cap: int,
+    margin: int = ANSWER_MARGIN,
+) -> int:
+    """New tokens for the sample answers to `rows`: the longest expected completion, in
+    tokens, plus `margin` (room to show what a model says after the answer), at most `cap`;
+    `cap` when a row has no expected completion. A greedy step costs as much as the model's
+    weights take to read, so answers no longer than the task's are most of what the quick
+    measurement saves on short-answer tasks."""
+    expected = [row.get("completion") for row in rows]
+    if not expected or any(not text for text in expected):
+        return cap
+    longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in expected)
+    return max(1, min(cap, longest + margin))
+
+
 def sample_generations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

@@ -33,7 +33,14 @@ from peft_core.configs import EVAL_SECONDS, refuse_fsdp, refuse_packing, refuse_
 from peft_core.data import DatasetError, label_names, split_rows
 from peft_core.decoding import greedy_completions
 from peft_core.preflight import PreflightError, check, estimate_for_run, free_memory
-from peft_core.profile import MemoryTracker, inference_latency, sample_generations
+from peft_core.profile import (
+    ANSWER_MARGIN,
+    MemoryTracker,
+    answer_budget,
+    inference_latency,
+    prefill_batch,
+    sample_generations,
+)
 from peft_core.samples import sample_rows
 from peft_core.sources import ModelSourceError
 from peft_core.train import (
@@ -59,12 +66,13 @@ logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 1.0
 STEP_LINE_EVERY_S = 5.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The measurement after training. Quick by default: one short row timed over 5 interleaved
-# rounds and the adapter's answers to 3 prompts as one batch (the base's come with its
-# evaluation): SmolLM2's README run measured in 3.1 s after 18.9 s of training steps on a
-# 2-core CPU (docs/BENCHMARKS.md). The full profile (TrainConfig.measure) times a longer
-# batch over more rounds and answers more prompts.
-MEASURE_QUICK = {"batch": (1, 32), "rounds": 5, "samples": 3, "new_tokens": 24}
+# The measurement after training. Quick by default: one short row timed over 4 interleaved
+# rounds and the adapter's answers to 2 prompts as one batch, each at most as long as the
+# longest expected answer plus ANSWER_MARGIN tokens (the base's come with its evaluation):
+# SmolLM2's README run measured in 2.0-2.2 s after 23-27 s of training steps on a 2-core CPU
+# (docs/BENCHMARKS.md). The full profile (TrainConfig.measure) times a longer batch over
+# more rounds and answers more prompts, longer.
+MEASURE_QUICK = {"batch": (1, 32), "rounds": 4, "samples": 2, "new_tokens": 24}
 MEASURE_FULL = {"batch": (4, 256), "rounds": 31, "samples": 8, "new_tokens": 48}
 FULL = "full"  # full fine-tuning (peft_core.full): the whole model trains and is stored
 # The settings the base model's evaluation depends on (base_eval_parts).
@@ -484,8 +492,10 @@ def _measure_plan(config: TrainConfig) -> dict:
 
 
 def _answers_plan(config: TrainConfig) -> list[int]:
+    """The sample answers: how many prompts, at most how many new tokens, and the margin over
+    the longest expected answer (answer_budget)."""
     plan = _measure_plan(config)
-    return [plan["samples"], plan["new_tokens"]]
+    return [plan["samples"], plan["new_tokens"], ANSWER_MARGIN]
 
 
 def _base_evaluation(
@@ -510,8 +520,10 @@ def _base_evaluation(
     metrics = evaluate(model, tokenizer, **evaluation)
     answers = []
     if here.is_main and parts["answers"] and not distributed.is_sharded(model):
-        count, new_tokens = parts["answers"]
-        prompts = [row.get("prompt") or row.get("text", "") for row in evaluation["rows"][:count]]
+        count, cap, _ = parts["answers"]
+        rows = evaluation["rows"][:count]
+        prompts = [row.get("prompt") or row.get("text", "") for row in rows]
+        new_tokens = answer_budget(tokenizer, rows, cap)
         answers = greedy_completions(model, tokenizer, prompts, max_new_tokens=new_tokens)
     seconds = time.perf_counter() - started
     if here.is_main:
@@ -656,25 +668,24 @@ def _profile(
     plan = MEASURE_FULL if full else MEASURE_QUICK
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, tokenizer.vocab_size, plan["batch"], generator=generator)
-    batch = {
-        "input_ids": input_ids.to(DEVICE),
-        "attention_mask": torch.ones_like(input_ids).to(DEVICE),
-    }
+    batch = prefill_batch(model, input_ids.to(DEVICE))
     latency = inference_latency(model, batch, repeats=plan["rounds"], base=base)
     profile = {
         **_sizes(model, adapter_bytes),
         **training,
         "mergeable": "merged_ms" in latency,
         "latency_batch": list(plan["batch"]),
+        "latency_logits": "last" if "logits_to_keep" in batch else "all",
         "latency_conditions": _conditions(),
         **latency,
     }
     if task == "causal-lm":
+        rows = val_rows[: plan["samples"]]
         profile["samples"] = sample_generations(
             model,
             tokenizer,
-            val_rows[: plan["samples"]],
-            max_new_tokens=plan["new_tokens"],
+            rows,
+            max_new_tokens=answer_budget(tokenizer, rows, plan["new_tokens"]),
             base=base,
             base_answers=base_answers,
         )

@@ -12,7 +12,7 @@ from django.urls import reverse
 import peft_core
 from peft_core.catalogue import load_model
 from webapp.experiments.models import MetricPoint, Run, RunStatus
-from workers.training import execute_run
+from workers.training import MEASURE_QUICK, execute_run
 
 pytestmark = pytest.mark.django_db
 
@@ -63,13 +63,14 @@ def test_run_trains_to_success_and_downloads(cast, client, tmp_path):
     assert profile["tokens_per_s"] == pytest.approx(
         MetricPoint.objects.get(run=run, key="tokens", step=STEPS).value / profile["train_s"]
     )
-    assert profile["latency_rounds"] == 5 and profile["measure"] == "quick"
-    assert profile["latency_batch"] == [1, 32]
+    assert profile["latency_rounds"] == MEASURE_QUICK["rounds"] and profile["measure"] == "quick"
+    assert profile["latency_batch"] == list(MEASURE_QUICK["batch"])
+    assert profile["latency_logits"] == "last"  # a causal LM's prefill, as generation runs it
     assert profile["overhead_spread"] >= 0 and profile["merged_spread"] >= 0
     assert isinstance(profile["latency_flags"], list)
     assert profile["latency_conditions"]["runs_on_host"] >= 0
     assert MetricPoint.objects.filter(run=run, key="time/eval_s").count() >= 2
-    assert len(profile["samples"]) == 3
+    assert len(profile["samples"]) == MEASURE_QUICK["samples"]
     assert {"prompt", "expected", "base", "adapter"} <= set(profile["samples"][0])
 
     directory = _adapter_dir(client, cast.bob, run, tmp_path)
