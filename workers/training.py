@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import math
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -57,8 +56,9 @@ from webapp.experiments.lineage import run_lineage_record
 from webapp.experiments.metrics import Point
 from webapp.experiments.models import ArtifactKind, Dataset, FailureClass, Run, RunStatus
 from workers import cache as model_cache
-from workers import drain, ranks, system
+from workers import cpu_share, drain, ranks, system
 from workers.cache import base_model_copy
+from workers.cpu_share import CpuShare
 from workers.models import load_weights, upstream_of, weights_directory, weights_key, weights_of
 
 logger = logging.getLogger(__name__)
@@ -138,10 +138,17 @@ class RunCallbacks(Callbacks):
         self.checkpoints_stored = 0
         self._last_flush = 0.0
         self._last_step_line = -math.inf
+        # On a CPU, the run's share of the host's cores (workers/cpu_share.py)
+        self.cpu_share = CpuShare() if DEVICE == "cpu" else None
+
+    def share_cores(self) -> None:
+        if self.cpu_share is not None:
+            self.cpu_share.update()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step
         self._add(step, metrics)
+        self.share_cores()
         if self.memory is not None:
             self.memory.sample()
         if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
@@ -150,6 +157,7 @@ class RunCallbacks(Callbacks):
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._add(step, metrics)
         self.flush()
+        self.share_cores()
 
     def on_log(self, line: str) -> None:
         logger.info("run %s: %s", self.run_id, line)
@@ -316,6 +324,8 @@ def execute_run(run_id: int, *, worker: str) -> str:
         callbacks.lease.stop()
         if callbacks.system is not None:
             callbacks.system.stop()
+        if callbacks.cpu_share is not None:
+            callbacks.cpu_share.restore()  # the worker's next run starts from the whole host
     return status
 
 
@@ -453,6 +463,7 @@ def _train_run(run: Run, callbacks: RunCallbacks) -> str:
     else:
         callbacks.on_log("measuring inference latency and sample answers")
         callbacks.flush()
+        callbacks.share_cores()
         # A fully fine-tuned model has no adapter to switch off: the base is the cache's copy.
         base = None
         if run.method == FULL:
@@ -516,6 +527,7 @@ def _base_evaluation(
         return dict(found.metrics), list(found.answers)
     callbacks.on_log(f"evaluating the base model on {len(evaluation['rows'])} validation rows")
     callbacks.flush()
+    callbacks.share_cores()
     started = time.perf_counter()
     metrics = evaluate(model, tokenizer, **evaluation)
     answers = []
@@ -715,19 +727,12 @@ def _conditions() -> dict:
         "load_1m": round(os.getloadavg()[0], 2),
         "threads": torch.get_num_threads(),
     }
-    here = socket.gethostname()
     try:
-        running = Run.objects.filter(status=RunStatus.RUNNING).values_list("worker", flat=True)
-        figures["runs_on_host"] = sum(_host_of(worker) == here for worker in running)
+        figures["runs_on_host"], _ = cpu_share.training_here()
     except DB_DOWN as exc:
         logger.warning("runs on this host not counted, database away: %s", exc)
         _reset_connection()
     return figures
-
-
-def _host_of(worker: str) -> str:
-    """The host of a run's worker, "gpu@host:pid" (a Celery node name and a process)."""
-    return worker.rpartition(":")[0].rpartition("@")[2]
 
 
 def _sizes(model, adapter_bytes: int) -> dict:

@@ -271,3 +271,29 @@ def test_the_busiest_conditions_keep_a_figure_one_sample_lacks():
         "device": "cpu", "load_1m": 3.0, "runs_on_host": 2,
     }  # fmt: skip
     assert _busiest({"load_1m": 0.5}, {"load_1m": 0.25}) == {"load_1m": 0.5}
+
+
+def test_a_cpu_run_takes_its_share_of_the_host_s_cores_and_gives_it_back(cast):
+    """Two runs training on one CPU host each take cores // processes threads (torch's
+    default, every core in every process, makes their OpenMP threads wait on each other),
+    and the worker's next run starts from the whole host again."""
+    import os
+    import socket
+
+    from workers.cpu_share import threads_for
+
+    before = torch.get_num_threads()
+    assert before > 1, "a host of one core has nothing to share"
+    host = socket.gethostname()
+    cores = os.cpu_count()
+    # another run on this host, over as many processes as it has cores: this one gets 1
+    _queued(cast, name="neighbour", status=RunStatus.RUNNING, worker=f"worker@{host}:7",
+            devices=cores)  # fmt: skip
+    run = _queued(cast)
+    assert execute_run(run.id, worker=f"worker@{host}:8") == "succeeded"
+    run.refresh_from_db()
+    share = threads_for(cores, cores + 1, before)
+    assert share == 1 < before
+    assert run.profile["training_conditions"]["threads"] == share
+    assert run.profile["training_conditions"]["runs_on_host"] == 2
+    assert torch.get_num_threads() == before  # restored for the worker's next run
