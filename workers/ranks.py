@@ -40,6 +40,9 @@ class Quiet(Callbacks):
     def flush(self) -> None:
         pass
 
+    def share_cores(self) -> None:
+        pass  # torchrun starts a helper rank at one thread, its share already
+
 
 def train_on_ranks(run, callbacks) -> str:
     """Train `run` on run.devices processes; returns what happened, as execute_run does."""

@@ -451,9 +451,10 @@ def test_smollm2_dora_merged_zip_matches_the_adapter(cast, make_run, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
     # fp32 through 30 layers: the merged weights sum in another order than the adapter's
     # separate branch and magnitude, and CPU matmuls round differently from run to run (the
-    # same test alone gave 7.5e-5 to 2.4e-4, a CI run 7.1e-4, on logits up to ~33). The
-    # adapter itself moves the logits by ~30: far more than this tolerance, checked below.
-    tolerance = 2e-3
+    # same test alone gave 7.5e-5 to 4.0e-4, CI runs 7.1e-4 and, in 19 of 344 064 logits,
+    # 2.2e-3, on logits up to ~33). The adapter itself moves the logits by ~30: far more than
+    # this tolerance, checked below.
+    tolerance = 5e-3
     assert_close(_logits(merged), expected, atol=tolerance, rtol=1e-4)
     base, _ = load_model("smollm2-135m-instruct", "causal-lm", cache_dir=settings.MODEL_CACHE_DIR)
     assert (expected - _logits(base)).abs().max() > 1000 * tolerance
