@@ -311,7 +311,6 @@ class MemoryTracker:
         return (self.peak_bytes - self.start_bytes) / 2**20
 
 
-@torch.no_grad()
 def prefill_batch(model: nn.Module, input_ids: torch.Tensor) -> dict:
     """A batch to time a forward with: the ids and their mask and, for a causal LM whose
     forward takes it, logits_to_keep=1, the prefill as generation runs it (the vocabulary
@@ -341,6 +340,7 @@ def answer_budget(
     return max(1, min(cap, longest + margin))
 
 
+@torch.no_grad()
 def sample_generations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

@@ -19,14 +19,13 @@ import socket
 import time
 
 import torch
-from django.db import InterfaceError, OperationalError, connection
 
 from webapp.experiments.models import Run, RunStatus
+from workers.system import DB_DOWN, reset_connection
 
 logger = logging.getLogger(__name__)
 
 SHARE_EVERY_S = 5.0
-DB_DOWN = (OperationalError, InterfaceError)
 
 
 def host_of(worker: str) -> str:
@@ -67,10 +66,7 @@ class CpuShare:
             _, processes = training_here()
         except DB_DOWN as exc:  # keep the share it has: a thread count never fails a run
             logger.warning("CPU share not read, database away: %s", exc)
-            try:
-                connection.close()  # the next query opens a new one
-            except DB_DOWN:
-                pass
+            reset_connection()
             return torch.get_num_threads()
         threads = threads_for(self.cores, processes, self.ceiling)
         if threads != torch.get_num_threads():

@@ -211,7 +211,7 @@ class SystemSampler(threading.Thread):
                 return False
             except DB_DOWN as exc:
                 logger.warning("run %s: system metrics kept, database away: %s", self.run_id, exc)
-                _reset_connection()
+                reset_connection()
                 return True
             self.points = []
             return True
@@ -243,7 +243,8 @@ def sampler_start(run: Run, fence: int, step_of: Callable[[], int]) -> SystemSam
     return sampler
 
 
-def _reset_connection() -> None:
+def reset_connection() -> None:
+    """Drop a broken connection so that the next query opens a new one."""
     try:
         connection.close()
     except DB_DOWN:

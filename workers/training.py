@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection
+from django.db import OperationalError, connection
 
 import peft_core
 from peft_core import distributed
@@ -60,6 +60,7 @@ from workers import cpu_share, drain, ranks, system
 from workers.cache import base_model_copy
 from workers.cpu_share import CpuShare
 from workers.models import load_weights, upstream_of, weights_directory, weights_key, weights_of
+from workers.system import DB_DOWN, reset_connection
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class Lease(threading.Thread):
                     return
                 except DB_DOWN as exc:
                     logger.warning("run %s: lease not renewed, database away: %s", self.run_id, exc)
-                    _reset_connection()
+                    reset_connection()
         finally:
             connection.close()
 
@@ -245,18 +246,7 @@ class RunCallbacks(Callbacks):
         if self.db_down_since is None:
             self.db_down_since = time.monotonic()
             logger.warning("run %s: database unreachable, buffering: %s", self.run_id, exc)
-        _reset_connection()
-
-
-DB_DOWN = (OperationalError, InterfaceError)
-
-
-def _reset_connection() -> None:
-    """Drop a broken connection so that the next query opens a new one."""
-    try:
-        connection.close()
-    except DB_DOWN:
-        pass
+        reset_connection()
 
 
 def _retrying(write, *args, **kwargs):
@@ -270,7 +260,7 @@ def _retrying(write, *args, **kwargs):
             if time.monotonic() + delay > deadline:
                 raise
             logger.warning("database unreachable (%s); retrying in %.1f s", exc, delay)
-            _reset_connection()
+            reset_connection()
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -532,10 +522,10 @@ def _base_evaluation(
     metrics = evaluate(model, tokenizer, **evaluation)
     answers = []
     if here.is_main and parts["answers"] and not distributed.is_sharded(model):
-        count, cap, _ = parts["answers"]
+        count, cap, margin = parts["answers"]
         rows = evaluation["rows"][:count]
         prompts = [row.get("prompt") or row.get("text", "") for row in rows]
-        new_tokens = answer_budget(tokenizer, rows, cap)
+        new_tokens = answer_budget(tokenizer, rows, cap, margin)
         answers = greedy_completions(model, tokenizer, prompts, max_new_tokens=new_tokens)
     seconds = time.perf_counter() - started
     if here.is_main:
@@ -731,7 +721,7 @@ def _conditions() -> dict:
         figures["runs_on_host"], _ = cpu_share.training_here()
     except DB_DOWN as exc:
         logger.warning("runs on this host not counted, database away: %s", exc)
-        _reset_connection()
+        reset_connection()
     return figures
 
 
